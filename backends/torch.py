@@ -1,0 +1,243 @@
+"""PyTorch backend: forward hooks on ``torch.nn.Module`` trees.
+
+Outputs (a tensor, a tuple, a dict or a Hugging Face ``ModelOutput``) become one variable per
+tensor; inputs on request; attention probabilities from attention modules, taken from their
+returned weights (eager attention) or recomputed from the query and key handed to
+``torch.nn.functional.scaled_dot_product_attention`` (fused attention returns no weights).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from layerscope.core import Recorder, Selection, SiteInfo
+from layerscope.core.naming import ROOT_SITE
+
+from ._attention import AttentionTap, is_attention_module, probabilities_from_output
+from ._torch_dims import hidden_size_of, move_batch_first, roles_for
+
+# Normalisation to a contiguous host copy happens at hook time on CPU (cheap, and safe against
+# later in-place ops such as ReLU(inplace=True)); device tensors are copied asynchronously.
+
+
+class _DeviceCopy:
+    """A device-to-host copy in flight; the writer thread waits for it, not the model."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        self.shape = tuple(tensor.shape)
+        self.nbytes = self.host.nbytes
+
+
+def snapshot(tensor: torch.Tensor) -> Any:
+    tensor = tensor.detach()
+    if tensor.device.type == "cuda":
+        return _DeviceCopy(tensor)
+    if tensor.device.type != "cpu":
+        return tensor.to("cpu")
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, _DeviceCopy):
+        value.event.synchronize()
+        value = value.host
+    if value.dtype == torch.bfloat16:
+        value = value.float()  # exact: every bfloat16 is a float32
+    return value.numpy()
+
+
+def _tensors(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, tensor) for every tensor in a possibly nested output."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _tensors(item, (*path, str(key)))
+    elif isinstance(value, (tuple, list)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, (*path, str(index)))
+
+
+def part_kind(base: str, path: tuple[str, ...]) -> str:
+    """``output`` for a lone tensor or element 0, ``output.1`` / ``output.logits`` otherwise."""
+    if not path or path == ("0",):
+        return base
+    return ".".join((base, *path))
+
+
+def _site(path: str) -> str:
+    return path or ROOT_SITE
+
+
+class _Capture:
+    """The hooks of one ``attach`` block and the state they share during a pass."""
+
+    def __init__(self, model: nn.Module, selection: Selection, recorder: Recorder) -> None:
+        self.model = model
+        self.selection = selection
+        self.recorder = recorder
+        self.hidden_size = hidden_size_of(model)
+        self.attention = AttentionTap()
+        self.handles: list[Any] = []
+        self._seen_attention: dict[int, torch.Tensor] = {}
+
+    # -- passes ------------------------------------------------------------------------------
+
+    def begin(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.recorder.in_pass:
+            self.recorder.abort_pass()  # the previous forward raised before it returned
+        batch, token_ids = _batch_of(args, kwargs)
+        if batch is None:
+            return
+        self.attention.reset()
+        self._seen_attention.clear()
+        ids = token_ids.detach().cpu().numpy() if token_ids is not None else None
+        self.recorder.begin_pass(batch, ids)
+
+    def end(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self.recorder.in_pass:
+            self.recorder.end_pass()
+        self._seen_attention.clear()
+
+    # -- sites -------------------------------------------------------------------------------
+
+    def put(self, site: str, kind: str, module: nn.Module, tensor: torch.Tensor) -> None:
+        if tensor.is_sparse or tensor.is_quantized or tensor.dim() == 0:
+            return
+        roles = roles_for(module, kind, tensor, self.hidden_size)
+        tensor, roles = move_batch_first(tensor, roles)
+        self.recorder.put(site, kind, snapshot(tensor), roles, type(module).__name__, to_numpy)
+
+    def inputs(self, site: str, module: nn.Module, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> None:
+        if not self.recorder.in_pass:
+            return
+        for path, tensor in _tensors((args, kwargs)):  # path: (0, position) or (1, keyword)
+            self.put(site, part_kind("input", path[1:]), module, tensor)
+
+    def outputs(self, site: str, module: nn.Module, output: Any, attention: bool) -> None:
+        if not self.recorder.in_pass:
+            return
+        taken = self.attention.pop(module) if attention else None
+        for path, tensor in _tensors(output):
+            if id(tensor) in self._seen_attention:
+                continue  # an outer module handing back attention weights already stored
+            if attention and taken is None and path and path != ("0",):
+                if probabilities_from_output(tensor, output):
+                    taken = tensor
+                    continue
+            if self.selection.wants("output"):
+                self.put(site, part_kind("output", path), module, tensor)
+        if taken is not None:
+            self._seen_attention[id(taken)] = taken
+            self.put(site, "attention", module, taken)
+
+    def install(self) -> None:
+        model, selection = self.model, self.selection
+        self.handles.append(model.register_forward_pre_hook(self.begin, with_kwargs=True))
+        wants_attention = selection.wants("attention")
+        for path, module in model.named_modules():
+            site = _site(path)
+            if not selection.matches(site):
+                continue
+            attention = wants_attention and is_attention_module(module)
+            if attention:
+                self.handles.append(module.register_forward_pre_hook(
+                    self.attention.enter, with_kwargs=True))
+            if selection.wants("input"):
+                self.handles.append(module.register_forward_pre_hook(
+                    lambda m, a, k, s=site: self.inputs(s, m, a, k), with_kwargs=True))
+            if attention or selection.wants("output"):
+                self.handles.append(module.register_forward_hook(
+                    lambda m, a, o, s=site, att=attention: self.outputs(s, m, o, att)))
+        self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        if self.recorder.in_pass:
+            self.recorder.abort_pass()
+
+
+def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | None, Any]:
+    """Batch size and token ids of a root forward call."""
+    token_ids = kwargs.get("input_ids")
+    first = None
+    for _, tensor in _tensors((args, kwargs)):
+        if tensor.dim() >= 1:
+            first = tensor
+            break
+    if token_ids is None and first is not None and first.dim() == 2 and not first.is_floating_point():
+        token_ids = first
+    if token_ids is not None:
+        return int(token_ids.shape[0]), token_ids
+    return (int(first.shape[0]) if first is not None else None), None
+
+
+class TorchBackend:
+    name = "torch"
+    extra = "torch"
+
+    def can_handle(self, model: Any) -> bool:
+        module = sys.modules.get("torch.nn")
+        return module is not None and isinstance(model, module.Module)
+
+    def sites(self, model: nn.Module) -> list[SiteInfo]:
+        return [
+            SiteInfo(_site(path), type(module).__name__, is_attention_module(module))
+            for path, module in model.named_modules()
+        ]
+
+    @contextmanager
+    def attach(self, model: nn.Module, selection: Selection, recorder: Recorder) -> Iterator[None]:
+        capture = _Capture(model, selection, recorder)
+        try:
+            capture.install()
+            with capture.attention.patched(selection.wants("attention")):
+                yield
+        finally:
+            capture.remove()
+
+    def to_numpy(self, tensor: Any) -> np.ndarray:
+        return to_numpy(snapshot(tensor) if isinstance(tensor, torch.Tensor) else tensor)
+
+    def framework_version(self) -> str:
+        return str(torch.__version__)
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        config = getattr(model, "config", None)
+        name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        described: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+        if name:
+            described["name"] = str(name).rstrip("/").rsplit("/", 2)[-1] if "/" in str(name) \
+                else str(name)
+        return described
+
+    def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+        def convert(value: Any) -> Any:
+            if isinstance(value, np.ndarray):
+                tensor = torch.from_numpy(value)
+                if not tensor.is_floating_point():
+                    tensor = tensor.long()
+                return tensor.to(device)
+            return value
+
+        with torch.no_grad():
+            return model(*(convert(a) for a in args), **{k: convert(v) for k, v in kwargs.items()})
+
+
+BACKEND = TorchBackend()

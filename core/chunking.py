@@ -1,0 +1,50 @@
+"""Chunk shapes: whole samples along ``batch``, trailing dims whole where they fit.
+
+A chunk aims at ``target_bytes`` (inside the 1-16 MB band) uncompressed. A sample larger than
+``max_bytes`` is split along ``query`` first (attention maps of long sequences), then along
+the largest remaining axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    target_bytes: int = 8 * MB
+    max_bytes: int = 16 * MB
+
+
+def chunk_shape(
+    shape: tuple[int, ...],
+    dims: tuple[str, ...],
+    itemsize: int,
+    batch_size: int,
+    policy: ChunkPolicy = ChunkPolicy(),
+) -> tuple[int, ...]:
+    """Choose the chunk shape of a variable whose first axis is ``batch``.
+
+    Samples per chunk never exceed ``batch_size`` (the first batch appended), so that
+    appends of equal batches fill whole chunks and never rewrite a chunk already written.
+    """
+    trailing = [max(1, n) for n in shape[1:]]
+    split_order = sorted(
+        range(len(trailing)),
+        key=lambda i: (not dims[i + 1].startswith("query"), -trailing[i]),
+    )
+    for axis in split_order:
+        while _nbytes(trailing, itemsize) > policy.max_bytes and trailing[axis] > 1:
+            trailing[axis] = (trailing[axis] + 1) // 2
+    per_sample = _nbytes(trailing, itemsize)
+    samples = max(1, min(batch_size, policy.target_bytes // per_sample))
+    return (samples, *trailing)
+
+
+def _nbytes(shape: list[int], itemsize: int) -> int:
+    n = itemsize
+    for size in shape:
+        n *= size
+    return n

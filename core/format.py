@@ -1,0 +1,73 @@
+"""The on-disk format: schema version, group attributes and storage codecs."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from typing import Any
+
+from .chunking import ChunkPolicy
+
+SCHEMA_VERSION = 1
+STATUS_WRITING = "writing"
+STATUS_COMPLETE = "complete"
+STATUS_ABORTED = "aborted"
+
+#: Coordinates every trace may carry besides the captured variables.
+BATCH = "batch"
+TOKEN_TEXT = "token_text"
+TOKEN_ID = "token_id"
+INPUT_TEXT = "input_text"
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Blosc settings. Defaults chosen by benchmarks/codecs.py: lz4 with byte shuffle at
+    level 5 keeps capture overhead low while still shrinking float tensors."""
+
+    cname: str = "lz4"
+    clevel: int = 5
+    shuffle: str = "shuffle"
+    enabled: bool = True
+    checksum: bool = True
+
+    def codecs(self) -> list[Any]:
+        from zarr.codecs import BloscCodec, Crc32cCodec
+
+        codecs: list[Any] = []
+        if self.enabled:
+            codecs.append(BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle))
+        if self.checksum:
+            codecs.append(Crc32cCodec())
+        return codecs
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How a trace is stored. ``mode``: 'w-' new only, 'w' overwrite, 'a' append."""
+
+    mode: str = "w-"
+    compression: Compression = Compression()
+    chunks: ChunkPolicy = ChunkPolicy()
+    workers: int = 2
+    max_pending_bytes: int = 256 << 20
+    downcast: str | None = None  # e.g. "float16": store floats smaller, on request only
+
+
+def new_group_attrs(
+    framework: str, framework_version: str, model: dict[str, Any], capture: dict[str, Any]
+) -> dict[str, Any]:
+    from layerscope import __version__
+
+    return {
+        "layerscope_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "framework": framework,
+        "framework_version": framework_version,
+        "model": model,
+        "capture": capture,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": STATUS_WRITING,
+        "committed_batches": 0,
+        "committed_samples": 0,
+    }

@@ -1,0 +1,133 @@
+"""The sink backends write to: names, labels and attributes on top of the streaming writer.
+
+A backend calls :meth:`Recorder.begin_pass` when the model's forward starts,
+:meth:`Recorder.put` for each tensor it captures (batch axis first), and
+:meth:`Recorder.end_pass` when the forward returns. Core does the rest.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import CaptureError
+from .format import INPUT_TEXT, STATUS_ABORTED, STATUS_COMPLETE, TOKEN_ID, TOKEN_TEXT
+from .naming import layer_index, variable_name
+from .selection import Selection
+from .writer import ToNumpy, TraceWriter, _as_numpy
+
+TokenDecoder = Callable[[Sequence[int]], list[str]]
+
+
+class Recorder:
+    """Turns ``(site, kind, tensor, roles)`` from a backend into labeled, appended variables."""
+
+    def __init__(self, writer: TraceWriter, selection: Selection, framework: str,
+                 decode_tokens: TokenDecoder | None = None) -> None:
+        self.writer = writer
+        self.selection = selection
+        self.framework = framework
+        self.decode_tokens = decode_tokens
+        self._calls: dict[tuple[str, str], int] = {}
+        self._texts: list[str] | None = None
+        self._skipped: set[str] = set()
+        self.passes = 0
+
+    # -- pass boundaries ---------------------------------------------------------------------
+
+    @property
+    def in_pass(self) -> bool:
+        return self.writer.batch_size is not None
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.writer.batch_size
+
+    def set_texts(self, texts: Sequence[str]) -> None:
+        """Label the next pass with the input strings it was made from."""
+        self._texts = [str(t) for t in texts]
+
+    def begin_pass(self, batch_size: int, token_ids: Any = None) -> None:
+        self.writer.begin_batch(batch_size)
+        self._calls.clear()
+        texts, self._texts = self._texts, None
+        if texts is not None:
+            if len(texts) != batch_size:
+                raise CaptureError(
+                    f"{len(texts)} input texts were given for a batch of {batch_size} samples"
+                )
+            self.writer.put(INPUT_TEXT, np.asarray(texts, dtype=str), ("batch",), {})
+        if token_ids is not None:
+            self._put_tokens(np.asarray(token_ids))
+
+    def end_pass(self) -> None:
+        self.writer.end_batch()
+        self.passes += 1
+
+    def abort_pass(self) -> None:
+        self.writer.discard_batch()
+
+    def _put_tokens(self, ids: np.ndarray) -> None:
+        if ids.ndim != 2:
+            return
+        self.writer.put(TOKEN_ID, ids.astype(np.int64), ("batch", "token"), {})
+        if self.decode_tokens is not None:
+            texts = np.asarray([self.decode_tokens(row.tolist()) for row in ids], dtype=str)
+            self.writer.put(TOKEN_TEXT, texts, ("batch", "token"), {})
+
+    # -- captured tensors --------------------------------------------------------------------
+
+    def wants(self, site: str, kind: str) -> bool:
+        return self.selection.matches(site) and self.selection.wants(kind)
+
+    def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
+            module_type: str = "", to_numpy: ToNumpy = _as_numpy) -> None:
+        """Queue one captured tensor whose first axis is the batch."""
+        batch = self.writer.batch_size
+        if batch is None:
+            return  # a call outside any traced pass (the backend's own bookkeeping)
+        shape = tuple(int(n) for n in tensor.shape)
+        if not shape or shape[0] != batch:
+            self._skip(site, kind, f"shape {shape} has no leading batch axis of {batch}")
+            return
+        key = (site, kind)
+        call_index = self._calls.get(key, 0)
+        self._calls[key] = call_index + 1
+        name = variable_name(site, kind if call_index == 0 else f"{kind}.call{call_index}")
+        attrs: dict[str, Any] = {
+            "site": site, "kind": kind, "module_type": module_type,
+            "framework": self.framework, "call_index": call_index,
+        }
+        layer = layer_index(site)
+        if layer is not None:
+            attrs["layer"] = layer
+        self.writer.put(name, tensor, roles, attrs, to_numpy)
+
+    def _skip(self, site: str, kind: str, why: str) -> None:
+        if site not in self._skipped:
+            self._skipped.add(site)
+            warnings.warn(f"layerscope: not capturing {site}@{kind}: {why}", stacklevel=3)
+
+    # -- end ---------------------------------------------------------------------------------
+
+    def close(self, failed: bool = False) -> None:
+        """Flush everything; the store ends ``complete``, or ``aborted`` after a failure."""
+        if self.in_pass:
+            if failed:
+                self.writer.discard_batch()
+            else:
+                self.writer.end_batch()
+        try:
+            self.writer.close()
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            committed, samples = self.writer.committed
+            self.writer.set_attrs(
+                status=STATUS_ABORTED if failed else STATUS_COMPLETE,
+                committed_batches=committed, committed_samples=samples,
+            )

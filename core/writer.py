@@ -1,0 +1,349 @@
+"""The streaming writer: each forward pass appends one batch along ``batch``.
+
+Backends hand tensors to :meth:`TraceWriter.put` from inside the model's forward. The tensor
+is queued and the caller returns at once; worker threads copy it to host memory, compress it
+and write it. A byte budget bounds what may wait in the queue, so memory stays flat whatever
+the number of batches. A batch is committed (``committed_batches`` / ``committed_samples`` in
+the group attributes, together with consolidated metadata) only after every chunk of it and
+of all earlier batches is on disk; a reader never trusts rows past that.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .chunking import chunk_shape
+from .errors import CaptureError, SchemaError, WriterError
+from .format import BATCH, STATUS_WRITING, StoreOptions
+from .naming import DimRegistry
+
+ToNumpy = Callable[[Any], np.ndarray]
+_STOP = object()
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    return np.asarray(value)
+
+
+@dataclass
+class _Variable:
+    name: str
+    dims: tuple[str, ...]
+    trailing: tuple[int, ...]
+    attrs: dict[str, Any]
+    array: Any = None  # the zarr array once created
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _Batch:
+    number: int
+    start: int
+    size: int
+    pending: int = 0
+    ended: bool = False
+
+
+@dataclass
+class _Task:
+    batch: _Batch
+    var: _Variable
+    data: Any
+    to_numpy: ToNumpy
+    nbytes: int
+
+
+class _ByteBudget:
+    """Blocks producers while more than ``limit`` bytes wait to be written."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pending = 0
+        self.cond = threading.Condition()
+        self.broken = False
+
+    def acquire(self, nbytes: int) -> None:
+        with self.cond:
+            # A single item larger than the budget still passes once the queue is empty.
+            while self.pending and self.pending + nbytes > self.limit and not self.broken:
+                self.cond.wait()
+            self.pending += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self.cond:
+            self.pending -= nbytes
+            self.cond.notify_all()
+
+    def break_(self) -> None:
+        with self.cond:
+            self.broken = True
+            self.cond.notify_all()
+
+
+class TraceWriter:
+    """Appends batches of named tensors to one Zarr v3 group, in the background."""
+
+    def __init__(self, group: Any, options: StoreOptions, committed_samples: int = 0,
+                 committed_batches: int = 0) -> None:
+        self.group = group
+        self.options = options
+        self.dims = DimRegistry()
+        self.variables: dict[str, _Variable] = {}
+        self._rows = committed_samples
+        self._batches = committed_batches
+        self._committed = committed_batches
+        self._committed_samples = committed_samples
+        self._open: dict[int, _Batch] = {}
+        self._current: _Batch | None = None
+        self._state_lock = threading.Lock()
+        self._drained = threading.Condition(self._state_lock)
+        self._create_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        self._published = committed_batches
+        self._error: BaseException | None = None
+        self._budget = _ByteBudget(options.max_pending_bytes)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._load_existing()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"layerscope-writer-{i}", daemon=True)
+            for i in range(max(1, options.workers))
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    # -- caller side -------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int | None:
+        return self._current.size if self._current else None
+
+    @property
+    def batch_start(self) -> int | None:
+        return self._current.start if self._current else None
+
+    def begin_batch(self, size: int) -> None:
+        self.raise_if_failed()
+        if self._current is not None:
+            raise CaptureError("begin_batch called twice without end_batch")
+        if size < 1:
+            raise CaptureError(f"a batch needs at least one sample, got {size}")
+        with self._state_lock:
+            batch = _Batch(self._batches, self._rows, size)
+            self._open[batch.number] = batch
+        self._batches += 1
+        self._rows += size
+        self._current = batch
+        self.put(BATCH, np.arange(batch.start, batch.start + size, dtype=np.int64), ("batch",),
+                 {"description": "global sample index across appends"})
+
+    def put(self, name: str, data: Any, roles: tuple[str, ...], attrs: dict[str, Any],
+            to_numpy: ToNumpy = _as_numpy) -> None:
+        """Queue ``data`` (batch axis first) as rows of the current batch of variable ``name``."""
+        self.raise_if_failed()
+        batch = self._current
+        if batch is None:
+            raise CaptureError("put called outside a batch; call begin_batch first")
+        shape = tuple(int(n) for n in data.shape)
+        if not shape or shape[0] != batch.size:
+            raise CaptureError(
+                f"{name}: leading axis {shape[:1]} is not the batch of {batch.size} samples; "
+                "backends must move the batch axis first"
+            )
+        var = self._variable(name, roles, shape, attrs)
+        nbytes = _nbytes(data)
+        self._budget.acquire(nbytes)
+        with self._state_lock:
+            batch.pending += 1
+        self._queue.put(_Task(batch, var, data, to_numpy, nbytes))
+
+    def end_batch(self) -> None:
+        batch = self._current
+        if batch is None:
+            return
+        self._current = None
+        with self._state_lock:
+            batch.ended = True
+            ready = batch.pending == 0
+        if ready:
+            self._commit_ready()
+        self.raise_if_failed()
+
+    def discard_batch(self) -> None:
+        """Forget the current batch (its forward pass failed): its rows are given back."""
+        batch = self._current
+        self._current = None
+        if batch is None:
+            return
+        with self._state_lock:
+            batch.size = -1  # workers skip what is still queued for it
+        with self._drained:
+            self._drained.wait_for(lambda: batch.pending == 0)
+        with self._state_lock:
+            del self._open[batch.number]
+        self._batches -= 1
+        self._rows = batch.start
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise WriterError(f"writing the trace failed: {self._error}") from self._error
+
+    def close(self) -> None:
+        """Wait for every queued write, commit, and stop the workers."""
+        if self._current is not None:
+            self.end_batch()
+        for _ in self._workers:
+            self._queue.put(_STOP)
+        for worker in self._workers:
+            worker.join()
+        self._commit_ready()
+        self.raise_if_failed()
+
+    def set_attrs(self, **attrs: Any) -> None:
+        self.group.attrs.update(attrs)
+
+    # -- variables ---------------------------------------------------------------------------
+
+    def _variable(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
+                  attrs: dict[str, Any]) -> _Variable:
+        var = self.variables.get(name)
+        if var is None:
+            dims = self.dims.resolve(roles, shape)
+            attrs = {**attrs, "roles": list(roles), "order": len(self.variables)}
+            var = _Variable(name, dims, shape[1:], attrs)
+            self.variables[name] = var
+        elif var.trailing != shape[1:]:
+            raise CaptureError(
+                f"{name}: shape {shape[1:]} per sample differs from the {var.trailing} already "
+                "stored; pad inputs to one length (e.g. tokenizer(..., padding='max_length', "
+                "max_length=N)) or write to a new store"
+            )
+        return var
+
+    def _load_existing(self) -> None:
+        """Register the variables of a store being appended to."""
+        for name, array in self.group.arrays():
+            dims = tuple(array.metadata.dimension_names or ())
+            if not dims or dims[0] != "batch":
+                continue
+            for dim, size in zip(dims[1:], array.shape[1:], strict=True):
+                self.dims.sizes.setdefault(dim, size)
+            attrs = dict(array.attrs)
+            self.variables[name] = _Variable(name, dims, tuple(array.shape[1:]), attrs, array)
+
+    def _create_array(self, var: _Variable, sample: np.ndarray) -> Any:
+        with self._create_lock:
+            if var.array is not None:
+                return var.array
+            shape = (0, *var.trailing)
+            chunks = chunk_shape(shape, var.dims, sample.dtype.itemsize, sample.shape[0],
+                                 self.options.chunks)
+            kind = sample.dtype.kind
+            fill = float("nan") if kind == "f" else ("" if kind in "UTO" else 0)
+            dtype: Any = str if kind in "UTO" else sample.dtype
+            var.array = self.group.create_array(
+                var.name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                compressors=self.options.compression.codecs(),
+                dimension_names=list(var.dims), attributes=var.attrs,
+            )
+            return var.array
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is _STOP:
+                return
+            try:
+                if self._error is None and task.batch.size > 0:
+                    self._write(task)
+            except BaseException as exc:  # surfaces in the caller at the next call
+                self._error = exc
+                self._budget.break_()
+            finally:
+                self._budget.release(task.nbytes)
+                self._task_done(task.batch)
+
+    def _write(self, task: _Task) -> None:
+        data = self._to_host(task)
+        var = task.var
+        array = var.array if var.array is not None else self._create_array(var, data)
+        if data.dtype.kind in "UTO":
+            data = data.astype(str)
+        elif array.dtype != data.dtype:
+            raise SchemaError(
+                f"{var.name}: dtype {data.dtype} differs from the stored {array.dtype}; "
+                "append data of the same dtype or write a new store"
+            )
+        start, stop = task.batch.start, task.batch.start + task.batch.size
+        with var.lock:
+            if array.shape[0] < stop:
+                array.resize((stop, *array.shape[1:]))
+            array[start:stop] = data
+
+    def _to_host(self, task: _Task) -> np.ndarray:
+        data = task.to_numpy(task.data)
+        target = self.options.downcast
+        if target and data.dtype.kind == "f" and data.dtype != np.dtype(target):
+            data = data.astype(target)
+        return np.ascontiguousarray(data)
+
+    def _task_done(self, batch: _Batch) -> None:
+        with self._state_lock:
+            batch.pending -= 1
+            ready = batch.ended and batch.pending == 0
+            if batch.pending == 0:
+                self._drained.notify_all()
+        if ready:
+            self._commit_ready()
+
+    def _commit_ready(self) -> None:
+        """Commit, in order, every finished batch that follows the last committed one."""
+        with self._state_lock:
+            committed, samples = self._committed, self._committed_samples
+            while committed in self._open:
+                batch = self._open[committed]
+                if not batch.ended or batch.pending:
+                    break
+                del self._open[committed]
+                committed += 1
+                samples = batch.start + batch.size
+            self._committed, self._committed_samples = committed, samples
+        if self._error is None:
+            self._publish()
+
+    def _publish(self) -> None:
+        import zarr
+
+        with self._publish_lock, warnings.catch_warnings():
+            committed, samples = self.committed
+            if committed == self._published:
+                return
+            self._published = committed
+            warnings.simplefilter("ignore")  # zarr warns that consolidation is not in the v3 spec
+            self.group.attrs.update(
+                {"committed_batches": committed, "committed_samples": samples,
+                 "status": STATUS_WRITING}
+            )
+            zarr.consolidate_metadata(self.group.store, self.group.path or None)
+
+    @property
+    def committed(self) -> tuple[int, int]:
+        return self._committed, self._committed_samples
+
+
+def _nbytes(data: Any) -> int:
+    nbytes = getattr(data, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    count = 1
+    for size in data.shape:
+        count *= int(size)
+    return count * 4

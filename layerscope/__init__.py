@@ -1,0 +1,20 @@
+"""layerscope: see inside a neural network while it runs.
+
+Capture attention weights, hidden states and activations from PyTorch, TensorFlow/Keras and
+JAX models into one labeled, chunked, compressed Zarr format, and draw them lazily.
+Importing layerscope imports no framework; a backend loads its framework when it is used.
+"""
+
+__version__ = "0.1.0"
+
+from layerscope.core import (  # noqa: E402
+    BackendError, CaptureError, Compression, LayerscopeError, SchemaError, Selection,
+    StoreError, StoreOptions, WriterError, captured_names, open_trace,
+)
+from layerscope.api import Trace, capture, sites, trace  # noqa: E402
+
+__all__ = [
+    "BackendError", "CaptureError", "Compression", "LayerscopeError", "SchemaError", "Selection",
+    "StoreError", "StoreOptions", "Trace", "WriterError", "__version__", "captured_names",
+    "capture", "open_trace", "sites", "trace",
+]

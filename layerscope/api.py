@@ -1,0 +1,147 @@
+"""The public Python API: ``trace`` (a context manager), ``capture`` (one call) and ``sites``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from layerscope.backends import Backend, detect, get_backend
+from layerscope.core import (
+    BackendError, CaptureError, LayerscopeError, Recorder, Selection, SiteInfo, StoreOptions,
+    open_trace,
+)
+from layerscope.core.format import new_group_attrs
+from layerscope.core.store import open_group_for_writing
+from layerscope.core.writer import TraceWriter
+
+CaptureSpec = str | Sequence[str] | Selection | None
+
+
+def _backend_for(model: Any, backend: str | None) -> Backend:
+    if backend is None:
+        return detect(model)
+    chosen = get_backend(backend)
+    if not chosen.can_handle(model):
+        raise BackendError(
+            f"backend {backend!r} cannot handle a {type(model).__qualname__}; "
+            "leave backend unset to detect it"
+        )
+    return chosen
+
+
+def token_decoder(tokenizer: Any) -> Callable[[Sequence[int]], list[str]] | None:
+    """A function from token ids to token strings, for HF, keras-hub or plain callables."""
+    if tokenizer is None:
+        return None
+    for method in ("convert_ids_to_tokens", "id_to_token"):
+        if hasattr(tokenizer, method):
+            convert = getattr(tokenizer, method)
+            if method == "id_to_token":
+                return lambda ids: [str(convert(int(i))) for i in ids]
+            return lambda ids: [str(t) for t in convert(list(ids))]
+    if callable(tokenizer):
+        return lambda ids: [str(t) for t in tokenizer(ids)]
+    raise LayerscopeError(
+        f"tokenizer of type {type(tokenizer).__qualname__} cannot turn ids into tokens; pass a "
+        "Hugging Face or keras-hub tokenizer, or a function ids -> list of strings"
+    )
+
+
+class Trace:
+    """A capture in progress: every forward pass of ``model`` inside the block appends a batch."""
+
+    def __init__(self, model: Any, path: str | Path, selection: Selection, backend: Backend,
+                 options: StoreOptions, tokenizer: Any = None) -> None:
+        self.model = model
+        self.path = path
+        self.selection = selection
+        self.backend = backend
+        self.options = options
+        self.tokenizer = tokenizer
+        self.recorder: Recorder | None = None
+        self._attached: Any = None
+
+    def __enter__(self) -> Trace:
+        attrs = new_group_attrs(
+            self.backend.name, self.backend.framework_version(),
+            self.backend.describe(self.model), self.selection.to_json(),
+        )
+        group, existing = open_group_for_writing(self.path, self.options.mode, attrs)
+        writer = TraceWriter(group, self.options, int(existing.get("committed_samples", 0)),
+                             int(existing.get("committed_batches", 0)))
+        self.recorder = Recorder(writer, self.selection, self.backend.name,
+                                 token_decoder(self.tokenizer))
+        attached = self.backend.attach(self.model, self.selection, self.recorder)
+        try:
+            attached.__enter__()
+        except BaseException:
+            self.recorder.close(failed=True)
+            raise
+        self._attached = attached
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self.recorder is not None
+        try:
+            self._attached.__exit__(exc_type, exc, tb)
+        finally:
+            self.recorder.close(failed=exc_type is not None)
+
+    def set_texts(self, texts: Sequence[str]) -> None:
+        """Label the next forward pass with the strings it was made from (``input_text``)."""
+        if self.recorder is None:
+            raise LayerscopeError("set_texts is only valid inside the 'with trace(...)' block")
+        self.recorder.set_texts(texts)
+
+    def dataset(self) -> Any:
+        """The trace written so far, opened lazily."""
+        return open_trace(self.path)
+
+
+def trace(model: Any, path: str | Path, capture: CaptureSpec = None, *,
+          kinds: Iterable[str] | None = None, backend: str | None = None,
+          tokenizer: Any = None, mode: str = "w-", options: StoreOptions | None = None) -> Trace:
+    """Capture ``model`` into the Zarr store at ``path`` while the ``with`` block runs.
+
+    ``capture`` holds glob patterns on module paths (``"encoder.layer.*.attention*"``);
+    ``kinds`` what to take at each site (default: outputs and attention probabilities).
+    ``mode``: 'w-' new store only, 'w' overwrite, 'a' append (the schema must match).
+    """
+    base = options or StoreOptions()
+    if mode != base.mode:
+        from dataclasses import replace
+
+        base = replace(base, mode=mode)
+    return Trace(model, path, Selection.of(capture, kinds), _backend_for(model, backend), base,
+                 tokenizer)
+
+
+def sites(model: Any, backend: str | None = None) -> list[SiteInfo]:
+    """The capturable places of ``model`` (paths for ``capture=`` patterns)."""
+    return _backend_for(model, backend).sites(model)
+
+
+def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = None, *,
+            tokenizer: Any = None, batch_size: int = 8, progress: bool = False,
+            **trace_kwargs: Any) -> Any:
+    """Run ``model`` on ``inputs`` and write everything to ``path``; returns the lazy Dataset.
+
+    ``inputs``: a list of strings (tokenized with ``tokenizer`` to one padded length, batches
+    of ``batch_size``), a dict of tensors (one ``model(**inputs)`` call), a tensor (one
+    ``model(x)`` call) or a list / iterable of those (one call each).
+    """
+    from .batches import plan_calls
+
+    calls = plan_calls(inputs, tokenizer, batch_size)
+    with trace(model, path, capture, tokenizer=tokenizer, **trace_kwargs) as active:
+        backend = active.backend
+        for call in calls.progress(progress):
+            if call.texts is not None:
+                active.set_texts(call.texts)
+            backend.run(model, call.args, call.kwargs)
+    if active.recorder is not None and active.recorder.passes == 0:
+        raise CaptureError("no forward pass ran: inputs were empty")
+    return open_trace(path)
