@@ -78,12 +78,8 @@ class AttentionTap:
         self._stack.clear()
         self._taken.clear()
 
-    def enter(self, module: nn.Module, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    def enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._stack.append(module)
-        if isinstance(module, nn.MultiheadAttention):  # ask it for per-head weights
-            return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
-        return None
 
     def pop(self, module: nn.Module) -> torch.Tensor | None:
         while self._stack:
@@ -120,3 +116,19 @@ class AttentionTap:
             yield
         finally:
             functional.scaled_dot_product_attention = original
+
+
+def multihead_weights(module: nn.MultiheadAttention, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> torch.Tensor:
+    """Per-head weights of an ``nn.MultiheadAttention`` call that did not return them.
+
+    Asking the traced call itself for weights would switch it to another kernel and change
+    its output; a second call with the same inputs leaves the model's results untouched.
+    """
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    bound.update(need_weights=True, average_attn_weights=False)
+    with torch.no_grad():
+        _, weights = module.forward(**bound)
+    return weights

@@ -20,7 +20,9 @@ from torch import nn
 from layerscope.core import Recorder, Selection, SiteInfo
 from layerscope.core.naming import ROOT_SITE
 
-from ._attention import AttentionTap, is_attention_module, probabilities_from_output
+from ._attention import (
+    AttentionTap, is_attention_module, multihead_weights, probabilities_from_output,
+)
 from ._torch_dims import hidden_size_of, move_batch_first, roles_for
 
 # Normalisation to a contiguous host copy happens at hook time on CPU (cheap, and safe against
@@ -126,10 +128,15 @@ class _Capture:
         for path, tensor in _tensors((args, kwargs)):  # path: (0, position) or (1, keyword)
             self.put(site, part_kind("input", path[1:]), module, tensor)
 
-    def outputs(self, site: str, module: nn.Module, output: Any, attention: bool) -> None:
+    def outputs(self, site: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                output: Any, attention: bool) -> None:
         if not self.recorder.in_pass:
             return
         taken = self.attention.pop(module) if attention else None
+        if attention and taken is None and isinstance(module, nn.MultiheadAttention):
+            returned = output[1] if isinstance(output, tuple) else None
+            taken = returned if returned is not None and returned.dim() == 4 else \
+                multihead_weights(module, args, kwargs)
         for path, tensor in _tensors(output):
             if id(tensor) in self._seen_attention:
                 continue  # an outer module handing back attention weights already stored
@@ -160,7 +167,8 @@ class _Capture:
                     lambda m, a, k, s=site: self.inputs(s, m, a, k), with_kwargs=True))
             if attention or selection.wants("output"):
                 self.handles.append(module.register_forward_hook(
-                    lambda m, a, o, s=site, att=attention: self.outputs(s, m, o, att)))
+                    lambda m, a, k, o, s=site, att=attention: self.outputs(s, m, a, k, o, att),
+                    with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
 
     def remove(self) -> None:

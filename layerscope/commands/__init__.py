@@ -1,0 +1,1 @@
+"""Subcommands of the ``layerscope`` CLI, one module each (see layerscope/cli.py)."""

@@ -1,0 +1,6 @@
+from .conformance import ConformanceSuite
+from .kit_torch import TorchKit
+
+
+class TestTorchConformance(ConformanceSuite):
+    kit = TorchKit()
