@@ -89,8 +89,8 @@ def open_group_for_writing(path: Any, mode: str, attrs: dict[str, Any]) -> tuple
                     f"cannot append to {path}: its {key} is {existing.get(key)!r}, this trace's is "
                     f"{attrs.get(key)!r}; write to a new store instead"
                 )
+        # never trust consolidated shapes when writing: they are cut to the committed rows
         group = zarr.open_group(path, mode="r+", use_consolidated=False)
-        group.attrs.update({"status": "writing"})
         return group, existing
     group = zarr.open_group(path, mode="w", zarr_format=3)
     group.attrs.update(attrs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .chunking import chunk_shape
+from .commit import publish
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .naming import DimRegistry
@@ -49,6 +49,7 @@ class _Batch:
     size: int
     pending: int = 0
     ended: bool = False
+    failed: bool = False
 
 
 @dataclass
@@ -93,6 +94,7 @@ class TraceWriter:
     def __init__(self, group: Any, options: StoreOptions, committed_samples: int = 0,
                  committed_batches: int = 0) -> None:
         self.group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
         self.options = options
         self.dims = DimRegistry()
         self.variables: dict[str, _Variable] = {}
@@ -111,6 +113,8 @@ class TraceWriter:
         self._budget = _ByteBudget(options.max_pending_bytes)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._load_existing()
+        self.attrs["status"] = STATUS_WRITING
+        self._write_root()
         self._workers = [
             threading.Thread(target=self._work, name=f"layerscope-writer-{i}", daemon=True)
             for i in range(max(1, options.workers))
@@ -206,7 +210,10 @@ class TraceWriter:
         self.raise_if_failed()
 
     def set_attrs(self, **attrs: Any) -> None:
-        self.group.attrs.update(attrs)
+        """Update group attributes, published together with the committed metadata."""
+        with self._publish_lock:
+            self.attrs.update(attrs)
+            self._write_root()
 
     # -- variables ---------------------------------------------------------------------------
 
@@ -265,6 +272,7 @@ class TraceWriter:
                 if self._error is None and task.batch.size > 0:
                     self._write(task)
             except BaseException as exc:  # surfaces in the caller at the next call
+                task.batch.failed = True
                 self._error = exc
                 self._budget.break_()
             finally:
@@ -310,7 +318,7 @@ class TraceWriter:
             committed, samples = self._committed, self._committed_samples
             while committed in self._open:
                 batch = self._open[committed]
-                if not batch.ended or batch.pending:
+                if not batch.ended or batch.pending or batch.failed:
                     break
                 del self._open[committed]
                 committed += 1
@@ -320,19 +328,19 @@ class TraceWriter:
             self._publish()
 
     def _publish(self) -> None:
-        import zarr
-
-        with self._publish_lock, warnings.catch_warnings():
+        with self._publish_lock:
             committed, samples = self.committed
             if committed == self._published:
                 return
             self._published = committed
-            warnings.simplefilter("ignore")  # zarr warns that consolidation is not in the v3 spec
-            self.group.attrs.update(
-                {"committed_batches": committed, "committed_samples": samples,
-                 "status": STATUS_WRITING}
-            )
-            zarr.consolidate_metadata(self.group.store, self.group.path or None)
+            self.attrs.update(committed_batches=committed, committed_samples=samples,
+                              status=STATUS_WRITING)
+            self._write_root()
+
+    def _write_root(self) -> None:
+        with self._create_lock:  # no array is half-created while its metadata is read
+            arrays = {v.name: v.array for v in self.variables.values() if v.array is not None}
+        publish(self.group, self.attrs, arrays, self._committed_samples)
 
     @property
     def committed(self) -> tuple[int, int]:

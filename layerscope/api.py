@@ -103,15 +103,17 @@ class Trace:
 
 def trace(model: Any, path: str | Path, capture: CaptureSpec = None, *,
           kinds: Iterable[str] | None = None, backend: str | None = None,
-          tokenizer: Any = None, mode: str = "w-", options: StoreOptions | None = None) -> Trace:
+          tokenizer: Any = None, mode: str | None = None,
+          options: StoreOptions | None = None) -> Trace:
     """Capture ``model`` into the Zarr store at ``path`` while the ``with`` block runs.
 
     ``capture`` holds glob patterns on module paths (``"encoder.layer.*.attention*"``);
     ``kinds`` what to take at each site (default: outputs and attention probabilities).
-    ``mode``: 'w-' new store only, 'w' overwrite, 'a' append (the schema must match).
+    ``mode``: 'w-' new store only (default), 'w' overwrite, 'a' append (the schema must match);
+    it overrides ``options.mode``.
     """
     base = options or StoreOptions()
-    if mode != base.mode:
+    if mode is not None and mode != base.mode:
         from dataclasses import replace
 
         base = replace(base, mode=mode)
@@ -125,17 +127,17 @@ def sites(model: Any, backend: str | None = None) -> list[SiteInfo]:
 
 
 def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = None, *,
-            tokenizer: Any = None, batch_size: int = 8, progress: bool = False,
-            **trace_kwargs: Any) -> Any:
+            tokenizer: Any = None, batch_size: int = 8, max_length: int | None = None,
+            progress: bool = False, **trace_kwargs: Any) -> Any:
     """Run ``model`` on ``inputs`` and write everything to ``path``; returns the lazy Dataset.
 
     ``inputs``: a list of strings (tokenized with ``tokenizer`` to one padded length, batches
-    of ``batch_size``), a dict of tensors (one ``model(**inputs)`` call), a tensor (one
+    of ``batch_size``, truncated to ``max_length`` tokens), a dict of tensors (one ``model(**inputs)`` call), a tensor (one
     ``model(x)`` call) or a list / iterable of those (one call each).
     """
     from .batches import plan_calls
 
-    calls = plan_calls(inputs, tokenizer, batch_size)
+    calls = plan_calls(inputs, tokenizer, batch_size, max_length)
     with trace(model, path, capture, tokenizer=tokenizer, **trace_kwargs) as active:
         backend = active.backend
         for call in calls.progress(progress):

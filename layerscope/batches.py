@@ -58,15 +58,16 @@ def tokenize(tokenizer: Any, texts: Sequence[str], batch_size: int,
     return calls
 
 
-def plan_calls(inputs: Any, tokenizer: Any, batch_size: int) -> Calls:
+def plan_calls(inputs: Any, tokenizer: Any, batch_size: int,
+               max_length: int | None = None) -> Calls:
     if is_texts(inputs):
-        return Calls(tokenize(tokenizer, inputs, batch_size))
+        return Calls(tokenize(tokenizer, inputs, batch_size, max_length))
     if isinstance(inputs, dict):
         return Calls([Call(kwargs=dict(inputs))])
     if hasattr(inputs, "shape"):
         return Calls([Call(args=(inputs,))])
     if isinstance(inputs, str):
-        return Calls(tokenize(tokenizer, [inputs], batch_size))
+        return Calls(tokenize(tokenizer, [inputs], batch_size, max_length))
     try:
         items = list(inputs)
     except TypeError:
@@ -76,7 +77,7 @@ def plan_calls(inputs: Any, tokenizer: Any, batch_size: int) -> Calls:
         ) from None
     calls: list[Call] = []
     for item in items:
-        calls.extend(plan_calls(item, tokenizer, batch_size).calls)
+        calls.extend(plan_calls(item, tokenizer, batch_size, max_length).calls)
     if not calls:
         raise LayerscopeError("inputs are empty: nothing to run")
     return Calls(calls)

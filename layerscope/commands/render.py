@@ -1,0 +1,130 @@
+"""``layerscope render KIND TRACE ... -o OUT``: draw one view of a trace as PNG, SVG or PDF."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from layerscope.core import open_trace
+
+ATTENTION_VIEWS = ("heatmap", "grid", "heads", "summary")
+HIDDEN_VIEWS = ("norms", "trajectory", "similarity", "logit-lens")
+ACTIVATION_VIEWS = ("channels", "neurons", "top-tokens")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "render", help="draw a view of a trace (PNG, SVG or PDF by the suffix of -o)",
+        description="Draw one view of a trace. The image format follows the suffix of -o.",
+    )
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    att = _common(kinds.add_parser("attention", help="attention maps of a transformer"))
+    att.add_argument("--view", choices=ATTENTION_VIEWS, default="heatmap",
+                     help="heatmap: one head; grid: layers x heads; heads: token-to-token "
+                          "lines; summary: entropy / distance / special-token share per head")
+    pick = att.add_mutually_exclusive_group()
+    pick.add_argument("--variable", help="an attention variable by name (<site>@attention)")
+    pick.add_argument("--layer", type=int, help="the attention of block N (attrs 'layer')")
+    att.add_argument("--head", type=int, nargs="+", default=[0],
+                     help="head index (heatmap: the first given; heads view: all given)")
+    _window(att)
+    att.set_defaults(run=_run_attention)
+
+    hid = _common(kinds.add_parser("hidden", help="hidden states of the residual stream"))
+    hid.add_argument("--view", choices=HIDDEN_VIEWS, default="norms")
+    hid.add_argument("--similarity", choices=("cka", "cosine"), default="cka",
+                     help="measure of the similarity view (default: linear CKA)")
+    hid.add_argument("--unembedding", metavar="NPY",
+                     help="logit lens: a (vocab x hidden) matrix saved with numpy.save")
+    hid.add_argument("--vocab", metavar="TXT", help="logit lens: one token per line")
+    hid.set_defaults(run=_run_hidden)
+
+
+
+def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("trace", metavar="TRACE", help="path of a layerscope trace (.zarr)")
+    parser.add_argument("--sample", type=int, default=0, help="sample index (default 0)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="image to write: .png, .svg or .pdf")
+    return parser
+
+
+def _window(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--window", type=int, nargs=2, metavar=("START", "STOP"),
+                        help="zoom to token positions START..STOP-1 (long sequences)")
+    parser.add_argument("--max-cells", type=int, default=512,
+                        help="beyond this many positions per axis, max-pool the map")
+
+
+def _check_output(path: str) -> Path:
+    from layerscope.renderers import RenderError
+    from layerscope.renderers._common import FORMATS
+
+    target = Path(path)
+    if target.suffix.lower() not in FORMATS:
+        raise RenderError(f"cannot write {target}: end the file name in .png, .svg or .pdf")
+    if not target.parent.exists():
+        raise RenderError(f"cannot write {target}: folder {target.parent} does not exist")
+    return target
+
+
+def _finish(fig: Any, output: str) -> int:
+    from layerscope.renderers import save
+
+    written = save(fig, output)
+    print(written)
+    return 0
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from layerscope.renderers import ViewOptions
+
+    window = tuple(args.window) if args.window else None
+    return ViewOptions(window=window, max_cells=args.max_cells)
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from layerscope import renderers as r
+
+    _check_output(args.output)
+    ds = open_trace(args.trace)
+    view = args.view
+    if view == "heatmap":
+        fig = r.attention_heatmap(ds, args.layer, args.head[0], args.sample, args.variable,
+                                  _options(args))
+    elif view == "grid":
+        options = _options(args)
+        if args.max_cells == 512:  # small panels: pool harder unless asked
+            options = r.ViewOptions(window=options.window, max_cells=64)
+        fig = r.attention_grid(ds, args.sample, options)
+    elif view == "heads":
+        options = _options(args)
+        if args.max_cells == 512:
+            options = r.ViewOptions(window=options.window, max_cells=64)
+        fig = r.head_view(ds, args.layer, args.sample, args.head, args.variable, options)
+    else:
+        fig = r.head_summary_figure(ds)
+    return _finish(fig, args.output)
+
+
+def _run_hidden(args: argparse.Namespace) -> int:
+    from layerscope import renderers as r
+
+    _check_output(args.output)
+    ds = open_trace(args.trace)
+    if args.view == "norms":
+        fig = r.hidden_norms(ds, args.sample)
+    elif args.view == "trajectory":
+        fig = r.hidden_trajectory(ds, args.sample)
+    elif args.view == "similarity":
+        fig = r.similarity_figure(ds, args.sample, args.similarity)
+    else:
+        if not (args.unembedding and args.vocab):
+            raise r.RenderError(
+                "the logit lens needs the model's unembedding: pass --unembedding MATRIX.npy "
+                "(vocab x hidden, e.g. the tied word embeddings) and --vocab VOCAB.txt"
+            )
+        fig = r.logit_lens(ds, r.Unembedding.load(args.unembedding, args.vocab), args.sample)
+    return _finish(fig, args.output)

@@ -1,0 +1,204 @@
+"""The streaming writer: appends, commit protocol, bounded queue, errors, crash safety."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import zarr
+
+import layerscope
+from layerscope.core import CaptureError, Selection, StoreError, StoreOptions, WriterError
+from layerscope.core.format import new_group_attrs
+from layerscope.core.recorder import Recorder
+from layerscope.core.store import open_group_for_writing
+from layerscope.core.writer import TraceWriter
+
+
+def make_recorder(path, mode="w-", **options):
+    attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())
+    group, existing = open_group_for_writing(path, mode, attrs)
+    writer = TraceWriter(group, StoreOptions(mode=mode, **options),
+                         int(existing.get("committed_samples", 0)),
+                         int(existing.get("committed_batches", 0)))
+    return Recorder(writer, Selection(), "numpy")
+
+
+def write_batches(recorder, count, size=4, start=0):
+    arrays = []
+    for b in range(start, start + count):
+        rng = np.random.default_rng(b)
+        hidden = rng.standard_normal((size, 5, 8), np.float32)
+        recorder.begin_pass(size, token_ids=rng.integers(0, 100, (size, 5)))
+        recorder.put("block.0", "output", hidden, ("batch", "token", "hidden"), "Block")
+        recorder.put("block.0", "output", hidden * 2, ("batch", "token", "hidden"), "Block")
+        recorder.end_pass()
+        arrays.append(hidden)
+    return np.concatenate(arrays)
+
+
+def test_appended_batches_read_back_exactly(tmp_path):
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path)
+    expected = write_batches(recorder, 5)
+    recorder.close()
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["status"] == "complete"
+    assert ds.attrs["committed_batches"] == 5 and ds.attrs["committed_samples"] == 20
+    np.testing.assert_array_equal(ds["block.0@output"].values, expected)
+    # a module called twice in one pass: the second call is its own variable
+    np.testing.assert_array_equal(ds["block.0@output.call1"].values, expected * 2)
+    assert ds["block.0@output.call1"].attrs["call_index"] == 1
+    assert ds["block.0@output"].attrs["layer"] == 0
+    assert ds["block.0@output"].dims == ("batch", "token", "hidden")
+    np.testing.assert_array_equal(ds["batch"].values, np.arange(20))
+    assert ds["token_id"].dims == ("batch", "token")
+
+
+def test_codecs_compress_with_checksum_and_no_object_codec(tmp_path):
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path)
+    write_batches(recorder, 1)
+    recorder.close()
+    meta = json.loads((path / "block.0@output" / "zarr.json").read_text())
+    names = [codec["name"] for codec in meta["codecs"]]
+    assert names == ["bytes", "blosc", "crc32c"]
+    for var in path.iterdir():
+        if (var / "zarr.json").is_file():
+            text = (var / "zarr.json").read_text()
+            assert "pickle" not in text and '"object"' not in text
+
+
+def test_corrupted_chunk_is_detected(tmp_path):
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path)
+    write_batches(recorder, 1)
+    recorder.close()
+    chunk = next(p for p in (path / "block.0@output" / "c").rglob("*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)checksum|crc"):
+        layerscope.open_trace(path)["block.0@output"].values
+
+
+def test_append_mode_continues_the_batch_axis(tmp_path):
+    path = tmp_path / "t.zarr"
+    first = make_recorder(path)
+    a = write_batches(first, 2)
+    first.close()
+    second = make_recorder(path, mode="a")
+    b = write_batches(second, 2, start=2)
+    second.close()
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 4
+    np.testing.assert_array_equal(ds["block.0@output"].values, np.concatenate([a, b]))
+    np.testing.assert_array_equal(ds["batch"].values, np.arange(16))
+
+
+def test_modes_protect_existing_paths(tmp_path):
+    path = tmp_path / "t.zarr"
+    make_recorder(path).close()
+    with pytest.raises(StoreError, match="already exists"):
+        make_recorder(path)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("precious")
+    with pytest.raises(StoreError, match="not a layerscope trace"):
+        make_recorder(other, mode="w")
+    assert (other / "keep.txt").read_text() == "precious"
+    with pytest.raises(StoreError, match="does not exist"):
+        make_recorder(tmp_path / "missing" / "t.zarr")
+
+
+def test_shape_change_between_batches_is_a_clear_error(tmp_path):
+    recorder = make_recorder(tmp_path / "t.zarr")
+    write_batches(recorder, 1)
+    recorder.begin_pass(4)
+    with pytest.raises(CaptureError, match="pad inputs"):
+        recorder.put("block.0", "output", np.zeros((4, 6, 8), np.float32),
+                     ("batch", "token", "hidden"))
+    recorder.close(failed=True)
+
+
+def test_worker_error_surfaces_in_the_caller(tmp_path):
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path)
+    write_batches(recorder, 1)
+
+    def broken(_):
+        raise RuntimeError("device copy failed")
+
+    recorder.begin_pass(4)
+    recorder.put("bad", "output", np.zeros((4, 3), np.float32), ("batch", "hidden"),
+                 to_numpy=broken)
+    with pytest.raises(WriterError, match="device copy failed"):
+        recorder.end_pass()
+        recorder.close()
+    with pytest.warns(UserWarning, match="aborted"):
+        ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 1
+
+
+def test_queue_is_bounded_by_bytes(tmp_path):
+    """A slow disk makes producers wait instead of piling tensors up in memory."""
+    recorder = make_recorder(tmp_path / "t.zarr", max_pending_bytes=1 << 20, workers=1)
+    writer = recorder.writer
+    gate = threading.Event()
+    peak = []
+
+    def slow(value):
+        gate.wait(5)
+        return value
+
+    recorder.begin_pass(1)
+    producer = threading.Thread(target=lambda: [
+        recorder.put("x", "output", np.zeros((1, 1 << 17), np.float32), ("batch", "hidden"),
+                     to_numpy=slow) if i == 0 else
+        recorder.put("x", f"output.{i}", np.zeros((1, 1 << 17), np.float32), ("batch", "hidden"))
+        for i in range(8)
+    ])
+    producer.start()
+    producer.join(0.5)
+    peak.append(writer._budget.pending)
+    assert producer.is_alive(), "put should block while the budget is full"
+    assert peak[0] <= 1 << 20
+    gate.set()
+    producer.join(5)
+    recorder.close()
+
+
+CRASH = textwrap.dedent("""
+    import os, sys, numpy as np
+    sys.path.insert(0, {tests!r})
+    from core.test_writer import make_recorder, write_batches
+    recorder = make_recorder({path!r})
+    write_batches(recorder, 3)
+    recorder.writer.close  # keep the writer running
+    recorder.begin_pass(4)
+    recorder.put("block.0", "output", np.ones((4, 5, 8), np.float32), ("batch", "token", "hidden"))
+    import time; time.sleep(0.5)
+    os._exit(1)  # die mid-batch, without closing
+""")
+
+
+def test_crash_leaves_committed_batches_readable(tmp_path):
+    path = tmp_path / "t.zarr"
+    tests = str(__import__("pathlib").Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", CRASH.format(tests=tests, path=str(path))], check=False)
+    with pytest.warns(UserWarning, match="writing"):
+        ds = layerscope.open_trace(path)
+    assert ds.attrs["status"] == "writing"
+    assert ds.attrs["committed_batches"] == 3
+    assert ds.sizes["batch"] == 12
+    expected = np.concatenate([np.random.default_rng(b).standard_normal((4, 5, 8), np.float32)
+                               for b in range(3)])
+    np.testing.assert_array_equal(ds["block.0@output"].values, expected)
+    with pytest.raises(StoreError, match="writing"):
+        layerscope.open_trace(path, complete_only=True)
+    assert zarr.open_group(path, mode="r").attrs["status"] == "writing"
