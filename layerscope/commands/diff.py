@@ -33,7 +33,8 @@ def register(subparsers: Any) -> None:
             '"transformer_layer_{n}.attention@attention"}'
         ),
     )
-    parser.add_argument("a", metavar="A.zarr", help="first trace (the reference for execution order)")
+    parser.add_argument("a", metavar="A.zarr",
+                        help="first trace (its execution order ranks the sites)")
     parser.add_argument("b", metavar="B.zarr", help="second trace")
     parser.add_argument("--map", dest="name_map", metavar="FILE",
                         help="name map (JSON or YAML) pairing sites of A with sites of B")
