@@ -1,0 +1,24 @@
+"""layerscope.renderers: pictures drawn lazily from traces.
+
+Every view takes the lazy Dataset of :func:`layerscope.open_trace`, narrows it with
+``.isel`` to what it draws, and only then reads values. Views return matplotlib Figures on the
+Agg canvas (no display needed; they show inline in notebooks); :func:`save` writes PNG, SVG or
+PDF by suffix.
+"""
+
+from ._common import RenderError, ViewOptions, save
+from .attention import (
+    attention_grid, attention_heatmap, attention_variables, head_summary, head_summary_figure,
+    head_view, select_attention,
+)
+from .hidden import (
+    Unembedding, block_outputs, fit_pca, hidden_norms, hidden_trajectory, layer_similarity,
+    logit_lens, logit_lens_table, similarity_figure,
+)
+
+__all__ = [
+    "RenderError", "Unembedding", "ViewOptions", "attention_grid", "attention_heatmap",
+    "attention_variables", "block_outputs", "fit_pca", "head_summary", "head_summary_figure",
+    "head_view", "hidden_norms", "hidden_trajectory", "layer_similarity", "logit_lens",
+    "logit_lens_table", "save", "select_attention", "similarity_figure",
+]

@@ -1,0 +1,218 @@
+"""Shared pieces of the renderers: figures on the Agg canvas, variable lookup by role, labels.
+
+Renderers never import a framework and never load a whole variable: every helper here narrows
+a lazy DataArray with ``.isel`` before asking for values.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerscope.core.errors import LayerscopeError
+from layerscope.core.format import TOKEN_TEXT
+from layerscope.core.naming import is_capture, parse_variable_name
+
+#: Token strings treated as padding (dropped from pictures) and as special tokens (summaries).
+PAD_TOKENS = frozenset({"[PAD]", "<pad>", "<PAD>"})
+SPECIAL_TOKENS = frozenset({
+    "[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]", "<s>", "</s>", "<pad>", "<unk>", "<mask>",
+    "<|endoftext|>", "<bos>", "<eos>", "<|begin_of_text|>", "<|end_of_text|>",
+})
+FORMATS = (".png", ".svg", ".pdf")
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    """How a view copes with long sequences and wide layers.
+
+    ``window``: (start, stop) token positions to zoom to; None shows the whole (unpadded)
+    sequence. Beyond ``max_cells`` positions per axis, maps are block-pooled (max, so sharp
+    attention stays visible) and the title says by how much. At most ``max_labels`` token
+    labels are drawn per axis (every k-th otherwise, prefixed by its position).
+    """
+
+    window: tuple[int, int] | None = None
+    max_cells: int = 512
+    max_labels: int = 64
+    trim_padding: bool = True
+
+
+class RenderError(LayerscopeError):
+    """A view cannot be drawn from this trace with these arguments."""
+
+
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on the Agg canvas: no display, no pyplot state, inline in notebooks."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    class _Figure(Figure):
+        # Jupyter shows any object with _repr_png_, whatever matplotlib backend is active.
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", bbox_inches="tight")
+            return buffer.getvalue()
+
+    fig = _Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG, SVG or PDF, chosen by the suffix of ``path``; returns the path."""
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in FORMATS:
+        raise RenderError(
+            f"cannot write {target}: unknown image format {suffix or '(no suffix)'!r}; "
+            "end the file name in .png, .svg or .pdf"
+        )
+    if not target.parent.exists():
+        raise RenderError(f"cannot write {target}: folder {target.parent} does not exist")
+    fig.savefig(target, format=suffix[1:], dpi=dpi, bbox_inches="tight")
+    return target
+
+
+def png_bytes(fig: Any, dpi: int = 100) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+# -- variables -----------------------------------------------------------------------------
+
+
+def roles_of(da: Any) -> tuple[str, ...]:
+    """The role of each dim of ``da`` (``hidden_2`` has role ``hidden``)."""
+    roles = da.attrs.get("roles")
+    if roles is not None and len(roles) == da.ndim:
+        return tuple(str(r) for r in roles)
+    return tuple(str(d).split("_")[0] for d in da.dims)
+
+
+def dim_of(da: Any, role: str) -> str | None:
+    """The dim of ``da`` that plays ``role``, or None."""
+    for dim, dim_role in zip(da.dims, roles_of(da), strict=True):
+        if dim_role == role:
+            return str(dim)
+    return None
+
+
+def require_dims(da: Any, name: str, *roles: str) -> dict[str, str]:
+    found = {role: dim_of(da, role) for role in roles}
+    missing = [role for role, dim in found.items() if dim is None]
+    if missing:
+        raise RenderError(
+            f"{name} has dims {tuple(da.dims)}, not the {', '.join(missing)} this view needs; "
+            "pick another variable (layerscope info TRACE lists them)"
+        )
+    return {role: str(dim) for role, dim in found.items()}
+
+
+def kind_of(name: str, da: Any) -> str:
+    kind = da.attrs.get("kind")
+    return str(kind) if kind else parse_variable_name(name).kind
+
+
+def captures(ds: Any) -> list[str]:
+    """Captured variable names in execution order."""
+    names = [str(n) for n in ds.data_vars if is_capture(str(n))]
+    return sorted(names, key=lambda n: ds[n].attrs.get("order", 1 << 30))
+
+
+def get_variable(ds: Any, name: str) -> Any:
+    if name not in ds.data_vars:
+        close = [n for n in captures(ds) if name.split("@")[0] in n][:5]
+        hint = f" Similar: {', '.join(close)}." if close else ""
+        raise RenderError(
+            f"no variable {name!r} in this trace.{hint} `layerscope info TRACE` lists them."
+        )
+    return ds[name]
+
+
+def check_sample(ds: Any, da: Any, sample: int) -> int:
+    batch = dim_of(da, "batch") or "batch"
+    size = int(da.sizes.get(batch, ds.sizes.get("batch", 0)))
+    if not 0 <= sample < size:
+        raise RenderError(
+            f"sample {sample} is out of range: the trace holds {size} samples (0..{size - 1})"
+        )
+    return sample
+
+
+def check_index(value: int, size: int, what: str, where: str) -> int:
+    if not -size <= value < size:
+        raise RenderError(
+            f"{what} {value} is out of range: {where} has {size} {what}s; pass 0..{size - 1}"
+        )
+    return value % size
+
+
+# -- tokens --------------------------------------------------------------------------------
+
+
+def escape(text: str) -> str:
+    """Token strings as matplotlib text: '$' would start mathtext."""
+    return text.replace("$", r"\$")
+
+
+def token_labels(ds: Any, sample: int, size: int, token_dim: str = "token") -> list[str]:
+    """The token strings of one sample (positions as text when the trace has none)."""
+    if TOKEN_TEXT in ds.variables and ds[TOKEN_TEXT].sizes.get("token") == size:
+        row = ds[TOKEN_TEXT].isel(batch=sample).values
+        return [str(t) for t in row]
+    return [str(i) for i in range(size)]
+
+
+def real_length(labels: Sequence[str]) -> int:
+    """Positions before the trailing padding."""
+    end = len(labels)
+    while end > 1 and labels[end - 1] in PAD_TOKENS:
+        end -= 1
+    return end
+
+
+def label_ticks(axis: Any, labels: Sequence[str], which: str, start: int = 0,
+                max_labels: int = 64) -> int:
+    """Put token labels on an axis, every ``step``-th when there are too many to read."""
+    count = len(labels)
+    step = max(1, int(np.ceil(count / max_labels)))
+    positions = np.arange(0, count, step)
+    texts = [escape(labels[i]) if step == 1 else f"{start + i}:{escape(labels[i])}"
+             for i in positions]
+    fontsize = 8 if count <= 32 else 6
+    if which == "x":
+        axis.set_xticks(positions, texts, rotation=90, fontsize=fontsize)
+    else:
+        axis.set_yticks(positions, texts, fontsize=fontsize)
+    return step
+
+
+# -- narrowing and pooling -----------------------------------------------------------------
+
+
+def pool_factor(size: int, max_cells: int) -> int:
+    return max(1, int(np.ceil(size / max_cells)))
+
+
+def pooled_values(da: Any, factors: dict[str, int], how: str = "max") -> np.ndarray:
+    """Values of a (narrowed, lazy) DataArray, block-pooled along ``factors``.
+
+    Pooling runs on the lazy array, so dask reads one chunk at a time and only the pooled
+    picture is held in memory.
+    """
+    active = {dim: f for dim, f in factors.items() if f > 1}
+    if active:
+        coarse = da.coarsen(active, boundary="pad")
+        da = coarse.max() if how == "max" else coarse.mean()
+    return np.asarray(da.values)
+
+
+def numbered(values: Iterable[Any]) -> list[str]:
+    return [str(v) for v in values]
