@@ -379,7 +379,7 @@ def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int,
         axis += 1
     if block[1:] == list(shape[1:]) and nbytes(block) < budget:
         per = max(1, budget // nbytes(block))
-        block[0] = min(shape[0], block[0] * per)
+        block[0] = max(1, min(shape[0], block[0] * per))
     starts = [range(0, max(n, 1), b) for n, b in zip(shape, block, strict=True)]
     for corner in itertools.product(*starts):
         yield tuple(slice(s, min(s + b, n)) for s, b, n in zip(corner, block, shape, strict=True))
@@ -406,7 +406,8 @@ class _Accumulator:
         self.size += a.size
         if a.size == 0:
             return
-        delta = np.abs(a - b)
+        with np.errstate(invalid="ignore"):  # inf - inf: handled just below
+            delta = np.abs(a - b)
         finite = bool(np.isfinite(delta).all())
         if not finite:
             # NaN against NaN and equal infinities agree; any other NaN or inf is an error
