@@ -8,12 +8,24 @@ PDF by suffix.
 
 from ._common import RenderError, ViewOptions, save
 from .attention import (
-    attention_grid, attention_heatmap, attention_variables, head_summary, head_summary_figure,
-    head_view, select_attention,
+    attention_grid,
+    attention_heatmap,
+    attention_variables,
+    head_summary,
+    head_summary_figure,
+    head_view,
+    select_attention,
 )
 from .hidden import (
-    Unembedding, block_outputs, fit_pca, hidden_norms, hidden_trajectory, layer_similarity,
-    logit_lens, logit_lens_table, similarity_figure,
+    Unembedding,
+    block_outputs,
+    fit_pca,
+    hidden_norms,
+    hidden_trajectory,
+    layer_similarity,
+    logit_lens,
+    logit_lens_table,
+    similarity_figure,
 )
 
 __all__ = [

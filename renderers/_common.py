@@ -7,13 +7,12 @@ a lazy DataArray with ``.isel`` before asking for values.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from layerscope.core.errors import LayerscopeError
 from layerscope.core.format import TOKEN_TEXT
 from layerscope.core.naming import is_capture, parse_variable_name
@@ -183,7 +182,7 @@ def label_ticks(axis: Any, labels: Sequence[str], which: str, start: int = 0,
     """Put token labels on an axis, every ``step``-th when there are too many to read."""
     count = len(labels)
     step = max(1, int(np.ceil(count / max_labels)))
-    positions = np.arange(0, count, step)
+    positions = list(range(0, count, step))
     texts = [escape(labels[i]) if step == 1 else f"{start + i}:{escape(labels[i])}"
              for i in positions]
     fontsize = 8 if count <= 32 else 6

@@ -8,9 +8,23 @@ from typing import Any
 import numpy as np
 
 from ._common import (
-    SPECIAL_TOKENS, RenderError, ViewOptions, captures, check_index, check_sample, dim_of,
-    escape, get_variable, kind_of, label_ticks, new_figure, pool_factor, pooled_values,
-    real_length, require_dims, token_labels,
+    SPECIAL_TOKENS,
+    RenderError,
+    ViewOptions,
+    captures,
+    check_index,
+    check_sample,
+    dim_of,
+    escape,
+    get_variable,
+    kind_of,
+    label_ticks,
+    new_figure,
+    pool_factor,
+    pooled_values,
+    real_length,
+    require_dims,
+    token_labels,
 )
 
 ATTENTION_ROLES = ("batch", "head", "query", "key")

@@ -17,8 +17,16 @@ from typing import Any
 import numpy as np
 
 from ._common import (
-    RenderError, captures, check_sample, dim_of, escape, kind_of, label_ticks, new_figure,
-    real_length, token_labels,
+    RenderError,
+    captures,
+    check_sample,
+    dim_of,
+    escape,
+    kind_of,
+    label_ticks,
+    new_figure,
+    real_length,
+    token_labels,
 )
 
 STREAM_ROLES = ("batch", "token", "hidden")

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from layerscope.renderers import (
+    ViewOptions,
+    attention_grid,
+    attention_heatmap,
+    attention_variables,
+    head_summary,
+    head_view,
+    save,
+    select_attention,
+)
 
 from layerscope import LayerscopeError
-from layerscope.renderers import (
-    ViewOptions, attention_grid, attention_heatmap, attention_variables, head_summary,
-    head_view, save, select_attention,
-)
 
 
 def _tokens(ds, sample):

@@ -6,12 +6,19 @@ import os
 
 import numpy as np
 import pytest
+from layerscope.renderers import (
+    Unembedding,
+    block_outputs,
+    fit_pca,
+    hidden_norms,
+    hidden_trajectory,
+    layer_similarity,
+    logit_lens,
+    logit_lens_table,
+    similarity_figure,
+)
 
 from layerscope import LayerscopeError
-from layerscope.renderers import (
-    Unembedding, block_outputs, fit_pca, hidden_norms, hidden_trajectory, layer_similarity,
-    logit_lens, logit_lens_table, similarity_figure,
-)
 
 BLOCKS = ["embeddings@output"] + [f"encoder.layer.{i}@output" for i in range(6)]
 
