@@ -99,7 +99,7 @@ class _Capture:
     def begin(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.recorder.in_pass:
             self.recorder.abort_pass()  # the previous forward raised before it returned
-        batch, token_ids = _batch_of(args, kwargs)
+        batch, token_ids = _batch_of(args, kwargs, _batch_axis(module))
         if batch is None:
             return
         self.attention.reset()
@@ -179,7 +179,13 @@ class _Capture:
             self.recorder.abort_pass()
 
 
-def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | None, Any]:
+def _batch_axis(model: nn.Module) -> int:
+    """Where the batch is in the root's first input: time-major RNNs put it second."""
+    return 1 if isinstance(model, nn.RNNBase) and not model.batch_first else 0
+
+
+def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any],
+              axis: int = 0) -> tuple[int | None, Any]:
     """Batch size and token ids of a root forward call."""
     token_ids = kwargs.get("input_ids")
     first = None
@@ -191,7 +197,9 @@ def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | None
         token_ids = first
     if token_ids is not None:
         return int(token_ids.shape[0]), token_ids
-    return (int(first.shape[0]) if first is not None else None), None
+    if first is None or first.dim() <= axis:
+        return None, None
+    return int(first.shape[axis]), None
 
 
 class TorchBackend:
@@ -228,9 +236,8 @@ class TorchBackend:
         config = getattr(model, "config", None)
         name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
         described: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
-        if name:
-            described["name"] = str(name).rstrip("/").rsplit("/", 2)[-1] if "/" in str(name) \
-                else str(name)
+        if name:  # a local folder: keep the last two parts, not this machine's layout
+            described["name"] = "/".join(str(name).rstrip("/").split("/")[-2:])
         return described
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

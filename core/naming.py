@@ -80,16 +80,16 @@ class DimRegistry:
             raise CaptureError(f"dims {roles} do not match shape {shape}")
         names: list[str] = []
         for role, size in zip(roles, shape, strict=True):
-            name = role
-            if role != "batch":
-                if self.sizes.get(name, size) != size:
-                    name = f"{role}_{size}"
-                self.sizes.setdefault(name, size)
-            if name in names:  # the same role twice in one tensor (a square weight map)
-                name = f"{name}_{names.count(name) + 1}"
-                self.sizes.setdefault(name, size)
-            names.append(name)
+            names.append(role if role == "batch" else self._free_name(role, size, names))
         return tuple(names)
+
+    def _free_name(self, role: str, size: int, taken: list[str]) -> str:
+        candidates = [role, f"{role}_{size}", *(f"{role}_{size}_{i}" for i in range(2, 64))]
+        for name in candidates:
+            if name not in taken and self.sizes.get(name, size) == size:
+                self.sizes.setdefault(name, size)
+                return name
+        raise CaptureError(f"cannot name a {role!r} axis of size {size}: too many variants")
 
 
 def default_roles(ndim: int) -> tuple[str, ...]:

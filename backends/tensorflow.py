@@ -1,0 +1,414 @@
+"""TensorFlow / Keras 3 backend: wrappers on the ``call`` of every selected layer.
+
+Keras 3 has no forward hooks. While attached, each selected layer gets an instance attribute
+``call`` that runs the layer's own ``call`` and hands its outputs (and inputs, on request) to
+the recorder; ``MultiHeadAttention`` layers also get a ``_compute_attention`` wrapper that
+yields their softmax probabilities. Every wrapper is removed on exit, whatever happened.
+
+Eager calls (``model(x)``) record tensors as they appear. In a graph (``tf.function``,
+``model.predict``) tensors are symbolic: the wrappers only collect them while the graph is
+traced, and the model's top-level call appends one ``tf.py_function`` that receives their
+values when the graph runs and records the whole pass. ``model.predict`` / ``evaluate`` /
+``fit`` functions traced before the block are set aside for the block (so they are traced again
+with the wrappers, without XLA, which cannot run Python) and put back afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from layerscope.core import Recorder, Selection, SiteInfo
+
+from ._keras_attention import tapped_compute_attention
+from ._keras_text import KerasHubTokenizer, adapt_tokenizer, load_hf_folder
+from ._keras_tree import (
+    hidden_size_of, is_attention_layer, named_layers, roles_for, site_of,
+)
+
+_UNSTORABLE = (tf.string, tf.variant, tf.resource)
+_TOKEN_KEYS = ("token_ids", "input_ids")
+# Functions Keras traces once and caches; set aside while attached so they retrace.
+_STEP_FUNCTIONS = ("predict_function", "test_function", "train_function")
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A host copy of an eager tensor, dtype kept (bfloat16 widened to float32, exactly)."""
+    array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    array = np.asarray(array)
+    if array.dtype.name == "bfloat16":
+        array = array.astype(np.float32)
+    return array
+
+
+def _is_tensor(value: Any) -> bool:
+    """A dense TF tensor with storable values (no KerasTensor, ragged, sparse or string)."""
+    if not isinstance(value, (tf.Tensor, tf.Variable)) or isinstance(value, keras.KerasTensor):
+        return False
+    return value.dtype not in _UNSTORABLE
+
+
+def _tensors(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, tensor) for every tensor in a possibly nested structure, in its own order."""
+    if _is_tensor(value):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _tensors(item, (*path, str(key)))
+    elif isinstance(value, (tuple, list)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, (*path, str(index)))
+
+
+def part_kind(base: str, path: tuple[str, ...]) -> str:
+    """``output`` for a lone tensor or element 0, ``output.1`` / ``output.<key>`` otherwise."""
+    if not path or path == ("0",):
+        return base
+    return ".".join((base, *path))
+
+
+def _symbolic(args: Any) -> bool:
+    """Inputs of a Keras functional-graph construction (no values anywhere)."""
+    return any(isinstance(v, keras.KerasTensor) for v in tf.nest.flatten(args))
+
+
+def _batch_probe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """The first batched input tensor of a top-level call, and its token ids if it has any."""
+    ids = None
+    first = None
+    for path, tensor in _tensors((args, kwargs)):
+        if ids is None and path and path[-1] in _TOKEN_KEYS and tensor.shape.rank == 2:
+            ids = tensor
+        if first is None and tensor.shape.rank is not None and tensor.shape.rank >= 1:
+            first = tensor
+    if ids is None and first is not None and first.shape.rank == 2 and first.dtype.is_integer:
+        ids = first
+    return (ids if ids is not None else first), ids
+
+
+class _Patch:
+    """One instance attribute replaced for the duration of a block, put back exactly."""
+
+    def __init__(self, obj: Any, attr: str, value: Any) -> None:
+        self.obj, self.attr = obj, attr
+        own = vars(obj)
+        self.had = attr in own
+        self.old = own.get(attr)
+        object.__setattr__(obj, attr, value)  # bypass Keras' attribute tracking
+
+    def undo(self) -> None:
+        if self.had:
+            object.__setattr__(self.obj, self.attr, self.old)
+        else:
+            object.__delattr__(self.obj, self.attr)
+
+
+class _GraphPass:
+    """Tensors collected while one top-level call is traced into a graph."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.metas: list[tuple[str, str, Any, bool]] = []
+        self.tensors: list[Any] = []
+
+
+class _Capture:
+    """The wrappers of one ``attach`` block and the state they share."""
+
+    def __init__(self, model: Any, selection: Selection, recorder: Recorder) -> None:
+        self.model = model
+        self.selection = selection
+        self.recorder: Recorder | None = recorder
+        self.hidden_size = hidden_size_of(model)
+        self.active = False
+        self.patches: list[_Patch] = []
+        self.saved: dict[str, Any] = {}
+        self.graphs: list[_GraphPass] = []
+        self.depth = 0
+        self.lock = threading.Lock()
+        self.attention_ids: set[int] = set()
+        self._warned: set[str] = set()
+
+    # -- taking tensors ----------------------------------------------------------------------
+
+    def take(self, site: str, kind: str, layer: Any, tensor: Any, in_attention: bool) -> None:
+        if not self.active or not _is_tensor(tensor) or tensor.shape.rank == 0:
+            return
+        if tf.executing_eagerly():
+            if self.depth:
+                self.put(site, kind, layer, tensor, in_attention)
+            return
+        current = self.graphs[-1] if self.graphs else None
+        if current is None:
+            return
+        if tensor.graph is not current.graph:
+            # made inside a loop or branch body: its value never leaves that body
+            self._warn(site, f"{site}@{kind} runs inside a tf.while_loop / tf.cond body of the "
+                             "graph and cannot be captured there; call the model eagerly")
+            return
+        current.metas.append((site, kind, layer, in_attention))
+        current.tensors.append(tensor)
+
+    def put(self, site: str, kind: str, layer: Any, tensor: Any, in_attention: bool) -> None:
+        assert self.recorder is not None
+        shape = tuple(int(n) for n in tensor.shape)
+        roles = roles_for(layer, kind, shape, self.hidden_size, in_attention)
+        self.recorder.put(site, kind, tensor, roles, type(layer).__name__, to_numpy)
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"layerscope: {message}", stacklevel=4)
+
+    def take_inputs(self, site: str, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    in_attention: bool) -> None:
+        for path, tensor in _tensors((args, kwargs)):  # path: (0, position) or (1, keyword)
+            self.take(site, part_kind("input", path[1:]), layer, tensor, in_attention)
+
+    def take_outputs(self, site: str, layer: Any, output: Any, in_attention: bool) -> None:
+        for path, tensor in _tensors(output):
+            if id(tensor) in self.attention_ids:
+                continue  # scores the layer was asked to return: stored as @attention
+            self.take(site, part_kind("output", path), layer, tensor, in_attention)
+
+    # -- wrappers ----------------------------------------------------------------------------
+
+    def wrap_layer(self, site: str, layer: Any, in_attention: bool) -> Callable[..., Any]:
+        original = layer.call
+        inputs = self.selection.wants("input")
+        outputs = self.selection.wants("output")
+
+        @functools.wraps(original)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not self.active:
+                return original(*args, **kwargs)
+            if inputs:
+                self.take_inputs(site, layer, args, kwargs, in_attention)
+            result = original(*args, **kwargs)
+            if outputs:
+                self.take_outputs(site, layer, result, in_attention)
+            return result
+
+        return call
+
+    def wrap_root(self, site: str, layer: Any, selected: bool) -> Callable[..., Any]:
+        original = layer.call
+        inputs = selected and self.selection.wants("input")
+        outputs = selected and self.selection.wants("output")
+
+        def body(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if inputs:
+                self.take_inputs(site, layer, args, kwargs, False)
+            result = original(*args, **kwargs)
+            if outputs:
+                self.take_outputs(site, layer, result, False)
+            return result
+
+        @functools.wraps(original)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not self.active or self.depth or _symbolic((args, kwargs)):
+                return original(*args, **kwargs)
+            probe, ids = _batch_probe(args, kwargs)
+            if probe is None:
+                return original(*args, **kwargs)
+            if tf.executing_eagerly():
+                return self.eager_pass(body, args, kwargs, probe, ids)
+            return self.graph_pass(body, args, kwargs, probe, ids)
+
+        return call
+
+    def wrap_attention(self, site: str, layer: Any) -> Callable[..., Any]:
+        def take(scores: Any) -> None:
+            if self.active and _is_tensor(scores):
+                self.attention_ids.add(id(scores))
+                self.take(site, "attention", layer, scores, True)
+
+        return tapped_compute_attention(layer, layer._compute_attention, take)
+
+    # -- passes ------------------------------------------------------------------------------
+
+    def eager_pass(self, body: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   probe: Any, ids: Any) -> Any:
+        recorder = self.recorder
+        assert recorder is not None
+        if recorder.in_pass:
+            recorder.abort_pass()  # a previous pass raised before it returned
+        self.attention_ids.clear()
+        recorder.begin_pass(int(probe.shape[0]), ids.numpy() if ids is not None else None)
+        self.depth += 1
+        try:
+            result = body(args, kwargs)
+        except BaseException:
+            recorder.abort_pass()
+            raise
+        finally:
+            self.depth -= 1
+            self.attention_ids.clear()
+        recorder.end_pass()
+        return result
+
+    def graph_pass(self, body: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   probe: Any, ids: Any) -> Any:
+        current = _GraphPass(tf.compat.v1.get_default_graph())
+        self.graphs.append(current)
+        self.attention_ids.clear()
+        try:
+            result = body(args, kwargs)
+        finally:
+            self.graphs.pop()
+            self.attention_ids.clear()
+        # One op records the pass when the graph runs; tf.function runs every stateful op,
+        # in program order, so passes arrive in the order the model was called.
+        head = [tf.shape(probe)[0]] + ([ids] if ids is not None else [])
+        replay = functools.partial(self.replay, tuple(current.metas), ids is not None)
+        tf.py_function(replay, head + current.tensors, Tout=[], name="layerscope_record")
+        return result
+
+    def replay(self, metas: tuple[tuple[str, str, Any, bool], ...], has_ids: bool,
+               batch: Any, *values: Any) -> list[Any]:
+        """Runs inside the graph: records one pass from the values it was handed."""
+        recorder = self.recorder
+        if not self.active or recorder is None:
+            return []  # a graph traced while attached, run after the block ended
+        if has_ids:
+            ids, values = values[0].numpy(), values[1:]
+        else:
+            ids = None
+        with self.lock:
+            if recorder.in_pass:
+                recorder.abort_pass()
+            recorder.begin_pass(int(batch.numpy()), ids)
+            try:
+                for (site, kind, layer, in_attention), value in zip(metas, values, strict=True):
+                    self.put(site, kind, layer, value, in_attention)
+            except BaseException:
+                recorder.abort_pass()
+                raise
+            recorder.end_pass()
+        return []
+
+    # -- install / remove --------------------------------------------------------------------
+
+    def install(self) -> None:
+        model, selection = self.model, self.selection
+        wants_attention = selection.wants("attention")
+        wants_layers = selection.wants("output") or selection.wants("input")
+        under_attention: set[int] = set()
+        for path, layer in named_layers(model):
+            if is_attention_layer(layer):
+                under_attention.update(id(sub) for _, sub in named_layers(layer) if sub is not layer)
+            if layer is model:
+                continue
+            site = site_of(path)
+            if not selection.matches(site):
+                continue
+            in_attention = id(layer) in under_attention
+            if wants_layers:
+                self.patches.append(_Patch(layer, "call", self.wrap_layer(site, layer, in_attention)))
+            if wants_attention and is_attention_layer(layer):
+                self.patches.append(_Patch(layer, "_compute_attention",
+                                           self.wrap_attention(site, layer)))
+        root = site_of("")
+        selected = selection.matches(root)
+        self.patches.append(_Patch(model, "call", self.wrap_root(root, model, selected)))
+        if selected and wants_attention and is_attention_layer(model):
+            self.patches.append(_Patch(model, "_compute_attention", self.wrap_attention(root, model)))
+        self._set_aside_step_functions()
+        self.active = True
+
+    def _set_aside_step_functions(self) -> None:
+        for name in _STEP_FUNCTIONS:
+            if hasattr(self.model, name):
+                self.saved[name] = getattr(self.model, name)
+                setattr(self.model, name, None)
+        if getattr(self.model, "_jit_compile", None):
+            self.saved["_jit_compile"] = self.model._jit_compile
+            self.model._jit_compile = False  # XLA cannot run the recording py_function
+
+    def remove(self) -> None:
+        self.active = False
+        try:
+            for patch in reversed(self.patches):
+                patch.undo()
+            self.patches.clear()
+            for name, value in self.saved.items():
+                setattr(self.model, name, value)
+            self.saved.clear()
+        finally:
+            recorder, self.recorder = self.recorder, None
+            if recorder is not None and recorder.in_pass:
+                recorder.abort_pass()
+
+
+class TensorFlowBackend:
+    name = "tensorflow"
+    extra = "tensorflow"
+
+    def can_handle(self, model: Any) -> bool:
+        layers = sys.modules.get("keras.layers")
+        layer_class = getattr(layers, "Layer", None)
+        return layer_class is not None and isinstance(model, layer_class)
+
+    def sites(self, model: Any) -> list[SiteInfo]:
+        return [SiteInfo(site_of(path), type(layer).__name__, is_attention_layer(layer))
+                for path, layer in named_layers(model)]
+
+    @contextmanager
+    def attach(self, model: Any, selection: Selection, recorder: Recorder) -> Iterator[None]:
+        capture = _Capture(model, selection, recorder)
+        try:
+            capture.install()
+            yield
+        finally:
+            capture.remove()
+
+    def to_numpy(self, tensor: Any) -> np.ndarray:
+        return to_numpy(tensor)
+
+    def framework_version(self) -> str:
+        return f"tensorflow {tf.__version__}, keras {keras.__version__}"
+
+    def describe(self, model: Any) -> dict[str, Any]:
+        described: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+        name = getattr(model, "name", None)
+        if name:
+            described["name"] = str(name)
+        return described
+
+    def run(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        def convert(value: Any) -> Any:
+            return tf.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
+
+        args = tuple(convert(a) for a in args)
+        kwargs = {k: convert(v) for k, v in kwargs.items()}
+        names = _dict_input_names(model)
+        if not args and kwargs and names is not None:
+            # a functional model with named inputs (keras-hub backbones) takes one dict
+            return model({k: v for k, v in kwargs.items() if k in names}, training=False)
+        return model(*args, **kwargs)
+
+    def adapt_tokenizer(self, tokenizer: Any, model: Any = None) -> Any:
+        """A keras-hub tokenizer/preprocessor turned into what ``capture`` calls; others kept."""
+        return adapt_tokenizer(tokenizer, model)
+
+
+def _dict_input_names(model: Any) -> set[str] | None:
+    structure = getattr(model, "_inputs_struct", None)
+    if isinstance(structure, Mapping):
+        return {str(k) for k in structure}
+    return None
+
+
+BACKEND = TensorFlowBackend()
+
+__all__ = ["BACKEND", "KerasHubTokenizer", "TensorFlowBackend", "adapt_tokenizer",
+           "load_hf_folder", "to_numpy"]

@@ -1,0 +1,146 @@
+"""PyTorch backend details: output structures, inputs, dtypes, selection, clean-up, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional
+
+import layerscope
+from layerscope.core import BackendError
+
+from ..conftest import TEXTS, load_minilm
+
+
+class Structured(nn.Module):
+    """Returns a dict and a tuple, and calls one submodule twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(3, 3)
+        self.pair = Pair()
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        first, second = self.pair(x)
+        return {"logits": self.shared(self.shared(first)) * scale, "aux": second}
+
+
+class Pair(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + 1, x * 2
+
+
+def hook_counts(model: nn.Module) -> list[tuple[str, int]]:
+    return [(name, len(m._forward_hooks) + len(m._forward_pre_hooks)) for name, m in
+            model.named_modules()]
+
+
+def test_tuples_dicts_repeated_calls_and_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = Structured()
+    x, scale = torch.randn(4, 3), torch.full((4, 1), 0.5)
+    path = tmp_path / "s.zarr"
+    with layerscope.trace(model, path, kinds=["output", "input"]):
+        with torch.no_grad():
+            out = model(x, scale=scale)
+    ds = layerscope.open_trace(path)
+    np.testing.assert_array_equal(ds["root@output.logits"].values, out["logits"].numpy())
+    np.testing.assert_array_equal(ds["root@output.aux"].values, out["aux"].numpy())
+    np.testing.assert_array_equal(ds["pair@output"].values, (x + 1).numpy())
+    np.testing.assert_array_equal(ds["pair@output.1"].values, (x * 2).numpy())
+    np.testing.assert_array_equal(ds["root@input"].values, x.numpy())
+    np.testing.assert_array_equal(ds["root@input.scale"].values, scale.numpy())
+    with torch.no_grad():
+        once = model.shared(x + 1)
+        twice = model.shared(once)
+    np.testing.assert_array_equal(ds["shared@output"].values, once.numpy())
+    np.testing.assert_array_equal(ds["shared@output.call1"].values, twice.numpy())
+    assert ds["shared@output.call1"].attrs["call_index"] == 1
+    np.testing.assert_array_equal(ds["shared@input.call1"].values, once.numpy())
+
+
+def test_bfloat16_is_stored_losslessly(tmp_path):
+    model = nn.Linear(4, 4).to(torch.bfloat16)
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    path = tmp_path / "bf16.zarr"
+    with layerscope.trace(model, path), torch.no_grad():
+        out = model(x)
+    stored = layerscope.open_trace(path)["root@output"].values
+    assert stored.dtype == np.float32
+    np.testing.assert_array_equal(stored, out.float().numpy())
+    assert torch.equal(torch.from_numpy(stored).to(torch.bfloat16), out)
+
+
+def test_tensor_without_batch_axis_is_skipped_with_a_warning(tmp_path):
+    class Broadcast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Embedding(10, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.table(torch.arange(3))[None].sum(-1)
+
+    model = Broadcast()
+    with pytest.warns(UserWarning, match="table@output"):
+        with layerscope.trace(model, tmp_path / "b.zarr"), torch.no_grad():
+            out = model(torch.zeros(5, 3))
+    ds = layerscope.open_trace(tmp_path / "b.zarr")
+    np.testing.assert_array_equal(ds["root@output"].values, out.numpy())
+    assert "table@output" not in ds
+
+
+def test_minilm_hooks_and_sdpa_restored_after_failures(minilm_folder, minilm_tokenizer, tmp_path):
+    model = load_minilm(minilm_folder, "sdpa")
+    before = hook_counts(model)
+    original_sdpa = functional.scaled_dot_product_attention
+    encoded = minilm_tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+    for error in (RuntimeError("boom"), KeyboardInterrupt()):
+        def explode(module, args, error=error):
+            raise error
+
+        handle = model.encoder.layer[3].register_forward_pre_hook(explode)
+        with pytest.raises(type(error)):
+            with layerscope.trace(model, tmp_path / f"{type(error).__name__}.zarr"):
+                with torch.no_grad():
+                    model(**encoded)
+        handle.remove()
+        assert hook_counts(model) == before
+        assert functional.scaled_dot_product_attention is original_sdpa
+    with torch.no_grad():
+        plain = model(**encoded).last_hidden_state
+    ds = layerscope.capture(model, TEXTS[:2], tmp_path / "after.zarr", "encoder.layer.5",
+                            tokenizer=minilm_tokenizer)
+    np.testing.assert_array_equal(ds["encoder.layer.5@output"].values, plain.numpy())
+
+
+def test_unknown_model_names_installed_backends(tmp_path):
+    with pytest.raises(BackendError, match="torch.*tensorflow.*jax"):
+        layerscope.trace(object(), tmp_path / "x.zarr")
+    with pytest.raises(BackendError, match="cannot handle"):
+        layerscope.trace(nn.Linear(2, 2), tmp_path / "x.zarr", backend="jax")
+
+
+def test_sites_lists_module_paths_and_attention(minilm_folder):
+    model = load_minilm(minilm_folder, "eager")
+    sites = {s.path: s for s in layerscope.sites(model)}
+    assert sites["encoder.layer.0.attention.self"].is_attention
+    assert not sites["encoder.layer.0.attention"].is_attention  # only the innermost
+    assert sites["root"].module_type == "BertModel"
+
+
+def test_rnn_hidden_states_are_batch_token_hidden(tmp_path):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4)  # time-major: (token, batch, feature)
+    x = torch.randn(5, 2, 3)
+    path = tmp_path / "rnn.zarr"
+    with layerscope.trace(lstm, path), torch.no_grad():
+        steps, (h_n, c_n) = lstm(x)
+    ds = layerscope.open_trace(path)
+    assert ds.sizes["batch"] == 2
+    assert ds["root@output"].dims == ("batch", "token", "hidden")
+    np.testing.assert_array_equal(ds["root@output"].values, steps.transpose(0, 1).numpy())
+    assert ds["root@output.1.0"].attrs["roles"] == ["batch", "rnn_layer", "hidden"]
+    np.testing.assert_array_equal(ds["root@output.1.0"].values, h_n.transpose(0, 1).numpy())
+    np.testing.assert_array_equal(ds["root@output.1.1"].values, c_n.transpose(0, 1).numpy())
