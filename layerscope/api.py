@@ -126,6 +126,17 @@ def sites(model: Any, backend: str | None = None) -> list[SiteInfo]:
     return _backend_for(model, backend).sites(model)
 
 
+def _stored_token_length(path: str | Path) -> int | None:
+    """The token length of a trace being appended to: new texts are padded to it."""
+    import warnings
+
+    if not Path(path).exists():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_trace(path).sizes.get("token")
+
+
 def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = None, *,
             tokenizer: Any = None, batch_size: int = 8, max_length: int | None = None,
             progress: bool = False, **trace_kwargs: Any) -> Any:
@@ -137,7 +148,9 @@ def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = No
     """
     from .batches import plan_calls
 
-    calls = plan_calls(inputs, tokenizer, batch_size, max_length)
+    mode = trace_kwargs.get("mode") or (trace_kwargs.get("options") or StoreOptions()).mode
+    pad_to = _stored_token_length(path) if mode == "a" else None
+    calls = plan_calls(inputs, tokenizer, batch_size, max_length, pad_to)
     with trace(model, path, capture, tokenizer=tokenizer, **trace_kwargs) as active:
         backend = active.backend
         for call in calls.progress(progress):

@@ -38,17 +38,18 @@ def is_texts(inputs: Any) -> bool:
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], batch_size: int,
-             max_length: int | None = None) -> list[Call]:
-    """Tokenize ``texts`` to one padded length (so every batch appends to the same arrays)."""
+             max_length: int | None = None, pad_to: int | None = None) -> list[Call]:
+    """Tokenize ``texts`` to one padded length (so every batch appends to the same arrays):
+    the longest text's, or ``pad_to`` (the length of a store being appended to)."""
     if tokenizer is None:
         raise LayerscopeError("text inputs need a tokenizer: pass tokenizer=...")
     if batch_size < 1:
         raise LayerscopeError(f"batch_size must be at least 1, not {batch_size}")
-    limit = max_length or getattr(tokenizer, "model_max_length", None) or 512
+    limit = pad_to or max_length or getattr(tokenizer, "model_max_length", None) or 512
     limit = min(int(limit), 1_000_000)
     lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True,
                                               max_length=limit)["input_ids"]]
-    length = max(lengths)
+    length = pad_to or max(lengths)
     calls = []
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
@@ -59,15 +60,15 @@ def tokenize(tokenizer: Any, texts: Sequence[str], batch_size: int,
 
 
 def plan_calls(inputs: Any, tokenizer: Any, batch_size: int,
-               max_length: int | None = None) -> Calls:
+               max_length: int | None = None, pad_to: int | None = None) -> Calls:
     if is_texts(inputs):
-        return Calls(tokenize(tokenizer, inputs, batch_size, max_length))
+        return Calls(tokenize(tokenizer, inputs, batch_size, max_length, pad_to))
     if isinstance(inputs, dict):
         return Calls([Call(kwargs=dict(inputs))])
     if hasattr(inputs, "shape"):
         return Calls([Call(args=(inputs,))])
     if isinstance(inputs, str):
-        return Calls(tokenize(tokenizer, [inputs], batch_size, max_length))
+        return Calls(tokenize(tokenizer, [inputs], batch_size, max_length, pad_to))
     try:
         items = list(inputs)
     except TypeError:
@@ -77,7 +78,7 @@ def plan_calls(inputs: Any, tokenizer: Any, batch_size: int,
         ) from None
     calls: list[Call] = []
     for item in items:
-        calls.extend(plan_calls(item, tokenizer, batch_size, max_length).calls)
+        calls.extend(plan_calls(item, tokenizer, batch_size, max_length, pad_to).calls)
     if not calls:
         raise LayerscopeError("inputs are empty: nothing to run")
     return Calls(calls)

@@ -57,6 +57,9 @@ def load_hf_folder(folder: Path, framework: str, attn_implementation: str | None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: the folder is all
     if framework == "torch":
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # one progress bar (over batches) is enough
 
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModel.from_pretrained(str(folder), **kwargs).eval()

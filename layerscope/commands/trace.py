@@ -61,8 +61,11 @@ def read_texts(args: argparse.Namespace) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     texts = read_texts(args)
-    if Path(args.output).exists() and not (args.overwrite or args.append):
-        raise LayerscopeError(f"{args.output} already exists; pass --overwrite or --append")
+    output = Path(args.output)
+    if output.exists() and not (args.overwrite or args.append):
+        raise LayerscopeError(f"{output} already exists; pass --overwrite or --append")
+    if not output.parent.is_dir():
+        raise LayerscopeError(f"cannot write {output}: folder {output.parent} does not exist")
     loaded = load(args.model, args.framework, args.attn_implementation)
     inputs: Any = texts if texts is not None else loaded.inputs
     if inputs is None:
