@@ -16,6 +16,7 @@ from typing import Any
 
 from keras import ops
 
+
 def probabilities(layer: Any, query: Any, key: Any, value: Any, attention_mask: Any = None,
                   use_causal_mask: bool = False) -> Any:
     """The softmax scores ``layer``'s explicit attention path computes, (batch, head, q, k)."""

@@ -26,13 +26,16 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-
 from layerscope.core import Recorder, Selection, SiteInfo
 
 from ._keras_attention import tapped_compute_attention
 from ._keras_text import KerasHubTokenizer, adapt_tokenizer, load_hf_folder
 from ._keras_tree import (
-    hidden_size_of, is_attention_layer, named_layers, roles_for, site_of,
+    hidden_size_of,
+    is_attention_layer,
+    named_layers,
+    roles_for,
+    site_of,
 )
 
 _UNSTORABLE = (tf.string, tf.variant, tf.resource)
@@ -51,10 +54,23 @@ def to_numpy(value: Any) -> np.ndarray:
 
 
 def _is_tensor(value: Any) -> bool:
-    """A dense TF tensor with storable values (no KerasTensor, ragged, sparse or string)."""
+    """A dense TF tensor or NumPy array with storable values (functional models receive
+    NumPy inputs as they are); no KerasTensor, ragged, sparse or string tensors."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "biuf" or value.dtype.name == "bfloat16"
     if not isinstance(value, (tf.Tensor, tf.Variable)) or isinstance(value, keras.KerasTensor):
         return False
     return value.dtype not in _UNSTORABLE
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "iu"
+    return bool(value.dtype.is_integer)
+
+
+def _rank(value: Any) -> int | None:
+    return value.ndim if isinstance(value, np.ndarray) else value.shape.rank
 
 
 def _tensors(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -86,11 +102,12 @@ def _batch_probe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, An
     ids = None
     first = None
     for path, tensor in _tensors((args, kwargs)):
-        if ids is None and path and path[-1] in _TOKEN_KEYS and tensor.shape.rank == 2:
+        rank = _rank(tensor)
+        if ids is None and path and path[-1] in _TOKEN_KEYS and rank == 2:
             ids = tensor
-        if first is None and tensor.shape.rank is not None and tensor.shape.rank >= 1:
+        if first is None and rank is not None and rank >= 1:
             first = tensor
-    if ids is None and first is not None and first.shape.rank == 2 and first.dtype.is_integer:
+    if ids is None and first is not None and _rank(first) == 2 and _is_integer(first):
         ids = first
     return (ids if ids is not None else first), ids
 
@@ -141,7 +158,7 @@ class _Capture:
     # -- taking tensors ----------------------------------------------------------------------
 
     def take(self, site: str, kind: str, layer: Any, tensor: Any, in_attention: bool) -> None:
-        if not self.active or not _is_tensor(tensor) or tensor.shape.rank == 0:
+        if not self.active or not _is_tensor(tensor) or _rank(tensor) == 0:
             return
         if tf.executing_eagerly():
             if self.depth:
@@ -150,6 +167,8 @@ class _Capture:
         current = self.graphs[-1] if self.graphs else None
         if current is None:
             return
+        if isinstance(tensor, np.ndarray):
+            tensor = tf.constant(tensor)
         if tensor.graph is not current.graph:
             # made inside a loop or branch body: its value never leaves that body
             self._warn(site, f"{site}@{kind} runs inside a tf.while_loop / tf.cond body of the "
@@ -243,7 +262,7 @@ class _Capture:
         if recorder.in_pass:
             recorder.abort_pass()  # a previous pass raised before it returned
         self.attention_ids.clear()
-        recorder.begin_pass(int(probe.shape[0]), ids.numpy() if ids is not None else None)
+        recorder.begin_pass(int(probe.shape[0]), to_numpy(ids) if ids is not None else None)
         self.depth += 1
         try:
             result = body(args, kwargs)
@@ -268,7 +287,7 @@ class _Capture:
             self.attention_ids.clear()
         # One op records the pass when the graph runs; tf.function runs every stateful op,
         # in program order, so passes arrive in the order the model was called.
-        head = [tf.shape(probe)[0]] + ([ids] if ids is not None else [])
+        head = [tf.shape(probe)[0]] + ([tf.convert_to_tensor(ids)] if ids is not None else [])
         replay = functools.partial(self.replay, tuple(current.metas), ids is not None)
         tf.py_function(replay, head + current.tensors, Tout=[], name="layerscope_record")
         return result
@@ -305,7 +324,7 @@ class _Capture:
         under_attention: set[int] = set()
         for path, layer in named_layers(model):
             if is_attention_layer(layer):
-                under_attention.update(id(sub) for _, sub in named_layers(layer) if sub is not layer)
+                under_attention.update(id(s) for _, s in named_layers(layer) if s is not layer)
             if layer is model:
                 continue
             site = site_of(path)
@@ -313,7 +332,8 @@ class _Capture:
                 continue
             in_attention = id(layer) in under_attention
             if wants_layers:
-                self.patches.append(_Patch(layer, "call", self.wrap_layer(site, layer, in_attention)))
+                wrapper = self.wrap_layer(site, layer, in_attention)
+                self.patches.append(_Patch(layer, "call", wrapper))
             if wants_attention and is_attention_layer(layer):
                 self.patches.append(_Patch(layer, "_compute_attention",
                                            self.wrap_attention(site, layer)))
@@ -321,7 +341,8 @@ class _Capture:
         selected = selection.matches(root)
         self.patches.append(_Patch(model, "call", self.wrap_root(root, model, selected)))
         if selected and wants_attention and is_attention_layer(model):
-            self.patches.append(_Patch(model, "_compute_attention", self.wrap_attention(root, model)))
+            self.patches.append(_Patch(model, "_compute_attention",
+                                       self.wrap_attention(root, model)))
         self._set_aside_step_functions()
         self.active = True
 
@@ -378,7 +399,8 @@ class TensorFlowBackend:
         return f"tensorflow {tf.__version__}, keras {keras.__version__}"
 
     def describe(self, model: Any) -> dict[str, Any]:
-        described: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+        cls = type(model)
+        described: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
         name = getattr(model, "name", None)
         if name:
             described["name"] = str(name)

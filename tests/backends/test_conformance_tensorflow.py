@@ -1,0 +1,6 @@
+from .conformance import ConformanceSuite
+from .kit_tensorflow import TensorFlowKit
+
+
+class TestTensorFlowConformance(ConformanceSuite):
+    kit = TensorFlowKit()
