@@ -313,30 +313,65 @@ def compare(va: Any, vb: Any, name_a: str, name_b: str, options: DiffOptions,
 
     if not (_numeric(va.dtype) and _numeric(vb.dtype)):
         return mismatch(f"dtypes {va.dtype} / {vb.dtype} are not numeric")
-    try:
-        axes, note = align_axes(va, vb)
-    except NameMapError as exc:
-        return mismatch(str(exc))
-    shape_a = list(va.shape)
-    shape_b = [vb.shape[ax] for ax in axes]
-    if va.dims and va.dims[0] == BATCH and samples is not None:
-        shape_a[0] = shape_b[0] = min(samples, shape_a[0], shape_b[0])
-    if shape_a != shape_b:
-        return mismatch(
-            f"shapes differ after lining up dims by role: A {tuple(shape_a)} "
-            f"({', '.join(roles_of(va))}), B {tuple(shape_b)} (in A's order)"
-        )
+    layout = _layout(va, vb, samples)
+    if isinstance(layout, str):
+        return mismatch(layout)
     acc = _Accumulator(options)
     dims_a = [str(d) for d in va.dims]
     dims_b = [str(d) for d in vb.dims]
-    for block in plan_blocks(tuple(shape_a), _chunks_of(va), va.dtype.itemsize,
-                             options.block_bytes):
+    lead = len(layout.axes)
+    for block in plan_blocks(layout.shape, _chunks_of(va), va.dtype.itemsize,
+                             options.block_bytes, whole_from=lead):
         left = va.isel(dict(zip(dims_a, block, strict=True))).values
-        right_sel = {dims_b[axes[i]]: block[i] for i in range(len(block))}
-        right = np.transpose(vb.isel(right_sel).values, axes)
+        right = vb.isel({dims_b[layout.axes[i]]: block[i] for i in range(lead)}).values
+        if lead < len(dims_a) or len(dims_b) != len(dims_a):
+            right = right.reshape(left.shape)  # B's trailing axes merged or split to A's
+        else:
+            right = np.transpose(right, layout.axes)
         acc.add(left, right, tuple(s.start for s in block))
     worst = {d: int(i) for d, i in zip(dims_a, acc.worst_index, strict=False)}
-    return acc.result(name_a, name_b, order, layer, worst, note)
+    return acc.result(name_a, name_b, order, layer, worst, layout.note)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How to read B in A's layout: B's axis for each of A's leading ``len(axes)`` axes;
+    A's remaining axes (if any) are B's remaining axes reshaped in C order."""
+
+    axes: tuple[int, ...]
+    shape: tuple[int, ...]  # A's shape, cut to the samples both traces hold
+    note: str
+
+
+def _layout(va: Any, vb: Any, samples: int | None) -> _Layout | str:
+    """Line B up with A by dim role, else by merging trailing axes; a string says why not."""
+    shape_a = [int(n) for n in va.shape]
+    shape_b_raw = [int(n) for n in vb.shape]
+    if va.dims and va.dims[0] == BATCH and vb.dims and vb.dims[0] == BATCH:
+        common = min(shape_a[0], shape_b_raw[0], samples if samples is not None else 1 << 62)
+        shape_a[0] = shape_b_raw[0] = common
+    try:
+        axes, note = align_axes(va, vb)
+        shape_b = [shape_b_raw[ax] for ax in axes]
+        if shape_a == shape_b:
+            return _Layout(axes, tuple(shape_a), note)
+        reason = (f"shapes differ after lining up dims by role: A {tuple(shape_a)} "
+                  f"({', '.join(roles_of(va))}), B {tuple(shape_b)} (in A's order)")
+    except NameMapError as exc:
+        reason = str(exc)
+    # Heads split on one side only, e.g. (batch, token, hidden) vs (batch, token, head, axis3):
+    # the shared leading axes line up, the rest hold the same number of values.
+    roles_a, roles_b = roles_of(va), roles_of(vb)
+    lead = 0
+    while (lead < min(len(roles_a), len(roles_b)) and roles_a[lead] == roles_b[lead]
+           and shape_a[lead] == shape_b_raw[lead]):
+        lead += 1
+    if 0 < lead < min(len(roles_a), len(roles_b)) and \
+            math.prod(shape_a[lead:]) == math.prod(shape_b_raw[lead:]):
+        note = (f"B's ({', '.join(roles_b[lead:])}) {tuple(shape_b_raw[lead:])} reshaped to A's "
+                f"({', '.join(roles_a[lead:])}) {tuple(shape_a[lead:])}")
+        return _Layout(tuple(range(lead)), tuple(shape_a), note)
+    return reason
 
 
 def _numeric(dtype: Any) -> bool:
@@ -357,23 +392,26 @@ def _chunks_of(var: Any) -> tuple[int, ...]:
 
 
 def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int,
-                budget: int) -> Iterator[tuple[slice, ...]]:
+                budget: int, whole_from: int | None = None) -> Iterator[tuple[slice, ...]]:
     """Slices that cover ``shape`` in blocks of about ``budget`` bytes, aligned to chunks.
 
     A block starts as one chunk; whole-sample chunks are stacked along the first axis up to
-    the budget; a chunk larger than the budget is cut along its leading axes.
+    the budget; a chunk larger than the budget is cut along its leading axes. Axes from
+    ``whole_from`` on are never cut.
     """
     if not shape:
         yield ()
         return
-    block = [max(1, min(c, n)) for c, n in zip(chunks or shape, shape, strict=False)]
-    block += list(shape[len(block):])
+    whole = len(shape) if whole_from is None else whole_from
+    block = [max(1, min(c, n)) if i < whole else max(1, n)
+             for i, (c, n) in enumerate(zip(chunks or shape, shape, strict=False))]
+    block += [max(1, n) for n in shape[len(block):]]
 
     def nbytes(b: list[int]) -> int:
         return itemsize * math.prod(b)
 
     axis = 0
-    while nbytes(block) > budget and axis < len(block):
+    while nbytes(block) > budget and axis < min(whole, len(block)):
         rest = nbytes(block) // block[axis]
         block[axis] = max(1, min(block[axis], budget // max(1, rest)))
         axis += 1
