@@ -1,0 +1,245 @@
+"""TensorFlow/Keras specifics: model(x), model.predict(x) and tf.function capture, Sequential /
+functional / subclassed models, nested paths, MultiHeadAttention, inputs, restoration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from layerscope.backends import detect
+from layerscope.backends._keras_tree import named_layers
+
+import layerscope
+
+from .kit_tensorflow import TensorFlowKit, TinyTransformer
+
+KIT = TensorFlowKit()
+
+
+def _probe(model: keras.Model, site: str, x: np.ndarray) -> np.ndarray:
+    """What layer ``site`` of a functional/Sequential model returns, by Keras alone."""
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.ops.convert_to_numpy(keras.Model(inputs, model.get_layer(site).output)(x))
+
+
+def _images(n: int, seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 8, 8, 1)).astype(np.float32)
+
+
+def _state(model: Any) -> Any:
+    return KIT.hook_state(type("C", (), {"model": model})())
+
+
+def test_detected_without_importing_on_purpose() -> None:
+    model = KIT.build("mlp").model
+    assert detect(model).name == "tensorflow"
+    assert layerscope.sites(model)[0].path == "root"
+
+
+def test_predict_is_captured_and_equals_its_own_outputs(tmp_path: Path) -> None:
+    case = KIT.build("cnn")
+    model = case.model
+    x = _images(12)
+    model.predict(x[:4], verbose=0)  # a predict function traced before the block
+    before = _state(model)
+    path = tmp_path / "predict.zarr"
+    with layerscope.trace(model, path, capture=["conv", "pool", "fc", "root"]):
+        predicted = model.predict(x, batch_size=4, verbose=0)
+    assert _state(model) == before  # the pre-block predict function is back
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 3 and ds.sizes["batch"] == 12
+    # the recorded root output is exactly what predict returned from the same graph
+    np.testing.assert_array_equal(ds["root@output"].values, predicted)
+    assert ds["conv@output"].dims == ("batch", "height", "width", "channel")
+    for site in ("conv", "pool", "fc"):
+        np.testing.assert_allclose(ds[f"{site}@output"].values, _probe(model, site, x),
+                                   rtol=1e-6, atol=1e-6, err_msg=site)
+    # after the block predict runs as before and writes nothing more
+    np.testing.assert_array_equal(model.predict(x, batch_size=4, verbose=0), predicted)
+    assert layerscope.open_trace(path).sizes["batch"] == 12
+
+
+def test_predict_on_functional_rnn(tmp_path: Path) -> None:
+    model = KIT.build("rnn").model
+    x = np.random.default_rng(3).standard_normal((6, 6, 4)).astype(np.float32)
+    path = tmp_path / "rnn.zarr"
+    with layerscope.trace(model, path, capture=["gru", "lstm", "head"]):
+        predicted = model.predict(x, batch_size=3, verbose=0)
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 2
+    np.testing.assert_allclose(ds["head@output"].values, predicted, rtol=1e-6, atol=1e-6)
+    for site in ("gru", "lstm"):
+        np.testing.assert_allclose(ds[f"{site}@output"].values, _probe(model, site, x),
+                                   rtol=1e-5, atol=1e-6, err_msg=site)
+
+
+def test_tf_function_is_captured_in_call_order(tmp_path: Path) -> None:
+    case = KIT.build("transformer")
+    model: TinyTransformer = case.model
+    step = tf.function(lambda ids: model(ids))
+    path = tmp_path / "graph.zarr"
+    returned = []
+    with layerscope.trace(model, path, capture=list(case.sites) + ["root"]):
+        for batch in range(3):
+            returned.append(step(KIT.inputs(case, batch)).numpy())
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 3
+    rows = case.batch_size
+    for batch in range(3):
+        part = ds.isel(batch=slice(batch * rows, (batch + 1) * rows))
+        np.testing.assert_array_equal(part["root@output"].values, returned[batch])
+        for site in case.sites:
+            np.testing.assert_allclose(part[f"{site}@output"].values,
+                                       KIT.reference(case, batch, site), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(part["attn@attention"].values,
+                                   KIT.reference_attention(case, batch), rtol=1e-5, atol=1e-6)
+    # the graph traced in the block still runs afterwards, and records nothing
+    again = step(KIT.inputs(case, 0)).numpy()
+    np.testing.assert_array_equal(again, returned[0])
+    assert layerscope.open_trace(path).sizes["batch"] == 3 * rows
+
+
+def test_capture_does_not_change_outputs() -> None:
+    case = KIT.build("transformer")
+    ids = KIT.inputs(case, 1)
+    plain = case.model(ids).numpy()
+    from layerscope.core import Selection
+
+    recorder = _NullRecorder()  # keeps nothing: only the model's behaviour matters here
+    with detect(case.model).attach(case.model, Selection(), recorder):  # type: ignore[arg-type]
+        traced = case.model(ids).numpy()
+    np.testing.assert_array_equal(traced, plain)
+    assert recorder.puts > 0
+
+
+class _NullRecorder:
+    """Accepts every pass and tensor and stores nothing."""
+
+    def __init__(self) -> None:
+        self.in_pass = False
+        self.puts = 0
+
+    def begin_pass(self, batch_size: int, token_ids: Any = None) -> None:
+        self.in_pass = True
+
+    def put(self, *args: Any, **kwargs: Any) -> None:
+        self.puts += 1
+
+    def end_pass(self) -> None:
+        self.in_pass = False
+
+    def abort_pass(self) -> None:
+        self.in_pass = False
+
+
+class Block(keras.layers.Layer):
+    def __init__(self, width: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._inner = keras.layers.Dense(width, name="ignored_name")
+        self.norm = keras.layers.LayerNormalization()
+
+    def call(self, x: Any) -> Any:
+        return self.norm(x + self._inner(x))
+
+
+class Nested(keras.Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = keras.layers.Dense(6)
+        self.blocks = [Block(6), Block(6)]
+        inputs = keras.Input((6,))
+        self.head = keras.Model(inputs, keras.layers.Dense(2, name="logits")(inputs), name="head")
+
+    def call(self, x: Any) -> Any:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_nested_paths_mirror_the_model(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(1)
+    model = Nested()
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    expected = model(x).numpy()
+    paths = [s.path for s in layerscope.sites(model)]
+    assert paths == ["root", "stem", "blocks.0", "blocks.0.inner", "blocks.0.norm", "blocks.1",
+                     "blocks.1.inner", "blocks.1.norm", "head", "head.logits"]
+    ds = layerscope.capture(model, x, tmp_path / "nested.zarr",
+                            capture=["blocks.*.inner", "head.*"])
+    assert layerscope.captured_names(ds) == [
+        "blocks.0.inner@output", "blocks.1.inner@output", "head.logits@output"]
+    assert ds["blocks.1.inner@output"].attrs["layer"] == 1
+    stem = model.stem(x)
+    first = model.blocks[0](stem)
+    np.testing.assert_array_equal(ds["blocks.0.inner@output"].values,
+                                  model.blocks[0]._inner(stem).numpy())
+    np.testing.assert_array_equal(ds["blocks.1.inner@output"].values,
+                                  model.blocks[1]._inner(first).numpy())
+    np.testing.assert_array_equal(ds["head.logits@output"].values, expected)
+
+
+def test_inputs_on_request(tmp_path: Path) -> None:
+    case = KIT.build("mlp")
+    x = KIT.inputs(case, 0)
+    ds = layerscope.capture(case.model, x, tmp_path / "inputs.zarr", capture=["fc2"],
+                            kinds=["input", "output"])
+    np.testing.assert_array_equal(ds["fc2@input"].values, _probe(case.model, "act", x))
+    np.testing.assert_array_equal(ds["fc2@output"].values, _probe(case.model, "fc2", x))
+
+
+class ScoresModel(keras.Model):
+    """Asks its attention layer for the scores and returns them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = keras.layers.MultiHeadAttention(3, 4, name="attn")
+
+    def call(self, x: Any) -> Any:
+        return self.attn(x, x, return_attention_scores=True, use_causal_mask=True)
+
+
+def test_returned_scores_are_stored_once_as_attention(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(2)
+    model = ScoresModel()
+    x = np.random.default_rng(1).standard_normal((2, 5, 8)).astype(np.float32)
+    output, scores = (t.numpy() for t in model(x))
+    ds = layerscope.capture(model, x, tmp_path / "scores.zarr", capture=["attn"])
+    assert "attn@output.1" not in ds
+    np.testing.assert_array_equal(ds["attn@attention"].values, scores)
+    np.testing.assert_array_equal(ds["attn@output"].values, output)
+    assert np.all(np.triu(ds["attn@attention"].values[0, 0], 1) == 0)  # causal mask applied
+
+
+def test_causal_fused_attention_probabilities(tmp_path: Path) -> None:
+    """Without dropout and without asking, MultiHeadAttention takes the fused kernel that
+    returns no scores: they are recomputed and equal what the layer returns when asked."""
+    keras.utils.set_random_seed(3)
+    attn = keras.layers.MultiHeadAttention(2, 4, name="attn")
+    inputs = keras.Input((6, 8))
+    model = keras.Model(inputs, attn(inputs, inputs, use_causal_mask=True))
+    x = np.random.default_rng(2).standard_normal((3, 6, 8)).astype(np.float32)
+    plain = model(x).numpy()
+    ds = layerscope.capture(model, x, tmp_path / "causal.zarr", capture=["attn"])
+    _, scores = attn(x, x, use_causal_mask=True, return_attention_scores=True)
+    np.testing.assert_allclose(ds["attn@attention"].values, scores.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(ds["attn@output"].values, plain)
+
+
+def test_failure_while_tracing_a_graph_restores_everything(tmp_path: Path) -> None:
+    case = KIT.build("cnn")
+    model = case.model
+    model.predict(_images(4), verbose=0)  # Keras settles its lazy jit_compile setting here
+    before = _state(model)
+    path = tmp_path / "broken.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        with layerscope.trace(model, path):
+            with KIT.failing(case, KeyboardInterrupt()):
+                model.predict(_images(4), verbose=0)
+    assert _state(model) == before
+    assert all("call" not in vars(layer) for _, layer in named_layers(model))
+    np.testing.assert_array_equal(model.predict(_images(4), verbose=0), model(_images(4)).numpy())
