@@ -96,6 +96,13 @@ class Trace:
             raise LayerscopeError("set_texts is only valid inside the 'with trace(...)' block")
         self.recorder.set_texts(texts)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the traced model once on ``args`` (one pass). Models that cannot be hooked in
+        place, such as plain JAX functions, are called this way: ``t(params, x)``."""
+        if self.recorder is None:
+            raise LayerscopeError("a trace can only be called inside its 'with' block")
+        return self.backend.run(self.model, args, kwargs)
+
     def dataset(self) -> Any:
         """The trace written so far, opened lazily."""
         return open_trace(self.path)

@@ -1,0 +1,147 @@
+"""Attention probabilities from JAX code: softmax taps and a recompute for fused attention.
+
+Flax attention (``nnx.MultiHeadAttention``, ``linen.MultiHeadDotProductAttention`` and the
+``dot_product_attention_weights`` helpers) normalises scores with ``jax.nn.softmax``; while a
+capture is attached, that function (and its re-exports ``flax.nnx.softmax`` /
+``flax.linen.softmax``) is wrapped so its result can be handed to the capture. NNX's default
+attention takes the fused ``jax.nn.dot_product_attention`` path, which returns no weights;
+its wrapper recomputes ``softmax(q k^T * scale + bias, masked)`` with the operations the XLA
+implementation uses, without changing what the fused call returns.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NOT_ATTENTION = ("Output", "Mask", "Bias", "Rotary", "Embedding", "Embed", "Norm", "Pool")
+_SOFTMAX_HOMES = ("jax.nn", "flax.nnx", "flax.linen", "flax.nnx.nn.activations",
+                  "flax.linen.activation")
+
+#: Receives attention probabilities (batch..., head, query, key) and returns what the
+#: traced code should go on with (the same array, possibly marked).
+ProbabilitySink = Callable[[Any], Any]
+
+
+def is_attention_name(name: str) -> bool:
+    """A module class named like an attention layer (not its output projection or mask)."""
+    return "Attention" in name and not any(part in name for part in _NOT_ATTENTION)
+
+
+def is_attention_scope(name: str) -> bool:
+    """A ``jax.named_scope`` that holds attention: its last part ends with ``attention``."""
+    return name.lower().endswith("attention")
+
+
+def current_scopes() -> tuple[str, ...]:
+    """The ``jax.named_scope`` names active where the caller runs (innermost last)."""
+    try:
+        from jax._src import source_info_util
+    except ImportError:  # a JAX without this module: the scope rule is simply not applied
+        return ()
+    stack = source_info_util.current_name_stack().stack
+    return tuple(str(entry.name) for entry in stack if type(entry).__name__ == "Scope")
+
+
+def recompute_probabilities(softmax: Callable[..., Any], query: Any, key: Any,
+                            bias: Any = None, mask: Any = None, scale: float | None = None,
+                            is_causal: bool = False) -> Any:
+    """The probabilities ``jax.nn.dot_product_attention`` forms internally, (…, N, T, S).
+
+    ``query`` is (…, T, N, H), ``key`` (…, S, K, H) with N a multiple of K (grouped heads).
+    """
+    heads, kv_heads = query.shape[-2], key.shape[-2]
+    if kv_heads != heads:
+        key = jnp.repeat(key, heads // kv_heads, axis=-2)
+    logits_dtype = jnp.promote_types(query.dtype, np.float32)
+    logits = jnp.einsum("...tnh,...snh->...nts", query, key,
+                        preferred_element_type=logits_dtype)
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(query.shape[-1]))
+    logits = logits * jnp.array(scale, dtype=logits.dtype)
+    if bias is not None:
+        logits = (logits + bias).astype(logits.dtype)
+    large_negative = jnp.asarray(-0.7 * float(jnp.finfo(logits.dtype).max), logits.dtype)
+    if mask is not None:
+        logits = jnp.where(jnp.asarray(mask, dtype=bool), logits, large_negative)
+    if is_causal:
+        length, source = logits.shape[-2], logits.shape[-1]
+        causal = jnp.tril(jnp.ones((length, source), dtype=bool))
+        logits = jnp.where(causal, logits, large_negative)
+    return softmax(logits.astype(np.float32)).astype(query.dtype)
+
+
+class AttentionTaps:
+    """Wraps the softmax functions and fused attention for the duration of a block."""
+
+    def __init__(self, sink: ProbabilitySink, active: Callable[[], bool]) -> None:
+        #: called with every probability array formed while ``active()`` is true
+        self.sink = sink
+        self.active = active
+        self._inside = False  # our own recompute calls softmax: do not report it twice
+
+    def _softmax(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def softmax(x: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(x, *args, **kwargs)
+            if self._inside or not self.active():
+                return out
+            return self.sink(out)
+
+        softmax.__wrapped__ = original  # type: ignore[attr-defined]
+        return softmax
+
+    def _fused(self, original: Callable[..., Any], softmax: Callable[..., Any]
+               ) -> Callable[..., Any]:
+        def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None,
+                                  mask: Any = None, **kwargs: Any) -> Any:
+            out = original(query, key, value, bias, mask, **kwargs)
+            if self._inside or not self.active():
+                return out
+            self._inside = True
+            try:
+                probs = recompute_probabilities(
+                    softmax, query, key, bias, mask, kwargs.get("scale"),
+                    bool(kwargs.get("is_causal", False)))
+            finally:
+                self._inside = False
+            self.sink(probs)
+            return out
+
+        dot_product_attention.__wrapped__ = original  # type: ignore[attr-defined]
+        return dot_product_attention
+
+    @contextmanager
+    def patched(self) -> Iterator[None]:
+        """Install the wrappers; every patched attribute is put back, whatever happens."""
+        original_softmax = jax.nn.softmax
+        wrapped_softmax = self._softmax(original_softmax)
+        restore: list[tuple[Any, str, Any]] = []
+        try:
+            for home in _SOFTMAX_HOMES:
+                module = sys.modules.get(home)
+                if module is not None and getattr(module, "softmax", None) is original_softmax:
+                    restore.append((module, "softmax", original_softmax))
+                    module.softmax = wrapped_softmax
+            fused = jax.nn.dot_product_attention
+            restore.append((jax.nn, "dot_product_attention", fused))
+            jax.nn.dot_product_attention = self._fused(fused, original_softmax)
+            yield
+        finally:
+            for module, name, value in reversed(restore):
+                setattr(module, name, value)
+
+
+def patched_functions() -> dict[str, Any]:
+    """What the taps replace, by dotted name (tests compare it before and after a trace)."""
+    found = {"jax.nn.dot_product_attention": jax.nn.dot_product_attention}
+    for home in _SOFTMAX_HOMES:
+        module = sys.modules.get(home)
+        if module is not None and hasattr(module, "softmax"):
+            found[f"{home}.softmax"] = module.softmax
+    return found

@@ -1,0 +1,161 @@
+"""Capturing Flax module calls (NNX and Linen): passes, frames and what each frame takes.
+
+A pass starts when the traced model's own method is called and ends when it returns; every
+module call inside it with a known path is a frame. A frame takes its inputs and outputs as
+the selection asks, and the attention probabilities formed inside it when it is the
+innermost attention module (or when the softmax runs in a ``jax.named_scope`` whose name ends
+with ``attention``).
+
+Values are taken only from the trace the pass runs in: a module called inside a nested
+transform (``nnx.scan`` in a recurrent layer, ``vmap``, a jit inside the model) returns
+per-step or per-example values without the batch axis first, so it is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jax.extend import core as jex_core
+
+from layerscope.core import Selection
+from layerscope.core.naming import ROOT_SITE
+
+from ._jax_attention import current_scopes, is_attention_name, is_attention_scope
+from ._jax_dims import arrays, batch_first, batch_of, is_array, part_kind, roles_for
+from ._jax_runtime import Item, Sink
+
+#: module -> its site path, or None when the module is not part of the traced model
+SiteOf = Callable[[Any], "str | None"]
+
+
+def trace_state() -> Any:
+    """An opaque token for the JAX trace the caller runs in (equal tokens: same trace)."""
+    return jex_core.get_opaque_trace_state(convention="flax")
+
+
+@dataclass
+class Frame:
+    module: Any
+    site: str
+    attention: bool
+    probs: Any = None
+
+
+@dataclass
+class Pass:
+    traced: bool  # inside jax.jit & co: values are tracers, sent out by one callback
+    state: Any
+    batch: int
+    token_ids: Any
+    site_of: SiteOf
+    frames: list[Frame] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+
+
+class ModuleEngine:
+    """Runs passes over module calls reported by the NNX or Linen wrappers."""
+
+    def __init__(self, selection: Selection, sink: Sink, hidden_size: int | None) -> None:
+        self.selection = selection
+        self.sink = sink
+        self.hidden_size = hidden_size
+        self.eager_state = trace_state()
+        self.current: Pass | None = None
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def root(self, module: Any, site_of: SiteOf, call: Callable[..., Any],
+             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The traced model's own call: one pass (one batch) of the trace."""
+        if self.current is not None:
+            return self.child(module, call, args, kwargs)
+        batch, token_ids = batch_of(args, kwargs)
+        if batch is None:
+            return call(*args, **kwargs)  # no array in: nothing to label as a batch
+        state = trace_state()
+        current = Pass(state != self.eager_state, state, batch, token_ids, site_of)
+        self.current = current
+        try:
+            if not current.traced:
+                self.sink.begin(batch, token_ids)
+            out = self._frame(current, module, ROOT_SITE, call, args, kwargs)
+        except BaseException:
+            self.current = None
+            if not current.traced:
+                self.sink.abort()
+            raise
+        self.current = None
+        if current.traced:
+            if current.items:
+                self.sink.emit(batch, token_ids, current.items)
+        else:
+            self.sink.end()
+        return out
+
+    def child(self, module: Any, call: Callable[..., Any], args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> Any:
+        current = self.current
+        site = current.site_of(module) if current is not None else None
+        if current is None or site is None or \
+                (current.frames and current.frames[-1].module is module) or \
+                trace_state() != current.state:
+            return call(*args, **kwargs)
+        return self._frame(current, module, site, call, args, kwargs)
+
+    def probabilities(self, probs: Any) -> Any:
+        """Attention probabilities formed by the code now running (from the softmax taps)."""
+        current = self.current
+        if current is None or not current.frames or trace_state() != current.state:
+            return probs
+        frame = next((f for f in reversed(current.frames) if f.attention), None)
+        if frame is None and any(is_attention_scope(s) for s in current_scopes()[-1:]):
+            frame = current.frames[-1]
+        if frame is not None:
+            frame.probs = probs
+        return probs
+
+    def taps_active(self) -> bool:
+        return self.current is not None
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def _frame(self, current: Pass, module: Any, site: str, call: Callable[..., Any],
+               args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        recorder = self.sink.recorder
+        selected = self.selection.matches(site)
+        if recorder.wants(site, "input"):
+            for path, value in arrays((args, kwargs)):  # path: (0, position) or (1, keyword)
+                self._take(current, module, site, part_kind("input", path[1:]), value)
+        frame = Frame(module, site, is_attention_name(type(module).__name__))
+        depth = len(current.frames)
+        current.frames.append(frame)
+        try:
+            out = call(*args, **kwargs)
+        finally:
+            del current.frames[depth:]
+        if not selected:
+            return out
+        probs = frame.probs if recorder.wants(site, "attention") else None
+        if recorder.wants(site, "output"):
+            for path, value in arrays(out):
+                if id(value) in current.seen or (probs is not None and value is probs):
+                    continue  # attention weights handed back: stored once, as attention
+                self._take(current, module, site, part_kind("output", path), value)
+        if probs is not None:
+            current.seen.add(id(probs))
+            self._take(current, module, site, "attention", probs)
+        return out
+
+    def _take(self, current: Pass, module: Any, site: str, kind: str, value: Any) -> None:
+        if not is_array(value) or value.ndim == 0:
+            return
+        roles = roles_for(module, kind, tuple(value.shape), self.hidden_size)
+        value, roles = batch_first(value, roles)
+        item = Item(site, kind, value, roles, type(module).__name__)
+        if current.traced:
+            current.items.append(item)
+        else:
+            self.sink.put(item)

@@ -1,0 +1,193 @@
+"""How captured values reach the recorder, eagerly and from compiled JAX code.
+
+Eagerly, a captured ``jax.Array`` goes to the recorder at once; the writer thread copies it
+to the host when it is ready, so dispatch is not blocked. Under ``jax.jit`` the values are
+tracers: a pass gathers them while the function is traced and hands them, at the end of the
+traced call, to one ordered ``jax.debug.callback``. The compiled function keeps running as one
+XLA computation and calls back to the host once per pass with the finished arrays.
+
+A compiled function keeps its callbacks. So that a function compiled before (or without) a
+capture does not skip capturing, and one compiled during a capture does not keep capturing
+after it, captures run under a JAX configuration value that is part of JAX's compilation
+cache key: code traced inside a capture is cached apart from code traced outside it. The
+callbacks find their capture through a registry by that value, so a function compiled in
+one ``trace`` block is reused, not recompiled, by the next block with the same selection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from layerscope.core import BackendError, Recorder
+
+from ._jax_dims import to_numpy
+
+_lock = threading.Lock()
+_keys: dict[str, int] = {}
+_next_key = itertools.count(1)
+#: capture key -> the Sink receiving passes compiled under that key
+_active: dict[int, Sink] = {}
+
+
+def _make_state() -> Any:
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.int_state(
+            name="layerscope_capture", default=0,
+            help="layerscope: the capture active while this code is traced (0: none)",
+            include_in_jit_key=True, include_in_trace_context=True,
+        )
+    except Exception:  # an unknown JAX: fall back to clearing JAX's caches around captures
+        return None
+
+
+_STATE = _make_state()
+
+
+def capture_key(description: str) -> int:
+    """A small number that stands for one capture configuration (model and selection)."""
+    with _lock:
+        if description not in _keys:
+            _keys[description] = next(_next_key)
+        return _keys[description]
+
+
+@dataclass
+class Item:
+    """One value taken during a pass: where, what, and how its axes are named."""
+
+    site: str
+    kind: str
+    value: Any
+    roles: tuple[str, ...]
+    module_type: str
+
+
+class Sink:
+    """The recorder's doorway for one ``attach`` block: eager puts and compiled callbacks."""
+
+    def __init__(self, recorder: Recorder, key: int) -> None:
+        self.recorder = recorder
+        self.key = key
+        self.errors: list[BaseException] = []
+        self.compiled_passes = False  # a callback may still be queued in XLA
+
+    # -- eager -------------------------------------------------------------------------------
+
+    def begin(self, batch: int, token_ids: Any) -> None:
+        if self.compiled_passes:
+            jax.effects_barrier()  # earlier compiled passes first, in call order
+        self.raise_errors()
+        if self.recorder.in_pass:
+            self.recorder.abort_pass()
+        ids = to_numpy(token_ids) if token_ids is not None else None
+        self.recorder.begin_pass(batch, ids)
+
+    def put(self, item: Item) -> None:
+        self.recorder.put(item.site, item.kind, item.value, item.roles, item.module_type,
+                          to_numpy)
+
+    def end(self) -> None:
+        if self.recorder.in_pass:
+            self.recorder.end_pass()
+
+    def abort(self) -> None:
+        if self.recorder.in_pass:
+            self.recorder.abort_pass()
+
+    # -- compiled ----------------------------------------------------------------------------
+
+    def emit(self, batch: int, token_ids: Any, items: list[Item]) -> None:
+        """Inside a traced function: send this pass's values out through one host callback."""
+        meta = [(i.site, i.kind, i.roles, i.module_type) for i in items]
+        values = [i.value for i in items]
+        key = self.key
+        has_ids = token_ids is not None
+
+        def deliver(*arrays: Any) -> None:  # runs on the host, once per executed pass
+            sink = _active.get(key)
+            if sink is None:
+                return  # the trace block has ended; the compiled function still calls back
+            ids, arrays = (arrays[0], arrays[1:]) if has_ids else (None, arrays)
+            sink.deliver(batch, ids, [Item(s, k, a, r, t) for (s, k, r, t), a
+                                      in zip(meta, arrays, strict=True)])
+
+        self.compiled_passes = True
+        operands = ([token_ids] if has_ids else []) + values
+        jax.debug.callback(deliver, *operands, ordered=True)
+
+    def deliver(self, batch: int, token_ids: Any, items: list[Item]) -> None:
+        try:
+            self.begin_compiled(batch, token_ids)
+            for item in items:
+                self.put(item)
+            self.recorder.end_pass()
+        except BaseException as exc:  # an exception must not be lost inside XLA
+            self.errors.append(exc)
+            try:
+                self.abort()
+            except BaseException:
+                pass
+
+    def begin_compiled(self, batch: int, token_ids: Any) -> None:
+        if self.recorder.in_pass:
+            self.recorder.abort_pass()
+        ids = to_numpy(token_ids) if token_ids is not None else None
+        self.recorder.begin_pass(batch, ids)
+
+    def wait(self) -> None:
+        """Let every queued compiled pass reach the recorder."""
+        if self.compiled_passes:
+            jax.effects_barrier()
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            error, self.errors = self.errors[0], []
+            if isinstance(error, Exception) and not isinstance(error, BackendError):
+                raise BackendError(
+                    f"a compiled pass could not be recorded: {error}") from error
+            raise error
+
+
+@contextmanager
+def activated(sink: Sink) -> Iterator[None]:
+    """Register ``sink`` for its key and trace/compile under that key; always undone."""
+    with _lock:
+        if sink.key in _active:
+            raise BackendError(
+                "this model is already being traced with the same selection; finish that "
+                "'with layerscope.trace(...)' block first"
+            )
+        _active[sink.key] = sink
+    try:
+        if _STATE is None:
+            jax.clear_caches()
+            try:
+                yield
+            finally:
+                jax.clear_caches()
+        else:
+            with _STATE(sink.key):
+                yield
+    finally:
+        try:
+            sink.wait()
+        finally:
+            with _lock:
+                _active.pop(sink.key, None)
+
+
+def current_key() -> int:
+    """The capture key code is being traced under (0 outside captures)."""
+    return int(_STATE.value) if _STATE is not None else 0
+
+
+Deliver = Callable[[int, Any, list[Item]], None]
