@@ -7,6 +7,14 @@ PDF by suffix.
 """
 
 from ._common import RenderError, ViewOptions, save
+from .activations import (
+    channel_grid,
+    conv_variables,
+    mlp_variables,
+    neuron_heatmap,
+    top_tokens,
+    top_tokens_figure,
+)
 from .attention import (
     attention_grid,
     attention_heatmap,
@@ -27,8 +35,11 @@ from .hidden import (
     logit_lens_table,
     similarity_figure,
 )
+from .stats import Histogram, distributions, histogram, layer_stats
 
 __all__ = [
+    "Histogram", "channel_grid", "conv_variables", "distributions", "histogram", "layer_stats",
+    "mlp_variables", "neuron_heatmap", "top_tokens", "top_tokens_figure",
     "RenderError", "Unembedding", "ViewOptions", "attention_grid", "attention_heatmap",
     "attention_variables", "block_outputs", "fit_pca", "head_summary", "head_summary_figure",
     "head_view", "hidden_norms", "hidden_trajectory", "layer_similarity", "logit_lens",

@@ -153,6 +153,12 @@ def check_index(value: int, size: int, what: str, where: str) -> int:
     return value % size
 
 
+def as_str(values: Any) -> np.ndarray:
+    """A fixed-width str array (NumPy's StringDType, as Zarr 3 returns, refuses astype(str))."""
+    array = np.asarray(values)
+    return np.asarray(array.tolist(), dtype=str).reshape(array.shape)
+
+
 # -- tokens --------------------------------------------------------------------------------
 
 

@@ -1,0 +1,248 @@
+"""Activation views: convolution channel maps over the input image, MLP neuron x token
+heatmaps and the top-activating tokens of each neuron across the whole trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    PAD_TOKENS,
+    RenderError,
+    as_str,
+    captures,
+    check_index,
+    check_sample,
+    dim_of,
+    escape,
+    get_variable,
+    kind_of,
+    label_ticks,
+    new_figure,
+    real_length,
+    require_dims,
+    token_labels,
+)
+
+CONV_ROLES = ("batch", "channel", "height", "width")
+MLP_ROLES = ("batch", "token", "neuron")
+
+
+def _with_roles(ds: Any, roles: tuple[str, ...], kind: str) -> list[str]:
+    names = []
+    for name in captures(ds):
+        da = ds[name]
+        if da.ndim == len(roles) and kind_of(name, da).split(".")[0] == kind and all(
+            dim_of(da, r) for r in roles
+        ):
+            names.append(name)
+    return names
+
+
+def conv_variables(ds: Any) -> list[str]:
+    """Outputs with (batch, channel, height, width) dims, in execution order."""
+    return _with_roles(ds, CONV_ROLES, "output")
+
+
+def mlp_variables(ds: Any) -> list[str]:
+    """Outputs with (batch, token, neuron) dims (MLP inner activations), in execution order."""
+    return _with_roles(ds, MLP_ROLES, "output")
+
+
+def _pick(ds: Any, candidates: list[str], variable: str | None, layer: int | None,
+          what: str, roles: tuple[str, ...]) -> str:
+    if variable is not None:
+        require_dims(get_variable(ds, variable), variable, *roles)
+        return variable
+    if not candidates:
+        raise RenderError(f"this trace holds no {what} (outputs with dims {roles}); "
+                          "capture the layers that produce them, or pass --variable NAME")
+    if layer is None:
+        return candidates[0]
+    matching = [n for n in candidates if ds[n].attrs.get("layer") == layer]
+    if not matching:
+        layers = sorted({ds[n].attrs["layer"] for n in candidates if "layer" in ds[n].attrs})
+        raise RenderError(f"no {what} at layer {layer}; layers with one: {layers}")
+    # the outermost site of that layer: the block's own output, not an inner projection
+    return min(matching, key=lambda n: str(ds[n].attrs.get("site", n)).count("."))
+
+
+def _input_image(ds: Any, sample: int, image: str | None) -> np.ndarray | None:
+    """The sample's input image (height, width), averaged over its channels."""
+    if image is None:
+        inputs = _with_roles(ds, CONV_ROLES, "input")
+        if not inputs:
+            return None
+        image = inputs[0]
+    da = get_variable(ds, image)
+    dims = require_dims(da, image, *CONV_ROLES)
+    one = da.isel({dims["batch"]: sample})
+    return np.asarray(one.mean(dims["channel"]).transpose(dims["height"], dims["width"]).values)
+
+
+def channel_grid(ds: Any, variable: str | None = None, sample: int = 0,
+                 channels: list[int] | None = None, image: str | None = None,
+                 max_channels: int = 16) -> Any:
+    """A grid of one convolution's channel maps, each drawn over the input image.
+
+    ``channels`` default: the ``max_channels`` channels most active on this sample (mean
+    activation). ``image``: the variable holding the input image; by default the first
+    (batch, channel, height, width) input in the trace, if any.
+    """
+    name = _pick(ds, conv_variables(ds), variable, None, "convolution output", CONV_ROLES)
+    da = ds[name]
+    dims = require_dims(da, name, *CONV_ROLES)
+    check_sample(ds, da, sample)
+    one = da.isel({dims["batch"]: sample}).transpose(dims["channel"], dims["height"],
+                                                     dims["width"])
+    total = int(one.sizes[dims["channel"]])
+    if channels is None:
+        chosen_by = f"the {min(max_channels, total)} most active of {total} channels"
+        means = np.asarray(one.mean((dims["height"], dims["width"])).values)
+        channels = sorted(np.argsort(-means)[:max_channels].tolist())
+    else:
+        chosen_by = f"channels {channels}"
+        channels = [check_index(c, total, "channel", name) for c in channels]
+    maps = np.asarray(one.isel({dims["channel"]: channels}).values)
+    picture = _input_image(ds, sample, image)
+    cols = min(4, len(channels))
+    rows = int(np.ceil(len(channels) / cols))
+    fig = new_figure(2.2 * cols, 2.2 * rows + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for index, ax in enumerate(axes.ravel()):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if index >= len(channels):
+            ax.axis("off")
+            continue
+        height, width = (picture.shape if picture is not None else maps[index].shape)
+        extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+        if picture is not None:
+            ax.imshow(picture, cmap="gray", extent=extent, interpolation="nearest")
+        values = maps[index]
+        alpha: Any = 1.0
+        if picture is not None:  # opaque where the channel fires, the image shows elsewhere
+            span = float(values.max() - values.min()) or 1.0
+            alpha = 0.1 + 0.8 * (values - values.min()) / span
+        ax.imshow(values, cmap="inferno", alpha=alpha, extent=extent, interpolation="nearest")
+        ax.set_title(f"channel {channels[index]}", fontsize=8)
+    over = " over the input image" if picture is not None else ""
+    fig.suptitle(f"{escape(name)}, sample {sample}: {chosen_by}{over}", fontsize=9)
+    return fig
+
+
+def neuron_heatmap(ds: Any, variable: str | None = None, sample: int = 0,
+                   layer: int | None = None, neurons: list[int] | None = None,
+                   max_neurons: int = 64) -> Any:
+    """Neurons (rows) x tokens (columns) of one MLP activation for one sample. By default the
+    ``max_neurons`` neurons with the largest |activation| on this sample."""
+    name = _pick(ds, mlp_variables(ds), variable, layer, "MLP activation", MLP_ROLES)
+    da = ds[name]
+    dims = require_dims(da, name, *MLP_ROLES)
+    check_sample(ds, da, sample)
+    size = int(da.sizes[dims["token"]])
+    labels = token_labels(ds, sample, size)
+    real = real_length(labels)
+    one = da.isel({dims["batch"]: sample, dims["token"]: slice(0, real)})
+    one = one.transpose(dims["neuron"], dims["token"])
+    total = int(one.sizes[dims["neuron"]])
+    values = np.asarray(one.values)
+    if neurons is None:
+        neurons = sorted(np.argsort(-np.abs(values).max(axis=1))[:max_neurons].tolist())
+        chosen_by = f"top {len(neurons)} of {total} neurons by max |activation|"
+    else:
+        neurons = [check_index(n, total, "neuron", name) for n in neurons]
+        chosen_by = f"{len(neurons)} of {total} neurons"
+    shown = values[neurons]
+    bound = float(np.abs(shown).max()) or 1.0
+    fig = new_figure(2.5 + 0.3 * min(real, 64), 1.5 + 0.16 * len(neurons))
+    ax = fig.add_subplot()
+    image = ax.imshow(shown, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
+                      interpolation="nearest")
+    label_ticks(ax, labels[:real], "x")
+    ax.set_yticks(range(len(neurons)), [str(n) for n in neurons], fontsize=6)
+    ax.set_ylabel("neuron")
+    ax.set_title(f"{escape(name)}, sample {sample}: {chosen_by}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="activation")
+    return fig
+
+
+def top_tokens(ds: Any, variable: str | None = None, layer: int | None = None,
+               k: int = 5) -> Any:
+    """For every neuron, the ``k`` (sample, position) pairs where it fires most, across the
+    whole trace (padding excluded). Streams the variable one batch chunk at a time.
+
+    Returns an xarray Dataset (neuron, rank) with ``value``, ``sample``, ``position`` and
+    ``token`` (the token text, or the position when the trace has none)."""
+    import xarray as xr
+
+    name = _pick(ds, mlp_variables(ds), variable, layer, "MLP activation", MLP_ROLES)
+    da = ds[name]
+    dims = require_dims(da, name, *MLP_ROLES)
+    da = da.transpose(dims["batch"], dims["token"], dims["neuron"])
+    samples, tokens, width = (int(n) for n in da.shape)
+    best_value = np.full((width, 0), -np.inf)
+    best_flat = np.zeros((width, 0), dtype=np.int64)
+    chunk = da.chunksizes.get(dims["batch"], (1,))[0] if da.chunks else 1
+    has_text = "token_text" in ds.variables
+    for start in range(0, samples, int(chunk)):
+        stop = min(samples, start + int(chunk))
+        block = np.asarray(da.isel({dims["batch"]: slice(start, stop)}).values, np.float64)
+        if has_text:
+            text = as_str(ds["token_text"].isel(batch=slice(start, stop)).values)
+            block[np.isin(text, list(PAD_TOKENS))] = -np.inf
+        flat = block.reshape(-1, width).T  # (neuron, rows)
+        offsets = start * tokens + np.arange(flat.shape[1])
+        take = min(k, flat.shape[1])
+        part = np.argpartition(-flat, take - 1, axis=1)[:, :take]
+        best_value = np.concatenate([best_value, np.take_along_axis(flat, part, 1)], axis=1)
+        best_flat = np.concatenate([best_flat, offsets[part]], axis=1)
+        keep = np.argsort(-best_value, axis=1, kind="stable")[:, :k]
+        best_value = np.take_along_axis(best_value, keep, 1)
+        best_flat = np.take_along_axis(best_flat, keep, 1)
+    sample_index, position = np.divmod(best_flat, tokens)
+    if has_text:
+        words = _token_texts(ds, sample_index, position)
+    else:
+        words = position.astype(str)
+    return xr.Dataset(
+        {"value": (("neuron", "rank"), best_value), "sample": (("neuron", "rank"), sample_index),
+         "position": (("neuron", "rank"), position), "token": (("neuron", "rank"), words)},
+        coords={"neuron": np.arange(width), "rank": np.arange(best_value.shape[1])},
+        attrs={"variable": name},
+    )
+
+
+def _token_texts(ds: Any, samples: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    out = np.empty(samples.shape, dtype=object)
+    for sample in np.unique(samples):
+        row = as_str(ds["token_text"].isel(batch=int(sample)).values)
+        mask = samples == sample
+        out[mask] = row[positions[mask]]
+    return out.astype(str)
+
+
+def top_tokens_figure(ds: Any, variable: str | None = None, layer: int | None = None,
+                      k: int = 5, neurons: list[int] | None = None, count: int = 16) -> Any:
+    """A table of the top tokens per neuron (rows: the ``count`` neurons with the largest
+    maximum over the trace, unless ``neurons`` names them), colored by activation."""
+    table = top_tokens(ds, variable, layer, k)
+    if neurons is None:
+        neurons = np.argsort(-table["value"].values[:, 0])[:count].tolist()
+    values = table["value"].values[neurons]
+    words = table["token"].values[neurons]
+    fig = new_figure(1.6 * values.shape[1] + 1.5, 0.32 * len(neurons) + 1.2)
+    ax = fig.add_subplot()
+    finite = np.where(np.isfinite(values), values, np.nan)
+    ax.imshow(finite, cmap="Oranges", aspect="auto")
+    for row in range(values.shape[0]):
+        for col in range(values.shape[1]):
+            ax.text(col, row, f"{escape(words[row, col])} ({values[row, col]:.2f})",
+                    ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(neurons)), [str(n) for n in neurons], fontsize=7)
+    ax.set_ylabel("neuron")
+    ax.set_xticks(range(values.shape[1]), [f"#{i + 1}" for i in range(values.shape[1])])
+    ax.set_title(f"top tokens per neuron across the trace: {escape(table.attrs['variable'])}",
+                 fontsize=9)
+    return fig
