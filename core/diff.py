@@ -52,13 +52,14 @@ class DiffOptions:
     """Tolerances and the read budget.
 
     The default tolerances accept float32 round-off accumulated through a deep network
-    (two frameworks doing the same arithmetic in a different order) and flag anything that
-    changes the math: a different activation approximation, epsilon, or a wrong weight.
+    (two frameworks doing the same arithmetic in a different order: all-MiniLM-L6-v2 in
+    PyTorch and Keras stays within 2e-4 absolute, 4e-6 relative L2, at every site) and flag
+    anything that changes the math: a different activation approximation, epsilon, or weight.
     ``block_bytes`` caps what one read of one side holds (rounded up to a whole chunk).
     """
 
     rtol: float = 1e-4
-    atol: float = 1e-5
+    atol: float = 1e-4
     block_bytes: int = 8 * MB
 
     def __post_init__(self) -> None:
@@ -501,15 +502,15 @@ def _fmt(value: float) -> str:
 def format_result(result: DiffResult, max_unmatched: int = 20) -> str:
     """The table ``layerscope diff`` prints."""
     first = result.first_divergence
-    header = ("#", "site in A", "site in B", "max abs", "max rel", "cosine", "status")
+    header = ("#", "site in A", "site in B", "max abs", "max rel", "rel L2", "cosine", "status")
     rows = []
     for index, pair in enumerate(result.pairs, 1):
         status = pair.status
         if pair is first:
             status += "  <- first divergence"
-        cosine = "-" if math.isnan(pair.cosine) else f"{pair.cosine:.7f}"
+        cosine = "-" if math.isnan(pair.cosine) else f"{pair.cosine:.9f}"
         rows.append((str(index), pair.a, "=" if pair.b == pair.a else pair.b,
-                     _fmt(pair.max_abs), _fmt(pair.max_rel), cosine, status))
+                     _fmt(pair.max_abs), _fmt(pair.max_rel), _fmt(pair.rel_l2), cosine, status))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
     lines = [
         f"A: {result.a} ({result.frameworks[0]})",
@@ -519,7 +520,7 @@ def format_result(result: DiffResult, max_unmatched: int = 20) -> str:
         "",
     ]
     for row in (header, *rows):
-        cells = [c.rjust(w) if i in (0, 3, 4, 5) else c.ljust(w)
+        cells = [c.rjust(w) if i in (0, 3, 4, 5, 6) else c.ljust(w)
                  for i, (c, w) in enumerate(zip(row, widths, strict=False))]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     lines.append("")
@@ -533,7 +534,13 @@ def format_result(result: DiffResult, max_unmatched: int = 20) -> str:
                      + (f" ({first.note})" if first.note else ""))
     else:
         lines.append("all compared pairs agree within tolerance")
-    notes = [f"{p.a}: {p.note}" for p in result.pairs if p.note and p is not first]
+    grouped: dict[str, list[str]] = {}
+    for pair in result.pairs:
+        if pair.note and pair is not first:
+            grouped.setdefault(pair.note, []).append(pair.a)
+    notes = [f"{names[0]}: {note}" if len(names) == 1
+             else f"{note} ({len(names)} pairs, e.g. {names[0]})"
+             for note, names in grouped.items()]
     for title, names in (("only in A", result.unmatched_a), ("only in B", result.unmatched_b)):
         if names:
             shown = ", ".join(names[:max_unmatched])
