@@ -41,6 +41,25 @@ def register(subparsers: Any) -> None:
     hid.add_argument("--vocab", metavar="TXT", help="logit lens: one token per line")
     hid.set_defaults(run=_run_hidden)
 
+    act = _common(kinds.add_parser("activations", help="convolution maps and MLP neurons"))
+    act.add_argument("--view", choices=ACTIVATION_VIEWS, default="neurons",
+                     help="channels: CNN channel maps over the image; neurons: neuron x token "
+                          "heatmap; top-tokens: the tokens each neuron fires on most")
+    pick = act.add_mutually_exclusive_group()
+    pick.add_argument("--variable", help="the activation variable by name")
+    pick.add_argument("--layer", type=int, help="MLP activation of block N")
+    act.add_argument("--channels", type=int, nargs="+", help="channels to draw (channels view)")
+    act.add_argument("--neurons", type=int, nargs="+", help="neurons to draw")
+    act.add_argument("--image", help="variable holding the input image (channels view)")
+    act.add_argument("--top-k", type=int, default=5, help="tokens per neuron (top-tokens)")
+    act.set_defaults(run=_run_activations)
+
+    sta = _common(kinds.add_parser("stats", help="per-layer value distributions, NaN/Inf flags"))
+    sta.add_argument("--variable", nargs="+", help="variables to draw (default: the residual "
+                                                   "stream, else the first captures)")
+    sta.add_argument("--bins", type=int, default=50)
+    sta.set_defaults(run=_run_stats)
+
 
 
 def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -128,3 +147,27 @@ def _run_hidden(args: argparse.Namespace) -> int:
             )
         fig = r.logit_lens(ds, r.Unembedding.load(args.unembedding, args.vocab), args.sample)
     return _finish(fig, args.output)
+
+
+def _run_activations(args: argparse.Namespace) -> int:
+    from layerscope import renderers as r
+
+    _check_output(args.output)
+    ds = open_trace(args.trace)
+    if args.view == "channels":
+        if args.layer is not None:
+            raise r.RenderError("the channels view picks a convolution by --variable NAME")
+        fig = r.channel_grid(ds, args.variable, args.sample, args.channels, args.image)
+    elif args.view == "neurons":
+        fig = r.neuron_heatmap(ds, args.variable, args.sample, args.layer, args.neurons)
+    else:
+        fig = r.top_tokens_figure(ds, args.variable, args.layer, args.top_k, args.neurons)
+    return _finish(fig, args.output)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from layerscope import renderers as r
+
+    _check_output(args.output)
+    ds = open_trace(args.trace)
+    return _finish(r.distributions(ds, args.variable, args.bins), args.output)

@@ -20,6 +20,10 @@ from layerscope.cli import main
         ["hidden", "-o", "n.png"],
         ["hidden", "--view", "trajectory", "--sample", "1", "-o", "t.svg"],
         ["hidden", "--view", "similarity", "--similarity", "cosine", "-o", "c.png"],
+        ["activations", "--layer", "1", "-o", "n.png"],
+        ["activations", "--view", "top-tokens", "--layer", "3", "--top-k", "3", "-o", "t.png"],
+        ["stats", "-o", "s.pdf"],
+        ["stats", "--variable", "encoder.layer.0@output", "pooler@output", "-o", "s.svg"],
     ],
 )
 def test_render_writes_and_prints_the_path(minilm_trace, tmp_path, capsys, argv):
@@ -51,6 +55,8 @@ def test_render_logit_lens(minilm_trace, minilm, tmp_path, capsys):
         (["attention", "{missing}"], "no trace at"),
         (["hidden", "{trace}", "--view", "logit-lens"], "--unembedding"),
         (["hidden", "{trace}", "--sample", "9"], "sample 9 is out of range"),
+        (["activations", "{trace}", "--view", "channels"], "no convolution output"),
+        (["stats", "{trace}", "--variable", "nope@output"], "no variable 'nope@output'"),
     ],
 )
 def test_render_errors(minilm_trace, tmp_path, capsys, argv, message):
