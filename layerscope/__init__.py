@@ -12,9 +12,10 @@ from layerscope.core import (  # noqa: E402
     StoreError, StoreOptions, WriterError, captured_names, open_trace,
 )
 from layerscope.api import Trace, capture, sites, trace  # noqa: E402
+from layerscope.core.diff import diff  # noqa: E402
 
 __all__ = [
     "BackendError", "CaptureError", "Compression", "LayerscopeError", "SchemaError", "Selection",
     "StoreError", "StoreOptions", "Trace", "WriterError", "__version__", "captured_names",
-    "capture", "open_trace", "sites", "trace",
+    "capture", "diff", "open_trace", "sites", "trace",
 ]
