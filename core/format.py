@@ -50,7 +50,9 @@ class StoreOptions:
     compression: Compression = Compression()
     chunks: ChunkPolicy = ChunkPolicy()
     workers: int = 2
-    max_pending_bytes: int = 256 << 20
+    #: bytes that may wait to be written; None: as many as the first batch held, clamped to
+    #: [64 MB, 1 GB], so the model runs at most about one batch ahead of the disk
+    max_pending_bytes: int | None = None
     downcast: str | None = None  # e.g. "float16": store floats smaller, on request only
 
 

@@ -81,7 +81,7 @@ class Recorder:
     # -- captured tensors --------------------------------------------------------------------
 
     def wants(self, site: str, kind: str) -> bool:
-        return self.selection.matches(site) and self.selection.wants(kind)
+        return self.selection.wants(kind, site)
 
     def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
             module_type: str = "", to_numpy: ToNumpy = _as_numpy) -> None:

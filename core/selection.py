@@ -13,7 +13,9 @@ DEFAULT_KINDS = ("output", "attention")
 class Selection:
     """Glob patterns (``encoder.layer.*.attention*``) on site paths and the kinds to keep.
 
-    An empty ``include`` means every site. ``exclude`` wins over ``include``.
+    A pattern may end in ``@kind[,kind]`` to take only those kinds where it matches
+    (``"*.attention.self@attention"``, ``"encoder.layer.[0-9]@output"``); a pattern without
+    one takes ``kinds``. An empty ``include`` means every site. ``exclude`` wins over include.
     """
 
     include: tuple[str, ...] = ()
@@ -32,13 +34,30 @@ class Selection:
         include: tuple[str, ...] = (capture,) if isinstance(capture, str) else tuple(capture or ())
         return cls(include, tuple(exclude), tuple(kinds) if kinds else DEFAULT_KINDS)
 
-    def matches(self, site: str) -> bool:
-        if any(fnmatch.fnmatchcase(site, p) for p in self.exclude):
-            return False
-        return not self.include or any(fnmatch.fnmatchcase(site, p) for p in self.include)
+    def _rules(self) -> list[tuple[str, tuple[str, ...]]]:
+        rules = []
+        for pattern in self.include or ("*",):
+            glob, sep, kinds = pattern.partition("@")
+            rules.append((glob, tuple(k.strip() for k in kinds.split(",")) if sep else self.kinds))
+        return rules
 
-    def wants(self, kind: str) -> bool:
-        return kind.split(".", 1)[0] in self.kinds
+    def _excluded(self, site: str) -> bool:
+        return any(fnmatch.fnmatchcase(site, p) for p in self.exclude)
+
+    def matches(self, site: str) -> bool:
+        return not self._excluded(site) and any(
+            fnmatch.fnmatchcase(site, glob) for glob, _ in self._rules()
+        )
+
+    def wants(self, kind: str, site: str | None = None) -> bool:
+        """Whether ``kind`` is taken at ``site`` (at any site when ``site`` is None)."""
+        base = kind.split(".", 1)[0]
+        if site is not None and self._excluded(site):
+            return False
+        return any(
+            base in kinds and (site is None or fnmatch.fnmatchcase(site, glob))
+            for glob, kinds in self._rules()
+        )
 
     def to_json(self) -> dict[str, list[str]]:
         return {"include": list(self.include), "exclude": list(self.exclude), "kinds": list(self.kinds)}

@@ -25,6 +25,8 @@ from .format import BATCH, STATUS_WRITING, StoreOptions
 from .naming import DimRegistry
 
 ToNumpy = Callable[[Any], np.ndarray]
+AUTO_BUDGET_MIN = 64 << 20
+AUTO_BUDGET_MAX = 1 << 30
 _STOP = object()
 
 
@@ -50,6 +52,7 @@ class _Batch:
     pending: int = 0
     ended: bool = False
     failed: bool = False
+    nbytes: int = 0
 
 
 @dataclass
@@ -110,7 +113,8 @@ class TraceWriter:
         self._publish_lock = threading.Lock()
         self._published = committed_batches
         self._error: BaseException | None = None
-        self._budget = _ByteBudget(options.max_pending_bytes)
+        self._budget = _ByteBudget(options.max_pending_bytes or AUTO_BUDGET_MAX)
+        self._first_batch_bytes: int | None = None if options.max_pending_bytes is None else 0
         self._queue: queue.Queue[Any] = queue.Queue()
         self._load_existing()
         self.attrs["status"] = STATUS_WRITING
@@ -162,6 +166,8 @@ class TraceWriter:
             )
         var = self._variable(name, roles, shape, attrs)
         nbytes = _nbytes(data)
+        if self._first_batch_bytes is None:  # sizing the automatic budget
+            batch.nbytes += nbytes
         self._budget.acquire(nbytes)
         with self._state_lock:
             batch.pending += 1
@@ -172,6 +178,9 @@ class TraceWriter:
         if batch is None:
             return
         self._current = None
+        if self._first_batch_bytes is None:
+            self._first_batch_bytes = batch.nbytes
+            self._budget.limit = min(max(batch.nbytes, AUTO_BUDGET_MIN), AUTO_BUDGET_MAX)
         with self._state_lock:
             batch.ended = True
             ready = batch.pending == 0

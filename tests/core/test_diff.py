@@ -335,7 +335,8 @@ def test_streaming_reads_block_by_block_with_the_same_result(tmp_path):
     for pair in (ps, pw):
         assert pair.max_abs == pytest.approx(delta.max(), rel=0, abs=0)
         assert pair.cosine == pytest.approx(cosine, rel=1e-12)
-        assert pair.n_bad == int(np.count_nonzero(delta > 1e-5 + 1e-4 * np.abs(right)))
+        tol = DiffOptions()
+        assert pair.n_bad == int(np.count_nonzero(delta > tol.atol + tol.rtol * np.abs(right)))
         assert pair.worst == dict(zip(roles, np.unravel_index(delta.argmax(), delta.shape),
                                       strict=True))
 

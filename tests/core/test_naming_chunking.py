@@ -50,3 +50,13 @@ def test_chunks_hold_whole_samples_within_the_band():
     # tiny tensors: one chunk per appended batch
     assert chunk_shape((0, 3), ("batch", "hidden"), 4, 5) == (5, 3)
     assert ChunkPolicy().target_bytes <= 16 * MB
+
+
+def test_selection_patterns_can_name_their_kinds():
+    selection = Selection.of(["encoder.layer.[0-9]@output", "*.attention.self@attention"])
+    assert selection.wants("output", "encoder.layer.3")
+    assert not selection.wants("attention", "encoder.layer.3")
+    assert selection.wants("attention", "encoder.layer.3.attention.self")
+    assert not selection.wants("output", "encoder.layer.3.attention.self")
+    assert not selection.matches("encoder.layer.3.output")
+    assert selection.wants("attention") and not selection.wants("input")

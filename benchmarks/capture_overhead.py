@@ -1,0 +1,161 @@
+"""Capture overhead on all-MiniLM-L6-v2 (PyTorch, CPU): batch 8 x 128 tokens.
+
+Three ways of running the same batches, measured side by side in one process and interleaved
+trial by trial so that machine noise hits all of them alike:
+
+  plain      model(**inputs)
+  layerscope every attention map + every hidden state streamed to a Zarr store on disk
+             (time per batch includes closing the store, i.e. every byte is on disk)
+  savez      output_attentions + output_hidden_states, then numpy.savez of the same tensors
+
+Prints the median time per batch, its ratio to the plain forward, stored bytes and the peak
+resident memory above the process's baseline while each ran.
+
+    python benchmarks/capture_overhead.py [--batches 10] [--trials 5] [--attn eager|sdpa]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+import layerscope
+from layerscope.loading import minilm_folder
+
+SENTENCE = "layerscope streams what happens inside a network to disk while it runs. "
+# the block outputs (= output_hidden_states) and the attention maps (= output_attentions)
+CAPTURE = ["embeddings@output", "encoder.layer.[0-9]@output",
+           "encoder.layer.*.attention.self@attention"]
+
+
+class PeakRSS:
+    """Samples the resident set size in a thread; reports the peak above the start."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss - self.base)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join()
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def make_inputs(tokenizer, batch: int, length: int) -> dict[str, torch.Tensor]:
+    texts = [SENTENCE * 20] * batch
+    return dict(tokenizer(texts, padding="max_length", truncation=True, max_length=length,
+                          return_tensors="pt"))
+
+
+def run_plain(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(**inputs)
+    return time.perf_counter() - start, 0
+
+
+def run_layerscope(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
+    path = workdir / "trace.zarr"
+    start = time.perf_counter()
+    with layerscope.trace(model, path, CAPTURE, mode="w"), torch.no_grad():
+        for _ in range(batches):
+            model(**inputs)
+    elapsed = time.perf_counter() - start
+    stored = folder_bytes(path)
+    shutil.rmtree(path)
+    return elapsed, stored
+
+
+def run_savez(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
+    stored = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for index in range(batches):
+            out = model(**inputs, output_attentions=True, output_hidden_states=True)
+            arrays = {f"attention_{i}": a.numpy() for i, a in enumerate(out.attentions)}
+            arrays |= {f"hidden_{i}": h.numpy() for i, h in enumerate(out.hidden_states)}
+            target = workdir / f"batch_{index}.npz"
+            np.savez(target, **arrays)
+    elapsed = time.perf_counter() - start
+    for file in workdir.glob("batch_*.npz"):
+        stored += file.stat().st_size
+        file.unlink()
+    return elapsed, stored
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    folder = minilm_folder()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModel.from_pretrained(str(folder), attn_implementation=args.attn).eval()
+    inputs = make_inputs(tokenizer, args.batch_size, args.tokens)
+    methods: dict[str, Callable] = {
+        "plain forward": run_plain, "layerscope -> zarr": run_layerscope,
+    }
+    if args.attn == "eager":  # HF cannot return attention maps from fused attention
+        methods["output_* + np.savez"] = run_savez
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    stored: dict[str, int] = {}
+    peaks: dict[str, int] = {name: 0 for name in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for method in methods.values():  # warm up every path once
+            method(model, inputs, 1, workdir)
+        for _ in range(args.trials):
+            for name, method in methods.items():
+                with PeakRSS() as rss:
+                    elapsed, size = method(model, inputs, args.batches, workdir)
+                times[name].append(elapsed / args.batches)
+                stored[name] = size // args.batches
+                peaks[name] = max(peaks[name], rss.peak)
+    plain = statistics.median(times["plain forward"])
+    print(f"all-MiniLM-L6-v2, {args.attn} attention, batch {args.batch_size} x {args.tokens} "
+          f"tokens, {args.batches} batches x {args.trials} trials, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"{'method':<22} {'ms/batch':>9} {'vs plain':>9} {'stored/batch':>13} {'peak RSS':>10}")
+    for name in methods:
+        median = statistics.median(times[name])
+        print(f"{name:<22} {median * 1e3:>9.1f} {median / plain:>8.2f}x "
+              f"{stored.get(name, 0) / 2**20:>10.1f} MB {peaks[name] / 2**20:>7.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
