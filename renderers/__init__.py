@@ -35,9 +35,11 @@ from .hidden import (
     logit_lens_table,
     similarity_figure,
 )
+from .report import ReportOptions, report_html, stats_table, write_report
 from .stats import Histogram, distributions, histogram, layer_stats
 
 __all__ = [
+    "ReportOptions", "report_html", "stats_table", "write_report",
     "Histogram", "channel_grid", "conv_variables", "distributions", "histogram", "layer_stats",
     "mlp_variables", "neuron_heatmap", "top_tokens", "top_tokens_figure",
     "RenderError", "Unembedding", "ViewOptions", "attention_grid", "attention_heatmap",

@@ -58,8 +58,9 @@ def _pick(ds: Any, candidates: list[str], variable: str | None, layer: int | Non
     if not candidates:
         raise RenderError(f"this trace holds no {what} (outputs with dims {roles}); "
                           "capture the layers that produce them, or pass --variable NAME")
-    if layer is None:
-        return candidates[0]
+    if layer is None:  # the outermost (block-level) one, the earliest among equals
+        return min(candidates, key=lambda n: (str(ds[n].attrs.get("site", n)).count("."),
+                                              ds[n].attrs.get("order", 0)))
     matching = [n for n in candidates if ds[n].attrs.get("layer") == layer]
     if not matching:
         layers = sorted({ds[n].attrs["layer"] for n in candidates if "layer" in ds[n].attrs})
