@@ -152,7 +152,9 @@ class _Capture:
         self.graphs: list[_GraphPass] = []
         self.depth = 0
         self.lock = threading.Lock()
-        self.attention_ids: set[int] = set()
+        # id -> the scores tensor itself: holding it keeps the id from being reused by
+        # another tensor before the pass ends
+        self.attention_ids: dict[int, Any] = {}
         self._warned: set[str] = set()
 
     # -- taking tensors ----------------------------------------------------------------------
@@ -248,7 +250,7 @@ class _Capture:
     def wrap_attention(self, site: str, layer: Any) -> Callable[..., Any]:
         def take(scores: Any) -> None:
             if self.active and _is_tensor(scores):
-                self.attention_ids.add(id(scores))
+                self.attention_ids[id(scores)] = scores
                 self.take(site, "attention", layer, scores, True)
 
         return tapped_compute_attention(layer, layer._compute_attention, take)

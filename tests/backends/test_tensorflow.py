@@ -243,3 +243,121 @@ def test_failure_while_tracing_a_graph_restores_everything(tmp_path: Path) -> No
     assert _state(model) == before
     assert all("call" not in vars(layer) for _, layer in named_layers(model))
     np.testing.assert_array_equal(model.predict(_images(4), verbose=0), model(_images(4)).numpy())
+
+
+# -- all-MiniLM-L6-v2 in keras-hub's BertBackbone, from the packaged Hugging Face folder -----
+
+MINILM_BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def keras_minilm(minilm_folder):
+    from layerscope.backends.tensorflow import load_hf_folder
+
+    return load_hf_folder(minilm_folder)
+
+
+@pytest.fixture(scope="module")
+def keras_minilm_trace(keras_minilm, tmp_path_factory):
+    from ..conftest import TEXTS
+
+    model, tokenizer = keras_minilm
+    path = tmp_path_factory.mktemp("keras_minilm") / "minilm.zarr"
+    return layerscope.capture(model, TEXTS, path, tokenizer=tokenizer, batch_size=MINILM_BATCH)
+
+
+def test_minilm_sites_and_dims(keras_minilm, keras_minilm_trace) -> None:
+    model, _ = keras_minilm
+    ds = keras_minilm_trace
+    attention = [s.path for s in layerscope.sites(model) if s.is_attention]
+    assert attention == [f"transformer_layers.{i}.self_attention_layer" for i in range(6)]
+    assert ds.attrs["committed_batches"] == 3 and ds.attrs["framework"] == "tensorflow"
+    var = ds["transformer_layers.3.self_attention_layer@attention"]
+    assert var.dims == ("batch", "head", "query", "key") and var.attrs["layer"] == 3
+    assert ds["transformer_layers.0.feedforward_intermediate_dense@output"].dims == (
+        "batch", "token", "neuron")
+    np.testing.assert_allclose(var.sum("key").values, 1.0, rtol=1e-5)
+
+
+def test_minilm_outputs_equal_the_keras_model(keras_minilm, keras_minilm_trace) -> None:
+    from ..conftest import TEXTS
+
+    model, tokenizer = keras_minilm
+    ds = keras_minilm_trace
+    length = ds.sizes["token"]
+    for start in range(0, len(TEXTS), MINILM_BATCH):
+        texts = TEXTS[start:start + MINILM_BATCH]
+        encoded = tokenizer(texts, padding="max_length", max_length=length, return_tensors="np")
+        out = model(encoded)
+        rows = slice(start, start + len(texts))
+        np.testing.assert_array_equal(ds["root@output.sequence_output"].isel(batch=rows).values,
+                                      out["sequence_output"].numpy())
+        np.testing.assert_array_equal(ds["root@output.pooled_output"].isel(batch=rows).values,
+                                      out["pooled_output"].numpy())
+        np.testing.assert_array_equal(ds["token_id"].isel(batch=rows).values,
+                                      encoded["token_ids"])
+
+
+def test_minilm_matches_the_pytorch_model(keras_minilm_trace, minilm_folder,
+                                          minilm_tokenizer) -> None:
+    """The same weights in PyTorch (transformers, eager attention) give the same tokens,
+    embeddings and first attention maps up to float round-off. Deeper layers differ a little
+    by design: keras-hub's BERT uses the tanh-approximate GELU, transformers the exact one."""
+    import torch
+
+    from ..conftest import TEXTS, load_minilm
+
+    ds = keras_minilm_trace
+    torch_model = load_minilm(minilm_folder, "eager")
+    encoded = minilm_tokenizer(TEXTS, padding="max_length", max_length=ds.sizes["token"],
+                               return_tensors="pt")
+    with torch.no_grad():
+        out = torch_model(**encoded, output_attentions=True, output_hidden_states=True)
+    np.testing.assert_array_equal(ds["token_id"].values, encoded["input_ids"].numpy())
+    assert list(ds["token_text"].values[0][:3]) == \
+        minilm_tokenizer.convert_ids_to_tokens(encoded["input_ids"][0][:3].tolist())
+    np.testing.assert_allclose(ds["embeddings_layer_norm@output"].values,
+                               out.hidden_states[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(ds["transformer_layers.0.self_attention_layer@attention"].values,
+                               out.attentions[0].numpy(), atol=1e-5)
+    real = encoded["attention_mask"].numpy().astype(bool)
+    for layer in range(6):
+        np.testing.assert_allclose(ds[f"transformer_layers.{layer}@output"].values[real],
+                                   out.hidden_states[layer + 1].numpy()[real], atol=1e-2,
+                                   err_msg=f"layer {layer}")
+        np.testing.assert_allclose(
+            ds[f"transformer_layers.{layer}.self_attention_layer@attention"].values,
+            out.attentions[layer].numpy(), atol=1e-2, err_msg=f"attention {layer}")
+
+
+def test_minilm_keras_hub_tokenizer_is_adapted(keras_minilm, minilm_folder, tmp_path) -> None:
+    import keras_hub
+    from layerscope.backends.tensorflow import BACKEND
+
+    model, loaded = keras_minilm
+    raw = keras_hub.models.BertTokenizer.from_preset(str(minilm_folder))
+    adapted = BACKEND.adapt_tokenizer(raw, model)
+    texts = ["Hello tokens.", "A second, longer sentence to pad the first."]
+    mine = adapted(texts, padding=True, return_tensors="np")
+    theirs = loaded(texts, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(mine["token_ids"], theirs["token_ids"])
+    assert adapted.convert_ids_to_tokens(mine["token_ids"][0][:2]) == ["[CLS]", "hello"]
+    ds = layerscope.capture(model, texts, tmp_path / "adapted.zarr", capture=["root"],
+                            tokenizer=adapted)
+    np.testing.assert_array_equal(ds["root@output.sequence_output"].values,
+                                  model(mine)["sequence_output"].numpy())
+
+
+def test_minilm_cli_trace(tmp_path) -> None:
+    from layerscope.cli import main
+
+    path = tmp_path / "cli.zarr"
+    status = main(["trace", "minilm", "--framework", "tensorflow", "-o", str(path),
+                   "--text", "Keras from the command line.", "--text", "Second text.",
+                   "--capture", "transformer_layers.0*", "--no-progress"])
+    assert status == 0
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["framework"] == "tensorflow"
+    assert list(ds["input_text"].values) == ["Keras from the command line.", "Second text."]
+    assert ds["transformer_layers.0.self_attention_layer@attention"].sizes["batch"] == 2
+    assert all(name.startswith("transformer_layers.0") for name in layerscope.captured_names(ds))
