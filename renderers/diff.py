@@ -14,7 +14,7 @@ from typing import Any
 
 from ._common import RenderError, new_figure, save
 
-_FLOOR = 1e-12  # where exact zeros are drawn on the log axis
+_FLOOR = 1e-12  # where exact zeros are drawn on the log axis when nothing else is drawn
 
 
 def _summary(result: Any) -> Mapping[str, Any]:
@@ -46,7 +46,7 @@ def diff_figure(result: Any, title: str | None = None) -> Any:
     rel_l2 = [_value(p["rel_l2"]) for p in pairs]
     failed = [not p["passed"] for p in pairs]
     finite = [v for v in (*max_abs, *rel_l2) if math.isfinite(v) and v > 0]
-    floor = min([_FLOOR, *[v / 10 for v in finite]])
+    floor = min(finite) / 10 if finite else _FLOOR  # exact zeros sit one decade below the rest
 
     def shown(v: float) -> float:
         return floor if not math.isfinite(v) or v <= 0 else v
