@@ -144,7 +144,7 @@ class _Capture:
                 if probabilities_from_output(tensor, output):
                     taken = tensor
                     continue
-            if self.selection.wants("output"):
+            if self.selection.wants("output", site):
                 self.put(site, part_kind("output", path), module, tensor)
         if taken is not None:
             self._seen_attention[id(taken)] = taken
@@ -153,19 +153,18 @@ class _Capture:
     def install(self) -> None:
         model, selection = self.model, self.selection
         self.handles.append(model.register_forward_pre_hook(self.begin, with_kwargs=True))
-        wants_attention = selection.wants("attention")
         for path, module in model.named_modules():
             site = _site(path)
             if not selection.matches(site):
                 continue
-            attention = wants_attention and is_attention_module(module)
+            attention = selection.wants("attention", site) and is_attention_module(module)
             if attention:
                 self.handles.append(module.register_forward_pre_hook(
                     self.attention.enter, with_kwargs=True))
-            if selection.wants("input"):
+            if selection.wants("input", site):
                 self.handles.append(module.register_forward_pre_hook(
                     lambda m, a, k, s=site: self.inputs(s, m, a, k), with_kwargs=True))
-            if attention or selection.wants("output"):
+            if attention or selection.wants("output", site):
                 self.handles.append(module.register_forward_hook(
                     lambda m, a, k, o, s=site, att=attention: self.outputs(s, m, a, k, o, att),
                     with_kwargs=True))
