@@ -205,8 +205,8 @@ class _Capture:
 
     def wrap_layer(self, site: str, layer: Any, in_attention: bool) -> Callable[..., Any]:
         original = layer.call
-        inputs = self.selection.wants("input")
-        outputs = self.selection.wants("output")
+        inputs = self.selection.wants("input", site)
+        outputs = self.selection.wants("output", site)
 
         @functools.wraps(original)
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -223,8 +223,8 @@ class _Capture:
 
     def wrap_root(self, site: str, layer: Any, selected: bool) -> Callable[..., Any]:
         original = layer.call
-        inputs = selected and self.selection.wants("input")
-        outputs = selected and self.selection.wants("output")
+        inputs = selected and self.selection.wants("input", site)
+        outputs = selected and self.selection.wants("output", site)
 
         def body(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if inputs:
@@ -321,8 +321,6 @@ class _Capture:
 
     def install(self) -> None:
         model, selection = self.model, self.selection
-        wants_attention = selection.wants("attention")
-        wants_layers = selection.wants("output") or selection.wants("input")
         under_attention: set[int] = set()
         for path, layer in named_layers(model):
             if is_attention_layer(layer):
@@ -333,16 +331,16 @@ class _Capture:
             if not selection.matches(site):
                 continue
             in_attention = id(layer) in under_attention
-            if wants_layers:
+            if selection.wants("output", site) or selection.wants("input", site):
                 wrapper = self.wrap_layer(site, layer, in_attention)
                 self.patches.append(_Patch(layer, "call", wrapper))
-            if wants_attention and is_attention_layer(layer):
+            if selection.wants("attention", site) and is_attention_layer(layer):
                 self.patches.append(_Patch(layer, "_compute_attention",
                                            self.wrap_attention(site, layer)))
         root = site_of("")
         selected = selection.matches(root)
         self.patches.append(_Patch(model, "call", self.wrap_root(root, model, selected)))
-        if selected and wants_attention and is_attention_layer(model):
+        if selected and selection.wants("attention", root) and is_attention_layer(model):
             self.patches.append(_Patch(model, "_compute_attention",
                                        self.wrap_attention(root, model)))
         self._set_aside_step_functions()

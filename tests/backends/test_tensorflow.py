@@ -361,3 +361,12 @@ def test_minilm_cli_trace(tmp_path) -> None:
     assert list(ds["input_text"].values) == ["Keras from the command line.", "Second text."]
     assert ds["transformer_layers.0.self_attention_layer@attention"].sizes["batch"] == 2
     assert all(name.startswith("transformer_layers.0") for name in layerscope.captured_names(ds))
+
+
+def test_kinds_per_pattern(tmp_path: Path) -> None:
+    case = KIT.build("transformer")
+    path = tmp_path / "kinds.zarr"
+    with layerscope.trace(case.model, path, capture=["attn@attention", "norm"]):
+        KIT.run(case, 0)
+    assert layerscope.captured_names(layerscope.open_trace(path)) == [
+        "attn@attention", "norm@output"]

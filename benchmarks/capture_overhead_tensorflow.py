@@ -1,0 +1,109 @@
+"""Capture overhead on all-MiniLM-L6-v2 in keras-hub (TensorFlow, CPU): batch 8 x 128 tokens.
+
+The packaged Hugging Face weights are loaded into keras-hub's ``BertBackbone``. Three ways of
+running the same batches, measured side by side in one process and interleaved trial by trial
+so that machine noise hits all of them alike:
+
+  plain             model(inputs), eager
+  layerscope eager  the same calls while every attention map and every block output streams
+                    to a Zarr store (time per batch includes closing the store)
+  plain predict     model.predict(...) (a tf.function graph), one batch per step
+  layerscope predict the same predict call, captured from inside the graph
+
+Prints the median time per batch and its ratio to the plain run of the same kind.
+
+    python benchmarks/capture_overhead_tensorflow.py [--batches 10] [--trials 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SENTENCE = "layerscope streams what happens inside a network to disk while it runs. "
+# the block outputs (hidden states) and the attention maps, as in the PyTorch benchmark
+CAPTURE = ["embeddings_layer_norm@output", "transformer_layers.[0-9]@output",
+           "transformer_layers.*.self_attention_layer@attention"]
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from layerscope.backends.tensorflow import load_hf_folder
+
+    import layerscope
+    from layerscope.loading import minilm_folder
+
+    model, tokenizer = load_hf_folder(minilm_folder())
+    one = tokenizer([SENTENCE * 20] * args.batch_size, padding="max_length", truncation=True,
+                    max_length=args.tokens, return_tensors="np")
+    many = {k: np.concatenate([v] * args.batches) for k, v in one.items()}
+
+    def eager(batches: int) -> None:
+        for _ in range(batches):
+            model(one, training=False)
+
+    def predict(batches: int) -> None:
+        model.predict({k: v[:batches * args.batch_size] for k, v in many.items()},
+                      batch_size=args.batch_size, verbose=0)
+
+    def traced(run: Callable[[int], None], workdir: Path) -> Callable[[int], int]:
+        def go(batches: int) -> int:
+            path = workdir / "trace.zarr"
+            with layerscope.trace(model, path, CAPTURE, mode="w"):
+                run(batches)
+            stored = folder_bytes(path)
+            shutil.rmtree(path)
+            return stored
+        return go
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        methods: dict[str, Callable[[int], Any]] = {
+            "plain model(x)": eager, "layerscope model(x)": traced(eager, workdir),
+            "plain predict": predict, "layerscope predict": traced(predict, workdir),
+        }
+        baseline = {"layerscope model(x)": "plain model(x)", "layerscope predict": "plain predict"}
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        stored: dict[str, int] = {}
+        for method in methods.values():  # warm up every path (and trace every graph) once
+            method(1)
+        for _ in range(args.trials):
+            for name, method in methods.items():
+                start = time.perf_counter()
+                size = method(args.batches)
+                times[name].append((time.perf_counter() - start) / args.batches)
+                stored[name] = (size or 0) // args.batches
+    import tensorflow as tf
+
+    print(f"all-MiniLM-L6-v2 (keras-hub BertBackbone), batch {args.batch_size} x {args.tokens} "
+          f"tokens, {args.batches} batches x {args.trials} trials, TensorFlow {tf.__version__}, "
+          f"intra-op threads {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}")
+    print(f"{'method':<22} {'ms/batch':>9} {'vs plain':>9} {'stored/batch':>13}")
+    for name in methods:
+        median = statistics.median(times[name])
+        plain = statistics.median(times[baseline.get(name, name)])
+        print(f"{name:<22} {median * 1e3:>9.1f} {median / plain:>8.2f}x "
+              f"{stored.get(name, 0) / 2**20:>10.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
