@@ -37,9 +37,15 @@ SCOPE_TYPE = "named_scope"
 Wants = Callable[[str, str], bool]
 
 
+def _is_user_scope(name: str) -> bool:
+    """Scopes JAX opens itself: ``jnp.einsum`` names its call after the spec (``ij,jk->ik``),
+    ``jax.checkpoint`` wraps its body in ``rematted_computation``."""
+    return "->" not in name and "," not in name and name != "rematted_computation"
+
+
 def _scopes(name_stack: Any) -> tuple[str, ...]:
     return tuple(str(e.name).replace("/", ".") for e in name_stack.stack
-                 if type(e).__name__ == "Scope")
+                 if type(e).__name__ == "Scope" and _is_user_scope(str(e.name)))
 
 
 def _inner(eqn: Any) -> Any:

@@ -36,7 +36,7 @@ from ._jax_attention import AttentionTaps, is_attention_name
 from ._jax_dims import hidden_size_of, to_numpy
 from ._jax_modules import ModuleEngine
 from ._jax_runtime import Sink, activated, capture_key
-from ._jax_scopes import FunctionCapture, is_jitted
+from ._jax_scopes import FunctionCapture
 from .base import class_mro_modules
 
 _OTHER_FRAMEWORKS = {"torch", "tensorflow", "keras", "tf_keras", "keras_hub"}
@@ -287,8 +287,7 @@ class JaxBackend:
         if self._kind(model) == "function":
             target = model.func if isinstance(model, functools.partial) else model
             name = getattr(target, "__qualname__", type(target).__qualname__)
-            return {"class": f"{getattr(target, '__module__', '')}.{name}", "name": name,
-                    "jitted": is_jitted(target)}
+            return {"class": f"{getattr(target, '__module__', '')}.{name}", "name": name}
         described: dict[str, Any] = {
             "class": f"{type(model).__module__}.{type(model).__qualname__}"}
         config = getattr(model, "config", None)
