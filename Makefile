@@ -26,6 +26,7 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed
+	mkdir -p demo
 	$(BIN)/layerscope trace minilm -o demo/trace.zarr --overwrite
 	$(BIN)/layerscope render attention demo/trace.zarr --layer 0 --head 0 -o demo/attention.png
 	$(BIN)/layerscope render hidden demo/trace.zarr --view norms -o demo/hidden_norms.png
