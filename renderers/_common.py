@@ -40,6 +40,7 @@ class ViewOptions:
     max_cells: int = 512
     max_labels: int = 64
     trim_padding: bool = True
+    read_workers: int = 2  # chunks decompressed at once: bounds memory on many-core machines
 
 
 class RenderError(LayerscopeError):
@@ -63,7 +64,7 @@ def new_figure(width: float, height: float) -> Any:
     return fig
 
 
-def save(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+def save(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` as PNG, SVG or PDF, chosen by the suffix of ``path``; returns the path."""
     target = Path(path)
     suffix = target.suffix.lower()
@@ -74,7 +75,8 @@ def save(fig: Any, path: str | Path, dpi: int = 120) -> Path:
         )
     if not target.parent.exists():
         raise RenderError(f"cannot write {target}: folder {target.parent} does not exist")
-    fig.savefig(target, format=suffix[1:], dpi=dpi, bbox_inches="tight")
+    # the constrained layout already fits the labels: no second, "tight" drawing pass
+    fig.savefig(target, format=suffix[1:], dpi=dpi)
     return target
 
 
@@ -206,17 +208,21 @@ def pool_factor(size: int, max_cells: int) -> int:
     return max(1, int(np.ceil(size / max_cells)))
 
 
-def pooled_values(da: Any, factors: dict[str, int], how: str = "max") -> np.ndarray:
+def pooled_values(da: Any, factors: dict[str, int], how: str = "max",
+                  workers: int = 2) -> np.ndarray:
     """Values of a (narrowed, lazy) DataArray, block-pooled along ``factors``.
 
-    Pooling runs on the lazy array, so dask reads one chunk at a time and only the pooled
-    picture is held in memory.
+    Pooling runs on the lazy array, so dask reads ``workers`` chunks at a time and only the
+    pooled picture is held in memory.
     """
     active = {dim: f for dim, f in factors.items() if f > 1}
     if active:
         coarse = da.coarsen(active, boundary="pad")
         da = coarse.max() if how == "max" else coarse.mean()
-    return np.asarray(da.values)
+    data = da.data  # the values only: computing the DataArray would load its coordinates too
+    if hasattr(data, "dask"):
+        return np.asarray(data.compute(num_workers=max(1, workers)))
+    return np.asarray(data)
 
 
 def numbered(values: Iterable[Any]) -> list[str]:

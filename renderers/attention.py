@@ -106,9 +106,10 @@ def attention_heatmap(ds: Any, layer: int | None = None, head: int = 0, sample: 
     one = da.isel({head_dim: head})
     count = len(labels)
     factor = pool_factor(count, opts.max_cells)
-    values = pooled_values(one, {str(q_dim): factor, str(k_dim): factor})
+    values = pooled_values(one, {str(q_dim): factor, str(k_dim): factor},
+                           workers=opts.read_workers)
 
-    size = min(12.0, 3.0 + 0.22 * min(count, opts.max_labels))
+    size = min(8.0, 3.0 + 0.2 * min(count, opts.max_labels))
     fig = new_figure(size + 1.2, size)
     ax = fig.add_subplot()
     extent = (-0.5, count - 0.5, count - 0.5, -0.5)
@@ -149,7 +150,7 @@ def attention_grid(ds: Any, sample: int = 0, options: ViewOptions | None = None,
         factor = pool_factor(count, opts.max_cells)
         # One read per layer: chunks hold all heads of a query block.
         values = pooled_values(da.isel({head_dim: slice(0, heads)}),
-                               {q_dim: factor, k_dim: factor})
+                               {q_dim: factor, k_dim: factor}, workers=opts.read_workers)
         for col in range(heads):
             ax = axes[row, col]
             ax.imshow(values[col], cmap="viridis", vmin=0.0, interpolation="nearest")
