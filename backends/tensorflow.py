@@ -26,7 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from layerscope.core import Recorder, Selection, SiteInfo
+from layerscope.core import BackendError, Recorder, Selection, SiteInfo
 
 from ._keras_attention import tapped_compute_attention
 from ._keras_text import KerasHubTokenizer, adapt_tokenizer, load_hf_folder
@@ -385,6 +385,12 @@ class TensorFlowBackend:
 
     @contextmanager
     def attach(self, model: Any, selection: Selection, recorder: Recorder) -> Iterator[None]:
+        if keras.backend.backend() != "tensorflow":
+            raise BackendError(
+                f"Keras runs on its {keras.backend.backend()!r} backend; layerscope captures Keras "
+                "models on the TensorFlow backend: set KERAS_BACKEND=tensorflow before importing "
+                "keras"
+            )
         capture = _Capture(model, selection, recorder)
         try:
             capture.install()

@@ -370,3 +370,22 @@ def test_kinds_per_pattern(tmp_path: Path) -> None:
         KIT.run(case, 0)
     assert layerscope.captured_names(layerscope.open_trace(path)) == [
         "attn@attention", "norm@output"]
+
+
+def test_keras_on_another_backend_is_refused(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import keras, numpy as np, layerscope\n"
+        "model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])\n"
+        "try:\n"
+        "    layerscope.capture(model, np.ones((2, 3), 'float32'), 'x.zarr')\n"
+        "except layerscope.BackendError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "refused:" in done.stdout and "KERAS_BACKEND=tensorflow" in done.stdout, done.stderr
