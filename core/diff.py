@@ -14,6 +14,7 @@ exceeds 2 and does not depend on which trace is called A.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterator, Mapping
@@ -55,12 +56,13 @@ class DiffOptions:
     (two frameworks doing the same arithmetic in a different order: all-MiniLM-L6-v2 in
     PyTorch and Keras stays within 2e-4 absolute, 4e-6 relative L2, at every site) and flag
     anything that changes the math: a different activation approximation, epsilon, or weight.
-    ``block_bytes`` caps what one read of one side holds (rounded up to a whole chunk).
+    ``block_bytes`` caps what one read of one side holds; a block is a whole number of chunks
+    when a chunk fits (layerscope writes chunks of at most 16 MB), so no chunk is read twice.
     """
 
     rtol: float = 1e-4
     atol: float = 1e-4
-    block_bytes: int = 8 * MB
+    block_bytes: int = 16 * MB
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):
@@ -321,15 +323,17 @@ def compare(va: Any, vb: Any, name_a: str, name_b: str, options: DiffOptions,
     dims_a = [str(d) for d in va.dims]
     dims_b = [str(d) for d in vb.dims]
     lead = len(layout.axes)
-    for block in plan_blocks(layout.shape, _chunks_of(va), va.dtype.itemsize,
-                             options.block_bytes, whole_from=lead):
-        left = va.isel(dict(zip(dims_a, block, strict=True))).values
-        right = vb.isel({dims_b[layout.axes[i]]: block[i] for i in range(lead)}).values
-        if lead < len(dims_a) or len(dims_b) != len(dims_a):
-            right = right.reshape(left.shape)  # B's trailing axes merged or split to A's
-        else:
-            right = np.transpose(right, layout.axes)
-        acc.add(left, right, tuple(s.start for s in block))
+    with _one_read_at_a_time():
+        for block in plan_blocks(layout.shape, _chunks_of(va), va.dtype.itemsize,
+                                 options.block_bytes, whole_from=lead):
+            left = va.isel(dict(zip(dims_a, block, strict=True))).values
+            right = vb.isel({dims_b[layout.axes[i]]: block[i] for i in range(lead)}).values
+            if lead < len(dims_a) or len(dims_b) != len(dims_a):
+                right = right.reshape(left.shape)  # B's trailing axes merged or split to A's
+            else:
+                right = np.transpose(right, layout.axes)
+            acc.add(left, right, tuple(s.start for s in block))
+            del left, right
     worst = {d: int(i) for d, i in zip(dims_a, acc.worst_index, strict=False)}
     return acc.result(name_a, name_b, order, layer, worst, layout.note)
 
@@ -373,6 +377,16 @@ def _layout(va: Any, vb: Any, samples: int | None) -> _Layout | str:
                 f"({', '.join(roles_a[lead:])}) {tuple(shape_a[lead:])}")
         return _Layout(tuple(range(lead)), tuple(shape_a), note)
     return reason
+
+
+def _one_read_at_a_time() -> Any:
+    """Dask's synchronous scheduler for the reads: one chunk in flight per side, so memory
+    is the block and nothing else (a thread pool would decompress several chunks at once)."""
+    try:
+        import dask
+    except ImportError:  # a Dataset not backed by dask: reads are plain already
+        return contextlib.nullcontext()
+    return dask.config.set(scheduler="synchronous")
 
 
 def _numeric(dtype: Any) -> bool:
@@ -424,8 +438,11 @@ def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int,
         yield tuple(slice(s, min(s + b, n)) for s, b, n in zip(corner, block, shape, strict=True))
 
 
+_PIECE = 1 << 18  # elements per arithmetic step: four scratch buffers of 1-2 MB
+
+
 class _Accumulator:
-    """Running statistics over the blocks of one pair (float64, NaN/inf aware)."""
+    """Running statistics over the blocks of one pair (NaN/inf aware)."""
 
     def __init__(self, options: DiffOptions) -> None:
         self.options = options
@@ -437,16 +454,42 @@ class _Accumulator:
         self.blocks = 0
         self.worst_index: tuple[int, ...] = ()
         self._worst_value = -1.0
+        self._scratch: list[np.ndarray] | None = None
 
     def add(self, left: np.ndarray, right: np.ndarray, origin: tuple[int, ...]) -> None:
-        a = np.asarray(left, dtype=np.float64)
-        b = np.asarray(right, dtype=np.float64)
+        """Fold one block in, in flat pieces so float64 temporaries stay a few MB."""
         self.blocks += 1
-        self.size += a.size
-        if a.size == 0:
+        self.size += left.size
+        if left.size == 0:
             return
+        flat_a = np.ascontiguousarray(left).reshape(-1)
+        flat_b = np.ascontiguousarray(right).reshape(-1)
+        for start in range(0, flat_a.size, _PIECE):
+            local = self._piece(flat_a[start:start + _PIECE], flat_b[start:start + _PIECE])
+            if local is not None:
+                index = np.unravel_index(start + local, left.shape)
+                self.worst_index = tuple(int(o + i) for o, i in zip(origin, index, strict=True))
+
+    def _buffers(self, dtype: np.dtype[Any], size: int) -> list[np.ndarray]:
+        # Reused across pieces: fresh multi-MB temporaries per piece cost more in page
+        # faults than the arithmetic itself.
+        if self._scratch is None or self._scratch[0].dtype != dtype:
+            self._scratch = [np.empty(_PIECE, dtype) for _ in range(4)]
+        return [buffer[:size] for buffer in self._scratch]
+
+    def _piece(self, left: np.ndarray, right: np.ndarray) -> int | None:
+        """Statistics of one flat piece; returns its worst element when it beats the record.
+
+        Elementwise work runs in float32 for float32 (or narrower) data, in float64 otherwise;
+        sums always accumulate in float64.
+        """
+        work = np.result_type(left.dtype, right.dtype, np.float32)
+        a, b, delta, scratch = self._buffers(work, left.size)
+        np.copyto(a, left, casting="unsafe")
+        np.copyto(b, right, casting="unsafe")
         with np.errstate(invalid="ignore"):  # inf - inf: handled just below
-            delta = np.abs(a - b)
+            np.subtract(a, b, out=delta)
+        np.abs(delta, out=delta)
         finite = bool(np.isfinite(delta).all())
         if not finite:
             # NaN against NaN and equal infinities agree; any other NaN or inf is an error
@@ -454,24 +497,31 @@ class _Accumulator:
             delta[same] = 0.0
             delta[np.isnan(delta)] = np.inf
             keep = np.isfinite(a) & np.isfinite(b)
-            a, b = np.where(keep, a, 0.0), np.where(keep, b, 0.0)
-        abs_a, abs_b = np.abs(a), np.abs(b)
-        self.n_bad += int(np.count_nonzero(delta > self.options.atol + self.options.rtol * abs_b))
+            a[~keep] = 0.0
+            b[~keep] = 0.0
+        np.abs(b, out=scratch)
+        scratch *= self.options.rtol
+        scratch += self.options.atol
+        self.n_bad += int(np.count_nonzero(delta > scratch))
         flat = int(np.argmax(delta))
-        peak = float(delta.flat[flat])
+        peak = float(delta[flat])
+        self.max_abs = max(self.max_abs, peak)
+        self.dot += float(np.einsum("i,i->", a, b, dtype=np.float64))
+        self.norm_a += float(np.einsum("i,i->", a, a, dtype=np.float64))
+        self.norm_b += float(np.einsum("i,i->", b, b, dtype=np.float64))
+        np.abs(a, out=a)
+        np.abs(b, out=b)
+        np.maximum(a, b, out=scratch)  # max(|a|, |b|): 0 only where both are 0
+        np.divide(delta, scratch, out=scratch, where=scratch > 0)
+        self.max_rel = max(self.max_rel, float(scratch.max()),
+                           math.inf if peak == math.inf else 0.0)
+        if not finite:
+            delta[~np.isfinite(delta)] = 0.0
+        self.norm_d += float(np.einsum("i,i->", delta, delta, dtype=np.float64))
         if peak > self._worst_value:
             self._worst_value = peak
-            local = np.unravel_index(flat, delta.shape)
-            self.worst_index = tuple(int(o + i) for o, i in zip(origin, local, strict=True))
-        self.max_abs = max(self.max_abs, peak)
-        denom = np.maximum(abs_a, abs_b)
-        rel = np.divide(delta, denom, out=np.zeros_like(delta), where=denom > 0)
-        self.max_rel = max(self.max_rel, float(rel.max()))
-        finite_delta = np.where(np.isfinite(delta), delta, 0.0) if not finite else delta
-        self.dot += float(np.vdot(a, b))
-        self.norm_a += float(np.vdot(a, a))
-        self.norm_b += float(np.vdot(b, b))
-        self.norm_d += float(np.vdot(finite_delta, finite_delta))
+            return flat
+        return None
 
     def result(self, name_a: str, name_b: str, order: int, layer: int | None,
                worst: dict[str, int], note: str) -> PairResult:
