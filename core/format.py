@@ -36,7 +36,8 @@ class Compression:
 
         codecs: list[Any] = []
         if self.enabled:
-            codecs.append(BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle))
+            blosc: Any = BloscCodec  # cname/shuffle are checked by the codec itself
+            codecs.append(blosc(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle))
         if self.checksum:
             codecs.append(Crc32cCodec())
         return codecs
@@ -68,7 +69,7 @@ def new_group_attrs(
         "framework_version": framework_version,
         "model": model,
         "capture": capture,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "status": STATUS_WRITING,
         "committed_batches": 0,
         "committed_samples": 0,

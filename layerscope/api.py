@@ -5,18 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeAlias
 
 from layerscope.backends import Backend, detect, get_backend
 from layerscope.core import (
-    BackendError, CaptureError, LayerscopeError, Recorder, Selection, SiteInfo, StoreOptions,
+    BackendError,
+    CaptureError,
+    LayerscopeError,
+    Recorder,
+    Selection,
+    SiteInfo,
+    StoreOptions,
     open_trace,
 )
 from layerscope.core.format import new_group_attrs
 from layerscope.core.store import open_group_for_writing
 from layerscope.core.writer import TraceWriter
 
-CaptureSpec = str | Sequence[str] | Selection | None
+CaptureSpec: TypeAlias = str | Sequence[str] | Selection | None
 
 
 def _backend_for(model: Any, backend: str | None) -> Backend:
@@ -150,8 +156,9 @@ def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = No
     """Run ``model`` on ``inputs`` and write everything to ``path``; returns the lazy Dataset.
 
     ``inputs``: a list of strings (tokenized with ``tokenizer`` to one padded length, batches
-    of ``batch_size``, truncated to ``max_length`` tokens), a dict of tensors (one ``model(**inputs)`` call), a tensor (one
-    ``model(x)`` call) or a list / iterable of those (one call each).
+    of ``batch_size``, truncated to ``max_length`` tokens), a dict of tensors (one
+    ``model(**inputs)`` call), a tensor (one ``model(x)`` call) or a list / iterable of those
+    (one call each).
     """
     from .batches import plan_calls
 

@@ -84,7 +84,7 @@ def test_corrupted_chunk_is_detected(tmp_path):
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     with pytest.raises(Exception, match="(?i)checksum|crc"):
-        layerscope.open_trace(path)["block.0@output"].values
+        layerscope.open_trace(path)["block.0@output"].load()
 
 
 def test_append_mode_continues_the_batch_axis(tmp_path):
