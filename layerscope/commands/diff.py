@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -48,9 +49,16 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(run=run)
 
 
+_PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
 def run(args: argparse.Namespace) -> int:
+    from layerscope.core import LayerscopeError
     from layerscope.core.diff import diff
 
+    if args.plot and Path(args.plot).suffix.lower() not in _PLOT_FORMATS:
+        # checked before the comparison, which can take minutes on large traces
+        raise LayerscopeError(f"--plot {args.plot}: end the file name in .png, .svg or .pdf")
     result = diff(args.a, args.b, name_map=args.name_map, rtol=args.rtol, atol=args.atol)
     if args.plot:
         from layerscope.renderers.diff import plot_diff
