@@ -200,6 +200,14 @@ def diff(a: TraceLike, b: TraceLike, name_map: NameMapLike = None, rtol: float |
                 f"no variable of {label_a} pairs with one of {label_b} by name, kind and dim "
                 "sizes; give a name map (--map FILE) that says which site is which"
             )
+        by_position = sum(1 for na, nb in pairs if na != nb)
+        if by_position:
+            notes.append(
+                f"{by_position} pair(s) of differently named sites were matched by execution "
+                "order, kind and dim sizes alone; if the two models differ in granularity "
+                "(one framework exposes a module the other does not), check the pairs or give "
+                "a name map (--map FILE)"
+            )
     samples = _common_samples(ds_a, ds_b, label_a, label_b, notes)
     _check_inputs(ds_a, ds_b, samples, notes)
     results = tuple(

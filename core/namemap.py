@@ -6,7 +6,10 @@ Two ways to pair the captured variables of two traces:
   as a small JSON / YAML file (see :func:`load_name_map`);
 * an **automatic** match: identical names first, then the rest lined up in execution order
   (variable attr ``order``), pairing only variables of the same kind whose dims have the same
-  roles and sizes (attr ``roles``), whatever their layout.
+  roles and sizes (attr ``roles``), whatever their layout. This is exact for two traces of
+  one model structure (the same framework, or layer-for-layer ports such as a CNN in PyTorch
+  and Keras); where one framework exposes modules the other fuses (a Dense layer with its
+  activation inside), positions shift and a name map says what is what.
 
 Pattern syntax (a rule's two sides):
 
