@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import keras
+
 from layerscope.core.naming import ROOT_SITE, default_roles
 
 # Keras' own bookkeeping attributes hold layers too (every tracked child, the functional graph

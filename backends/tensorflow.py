@@ -26,6 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+
 from layerscope.core import BackendError, Recorder, Selection, SiteInfo
 
 from ._keras_attention import tapped_compute_attention

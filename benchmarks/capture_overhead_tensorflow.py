@@ -48,9 +48,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from layerscope.backends.tensorflow import load_hf_folder
-
     import layerscope
+    from layerscope.backends.tensorflow import load_hf_folder
     from layerscope.loading import minilm_folder
 
     model, tokenizer = load_hf_folder(minilm_folder())

@@ -9,6 +9,7 @@ from typing import Any
 
 import keras
 import numpy as np
+
 from layerscope.backends._keras_tree import named_layers
 
 from .conformance import Case

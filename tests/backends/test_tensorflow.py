@@ -10,10 +10,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from layerscope.backends import detect
-from layerscope.backends._keras_tree import named_layers
 
 import layerscope
+from layerscope.backends import detect
+from layerscope.backends._keras_tree import named_layers
 
 from .kit_tensorflow import TensorFlowKit, TinyTransformer
 
@@ -332,6 +332,7 @@ def test_minilm_matches_the_pytorch_model(keras_minilm_trace, minilm_folder,
 
 def test_minilm_keras_hub_tokenizer_is_adapted(keras_minilm, minilm_folder, tmp_path) -> None:
     import keras_hub
+
     from layerscope.backends.tensorflow import BACKEND
 
     model, loaded = keras_minilm
@@ -389,3 +390,30 @@ def test_keras_on_another_backend_is_refused(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert "refused:" in done.stdout and "KERAS_BACKEND=tensorflow" in done.stdout, done.stderr
+
+
+def test_nhwc_maps_line_up_with_a_pytorch_trace_by_name(tmp_path: Path) -> None:
+    """One CNN in both frameworks with the same weights: the Keras NHWC trace and the PyTorch
+    NCHW trace agree once the Keras variables are transposed to the PyTorch dim names."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    torch_cnn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    keras_cnn = keras.Sequential([
+        keras.Input((8, 8, 2)), keras.layers.Conv2D(4, 3, name="conv"),
+        keras.layers.ReLU(name="act"), keras.layers.MaxPooling2D(2, name="pool"),
+    ])
+    conv = torch_cnn[0]
+    keras_cnn.get_layer("conv").set_weights([conv.weight.detach().numpy().transpose(2, 3, 1, 0),
+                                             conv.bias.detach().numpy()])
+    nchw = np.random.default_rng(5).standard_normal((3, 2, 8, 8)).astype(np.float32)
+    ours = layerscope.capture(keras_cnn, nchw.transpose(0, 2, 3, 1), tmp_path / "keras.zarr")
+    theirs = layerscope.capture(torch_cnn, torch.from_numpy(nchw), tmp_path / "torch.zarr")
+    for keras_site, torch_site in (("conv", "0"), ("act", "1"), ("pool", "2")):
+        mine, reference = ours[f"{keras_site}@output"], theirs[f"{torch_site}@output"]
+        assert set(mine.dims) == set(reference.dims)
+        assert tuple(mine.attrs["roles"]) == ("batch", "height", "width", "channel")
+        assert tuple(reference.attrs["roles"]) == ("batch", "channel", "height", "width")
+        np.testing.assert_allclose(mine.transpose(*reference.dims).values, reference.values,
+                                   rtol=1e-5, atol=1e-5, err_msg=keras_site)
