@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -78,13 +78,11 @@ class Sink:
         self.recorder = recorder
         self.key = key
         self.errors: list[BaseException] = []
-        self.compiled_passes = False  # a callback may still be queued in XLA
 
     # -- eager -------------------------------------------------------------------------------
 
     def begin(self, batch: int, token_ids: Any) -> None:
-        if self.compiled_passes:
-            jax.effects_barrier()  # earlier compiled passes first, in call order
+        jax.effects_barrier()  # compiled passes called earlier are recorded first, in order
         self.raise_errors()
         if self.recorder.in_pass:
             self.recorder.abort_pass()
@@ -120,7 +118,6 @@ class Sink:
             sink.deliver(batch, ids, [Item(s, k, a, r, t) for (s, k, r, t), a
                                       in zip(meta, arrays, strict=True)])
 
-        self.compiled_passes = True
         operands = ([token_ids] if has_ids else []) + values
         jax.debug.callback(deliver, *operands, ordered=True)
 
@@ -144,9 +141,9 @@ class Sink:
         self.recorder.begin_pass(batch, ids)
 
     def wait(self) -> None:
-        """Let every queued compiled pass reach the recorder."""
-        if self.compiled_passes:
-            jax.effects_barrier()
+        """Let every queued compiled pass reach the recorder (also those of a function
+        compiled in an earlier block, which runs here without being traced again)."""
+        jax.effects_barrier()
 
     def raise_errors(self) -> None:
         if self.errors:
@@ -183,11 +180,3 @@ def activated(sink: Sink) -> Iterator[None]:
         finally:
             with _lock:
                 _active.pop(sink.key, None)
-
-
-def current_key() -> int:
-    """The capture key code is being traced under (0 outside captures)."""
-    return int(_STATE.value) if _STATE is not None else 0
-
-
-Deliver = Callable[[int, Any, list[Item]], None]

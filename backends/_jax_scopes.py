@@ -257,6 +257,13 @@ class FunctionCapture:
         outs, captured = runner(*dynamic)
         result = jax.tree_util.tree_unflatten(program.out_tree, outs)
         batch, token_ids = batch_of(args, kwargs)
+        returned = next((o for o in outs if is_array(o) and o.ndim >= 1), None)
+        if "input_ids" not in kwargs and returned is not None:
+            # f(w, x) has no modules to tell weights from inputs: the batch is the leading
+            # axis of what the function returns
+            batch = int(returned.shape[0])
+            if token_ids is not None and int(token_ids.shape[0]) != batch:
+                token_ids = None
         if batch is None:
             return result
         items = [Item(site, kind, value, roles, module_type)

@@ -446,10 +446,29 @@ def test_function_restored_after_exception(params: dict[str, Any], tmp_path: Pat
     with pytest.raises(ZeroDivisionError):
         with layerscope.trace(hand_model, path, backend="jax") as t:
             t(params, features(0))
-            1 / 0
+            raise ZeroDivisionError("stop")
     assert backend._functions == {} and not hasattr(jax.nn.softmax, "__wrapped__")
     with pytest.warns(UserWarning, match="aborted"):
         assert layerscope.open_trace(path).attrs["committed_batches"] == 1
     with layerscope.trace(hand_model, tmp_path / "ok.zarr", backend="jax") as t:
         t(params, features(1))
     assert layerscope.open_trace(tmp_path / "ok.zarr").attrs["committed_batches"] == 1
+
+
+def test_function_inside_users_jit_with_bare_weights(tmp_path: Path) -> None:
+    """``f(w, x)`` with a weight matrix first: the batch is the leading axis of the result;
+    called inside the user's own jit, values leave through the host callback."""
+    def f(w: jax.Array, x: jax.Array) -> jax.Array:
+        with jax.named_scope("layers.0"):
+            h = jnp.tanh(x @ w)
+        return h.sum(-1)
+
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4)), jnp.float32)
+    path = tmp_path / "inner.zarr"
+    with layerscope.trace(f, path, backend="jax") as t:
+        out = jax.jit(lambda x: t(w, x))(x)
+    ds = layerscope.open_trace(path)
+    assert ds.sizes["batch"] == 2
+    np.testing.assert_allclose(ds["layers.0@output"].values, jnp.tanh(x @ w), rtol=1e-6)
+    np.testing.assert_array_equal(ds["root@output"].values, out)

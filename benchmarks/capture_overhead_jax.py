@@ -1,0 +1,127 @@
+"""Capture overhead on all-MiniLM-L6-v2 in Flax NNX (JAX, CPU): batch 8 x 128 tokens.
+
+The packaged Hugging Face weights are loaded into the NNX port of BERT
+(examples/minilm/flax_bert.py). Four ways of running the same batches, measured side by side
+in one process and interleaved trial by trial so that machine noise hits all of them alike:
+
+  plain eager        model(**inputs), op by op
+  layerscope eager   the same calls while every attention map and every block output streams
+                     to a Zarr store (time per batch includes closing the store)
+  plain jit          nnx.jit(model call), one compiled XLA computation per batch
+  layerscope jit     the same compiled call; captured values leave it through one host
+                     callback per batch (the function is compiled once and stays compiled)
+
+Every time includes waiting for the results (``jax.block_until_ready``). Prints the median time
+per batch, its ratio to the plain run of the same kind, and what the capture added per batch.
+
+    python benchmarks/capture_overhead_jax.py [--batches 10] [--trials 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SENTENCE = "layerscope streams what happens inside a network to disk while it runs. "
+# the block outputs (hidden states) and the attention maps, as in the PyTorch benchmark
+CAPTURE = ["embeddings@output", "encoder.layer.[0-9]@output",
+           "encoder.layer.*.attention@attention"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import jax
+    from flax import nnx
+    from transformers import AutoTokenizer
+
+    import layerscope
+    from layerscope.loading import minilm_folder
+
+    sys.path.insert(0, str(ROOT / "examples" / "minilm"))
+    from flax_bert import FlaxBertModel
+
+    folder = minilm_folder()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = FlaxBertModel.from_pretrained(folder)
+    encoded = tokenizer([SENTENCE * 20] * args.batch_size, padding="max_length",
+                        truncation=True, max_length=args.tokens, return_tensors="np")
+    inputs = {k: jax.numpy.asarray(v) for k, v in encoded.items()}
+    compiled = nnx.jit(lambda m, kw: m(**kw))
+
+    def eager(_: Path) -> Any:
+        return model(**inputs)
+
+    def jitted(_: Path) -> Any:
+        return compiled(model, inputs)
+
+    def plain(call: Callable[[Path], Any]) -> Callable[[Path], tuple[float, int]]:
+        def run(workdir: Path) -> tuple[float, int]:
+            start = time.perf_counter()
+            for _ in range(args.batches):
+                jax.block_until_ready(call(workdir))
+            return time.perf_counter() - start, 0
+        return run
+
+    def captured(call: Callable[[Path], Any]) -> Callable[[Path], tuple[float, int]]:
+        def run(workdir: Path) -> tuple[float, int]:
+            path = workdir / "trace.zarr"
+            start = time.perf_counter()
+            with layerscope.trace(model, path, CAPTURE, mode="w"):
+                for _ in range(args.batches):
+                    jax.block_until_ready(call(workdir))
+            elapsed = time.perf_counter() - start
+            stored = folder_bytes(path)
+            shutil.rmtree(path)
+            return elapsed, stored
+        return run
+
+    methods = {"plain eager": plain(eager), "layerscope eager": captured(eager),
+               "plain jit": plain(jitted), "layerscope jit": captured(jitted)}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    stored: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for method in methods.values():  # warm up (and compile) every path once
+            method(workdir)
+        for _ in range(args.trials):
+            for name, method in methods.items():
+                elapsed, size = method(workdir)
+                times[name].append(elapsed / args.batches)
+                stored[name] = size // args.batches
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"all-MiniLM-L6-v2 (Flax NNX), batch {args.batch_size} x {args.tokens} tokens, "
+          f"{args.batches} batches x {args.trials} trials, jax {jax.__version__} on "
+          f"{jax.default_backend()}")
+    print(f"{'method':<18} {'ms/batch':>9} {'vs plain':>9} {'added ms':>9} {'stored/batch':>13}")
+    for name in methods:
+        kind = name.split()[-1]
+        base = medians[f"plain {kind}"]
+        print(f"{name:<18} {medians[name] * 1e3:>9.1f} {medians[name] / base:>8.2f}x "
+              f"{(medians[name] - base) * 1e3:>9.1f} {stored.get(name, 0) / 2**20:>10.1f} MB")
+    added = medians["layerscope jit"] - medians["plain jit"]
+    print(f"jitted capture adds {added * 1e3:.1f} ms per batch: "
+          f"{added / medians['plain jit']:.0%} of the jitted forward, "
+          f"{added / medians['plain eager']:.0%} of the eager one")
+
+
+if __name__ == "__main__":
+    main()
