@@ -31,12 +31,11 @@ import numpy as np
 
 
 def generate(path: Path, layers: int, heads: int, tokens: int, samples: int) -> float:
+    import layerscope
     from layerscope.core import Recorder, Selection
     from layerscope.core.format import new_group_attrs
     from layerscope.core.store import open_group_for_writing
     from layerscope.core.writer import TraceWriter
-
-    import layerscope
 
     attrs = new_group_attrs("numpy", np.__version__, {"class": "synthetic-attention"},
                             Selection().to_json())
@@ -75,21 +74,31 @@ def _io_read_bytes() -> int:
     return -1
 
 
-def measure(mode: str, path: str, layer: int, head: int, out: str) -> dict[str, float]:
-    """Runs in a child process: open, read, draw, save; returns time and memory."""
+def _peak_rss_mb() -> float:
+    """VmHWM: this process's own peak (ru_maxrss would carry the parent's over fork+exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(mode: str, path: str, layer: int, head: int, out: str) -> dict[str, float]:
+    """Runs in a child process: open, read, draw, save; returns time and memory."""
     started = time.perf_counter()
     import dask.array  # noqa: F401  (the libraries a render needs, timed apart)
     import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
     import xarray  # noqa: F401
     import zarr  # noqa: F401
-    from layerscope.renderers import attention_heatmap, save
 
     import layerscope
+    from layerscope.renderers import attention_heatmap, limit_read_threads, save
 
+    limit_read_threads()  # as `layerscope render` does, before the first read
     imports = time.perf_counter() - started
-    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_imports = _peak_rss_mb()
     io_before = _io_read_bytes()
     started = time.perf_counter()
     ds = layerscope.open_trace(path)
@@ -107,7 +116,7 @@ def measure(mode: str, path: str, layer: int, head: int, out: str) -> dict[str, 
         drawn = time.perf_counter()
     save(fig, out)
     done = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     read = _io_read_bytes() - io_before if io_before >= 0 else -1
     return {"seconds": done - started, "read_and_draw_s": drawn - started,
             "save_png_s": done - drawn, "imports_s": imports, "peak_rss_mb": peak,

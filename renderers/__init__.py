@@ -6,7 +6,7 @@ Agg canvas (no display needed; they show inline in notebooks); :func:`save` writ
 PDF by suffix.
 """
 
-from ._common import RenderError, ViewOptions, save
+from ._common import RenderError, ViewOptions, limit_read_threads, save
 from .activations import (
     channel_grid,
     conv_variables,
@@ -39,6 +39,7 @@ from .report import ReportOptions, report_html, stats_table, write_report
 from .stats import Histogram, distributions, histogram, layer_stats
 
 __all__ = [
+    "limit_read_threads",
     "ReportOptions", "report_html", "stats_table", "write_report",
     "Histogram", "channel_grid", "conv_variables", "distributions", "histogram", "layer_stats",
     "mlp_variables", "neuron_heatmap", "top_tokens", "top_tokens_figure",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from layerscope.core.errors import LayerscopeError
 from layerscope.core.format import TOKEN_TEXT
 from layerscope.core.naming import is_capture, parse_variable_name
@@ -84,6 +85,34 @@ def png_bytes(fig: Any, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def limit_read_threads(workers: int = 2) -> None:
+    """Keep the peak memory of drawing from huge traces low, for this whole process.
+
+    A view reads a handful of large chunks (up to 16 MB each). Two things decide how much of
+    that memory the process keeps: zarr decodes on a thread pool, and with glibc every thread
+    has its own malloc arena holding on to freed chunk buffers. This caps zarr's pool at
+    ``workers`` threads (effective when called before zarr first reads) and, on glibc, serves
+    buffers of 1 MiB and more with mmap so that a freed chunk goes straight back to the OS.
+    The CLI calls it; call it yourself before opening a trace to get the same footprint.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    import zarr
+
+    zarr.config.set({"threading.max_workers": max(1, workers)})
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to tune
+            pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 # -- variables -----------------------------------------------------------------------------
@@ -189,7 +218,8 @@ def label_ticks(axis: Any, labels: Sequence[str], which: str, start: int = 0,
                 max_labels: int = 64) -> int:
     """Put token labels on an axis, every ``step``-th when there are too many to read."""
     count = len(labels)
-    step = max(1, int(np.ceil(count / max_labels)))
+    # all labels when they fit; else every k-th, half as many (tick objects are costly to draw)
+    step = 1 if count <= max_labels else int(np.ceil(count / max(1, max_labels // 2)))
     positions = list(range(0, count, step))
     texts = [escape(labels[i]) if step == 1 else f"{start + i}:{escape(labels[i])}"
              for i in positions]

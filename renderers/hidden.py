@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from ._common import (
+    PAD_TOKENS,
     RenderError,
+    as_str,
     captures,
     check_sample,
     dim_of,
@@ -141,8 +143,9 @@ def hidden_norms(ds: Any, sample: int = 0) -> Any:
 
 
 def fit_pca(ds: Any, stream: Stream, components: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and top principal axes of every token vector of every layer of the whole trace,
-    accumulated chunk by chunk (a running sum and Gram matrix: memory is hidden^2, not data)."""
+    """Mean and top principal axes of every (unpadded) token vector of every layer of the
+    whole trace, accumulated chunk by chunk (a running sum and Gram matrix: memory grows with
+    hidden^2, not with the data)."""
     width = int(ds[stream.names[0]].sizes[stream.hidden_dim])
     total = np.zeros(width)
     gram = np.zeros((width, width))
@@ -153,9 +156,13 @@ def fit_pca(ds: Any, stream: Stream, components: int = 2) -> tuple[np.ndarray, n
         step = _batch_step(da, batch_dim)
         for start in range(0, int(da.sizes[batch_dim]), step):
             block = da.isel({batch_dim: slice(start, start + step)})
-            rows = np.asarray(block.transpose(..., stream.hidden_dim).values, np.float64)
-            rows = rows.reshape(-1, width)
-            rows = rows[np.isfinite(rows).all(axis=1)]
+            values = block.transpose(batch_dim, stream.token_dim, stream.hidden_dim).values
+            rows = np.asarray(values, np.float64).reshape(-1, width)
+            keep = np.isfinite(rows).all(axis=1)
+            if "token_text" in ds.variables:  # padding would pull the axes towards itself
+                text = as_str(ds["token_text"].isel(batch=slice(start, start + step)).values)
+                keep &= ~np.isin(text, list(PAD_TOKENS)).reshape(-1)
+            rows = rows[keep]
             total += rows.sum(axis=0)
             gram += rows.T @ rows
             count += len(rows)

@@ -67,6 +67,7 @@ def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--sample", type=int, default=0, help="sample index (default 0)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="image to write: .png, .svg or .pdf")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution of PNG output")
     return parser
 
 
@@ -78,9 +79,10 @@ def _window(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_output(path: str) -> Path:
-    from layerscope.renderers import RenderError
+    from layerscope.renderers import RenderError, limit_read_threads
     from layerscope.renderers._common import FORMATS
 
+    limit_read_threads()  # before the first read: a view needs few chunks, memory stays low
     target = Path(path)
     if target.suffix.lower() not in FORMATS:
         raise RenderError(f"cannot write {target}: end the file name in .png, .svg or .pdf")
@@ -89,10 +91,10 @@ def _check_output(path: str) -> Path:
     return target
 
 
-def _finish(fig: Any, output: str) -> int:
+def _finish(fig: Any, output: str, dpi: int = 100) -> int:
     from layerscope.renderers import save
 
-    written = save(fig, output)
+    written = save(fig, output, dpi)
     print(written)
     return 0
 
@@ -125,7 +127,7 @@ def _run_attention(args: argparse.Namespace) -> int:
         fig = r.head_view(ds, args.layer, args.sample, args.head, args.variable, options)
     else:
         fig = r.head_summary_figure(ds)
-    return _finish(fig, args.output)
+    return _finish(fig, args.output, args.dpi)
 
 
 def _run_hidden(args: argparse.Namespace) -> int:
@@ -146,7 +148,7 @@ def _run_hidden(args: argparse.Namespace) -> int:
                 "(vocab x hidden, e.g. the tied word embeddings) and --vocab VOCAB.txt"
             )
         fig = r.logit_lens(ds, r.Unembedding.load(args.unembedding, args.vocab), args.sample)
-    return _finish(fig, args.output)
+    return _finish(fig, args.output, args.dpi)
 
 
 def _run_activations(args: argparse.Namespace) -> int:
@@ -162,7 +164,7 @@ def _run_activations(args: argparse.Namespace) -> int:
         fig = r.neuron_heatmap(ds, args.variable, args.sample, args.layer, args.neurons)
     else:
         fig = r.top_tokens_figure(ds, args.variable, args.layer, args.top_k, args.neurons)
-    return _finish(fig, args.output)
+    return _finish(fig, args.output, args.dpi)
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -170,4 +172,4 @@ def _run_stats(args: argparse.Namespace) -> int:
 
     _check_output(args.output)
     ds = open_trace(args.trace)
-    return _finish(r.distributions(ds, args.variable, args.bins), args.output)
+    return _finish(r.distributions(ds, args.variable, args.bins), args.output, args.dpi)

@@ -28,8 +28,15 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from layerscope.renderers import RenderError, ReportOptions, Unembedding, write_report
+    from layerscope.renderers import (
+        RenderError,
+        ReportOptions,
+        Unembedding,
+        limit_read_threads,
+        write_report,
+    )
 
+    limit_read_threads()
     target = Path(args.output)
     if target.suffix.lower() not in (".html", ".htm"):
         raise RenderError(f"cannot write {target}: end the report's file name in .html")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from layerscope.core import Recorder, Selection, StoreOptions
 from layerscope.core.format import new_group_attrs
 from layerscope.core.store import open_group_for_writing

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import layerscope
+from layerscope import LayerscopeError
 from layerscope.renderers import (
     channel_grid,
     conv_variables,
@@ -17,14 +20,11 @@ from layerscope.renderers import (
     top_tokens_figure,
 )
 
-import layerscope
-from layerscope import LayerscopeError
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def cnn_trace(tmp_path_factory):
+def cnn_path(tmp_path_factory):
     import torch
     from torch import nn
 
@@ -37,7 +37,23 @@ def cnn_trace(tmp_path_factory):
     path = tmp_path_factory.mktemp("cnn") / "cnn.zarr"
     with torch.no_grad():
         layerscope.capture(model, images, path, kinds=["input", "output"])
-    return layerscope.open_trace(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cnn_trace(cnn_path):
+    return layerscope.open_trace(cnn_path)
+
+
+def test_channels_from_the_cli(cnn_path, tmp_path, capsys):
+    from layerscope.cli import main
+
+    path = cnn_path
+    out = tmp_path / "channels.svg"
+    assert main(["render", "activations", str(path), "--view", "channels", "--variable",
+                 "conv1@output", "--channels", "0", "2", "-o", str(out)]) == 0
+    svg = out.read_text()
+    assert "channel 0" in svg and "channel 2" in svg and "channel 1<" not in svg
 
 
 def test_conv_variables(cnn_trace):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from layerscope import LayerscopeError
 from layerscope.renderers import (
     ViewOptions,
     attention_grid,
@@ -14,8 +16,6 @@ from layerscope.renderers import (
     save,
     select_attention,
 )
-
-from layerscope import LayerscopeError
 
 
 def _tokens(ds, sample):
@@ -60,6 +60,15 @@ def test_window_and_pooling_are_said(ds):
     block = ds["encoder.layer.0.attention.self@attention"].values[0, 0, 2:8, 2:8]
     pooled = block.reshape(3, 2, 3, 2).max(axis=(1, 3))
     np.testing.assert_array_equal(ax.images[0].get_array(), pooled)
+
+
+def test_long_sequences_label_every_kth_token_with_its_position(ds):
+    fig = attention_heatmap(ds, sample=1, options=ViewOptions(max_labels=4))
+    tokens = _tokens(ds, 1)
+    step = -(-len(tokens) // 2)  # over 4 tokens: every k-th, at most 4 // 2 labels
+    expected = [f"{i}:{tokens[i]}" for i in range(0, len(tokens), step)]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == expected
+    assert list(fig.axes[0].get_xticks()) == list(range(0, len(tokens), step))
 
 
 @pytest.mark.parametrize(

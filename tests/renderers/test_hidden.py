@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 import pytest
+
+from layerscope import LayerscopeError
 from layerscope.renderers import (
     Unembedding,
     block_outputs,
@@ -17,8 +19,6 @@ from layerscope.renderers import (
     logit_lens_table,
     similarity_figure,
 )
-
-from layerscope import LayerscopeError
 
 BLOCKS = ["embeddings@output"] + [f"encoder.layer.{i}@output" for i in range(6)]
 
@@ -50,11 +50,12 @@ def test_norms_per_token_and_layer(ds):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["embed", "0", "1", "2", "3", "4", "5"]
 
 
-def test_pca_is_fitted_on_every_vector_of_every_layer(ds):
+def test_pca_is_fitted_on_every_unpadded_vector_of_every_layer(ds):
     stream = block_outputs(ds)
     mean, axes = fit_pca(ds, stream)
-    rows = np.concatenate([ds[n].values.reshape(-1, ds[n].shape[-1]) for n in BLOCKS])
-    rows = rows.astype(np.float64)
+    real = np.asarray(ds["token_text"].values.tolist()) != "[PAD]"
+    rows = np.concatenate([ds[n].values[real] for n in BLOCKS]).astype(np.float64)
+    assert len(rows) == real.sum() * len(BLOCKS) < ds[BLOCKS[0]].shape[0] * ds.sizes["token"] * 7
     np.testing.assert_allclose(mean, rows.mean(axis=0), rtol=1e-9, atol=1e-9)
     _, _, vt = np.linalg.svd(rows - rows.mean(axis=0), full_matrices=False)
     for k in range(2):  # the same axes up to sign

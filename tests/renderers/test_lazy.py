@@ -8,11 +8,11 @@ import os
 
 import numpy as np
 import pytest
-from layerscope.core.chunking import ChunkPolicy
-from layerscope.renderers import attention_heatmap, hidden_norms
 from zarr.storage import LocalStore
 
 import layerscope
+from layerscope.core.chunking import ChunkPolicy
+from layerscope.renderers import attention_heatmap, hidden_norms
 
 from .conftest import TEXTS
 from .counting import CountingStore

@@ -8,9 +8,9 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from layerscope.renderers import ReportOptions, Unembedding, layer_stats, report_html
 
 from layerscope.cli import main
+from layerscope.renderers import ReportOptions, Unembedding, layer_stats, report_html
 
 
 class Page(HTMLParser):

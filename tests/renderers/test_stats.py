@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from layerscope.core.chunking import ChunkPolicy
-from layerscope.renderers import distributions, histogram, layer_stats
 
 import layerscope
+from layerscope.core.chunking import ChunkPolicy
+from layerscope.renderers import distributions, histogram, layer_stats
 
 from .synthetic import write_trace
 
