@@ -29,10 +29,9 @@ from .format import BATCH, TOKEN_ID
 from .namemap import (
     NameMap,
     NameMapError,
-    align_axes,
     lcs_pairs,
+    line_up,
     load_name_map,
-    roles_of,
     signature,
 )
 from .reader import captured_names, open_trace
@@ -324,7 +323,7 @@ def compare(va: Any, vb: Any, name_a: str, name_b: str, options: DiffOptions,
 
     if not (_numeric(va.dtype) and _numeric(vb.dtype)):
         return mismatch(f"dtypes {va.dtype} / {vb.dtype} are not numeric")
-    layout = _layout(va, vb, samples)
+    layout = line_up(va, vb, samples)
     if isinstance(layout, str):
         return mismatch(layout)
     acc = _Accumulator(options)
@@ -344,47 +343,6 @@ def compare(va: Any, vb: Any, name_a: str, name_b: str, options: DiffOptions,
             del left, right
     worst = {d: int(i) for d, i in zip(dims_a, acc.worst_index, strict=False)}
     return acc.result(name_a, name_b, order, layer, worst, layout.note)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How to read B in A's layout: B's axis for each of A's leading ``len(axes)`` axes;
-    A's remaining axes (if any) are B's remaining axes reshaped in C order."""
-
-    axes: tuple[int, ...]
-    shape: tuple[int, ...]  # A's shape, cut to the samples both traces hold
-    note: str
-
-
-def _layout(va: Any, vb: Any, samples: int | None) -> _Layout | str:
-    """Line B up with A by dim role, else by merging trailing axes; a string says why not."""
-    shape_a = [int(n) for n in va.shape]
-    shape_b_raw = [int(n) for n in vb.shape]
-    if va.dims and va.dims[0] == BATCH and vb.dims and vb.dims[0] == BATCH:
-        common = min(shape_a[0], shape_b_raw[0], samples if samples is not None else 1 << 62)
-        shape_a[0] = shape_b_raw[0] = common
-    try:
-        axes, note = align_axes(va, vb)
-        shape_b = [shape_b_raw[ax] for ax in axes]
-        if shape_a == shape_b:
-            return _Layout(axes, tuple(shape_a), note)
-        reason = (f"shapes differ after lining up dims by role: A {tuple(shape_a)} "
-                  f"({', '.join(roles_of(va))}), B {tuple(shape_b)} (in A's order)")
-    except NameMapError as exc:
-        reason = str(exc)
-    # Heads split on one side only, e.g. (batch, token, hidden) vs (batch, token, head, axis3):
-    # the shared leading axes line up, the rest hold the same number of values.
-    roles_a, roles_b = roles_of(va), roles_of(vb)
-    lead = 0
-    while (lead < min(len(roles_a), len(roles_b)) and roles_a[lead] == roles_b[lead]
-           and shape_a[lead] == shape_b_raw[lead]):
-        lead += 1
-    if 0 < lead < min(len(roles_a), len(roles_b)) and \
-            math.prod(shape_a[lead:]) == math.prod(shape_b_raw[lead:]):
-        note = (f"B's ({', '.join(roles_b[lead:])}) {tuple(shape_b_raw[lead:])} reshaped to A's "
-                f"({', '.join(roles_a[lead:])}) {tuple(shape_a[lead:])}")
-        return _Layout(tuple(range(lead)), tuple(shape_a), note)
-    return reason
 
 
 def _one_read_at_a_time() -> Any:

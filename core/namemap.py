@@ -22,6 +22,10 @@ Pattern syntax (a rule's two sides):
   (``encoder.layer.{n}`` -> ``transformer_layer_{n}`` pairs ``...3@output`` with ``..._3@output``).
 * Patterns match the whole name. Rules are tried in order; the first whose B name exists wins.
 
+:func:`line_up` then says how to read a B variable in its partner's layout: axes matched by
+dim role (NHWC read as NCHW), or, where one side splits heads the other keeps whole
+((batch, token, head, axis3) vs (batch, token, hidden)), trailing axes merged in C order.
+
 A map file holds either the rules themselves (``{"A pattern": "B pattern", ...}``) or
 ``{"description": "...", "map": {...}}``.
 """
@@ -29,6 +33,7 @@ A map file holds either the rules themselves (``{"A pattern": "B pattern", ...}`
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LayerscopeError
+from .format import BATCH
 from .naming import SEPARATOR, parse_variable_name
 
 _TOKEN = re.compile(r"\{([A-Za-z_]\w*)\}|\*")
@@ -283,3 +289,44 @@ def lcs_pairs(a_keys: Sequence[Any], b_keys: Sequence[Any]) -> list[tuple[int, i
         else:
             j += 1
     return pairs
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to read B in A's layout: B's axis for each of A's leading ``len(axes)`` axes;
+    A's remaining axes (if any) are B's remaining axes reshaped in C order."""
+
+    axes: tuple[int, ...]
+    shape: tuple[int, ...]  # A's shape, cut to the samples both traces hold
+    note: str
+
+
+def line_up(va: Any, vb: Any, samples: int | None) -> Layout | str:
+    """Line B up with A by dim role, else by merging trailing axes; a string says why not."""
+    shape_a = [int(n) for n in va.shape]
+    shape_b_raw = [int(n) for n in vb.shape]
+    if va.dims and va.dims[0] == BATCH and vb.dims and vb.dims[0] == BATCH:
+        common = min(shape_a[0], shape_b_raw[0], samples if samples is not None else 1 << 62)
+        shape_a[0] = shape_b_raw[0] = common
+    try:
+        axes, note = align_axes(va, vb)
+        shape_b = [shape_b_raw[ax] for ax in axes]
+        if shape_a == shape_b:
+            return Layout(axes, tuple(shape_a), note)
+        reason = (f"shapes differ after lining up dims by role: A {tuple(shape_a)} "
+                  f"({', '.join(roles_of(va))}), B {tuple(shape_b)} (in A's order)")
+    except NameMapError as exc:
+        reason = str(exc)
+    # Heads split on one side only, e.g. (batch, token, hidden) vs (batch, token, head, axis3):
+    # the shared leading axes line up, the rest hold the same number of values.
+    roles_a, roles_b = roles_of(va), roles_of(vb)
+    lead = 0
+    while (lead < min(len(roles_a), len(roles_b)) and roles_a[lead] == roles_b[lead]
+           and shape_a[lead] == shape_b_raw[lead]):
+        lead += 1
+    if 0 < lead < min(len(roles_a), len(roles_b)) and \
+            math.prod(shape_a[lead:]) == math.prod(shape_b_raw[lead:]):
+        note = (f"B's ({', '.join(roles_b[lead:])}) {tuple(shape_b_raw[lead:])} reshaped to A's "
+                f"({', '.join(roles_a[lead:])}) {tuple(shape_a[lead:])}")
+        return Layout(tuple(range(lead)), tuple(shape_a), note)
+    return reason
