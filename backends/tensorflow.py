@@ -93,9 +93,18 @@ def part_kind(base: str, path: tuple[str, ...]) -> str:
     return ".".join((base, *path))
 
 
+try:  # Keras computes output shapes by tracing ``call`` into a scratch graph it throws away
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+except ImportError:  # pragma: no cover - a Keras without it traces nothing we would record
+    def in_symbolic_scope() -> bool:
+        return False
+
+
 def _symbolic(args: Any) -> bool:
-    """Inputs of a Keras functional-graph construction (no values anywhere)."""
-    return any(isinstance(v, keras.KerasTensor) for v in tf.nest.flatten(args))
+    """A call that computes no values: Keras building a functional graph from KerasTensors,
+    or tracing ``call`` into a scratch graph to infer output shapes."""
+    return in_symbolic_scope() or any(isinstance(v, keras.KerasTensor)
+                                      for v in tf.nest.flatten(args))
 
 
 def _batch_probe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -161,7 +170,7 @@ class _Capture:
     # -- taking tensors ----------------------------------------------------------------------
 
     def take(self, site: str, kind: str, layer: Any, tensor: Any, in_attention: bool) -> None:
-        if not self.active or not _is_tensor(tensor) or _rank(tensor) == 0:
+        if not self.active or not _is_tensor(tensor) or _rank(tensor) == 0 or in_symbolic_scope():
             return
         if tf.executing_eagerly():
             if self.depth:

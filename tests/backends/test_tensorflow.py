@@ -417,3 +417,20 @@ def test_nhwc_maps_line_up_with_a_pytorch_trace_by_name(tmp_path: Path) -> None:
         assert tuple(reference.attrs["roles"]) == ("batch", "channel", "height", "width")
         np.testing.assert_allclose(mine.transpose(*reference.dims).values, reference.values,
                                    rtol=1e-5, atol=1e-5, err_msg=keras_site)
+
+
+def test_first_call_builds_the_model_inside_the_trace(tmp_path: Path) -> None:
+    """An unbuilt subclassed model builds itself (Keras traces ``call`` into a scratch graph
+    to infer shapes) during the captured call: no stray warning, values as the model's."""
+    import warnings
+
+    keras.utils.set_random_seed(4)
+    model = Nested()
+    x = np.random.default_rng(6).standard_normal((2, 5)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = layerscope.capture(model, x, tmp_path / "build.zarr")
+    assert not [w for w in caught if "layerscope" in str(w.message)]
+    assert len(layerscope.captured_names(ds)) == len(layerscope.sites(model))
+    np.testing.assert_array_equal(ds["root@output"].values, model(x).numpy())
+    np.testing.assert_array_equal(ds["stem@output"].values, model.stem(x).numpy())
