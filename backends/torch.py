@@ -21,7 +21,10 @@ from layerscope.core import Recorder, Selection, SiteInfo
 from layerscope.core.naming import ROOT_SITE
 
 from ._attention import (
-    AttentionTap, is_attention_module, multihead_weights, probabilities_from_output,
+    AttentionTap,
+    is_attention_module,
+    multihead_weights,
+    probabilities_from_output,
 )
 from ._torch_dims import hidden_size_of, move_batch_first, roles_for
 

@@ -4,7 +4,12 @@ Core never imports a framework; backends hand it tensors and a ``to_numpy`` func
 """
 
 from .errors import (
-    BackendError, CaptureError, LayerscopeError, SchemaError, StoreError, WriterError,
+    BackendError,
+    CaptureError,
+    LayerscopeError,
+    SchemaError,
+    StoreError,
+    WriterError,
 )
 from .format import SCHEMA_VERSION, Compression, StoreOptions
 from .reader import captured_names, open_trace, read_attrs

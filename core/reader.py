@@ -10,7 +10,12 @@ import numpy as np
 
 from .errors import StoreError
 from .format import (
-    BATCH, INPUT_TEXT, STATUS_ABORTED, STATUS_COMPLETE, TOKEN_ID, TOKEN_TEXT,
+    BATCH,
+    INPUT_TEXT,
+    STATUS_ABORTED,
+    STATUS_COMPLETE,
+    TOKEN_ID,
+    TOKEN_TEXT,
 )
 from .naming import is_capture
 from .store import check_schema

@@ -7,11 +7,20 @@ Importing layerscope imports no framework; a backend loads its framework when it
 
 __version__ = "0.1.0"
 
-from layerscope.core import (  # noqa: E402
-    BackendError, CaptureError, Compression, LayerscopeError, SchemaError, Selection,
-    StoreError, StoreOptions, WriterError, captured_names, open_trace,
-)
 from layerscope.api import Trace, capture, sites, trace  # noqa: E402
+from layerscope.core import (  # noqa: E402
+    BackendError,
+    CaptureError,
+    Compression,
+    LayerscopeError,
+    SchemaError,
+    Selection,
+    StoreError,
+    StoreOptions,
+    WriterError,
+    captured_names,
+    open_trace,
+)
 from layerscope.core.diff import diff  # noqa: E402
 
 __all__ = [
