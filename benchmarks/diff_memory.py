@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from layerscope.core import Selection, StoreOptions
 from layerscope.core.format import new_group_attrs
 from layerscope.core.recorder import Recorder

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from layerscope.core.diff import diff
 
 import layerscope
 from layerscope.cli import main as cli_main
+from layerscope.core.diff import diff
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "minilm"
 TEXTS = ["The cat sat on the mat.", "Hello world"]

@@ -79,9 +79,8 @@ def load_keras(folder: Path, exact_gelu: bool = False) -> tuple[Any, Any]:
 
 
 def trace_keras(folder: Path, texts: list[str], path: Path, exact_gelu: bool = False) -> Any:
-    from layerscope.backends.tensorflow import adapt_tokenizer
-
     import layerscope
+    from layerscope.backends.tensorflow import adapt_tokenizer
 
     backbone, tokenizer = load_keras(folder, exact_gelu)
     return layerscope.capture(backbone, texts, path, tokenizer=adapt_tokenizer(tokenizer, backbone),

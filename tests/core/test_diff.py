@@ -8,6 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import layerscope
+from layerscope.cli import main as cli_main
 from layerscope.core import LayerscopeError, Selection, StoreOptions
 from layerscope.core.diff import DiffOptions, diff, plan_blocks
 from layerscope.core.format import new_group_attrs
@@ -15,10 +19,6 @@ from layerscope.core.namemap import NameMapError, load_name_map
 from layerscope.core.recorder import Recorder
 from layerscope.core.store import open_group_for_writing
 from layerscope.core.writer import TraceWriter
-from torch import nn
-
-import layerscope
-from layerscope.cli import main as cli_main
 
 # -- a tiny torch model with numbered blocks ------------------------------------------------
 
