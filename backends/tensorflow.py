@@ -45,8 +45,21 @@ _TOKEN_KEYS = ("token_ids", "input_ids")
 _STEP_FUNCTIONS = ("predict_function", "test_function", "train_function")
 
 
+class _Held:
+    """An eager tensor queued for the writer, with the byte size its memory budget counts."""
+
+    __slots__ = ("nbytes", "shape", "tensor")
+
+    def __init__(self, tensor: Any) -> None:
+        self.tensor = tensor
+        self.shape = tuple(int(n) for n in tensor.shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * tensor.dtype.size
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """A host copy of an eager tensor, dtype kept (bfloat16 widened to float32, exactly)."""
+    if isinstance(value, _Held):
+        value = value.tensor
     array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
     array = np.asarray(array)
     if array.dtype.name == "bfloat16":
@@ -191,9 +204,9 @@ class _Capture:
 
     def put(self, site: str, kind: str, layer: Any, tensor: Any, in_attention: bool) -> None:
         assert self.recorder is not None
-        shape = tuple(int(n) for n in tensor.shape)
-        roles = roles_for(layer, kind, shape, self.hidden_size, in_attention)
-        self.recorder.put(site, kind, tensor, roles, type(layer).__name__, to_numpy)
+        held = tensor if isinstance(tensor, np.ndarray) else _Held(tensor)
+        roles = roles_for(layer, kind, held.shape, self.hidden_size, in_attention)
+        self.recorder.put(site, kind, held, roles, type(layer).__name__, to_numpy)
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -434,3 +434,16 @@ def test_first_call_builds_the_model_inside_the_trace(tmp_path: Path) -> None:
     assert len(layerscope.captured_names(ds)) == len(layerscope.sites(model))
     np.testing.assert_array_equal(ds["root@output"].values, model(x).numpy())
     np.testing.assert_array_equal(ds["stem@output"].values, model.stem(x).numpy())
+
+
+def test_bfloat16_is_stored_as_float32_exactly(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(3, dtype="mixed_bfloat16", name="half")])
+    x = np.random.default_rng(7).standard_normal((2, 4)).astype(np.float32)
+    returned = model(x)
+    assert returned.dtype == tf.bfloat16
+    ds = layerscope.capture(model, x, tmp_path / "bf16.zarr", capture=["half"])
+    assert ds["half@output"].dtype == np.float32
+    np.testing.assert_array_equal(ds["half@output"].values,
+                                  tf.cast(returned, tf.float32).numpy())
