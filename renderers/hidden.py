@@ -202,7 +202,14 @@ def hidden_trajectory(ds: Any, sample: int = 0) -> Any:
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(f"token trajectories across layers ({stream.labels[0]} -> "
-                 f"{stream.labels[-1]}, color = depth), sample {sample}", fontsize=9)
+                 f"{stream.labels[-1]}), labelled at the last layer, sample {sample}",
+                 fontsize=9)
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    depth = ScalarMappable(Normalize(0, max(steps - 1, 1)), cmap)
+    bar = fig.colorbar(depth, ax=ax, shrink=0.8, label="layer")
+    bar.set_ticks(range(steps), labels=list(stream.labels))
     return fig
 
 
