@@ -447,3 +447,27 @@ def test_bfloat16_is_stored_as_float32_exactly(tmp_path: Path) -> None:
     assert ds["half@output"].dtype == np.float32
     np.testing.assert_array_equal(ds["half@output"].values,
                                   tf.cast(returned, tf.float32).numpy())
+
+
+def test_minilm_predict_equals_eager_capture(keras_minilm, keras_minilm_trace, tmp_path) -> None:
+    """model.predict (a tf.function graph) on the real model: the pass recorded from inside
+    the graph holds what predict returned and what the eager run recorded."""
+    from ..conftest import TEXTS
+
+    model, tokenizer = keras_minilm
+    eager = keras_minilm_trace
+    inputs = tokenizer(TEXTS, padding="max_length", max_length=eager.sizes["token"],
+                       return_tensors="np")
+    path = tmp_path / "predict.zarr"
+    with layerscope.trace(model, path, ["transformer_layers.[0-9]", "root@output",
+                                        "transformer_layers.*.self_attention_layer@attention"]):
+        predicted = model.predict(inputs, batch_size=MINILM_BATCH, verbose=0)
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 3
+    np.testing.assert_array_equal(ds["root@output.sequence_output"].values,
+                                  predicted["sequence_output"])
+    for layer in range(6):
+        for name in (f"transformer_layers.{layer}@output",
+                     f"transformer_layers.{layer}.self_attention_layer@attention"):
+            np.testing.assert_allclose(ds[name].values, eager[name].values, rtol=1e-4,
+                                       atol=1e-5, err_msg=name)
