@@ -425,7 +425,7 @@ class TensorFlowBackend:
         return to_numpy(tensor)
 
     def framework_version(self) -> str:
-        return f"tensorflow {tf.__version__}, keras {keras.__version__}"
+        return f"{tf.__version__} (keras {keras.__version__})"
 
     def describe(self, model: Any) -> dict[str, Any]:
         cls = type(model)
