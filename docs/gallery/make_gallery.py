@@ -79,9 +79,10 @@ def main() -> None:
     run([sys.executable, "-c", _EXPORT], work)
     run([sys.executable, str(ROOT / "examples" / "digits_cnn.py"), "--out", "digits_out"], work)
     lines = ["# Gallery", "",
-             "Every view layerscope draws, from the demo's MiniLM trace (`make demo`) and the "
-             "digits CNN example (`python examples/digits_cnn.py`). Each picture is made by the "
-             "one line under it (the images here add `--dpi 60` to stay small); "
+             "Every view layerscope draws, from a MiniLM trace made as `make demo` makes it "
+             "(with the two texts in make_gallery.py) and the digits CNN example "
+             "(`python examples/digits_cnn.py`). Each picture is made by the one line under it "
+             "(the images here add `--dpi 60` to stay small); "
              "`layerscope report demo/trace.zarr -o report.html` puts the main views in one "
              "self-contained HTML file. Regenerate with `python docs/gallery/make_gallery.py`.",
              ""]
