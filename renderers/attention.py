@@ -161,7 +161,12 @@ def attention_grid(ds: Any, sample: int = 0, options: ViewOptions | None = None,
             if col == 0:
                 layer = ds[name].attrs.get("layer", row)
                 ax.set_ylabel(f"layer {layer}", fontsize=8)
-    fig.suptitle(f"attention, layers x heads, sample {sample} ({count} tokens)", fontsize=10)
+    total = int(first.sizes[dim_of(first, "head")])
+    shown = f"first {heads} of {total} heads, " if heads < total else ""
+    pooled = pool_factor(count, opts.max_cells)
+    note = f", max-pooled {pooled}x{pooled}" if pooled > 1 else ""
+    fig.suptitle(f"attention, layers x heads, sample {sample} ({shown}{count} tokens{note})",
+                 fontsize=10)
     return fig
 
 

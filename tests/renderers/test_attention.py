@@ -139,3 +139,28 @@ def test_save_refuses_unknown_format(ds, tmp_path):
 
 def test_figures_display_inline(ds):
     assert attention_heatmap(ds)._repr_png_().startswith(b"\x89PNG")
+
+
+def test_grid_says_when_heads_are_cut_and_maps_pooled(ds):
+    fig = attention_grid(ds, sample=0, options=ViewOptions(max_cells=4), max_heads=5)
+    title = fig.texts[0].get_text()
+    assert "first 5 of 12 heads" in title and "max-pooled 3x3" in title
+    assert len([ax for ax in fig.axes if ax.images]) == 6 * 5
+
+
+def test_drawing_imports_no_framework(minilm_trace, tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, layerscope\n"
+        "from layerscope.renderers import attention_heatmap, hidden_norms, save\n"
+        f"ds = layerscope.open_trace({str(minilm_trace)!r})\n"
+        f"save(attention_heatmap(ds), {str(tmp_path / 'a.png')!r})\n"
+        f"save(hidden_norms(ds), {str(tmp_path / 'b.png')!r})\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'jax', 'keras') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
