@@ -53,6 +53,12 @@ class ReportOptions:
     image_format: str = "png"  # "png" (base64) or "svg" (inline vector)
     trace: str = "TRACE"
     max_distributions: int = 12
+    #: summaries over the whole trace (head statistics, PCA, top tokens, distributions) use
+    #: the first ``max_samples`` samples, so a report of a huge trace stays quick
+    max_samples: int = 64
+    #: the statistics table reads variables in execution order up to this many bytes
+    #: (uncompressed) and lists the rest as not computed
+    stats_budget_bytes: int = 2 << 30
 
 
 @dataclass
@@ -166,7 +172,24 @@ def _distributions(ds: Any, o: ReportOptions) -> Section:
     names = default_variables(ds)[: o.max_distributions]
     _add(section, "Value histograms", f"layerscope render stats {o.trace} -o stats.png",
          lambda: distributions(ds, names), o)
-    section.extra = stats_table(layer_stats(ds))
+    chosen, left_out, used = [], [], 0
+    for name in captures(ds):
+        if np.dtype(ds[name].dtype).kind not in "fiub":
+            continue
+        size = int(ds[name].nbytes)
+        if used + size > o.stats_budget_bytes:
+            left_out.append(f"{name} ({size / 2**20:.0f} MB)")
+            continue
+        chosen.append(name)
+        used += size
+    section.extra = stats_table(layer_stats(ds, chosen))
+    if left_out:
+        section.skipped.append(
+            f"statistics not computed for {len(left_out)} variable(s) beyond the "
+            f"{o.stats_budget_bytes / 2**30:.1f} GB budget: {', '.join(left_out[:10])}"
+            + (" ..." if len(left_out) > 10 else "")
+            + f"; run `layerscope render stats {o.trace} --variable NAME` for one of them"
+        )
     return section
 
 
@@ -214,7 +237,16 @@ def report_html(ds: Any, options: ReportOptions | None = None) -> str:
     o = options or ReportOptions()
     if o.image_format not in ("png", "svg"):
         raise RenderError(f"image_format must be 'png' or 'svg', not {o.image_format!r}")
-    sections = [_attention(ds, o), _hidden(ds, o), _activations(ds, o), _distributions(ds, o)]
+    total = int(ds.sizes.get("batch", 0))
+    summary_ds = ds
+    scope = ""
+    if total > o.max_samples:
+        keep = max(o.max_samples, o.sample + 1)
+        summary_ds = ds.isel(batch=slice(0, keep))  # lazy: nothing is read here
+        scope = (f'<p class="skip">Summaries over the whole trace use samples 0..{keep - 1} '
+                 f"of {total} (ReportOptions.max_samples / --max-samples).</p>")
+    sections = [_attention(summary_ds, o), _hidden(summary_ds, o),
+                _activations(summary_ds, o), _distributions(summary_ds, o)]
     body = []
     for section in sections:
         parts = [f'<h2 id="{section.anchor}">{section.title}</h2>']
@@ -229,7 +261,7 @@ def report_html(ds: Any, options: ReportOptions | None = None) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{title}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{title}</h1>{_overview(ds)}<nav>{nav}</nav>{''.join(body)}</body></html>\n"
+        f"<h1>{title}</h1>{_overview(ds)}{scope}<nav>{nav}</nav>{''.join(body)}</body></html>\n"
     )
 
 

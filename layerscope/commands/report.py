@@ -22,6 +22,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--unembedding", metavar="NPY",
                         help="logit lens: a (vocab x hidden) matrix saved with numpy.save")
     parser.add_argument("--vocab", metavar="TXT", help="logit lens: one token per line")
+    parser.add_argument("--max-samples", type=int, default=64,
+                        help="summaries over the trace use the first N samples (default 64)")
     parser.add_argument("--svg", action="store_true",
                         help="inline vector images instead of base64 PNG (larger, sharper)")
     parser.set_defaults(run=_run)
@@ -48,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     unembedding = Unembedding.load(args.unembedding, args.vocab) if args.unembedding else None
     options = ReportOptions(sample=args.sample, layer=args.layer, head=args.head,
                             unembedding=unembedding, trace=str(args.trace),
-                            image_format="svg" if args.svg else "png")
+                            image_format="svg" if args.svg else "png",
+                            max_samples=args.max_samples)
     print(write_report(ds, target, options))
     return 0

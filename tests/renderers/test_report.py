@@ -151,9 +151,31 @@ def test_report_inline_svg(minilm_trace):
 
 def test_report_cli(minilm_trace, tmp_path, capsys):
     out = tmp_path / "report.html"
-    assert main(["report", str(minilm_trace), "-o", str(out), "--layer", "1"]) == 0
+    assert main(["report", str(minilm_trace), "-o", str(out), "--layer", "1",
+                 "--max-samples", "2"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     page = _parse(out.read_text(encoding="utf-8"))
     assert "Attention" in page.text["h2"]
+    assert "Summaries over the whole trace use samples 0..1 of 3" in "".join(page.text["p"])
+    counts = {cells[0]: int(cells[1]) for _, cells in page.rows
+              if len(cells) == 8 and cells[0] != "variable"}
+    assert counts["encoder.layer.3@output"] == 2 * 11 * 384  # the first two samples only
     assert main(["report", str(minilm_trace), "-o", str(tmp_path / "r.png")]) == 2
     assert ".html" in capsys.readouterr().err
+
+
+def test_report_statistics_budget(tmp_path):
+    import layerscope
+
+    from .synthetic import write_trace
+
+    path = write_trace(tmp_path / "three.zarr", [[
+        (f"blocks.{i}", "output", np.full((2, 4, 8), i, np.float32), ("batch", "token", "hidden"))
+        for i in range(3)
+    ]])
+    options = ReportOptions(stats_budget_bytes=2 * 2 * 4 * 8 * 4)  # room for two variables
+    page = _parse(report_html(layerscope.open_trace(path), options))
+    rows = [cells[0] for _, cells in page.rows if len(cells) == 8 and cells[0] != "variable"]
+    assert rows == ["blocks.0@output", "blocks.1@output"]
+    assert "statistics not computed for 1 variable(s)" in "".join(page.text["p"])
+    assert "blocks.2@output" in "".join(page.text["p"])
