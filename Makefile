@@ -29,10 +29,17 @@ demo: $(VENV)/.demo-installed
 	mkdir -p demo
 	$(BIN)/layerscope trace minilm -o demo/trace.zarr --overwrite
 	$(BIN)/layerscope render attention demo/trace.zarr --layer 0 --head 0 -o demo/attention.png
+	$(BIN)/layerscope render attention demo/trace.zarr --view grid -o demo/attention_grid.png
+	$(BIN)/layerscope render attention demo/trace.zarr --view heads --layer 1 --head 0 4 7 -o demo/head_view.png
 	$(BIN)/layerscope render hidden demo/trace.zarr --view norms -o demo/hidden_norms.png
+	$(BIN)/layerscope render hidden demo/trace.zarr --view trajectory -o demo/trajectory.png
+	$(BIN)/layerscope render activations demo/trace.zarr --view neurons --layer 2 -o demo/neurons.png
+	$(BIN)/layerscope render stats demo/trace.zarr -o demo/distributions.png
+	$(BIN)/layerscope report demo/trace.zarr -o demo/report.html
 	@echo
 	@echo "Trace:    demo/trace.zarr   (inspect it: $(BIN)/layerscope info demo/trace.zarr)"
 	@echo "Pictures: $$(ls demo/*.png | tr '\n' ' ')"
+	@echo "Report:   demo/report.html (one self-contained file: open it in a browser)"
 	@echo "Next:     open it in Python: layerscope.open_trace('demo/trace.zarr')"
 
 test: $(VENV)/.dev-installed
