@@ -179,3 +179,38 @@ def test_report_statistics_budget(tmp_path):
     assert rows == ["blocks.0@output", "blocks.1@output"]
     assert "statistics not computed for 1 variable(s)" in "".join(page.text["p"])
     assert "blocks.2@output" in "".join(page.text["p"])
+
+
+def test_report_opens_from_a_file_in_a_headless_browser(report, tmp_path):
+    """Debian's chromium (apt-get install chromium) driven by playwright: the page loads from
+    file://, every inlined image decodes, and nothing is fetched from anywhere else."""
+    from playwright.sync_api import sync_playwright
+
+    _, text = report
+    path = tmp_path / "report.html"
+    path.write_text(text, encoding="utf-8")
+    requests: list[str] = []
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("request", lambda request: requests.append(request.url))
+            page.on("console", lambda message: errors.append(message.text)
+                    if message.type == "error" else None)
+            page.goto(path.as_uri())
+            images = page.evaluate(
+                "Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+            headings = page.evaluate(
+                "Array.from(document.querySelectorAll('h2')).map(h => h.innerText)")
+        finally:
+            browser.close()
+    assert len(images) == text.count("<img ")
+    assert all(complete and width > 100 for complete, width in images)
+    assert headings == ["Attention", "Hidden states", "Activations", "Distributions"]
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests
+    assert errors == []
