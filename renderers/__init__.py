@@ -25,6 +25,7 @@ from .attention import (
     select_attention,
 )
 from .hidden import (
+    Stream,
     Unembedding,
     block_outputs,
     fit_pca,
@@ -39,6 +40,7 @@ from .report import ReportOptions, report_html, stats_table, write_report
 from .stats import Histogram, distributions, histogram, layer_stats
 
 __all__ = [
+    "Stream",
     "limit_read_threads",
     "ReportOptions", "report_html", "stats_table", "write_report",
     "Histogram", "channel_grid", "conv_variables", "distributions", "histogram", "layer_stats",
