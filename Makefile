@@ -42,7 +42,12 @@ demo: $(VENV)/.demo-installed
 	@echo "Report:   demo/report.html (one self-contained file: open it in a browser)"
 	@echo "Next:     open it in Python: layerscope.open_trace('demo/trace.zarr')"
 
-test: $(VENV)/.dev-installed
+# The HTML report's browser test drives Debian's chromium (Playwright's own download is not used).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+test: $(VENV)/.dev-installed $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.dev-installed

@@ -1,8 +1,8 @@
 """Chunk shapes: whole samples along ``batch``, trailing dims whole where they fit.
 
 A chunk aims at ``target_bytes`` (inside the 1-16 MB band) uncompressed. A sample larger than
-``max_bytes`` is split along ``query`` first (attention maps of long sequences), then along
-the largest remaining axis.
+``max_bytes`` is split along ``head`` first, then ``query`` (so one head of a long attention map
+is read without its neighbours), then along the largest remaining axis.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ def chunk_shape(
     appends of equal batches fill whole chunks and never rewrite a chunk already written.
     """
     trailing = [max(1, n) for n in shape[1:]]
+    preferred = ("head", "query")
     split_order = sorted(
         range(len(trailing)),
-        key=lambda i: (not dims[i + 1].startswith("query"), -trailing[i]),
+        key=lambda i: (next((k for k, p in enumerate(preferred) if dims[i + 1].startswith(p)),
+                            len(preferred)), -trailing[i]),
     )
     for axis in split_order:
         while _nbytes(trailing, itemsize) > policy.max_bytes and trailing[axis] > 1:

@@ -33,7 +33,7 @@ class Recorder:
         self.decode_tokens = decode_tokens
         self._calls: dict[tuple[str, str], int] = {}
         self._texts: list[str] | None = None
-        self._skipped: set[str] = set()
+        self._skipped: set[tuple[str, str]] = set()
         self.passes = 0
 
     # -- pass boundaries ---------------------------------------------------------------------
@@ -90,6 +90,8 @@ class Recorder:
         if batch is None:
             return  # a call outside any traced pass (the backend's own bookkeeping)
         shape = tuple(int(n) for n in tensor.shape)
+        if (site, kind) in self._skipped:
+            return  # skipped once, always: a broadcast (1, ...) tensor must not fill batch 1 only
         if not shape or shape[0] != batch:
             self._skip(site, kind, f"shape {shape} has no leading batch axis of {batch}")
             return
@@ -107,9 +109,8 @@ class Recorder:
         self.writer.put(name, tensor, roles, attrs, to_numpy)
 
     def _skip(self, site: str, kind: str, why: str) -> None:
-        if site not in self._skipped:
-            self._skipped.add(site)
-            warnings.warn(f"layerscope: not capturing {site}@{kind}: {why}", stacklevel=3)
+        self._skipped.add((site, kind))
+        warnings.warn(f"layerscope: not capturing {site}@{kind}: {why}", stacklevel=3)
 
     # -- end ---------------------------------------------------------------------------------
 

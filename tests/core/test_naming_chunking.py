@@ -43,10 +43,12 @@ def test_chunks_hold_whole_samples_within_the_band():
     # MiniLM attention, batch 8 x 128 tokens: whole samples, one batch per chunk
     chunks = chunk_shape((0, 12, 128, 128), ("batch", "head", "query", "key"), 4, 8)
     assert chunks == (8, 12, 128, 128)
-    # a 4096-token attention map is split along query to stay under the maximum
+    # long attention maps are split by head first, then along query, to stay under the maximum
+    long = chunk_shape((0, 16, 2048, 2048), ("batch", "head", "query", "key"), 4, 8)
+    assert long == (1, 1, 2048, 2048)
     big = chunk_shape((0, 16, 4096, 4096), ("batch", "head", "query", "key"), 4, 8)
-    assert big[0] == 1 and big[1:] != (16, 4096, 4096)
-    assert big[2] < 4096 and 4 * big[1] * big[2] * big[3] <= ChunkPolicy().max_bytes
+    assert big == (1, 1, 1024, 4096)
+    assert 4 * big[1] * big[2] * big[3] <= ChunkPolicy().max_bytes
     # tiny tensors: one chunk per appended batch
     assert chunk_shape((0, 3), ("batch", "hidden"), 4, 5) == (5, 3)
     assert ChunkPolicy().target_bytes <= 16 * MB

@@ -202,3 +202,19 @@ def test_crash_leaves_committed_batches_readable(tmp_path):
     with pytest.raises(StoreError, match="writing"):
         layerscope.open_trace(path, complete_only=True)
     assert zarr.open_group(path, mode="r").attrs["status"] == "writing"
+
+
+def test_a_site_skipped_once_stays_skipped(tmp_path):
+    """A broadcast (1, ...) tensor must not be stored for the batches that happen to hold one
+    sample and left as fill values for the others."""
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path)
+    with pytest.warns(UserWarning, match="table@output"):
+        for size in (2, 1):
+            recorder.begin_pass(size)
+            recorder.put("table", "output", np.ones((1, 3), np.float32), ("batch", "hidden"))
+            recorder.put("x", "output", np.ones((size, 3), np.float32), ("batch", "hidden"))
+            recorder.end_pass()
+    recorder.close()
+    ds = layerscope.open_trace(path)
+    assert "table@output" not in ds and ds.sizes["batch"] == 3
