@@ -85,6 +85,8 @@ class AttentionTaps:
         self.sink = sink
         self.active = active
         self._inside = False  # our own recompute calls softmax: do not report it twice
+        self._fused_call = False  # inside jax.nn.dot_product_attention
+        self._taken: Any = None
 
     def _softmax(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def softmax(x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -100,10 +102,18 @@ class AttentionTaps:
                ) -> Callable[..., Any]:
         def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None,
                                   mask: Any = None, **kwargs: Any) -> Any:
-            out = original(query, key, value, bias, mask, **kwargs)
             if self._inside or not self.active():
+                return original(query, key, value, bias, mask, **kwargs)
+            self._taken, self._fused_call = None, True
+            try:
+                out = original(query, key, value, bias, mask, **kwargs)
+            finally:
+                self._fused_call = False
+            if self._taken is not None:  # the XLA implementation handed its own softmax out
+                taken, self._taken = self._taken, None
+                self.sink(taken)
                 return out
-            self._inside = True
+            self._inside = True  # another implementation (cuDNN): recompute next to it
             try:
                 probs = recompute_probabilities(
                     softmax, query, key, bias, mask, kwargs.get("scale"),
@@ -115,6 +125,61 @@ class AttentionTaps:
 
         dot_product_attention.__wrapped__ = original  # type: ignore[attr-defined]
         return dot_product_attention
+
+    def _xla(self, functions: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+        """JAX's XLA attention, step for step, also returning the softmax it computes.
+
+        The same grouping, vmap and core function as ``_dot_product_attention_xla``; only the
+        core's ``softmax`` is observed, so the output is computed by the same operations and
+        the probabilities are the ones the output was made from.
+        """
+        core = functions._dot_product_attention_core
+        softmax = functions.softmax
+
+        def with_probabilities(*args: Any) -> tuple[Any, Any]:
+            taken: list[Any] = []
+
+            def observed(x: Any, *a: Any, **k: Any) -> Any:
+                taken.append(softmax(x, *a, **k))
+                return taken[-1]
+
+            functions.softmax = observed
+            try:
+                encoded = core(*args)
+            finally:
+                functions.softmax = softmax
+            return encoded, taken[-1]
+
+        def xla(query: Any, key: Any, value: Any, bias: Any, mask: Any, is_causal: Any,
+                scale: Any, q_seqlen: Any, kv_seqlen: Any, local_window_size: Any,
+                return_residual: bool = False) -> Any:
+            args = (query, key, value, bias, mask, is_causal, scale, q_seqlen, kv_seqlen,
+                    local_window_size)
+            if not self._fused_call or return_residual:
+                return original(*args, return_residual)
+            batch, length, heads, depth = query.shape
+            source, kv_heads = key.shape[1], key.shape[2]
+            groups = heads // kv_heads
+
+            def grouped(t: Any) -> Any:
+                if t is None:
+                    return t
+                t_batch, t_heads, t_length, t_source = t.shape
+                if t_heads == 1:
+                    return jnp.broadcast_to(t[:, :, None, :, :],
+                                            (t_batch, t_heads, groups, t_length, t_source))
+                return jnp.reshape(t, (t_batch, kv_heads, groups, t_length, t_source))
+
+            encoded, probs = jax.vmap(
+                with_probabilities, in_axes=(3, None, None, 2, 2) + (None,) * 6,
+                out_axes=(3, 2),
+            )(jnp.reshape(query, (batch, length, kv_heads, groups, depth)), key, value,
+              grouped(bias), grouped(mask), is_causal, scale, q_seqlen, kv_seqlen,
+              local_window_size, False)
+            self._taken = jnp.reshape(probs, (batch, heads, length, source)).astype(key.dtype)
+            return jnp.reshape(encoded, (batch, length, heads, depth))
+
+        return xla
 
     @contextmanager
     def patched(self) -> Iterator[None]:
@@ -131,10 +196,26 @@ class AttentionTaps:
             fused = jax.nn.dot_product_attention
             restore.append((jax.nn, "dot_product_attention", fused))
             jax.nn.dot_product_attention = self._fused(fused, original_softmax)
+            functions = _xla_attention_module()
+            if functions is not None:
+                xla = functions._dot_product_attention_xla
+                restore.append((functions, "_dot_product_attention_xla", xla))
+                functions._dot_product_attention_xla = self._xla(functions, xla)
             yield
         finally:
             for module, name, value in reversed(restore):
                 setattr(module, name, value)
+
+
+def _xla_attention_module() -> Any:
+    """JAX's module holding the XLA attention implementation, when it has the expected
+    parts; otherwise fused attention falls back to recomputing the probabilities."""
+    try:
+        from jax._src.nn import functions
+    except ImportError:
+        return None
+    needed = ("_dot_product_attention_xla", "_dot_product_attention_core", "softmax")
+    return functions if all(hasattr(functions, name) for name in needed) else None
 
 
 def patched_functions() -> dict[str, Any]:

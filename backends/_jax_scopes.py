@@ -220,8 +220,11 @@ def build_program(flat_fn: Callable[..., Any], dynamic: list[Any], wants: Wants,
     effects: set[Any] = set()
     for eqn in flat.eqns:
         effects |= set(eqn.effects)
+    info = closed.jaxpr.debug_info.resolve_result_paths()
+    names = tuple(info.result_paths or ("",) * len(flat.outvars))
+    info = info._replace(result_paths=names + tuple(f"{s}@{k}" for s, k, _, _ in meta))
     jaxpr = jex_core.Jaxpr(flat.constvars, flat.invars, [*flat.outvars, *extra], flat.eqns,
-                           effects, closed.jaxpr.debug_info)
+                           effects, info)
     return Program(jaxpr, flat.consts, len(flat.outvars), jax.tree.structure(out_shape), meta)
 
 

@@ -472,3 +472,23 @@ def test_function_inside_users_jit_with_bare_weights(tmp_path: Path) -> None:
     assert ds.sizes["batch"] == 2
     np.testing.assert_allclose(ds["layers.0@output"].values, jnp.tanh(x @ w), rtol=1e-6)
     np.testing.assert_array_equal(ds["root@output"].values, out)
+
+
+def test_capture_leaves_fused_attention_output_unchanged(tmp_path: Path) -> None:
+    """NNX attention takes the fused ``jax.nn.dot_product_attention`` path; capturing its
+    probabilities must not change what it returns, eagerly or compiled, bit for bit."""
+    layer = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(3))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 8)), jnp.float32)
+    mask = jnp.asarray(np.random.default_rng(4).random((2, 1, 5, 5)) > 0.3)
+    compiled = jax.jit(lambda x, mask: layer(x, mask=mask))
+    plain, plain_jit = layer(x, mask=mask), compiled(x, mask)
+    path = tmp_path / "fused.zarr"
+    with layerscope.trace(layer, path):
+        eager, jitted = layer(x, mask=mask), compiled(x, mask)
+    np.testing.assert_array_equal(eager, plain)
+    np.testing.assert_array_equal(jitted, plain_jit)
+    ds = layerscope.open_trace(path)
+    expected = dot_product_attention_weights(layer.query(x), layer.key(x), mask=mask)
+    for rows in (slice(0, 2), slice(2, 4)):
+        np.testing.assert_allclose(ds["root@attention"].isel(batch=rows).values, expected,
+                                   rtol=1e-6, atol=1e-6)
