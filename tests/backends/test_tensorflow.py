@@ -471,3 +471,25 @@ def test_minilm_predict_equals_eager_capture(keras_minilm, keras_minilm_trace, t
                      f"transformer_layers.{layer}.self_attention_layer@attention"):
             np.testing.assert_allclose(ds[name].values, eager[name].values, rtol=1e-4,
                                        atol=1e-5, err_msg=name)
+
+
+def test_cli_trace_of_a_keras_factory(tmp_path: Path) -> None:
+    from layerscope.cli import main
+
+    factory = tmp_path / "make_keras.py"
+    factory.write_text(
+        "import keras, numpy as np\n"
+        "def make():\n"
+        "    keras.utils.set_random_seed(0)\n"
+        "    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3, "
+        "name='conv'), keras.layers.GlobalAveragePooling2D(name='gap')])\n"
+        "    x = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype('float32')\n"
+        "    return {'model': model, 'inputs': x}\n"
+    )
+    path = tmp_path / "factory.zarr"
+    assert main(["trace", f"{factory}:make", "-o", str(path), "--no-progress"]) == 0
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["framework"] == "tensorflow"
+    assert ds["conv@output"].dims == ("batch", "height", "width", "channel")
+    np.testing.assert_allclose(ds["gap@output"].values, ds["conv@output"].mean(("height", "width")),
+                               rtol=1e-5, atol=1e-6)
