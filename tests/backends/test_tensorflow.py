@@ -493,3 +493,34 @@ def test_cli_trace_of_a_keras_factory(tmp_path: Path) -> None:
     assert ds["conv@output"].dims == ("batch", "height", "width", "channel")
     np.testing.assert_allclose(ds["gap@output"].values, ds["conv@output"].mean(("height", "width")),
                                rtol=1e-5, atol=1e-6)
+
+
+class Loop(keras.Model):
+    """Calls a layer inside a tf.while_loop: in a graph its values stay in the loop body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = keras.layers.Dense(4, name="step")
+        self.out = keras.layers.Dense(2, name="out")
+
+    def call(self, x: Any) -> Any:
+        _, x = tf.while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, self.step(h)), (0, x))
+        return self.out(x)
+
+
+def test_layer_inside_a_graph_loop_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    model = Loop()
+    x = np.ones((2, 4), np.float32)
+    model(x)
+    step = tf.function(lambda v: model(v))
+    path = tmp_path / "loop.zarr"
+    with pytest.warns(UserWarning, match="step@output runs inside a tf.while_loop"):
+        with layerscope.trace(model, path):
+            returned = step(x).numpy()
+    ds = layerscope.open_trace(path)
+    assert layerscope.captured_names(ds) == ["out@output", "root@output"]
+    np.testing.assert_array_equal(ds["out@output"].values, returned)
+    # eagerly the loop runs in Python: every step is captured, one variable per call
+    eager = layerscope.capture(model, x, tmp_path / "eager.zarr", capture=["step"])
+    assert layerscope.captured_names(eager) == ["step@output", "step@output.call1",
+                                                "step@output.call2"]
