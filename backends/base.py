@@ -40,6 +40,9 @@ class Backend(Protocol):
     def run(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call ``model`` once, turning NumPy arrays in ``args``/``kwargs`` into its tensors."""
 
+    # Optional: ``adapt_tokenizer(tokenizer, model)`` turns a framework's own tokenizer into
+    # one ``capture`` can call like a Hugging Face tokenizer (keras-hub does this).
+
     def describe(self, model: Any) -> dict[str, Any]:
         """JSON-able description of the model: its class and, where known, its name."""
 

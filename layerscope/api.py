@@ -162,11 +162,16 @@ def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = No
     """
     from .batches import plan_calls
 
+    backend_name = trace_kwargs.pop("backend", None)
+    backend = _backend_for(model, backend_name)
+    adapt = getattr(backend, "adapt_tokenizer", None)  # e.g. keras-hub tokenizers
+    if adapt is not None and tokenizer is not None:
+        tokenizer = adapt(tokenizer, model)
     mode = trace_kwargs.get("mode") or (trace_kwargs.get("options") or StoreOptions()).mode
     pad_to = _stored_token_length(path) if mode == "a" else None
     calls = plan_calls(inputs, tokenizer, batch_size, max_length, pad_to)
-    with trace(model, path, capture, tokenizer=tokenizer, **trace_kwargs) as active:
-        backend = active.backend
+    with trace(model, path, capture, tokenizer=tokenizer, backend=backend.name,
+               **trace_kwargs) as active:
         for call in calls.progress(progress):
             if call.texts is not None:
                 active.set_texts(call.texts)

@@ -347,6 +347,12 @@ def test_minilm_keras_hub_tokenizer_is_adapted(keras_minilm, minilm_folder, tmp_
                             tokenizer=adapted)
     np.testing.assert_array_equal(ds["root@output.sequence_output"].values,
                                   model(mine)["sequence_output"].numpy())
+    # capture adapts the raw keras-hub tokenizer by itself
+    raw_ds = layerscope.capture(model, texts, tmp_path / "raw.zarr", capture=["root"],
+                                tokenizer=raw)
+    np.testing.assert_array_equal(raw_ds["root@output.sequence_output"].values,
+                                  ds["root@output.sequence_output"].values)
+    assert list(raw_ds["token_text"].values[0][:2]) == ["[CLS]", "hello"]
 
 
 def test_minilm_cli_trace(tmp_path) -> None:
