@@ -38,6 +38,7 @@ from ._keras_tree import (
     roles_for,
     site_of,
 )
+from ._structure import leaves, part_kind
 
 _UNSTORABLE = (tf.string, tf.variant, tf.resource)
 _TOKEN_KEYS = ("token_ids", "input_ids")
@@ -87,23 +88,9 @@ def _rank(value: Any) -> int | None:
     return value.ndim if isinstance(value, np.ndarray) else value.shape.rank
 
 
-def _tensors(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+def _tensors(value: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
     """(path, tensor) for every tensor in a possibly nested structure, in its own order."""
-    if _is_tensor(value):
-        yield path, value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from _tensors(item, (*path, str(key)))
-    elif isinstance(value, (tuple, list)):
-        for index, item in enumerate(value):
-            yield from _tensors(item, (*path, str(index)))
-
-
-def part_kind(base: str, path: tuple[str, ...]) -> str:
-    """``output`` for a lone tensor or element 0, ``output.1`` / ``output.<key>`` otherwise."""
-    if not path or path == ("0",):
-        return base
-    return ".".join((base, *path))
+    return leaves(value, _is_tensor)
 
 
 try:  # Keras computes output shapes by tracing ``call`` into a scratch graph it throws away

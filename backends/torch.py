@@ -9,7 +9,7 @@ returned weights (eager attention) or recomputed from the query and key handed t
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,6 +26,7 @@ from ._attention import (
     multihead_weights,
     probabilities_from_output,
 )
+from ._structure import leaves, part_kind
 from ._torch_dims import hidden_size_of, move_batch_first, roles_for
 
 # Normalisation to a contiguous host copy happens at hook time on CPU (cheap, and safe against
@@ -62,23 +63,9 @@ def to_numpy(value: Any) -> np.ndarray:
     return value.numpy()
 
 
-def _tensors(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+def _tensors(value: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
     """(path, tensor) for every tensor in a possibly nested output."""
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from _tensors(item, (*path, str(key)))
-    elif isinstance(value, (tuple, list)):
-        for index, item in enumerate(value):
-            yield from _tensors(item, (*path, str(index)))
-
-
-def part_kind(base: str, path: tuple[str, ...]) -> str:
-    """``output`` for a lone tensor or element 0, ``output.1`` / ``output.logits`` otherwise."""
-    if not path or path == ("0",):
-        return base
-    return ".".join((base, *path))
+    return leaves(value, lambda item: isinstance(item, torch.Tensor))
 
 
 def _site(path: str) -> str:
