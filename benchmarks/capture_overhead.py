@@ -16,55 +16,24 @@ resident memory above the process's baseline while each ran.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
+from _common import SENTENCE, PeakRSS, folder_bytes, minilm_parser
 
 import layerscope
 from layerscope.loading import minilm_folder
 
-SENTENCE = "layerscope streams what happens inside a network to disk while it runs. "
 # the block outputs (= output_hidden_states) and the attention maps (= output_attentions)
 CAPTURE = ["embeddings@output", "encoder.layer.[0-9]@output",
            "encoder.layer.*.attention.self@attention"]
-
-
-class PeakRSS:
-    """Samples the resident set size in a thread; reports the peak above the start."""
-
-    def __init__(self) -> None:
-        self.process = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.process.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss - self.base)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.thread.join()
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def make_inputs(tokenizer, batch: int, length: int) -> dict[str, torch.Tensor]:
@@ -111,11 +80,7 @@ def run_savez(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=128)
+    parser = minilm_parser(__doc__)
     parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -21,7 +21,6 @@ kind (the best of several trials is the least disturbed by other work on the mac
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -31,24 +30,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import SENTENCE, folder_bytes, minilm_parser
 
-SENTENCE = "layerscope streams what happens inside a network to disk while it runs. "
 # the block outputs (hidden states) and the attention maps, as in the PyTorch benchmark
 CAPTURE = ["embeddings_layer_norm@output", "transformer_layers.[0-9]@output",
            "transformer_layers.*.self_attention_layer@attention"]
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=128)
-    args = parser.parse_args()
+    args = minilm_parser(__doc__).parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import layerscope
     from layerscope.backends.tensorflow import load_hf_folder
