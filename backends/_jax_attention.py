@@ -5,8 +5,9 @@ Flax attention (``nnx.MultiHeadAttention``, ``linen.MultiHeadDotProductAttention
 capture is attached, that function (and its re-exports ``flax.nnx.softmax`` /
 ``flax.linen.softmax``) is wrapped so its result can be handed to the capture. NNX's default
 attention takes the fused ``jax.nn.dot_product_attention`` path, which returns no weights;
-its wrapper recomputes ``softmax(q k^T * scale + bias, masked)`` with the operations the XLA
-implementation uses, without changing what the fused call returns.
+while attached, JAX's XLA implementation of it is run step for step with its softmax
+observed (same operations, same output), and for other implementations (cuDNN) the
+probabilities are recomputed next to the call, ``softmax(q k^T * scale + bias, masked)``.
 """
 
 from __future__ import annotations

@@ -153,9 +153,13 @@ class JaxKit:
         classes = {type(m) for _, m in nnx.iter_graph(case.model) if isinstance(m, nnx.Module)}
         calls = sorted((f"{k.__module__}.{k.__qualname__}", id(k.__dict__["__call__"]))
                        for cls in classes for k in cls.__mro__ if "__call__" in k.__dict__)
+        from jax._src.nn import functions as jax_functions
+
         functions = {name: id(value) for name, value in (
             ("jax.nn.softmax", jax.nn.softmax), ("flax.nnx.softmax", nnx.softmax),
-            ("jax.nn.dot_product_attention", jax.nn.dot_product_attention))}
+            ("jax.nn.dot_product_attention", jax.nn.dot_product_attention),
+            ("xla attention", jax_functions._dot_product_attention_xla),
+            ("xla softmax", jax_functions.softmax))}
         key = config.config_states["layerscope_capture"].value
         return calls, functions, key, dict(backend._functions)
 
