@@ -21,6 +21,7 @@ import functools
 import json
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -113,8 +114,20 @@ class _NnxWrappers:
         owners = (_call_owner(type(module)) for module in self._keep)
         self.classes = list(dict.fromkeys(k for k in owners if k is not None))
 
+    def check_root(self) -> None:
+        owner = _call_owner(type(self.model))
+        call = owner.__dict__["__call__"] if owner is not None else None
+        if call is not None and not isinstance(call, types.FunctionType):
+            warnings.warn(
+                f"layerscope: {type(self.model).__qualname__}.__call__ is wrapped "
+                f"({type(call).__qualname__}, e.g. by @nnx.jit): its submodules run inside that "
+                "transform, where they cannot be captured, so only the model's output is. "
+                "Remove the decorator and call a compiled function of the model instead: "
+                "nnx.jit(lambda m, x: m(x))(model, x)", stacklevel=5)
+
     @contextmanager
     def installed(self) -> Iterator[None]:
+        self.check_root()
         replaced: list[tuple[type, Any]] = []
         try:
             for cls in self.classes:

@@ -492,3 +492,25 @@ def test_capture_leaves_fused_attention_output_unchanged(tmp_path: Path) -> None
     for rows in (slice(0, 2), slice(2, 4)):
         np.testing.assert_allclose(ds["root@attention"].isel(batch=rows).values, expected,
                                    rtol=1e-6, atol=1e-6)
+
+
+class JittedCall(nnx.Module):
+    def __init__(self) -> None:
+        self.inner = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.inner(x)
+
+
+def test_nnx_jit_decorated_call_warns_and_keeps_output(tmp_path: Path) -> None:
+    """Submodules inside a model's own @nnx.jit ``__call__`` cannot be reached: say so, and
+    still store the model's output."""
+    model = JittedCall()
+    x = jnp.ones((3, 4))
+    with pytest.warns(UserWarning, match="nnx.jit"):
+        with layerscope.trace(model, tmp_path / "deco.zarr"):
+            out = model(x)
+    ds = layerscope.open_trace(tmp_path / "deco.zarr")
+    assert layerscope.captured_names(ds) == ["root@output"]
+    np.testing.assert_array_equal(ds["root@output"].values, out)
