@@ -57,7 +57,7 @@ def test_one_head_reads_only_that_heads_chunks(small_chunks):
     ds, store = _open(small_chunks)
     sample, head = 1, 5
     chunks = ds[ATTENTION].encoding["chunks"]
-    assert chunks[1] < ds.sizes["head"] and chunks[2] < ds.sizes["query"]  # really split
+    assert chunks[1] < ds.sizes["head"]  # really split: a head never shares a chunk with another
     tokens = [str(t) for t in ds["token_text"].isel(batch=sample).values]
     store.reset()
     attention_heatmap(ds, layer=3, head=head, sample=sample)
