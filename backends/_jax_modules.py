@@ -24,7 +24,7 @@ from layerscope.core.naming import ROOT_SITE
 
 from ._jax_attention import current_scopes, is_attention_name, is_attention_scope
 from ._jax_dims import arrays, batch_first, batch_of, is_array, part_kind, roles_for
-from ._jax_runtime import Item, Sink
+from ._jax_runtime import Item, Sink, uncaptured
 
 #: module -> its site path, or None when the module is not part of the traced model
 SiteOf = Callable[[Any], "str | None"]
@@ -79,9 +79,12 @@ class ModuleEngine:
         current = Pass(state != self.eager_state, state, batch, token_ids, site_of)
         self.current = current
         try:
-            if not current.traced:
+            if current.traced:
+                out = self._frame(current, module, ROOT_SITE, call, args, kwargs)
+            else:
                 self.sink.begin(batch, token_ids)
-            out = self._frame(current, module, ROOT_SITE, call, args, kwargs)
+                with uncaptured():
+                    out = self._frame(current, module, ROOT_SITE, call, args, kwargs)
         except BaseException:
             self.current = None
             if not current.traced:

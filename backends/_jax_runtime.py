@@ -155,6 +155,18 @@ class Sink:
 
 
 @contextmanager
+def uncaptured() -> Iterator[None]:
+    """Run eager code as outside any capture. The capture key is part of the cache key of
+    JAX's eager operations too; an eager pass needs no key (its wrappers run in Python), and
+    without one it reuses the operations JAX compiled before instead of compiling each again."""
+    if _STATE is None:
+        yield
+        return
+    with _STATE(0):
+        yield
+
+
+@contextmanager
 def activated(sink: Sink) -> Iterator[None]:
     """Register ``sink`` for its key and trace/compile under that key; always undone."""
     with _lock:

@@ -28,7 +28,7 @@ from layerscope.core.naming import ROOT_SITE
 
 from ._jax_attention import AttentionTaps, is_attention_scope
 from ._jax_dims import batch_of, is_array, is_tracer, part_kind, roles_for
-from ._jax_runtime import Item, Sink
+from ._jax_runtime import Item, Sink, uncaptured
 
 MARK = "layerscope.attention_probabilities"
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
@@ -257,7 +257,11 @@ class FunctionCapture:
             return self.fn(*call_args, **call_kwargs)
 
         program, runner = self._program(flat_fn, leaves, dynamic_at, dynamic, treedef)
-        outs, captured = runner(*dynamic)
+        if self.jitted:
+            outs, captured = runner(*dynamic)
+        else:
+            with uncaptured():  # eager: reuse the operations JAX compiled outside the capture
+                outs, captured = runner(*dynamic)
         result = jax.tree_util.tree_unflatten(program.out_tree, outs)
         batch, token_ids = batch_of(args, kwargs)
         returned = next((o for o in outs if is_array(o) and o.ndim >= 1), None)
