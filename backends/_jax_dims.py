@@ -15,6 +15,8 @@ import numpy as np
 
 from layerscope.core.naming import default_roles
 
+from ._structure import leaves
+
 #: Module class names (prefixes) whose 3- to 5-d outputs are channels-last images.
 _IMAGE_MODULES = (
     "Conv", "ConvTranspose", "ConvLocal", "BatchNorm", "GroupNorm", "InstanceNorm", "Pool",
@@ -44,26 +46,9 @@ def to_numpy(value: Any) -> np.ndarray:
     return array
 
 
-def arrays(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+def arrays(value: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
     """(path, array) for every array in a nested output (tuples, lists, dicts, dataclasses)."""
-    if is_array(value):
-        yield path, value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from arrays(item, (*path, str(key)))
-    elif isinstance(value, (tuple, list)):
-        for index, item in enumerate(value):
-            yield from arrays(item, (*path, str(index)))
-    elif value is not None and hasattr(value, "__dataclass_fields__"):
-        for key in value.__dataclass_fields__:
-            yield from arrays(getattr(value, key, None), (*path, key))
-
-
-def part_kind(base: str, path: tuple[str, ...]) -> str:
-    """``output`` for a lone array or element 0, ``output.1`` / ``output.logits`` otherwise."""
-    if not path or path == ("0",):
-        return base
-    return ".".join((base, *path))
+    return leaves(value, is_array)
 
 
 def batch_of(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[int | None, Any]:

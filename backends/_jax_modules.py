@@ -23,8 +23,9 @@ from layerscope.core import Selection
 from layerscope.core.naming import ROOT_SITE
 
 from ._jax_attention import current_scopes, is_attention_name, is_attention_scope
-from ._jax_dims import arrays, batch_first, batch_of, is_array, part_kind, roles_for
+from ._jax_dims import arrays, batch_first, batch_of, is_array, roles_for
 from ._jax_runtime import Item, Sink, uncaptured
+from ._structure import part_kind
 
 #: module -> its site path, or None when the module is not part of the traced model
 SiteOf = Callable[[Any], "str | None"]

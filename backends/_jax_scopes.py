@@ -27,8 +27,9 @@ from layerscope.core import Selection
 from layerscope.core.naming import ROOT_SITE
 
 from ._jax_attention import AttentionTaps, is_attention_scope
-from ._jax_dims import batch_of, is_array, is_tracer, part_kind, roles_for
+from ._jax_dims import batch_of, is_array, is_tracer, roles_for
 from ._jax_runtime import Item, Sink, uncaptured
+from ._structure import part_kind
 
 MARK = "layerscope.attention_probabilities"
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
