@@ -56,7 +56,12 @@ lint: $(VENV)/.dev-installed
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/capture_overhead.py
+	$(BIN)/python benchmarks/capture_overhead_tensorflow.py
+	$(BIN)/python benchmarks/capture_overhead_jax.py
 	$(BIN)/python benchmarks/streaming_memory.py
+	$(BIN)/python benchmarks/codecs.py
+	$(BIN)/python benchmarks/render_one_head.py
+	$(BIN)/python benchmarks/diff_memory.py
 
 clean:
 	rm -rf demo .pytest_cache

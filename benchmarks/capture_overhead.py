@@ -5,7 +5,8 @@ trial by trial so that machine noise hits all of them alike:
 
   plain      model(**inputs)
   layerscope every attention map + every hidden state streamed to a Zarr store on disk
-             (time per batch includes closing the store, i.e. every byte is on disk)
+             (time per batch includes closing the store, i.e. every byte is on disk), with
+             the default compression, then with lighter settings for comparison
   savez      output_attentions + output_hidden_states, then numpy.savez of the same tensors
 
 Prints the median time per batch, its ratio to the plain forward, stored bytes and the peak
@@ -22,6 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ import torch
 from _common import SENTENCE, PeakRSS, folder_bytes, minilm_parser
 
 import layerscope
+from layerscope.core import Compression, StoreOptions
 from layerscope.loading import minilm_folder
 
 # the block outputs (= output_hidden_states) and the attention maps (= output_attentions)
@@ -50,10 +53,12 @@ def run_plain(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
     return time.perf_counter() - start, 0
 
 
-def run_layerscope(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
+def run_layerscope(model, inputs, batches: int, workdir: Path,
+                   compression: Compression | None = None) -> tuple[float, int]:
     path = workdir / "trace.zarr"
+    options = StoreOptions(mode="w", compression=compression or Compression())
     start = time.perf_counter()
-    with layerscope.trace(model, path, CAPTURE, mode="w"), torch.no_grad():
+    with layerscope.trace(model, path, CAPTURE, options=options), torch.no_grad():
         for _ in range(batches):
             model(**inputs)
     elapsed = time.perf_counter() - start
@@ -94,6 +99,9 @@ def main() -> None:
     inputs = make_inputs(tokenizer, args.batch_size, args.tokens)
     methods: dict[str, Callable] = {
         "plain forward": run_plain, "layerscope -> zarr": run_layerscope,
+        "  lz4-1, byte shuffle": partial(run_layerscope,
+                                         compression=Compression("lz4", 1, "shuffle")),
+        "  crc32c only": partial(run_layerscope, compression=Compression(enabled=False)),
     }
     if args.attn == "eager":  # HF cannot return attention maps from fused attention
         methods["output_* + np.savez"] = run_savez
