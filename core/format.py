@@ -52,12 +52,13 @@ class StoreOptions:
     compression: Compression = Compression()
     chunks: ChunkPolicy = ChunkPolicy()
     workers: int = 2
-    #: bytes that may wait to be written; None: as many as the first batch held, clamped to
-    #: [64 MB, 1 GB], so the model runs at most about one batch ahead of the disk
+    #: bytes that may wait to be written; None: twice what the first batch held, clamped to
+    #: [64 MB, 1 GB], so the model runs at most about two batches ahead of the disk
     max_pending_bytes: int | None = None
     downcast: str | None = None  # e.g. "float16": store floats smaller, on request only
-    #: how much lower the writer threads' CPU priority is than the model's (Linux nice steps)
-    writer_nice: int = 10
+    #: how much lower the writer threads' CPU priority is than the model's (Linux nice steps);
+    #: 0 by default: on a machine the model saturates, starving the writer only serialises it
+    writer_nice: int = 0
 
 
 def new_group_attrs(

@@ -183,7 +183,7 @@ class TraceWriter:
         self._current = None
         if self._first_batch_bytes is None:
             self._first_batch_bytes = batch.nbytes
-            self._budget.limit = min(max(batch.nbytes, AUTO_BUDGET_MIN), AUTO_BUDGET_MAX)
+            self._budget.limit = min(max(2 * batch.nbytes, AUTO_BUDGET_MIN), AUTO_BUDGET_MAX)
         with self._state_lock:
             batch.ended = True
             ready = batch.pending == 0
