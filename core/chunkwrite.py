@@ -4,7 +4,8 @@ An appended batch usually covers whole chunks (chunks hold as many samples as on
 those, encoding chunk by chunk here, with the same zarr codec objects the array's metadata
 names, produces exactly the bytes ``array[...] = data`` would, but keeps the compression on the
 writer's own thread (whose priority ``StoreOptions.writer_nice`` can lower) instead of zarr's
-shared pool, and skips zarr's general read-modify-write machinery. Anything else falls back to ``array[...] = data``.
+shared pool, and skips zarr's general read-modify-write machinery. Anything else falls back
+to ``array[...] = data``.
 """
 
 from __future__ import annotations
