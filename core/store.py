@@ -49,8 +49,6 @@ def prepare_path(path: StorePath, mode: str) -> dict[str, Any] | None:
     if mode not in ("w-", "w", "a"):
         raise StoreError(f"mode must be 'w-' (new), 'w' (overwrite) or 'a' (append), not {mode!r}")
     target = Path(path)
-    if target.suffix != ".zarr" and not target.exists():
-        pass  # any name is allowed; '.zarr' is only a convention
     if not target.exists():
         if mode == "a":
             return None

@@ -135,10 +135,6 @@ class TraceWriter:
     def batch_size(self) -> int | None:
         return self._current.size if self._current else None
 
-    @property
-    def batch_start(self) -> int | None:
-        return self._current.start if self._current else None
-
     def begin_batch(self, size: int) -> None:
         self.raise_if_failed()
         if self._current is not None:
