@@ -119,7 +119,7 @@ class _Capture:
             self.put(site, part_kind("input", path[1:]), module, tensor)
 
     def outputs(self, site: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                output: Any, attention: bool) -> None:
+                output: Any, attention: bool, keep_outputs: bool) -> None:
         if not self.recorder.in_pass:
             return
         taken = self.attention.pop(module) if attention else None
@@ -134,7 +134,7 @@ class _Capture:
                 if probabilities_from_output(tensor, output):
                     taken = tensor
                     continue
-            if self.selection.wants("output", site):
+            if keep_outputs:
                 self.put(site, part_kind("output", path), module, tensor)
         if taken is not None:
             self._seen_attention[id(taken)] = taken
@@ -154,9 +154,11 @@ class _Capture:
             if selection.wants("input", site):
                 self.handles.append(module.register_forward_pre_hook(
                     lambda m, a, k, s=site: self.inputs(s, m, a, k), with_kwargs=True))
-            if attention or selection.wants("output", site):
+            keep_outputs = selection.wants("output", site)  # decided once, not per call
+            if attention or keep_outputs:
                 self.handles.append(module.register_forward_hook(
-                    lambda m, a, k, o, s=site, att=attention: self.outputs(s, m, a, k, o, att),
+                    lambda m, a, k, o, s=site, att=attention, out=keep_outputs:
+                    self.outputs(s, m, a, k, o, att, out),
                     with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
 
