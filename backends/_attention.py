@@ -54,16 +54,20 @@ def recompute_probabilities(query: torch.Tensor, key: torch.Tensor, attn_mask: A
         scale = query.size(-1) ** -0.5
     if enable_gqa and key.dim() >= 3 and key.size(-3) != query.size(-3):
         key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
-    weights = torch.matmul(query, key.transpose(-2, -1)) * scale
+    weights = torch.matmul(query, key.transpose(-2, -1))
+    weights.mul_(scale)  # in place, here and below: the same arithmetic with no new buffers
     if is_causal:
         length, source = query.size(-2), key.size(-2)
         causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-        weights = weights.masked_fill(~causal, float("-inf"))
+        weights.masked_fill_(~causal, float("-inf"))
     if attn_mask is not None:
+        if torch.broadcast_shapes(weights.shape, attn_mask.shape) != weights.shape:
+            weights = weights.expand(torch.broadcast_shapes(weights.shape, attn_mask.shape))
+            weights = weights.clone()
         if attn_mask.dtype == torch.bool:
-            weights = weights.masked_fill(~attn_mask, float("-inf"))
+            weights.masked_fill_(~attn_mask, float("-inf"))
         else:
-            weights = weights + attn_mask
+            weights.add_(attn_mask)
     return torch.softmax(weights, dim=-1)
 
 

@@ -8,6 +8,7 @@ returned weights (eager attention) or recomputed from the query and key handed t
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from torch import nn
 
 from layerscope.core import Recorder, Selection, SiteInfo
 from layerscope.core.naming import ROOT_SITE
+from layerscope.core.writer import Alloc
 
 from ._attention import (
     AttentionTap,
@@ -29,8 +31,9 @@ from ._attention import (
 from ._structure import leaves, part_kind
 from ._torch_dims import hidden_size_of, move_batch_first, roles_for
 
-# Normalisation to a contiguous host copy happens at hook time on CPU (cheap, and safe against
-# later in-place ops such as ReLU(inplace=True)); device tensors are copied asynchronously.
+# The host copy is made at hook time (safe against later in-place ops such as
+# ReLU(inplace=True)): on CPU straight into the writer's reused buffers; device tensors are
+# copied asynchronously into pinned memory and the writer thread waits for them, not the model.
 
 
 class _DeviceCopy:
@@ -45,16 +48,34 @@ class _DeviceCopy:
         self.nbytes = self.host.nbytes
 
 
-def snapshot(tensor: torch.Tensor) -> Any:
+def snapshot(tensor: torch.Tensor, alloc: Alloc | None = None) -> Any:
     tensor = tensor.detach()
     if tensor.device.type == "cuda":
         return _DeviceCopy(tensor)
     if tensor.device.type != "cpu":
         return tensor.to("cpu")
-    return tensor.clone(memory_format=torch.contiguous_format)
+    dtype = _host_dtype(tensor.dtype)
+    if alloc is None or dtype is None:
+        return tensor.clone(memory_format=torch.contiguous_format)
+    host = alloc(tuple(tensor.shape), dtype)
+    torch.from_numpy(host).copy_(tensor)  # bfloat16 -> float32 is exact
+    return host
+
+
+@functools.cache
+def _host_dtype(dtype: torch.dtype) -> np.dtype | None:
+    """The numpy dtype a tensor of ``dtype`` is stored as; None: numpy has none."""
+    if dtype == torch.bfloat16:
+        return np.dtype(np.float32)
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except (TypeError, RuntimeError):
+        return None
 
 
 def to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
     if isinstance(value, _DeviceCopy):
         value.event.synchronize()
         value = value.host
@@ -109,7 +130,7 @@ class _Capture:
             return
         roles = roles_for(module, kind, tensor, self.hidden_size)
         tensor, roles = move_batch_first(tensor, roles)
-        self.recorder.put(site, kind, snapshot(tensor), roles, type(module).__name__, to_numpy)
+        self.recorder.put(site, kind, tensor, roles, type(module).__name__, to_numpy, snapshot)
 
     def inputs(self, site: str, module: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> None:

@@ -9,8 +9,24 @@ from pathlib import Path
 
 import psutil
 
-#: repeated and truncated to the benchmark's token count, so every batch is full length
-SENTENCE = "layerscope streams what happens inside a network to disk while it runs. "
+#: one sample per line, each repeated and truncated to the benchmark's token count (so every
+#: batch is full length); the samples differ, as real batches do, so that no compression setting
+#: is flattered by identical rows
+SENTENCES = (
+    "layerscope streams what happens inside a network to disk while it runs.",
+    "The quick brown fox jumps over the lazy dog near the river bank at dawn.",
+    "Attention maps show which tokens each head looks at when it builds a representation.",
+    "Stock markets fell sharply on Tuesday after the central bank raised interest rates.",
+    "She planted tomatoes, basil and peppers in the small garden behind the old house.",
+    "Compilers translate source code into machine instructions through several passes.",
+    "The orchestra rehearsed the second movement twice before the evening concert began.",
+    "Glaciers in the northern valleys have retreated by several kilometres in a century.",
+)
+
+
+def texts(batch: int, repeat: int = 20) -> list[str]:
+    """``batch`` different texts, each long enough to fill the benchmark's tokens."""
+    return [" ".join([SENTENCES[i % len(SENTENCES)]] * repeat) for i in range(batch)]
 
 
 def minilm_parser(doc: str) -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import SENTENCE, PeakRSS, folder_bytes, minilm_parser
+from _common import PeakRSS, folder_bytes, minilm_parser, texts
 
 import layerscope
 from layerscope.core import Compression, StoreOptions
@@ -40,8 +40,7 @@ CAPTURE = ["embeddings@output", "encoder.layer.[0-9]@output",
 
 
 def make_inputs(tokenizer, batch: int, length: int) -> dict[str, torch.Tensor]:
-    texts = [SENTENCE * 20] * batch
-    return dict(tokenizer(texts, padding="max_length", truncation=True, max_length=length,
+    return dict(tokenizer(texts(batch), padding="max_length", truncation=True, max_length=length,
                           return_tensors="pt"))
 
 
@@ -99,9 +98,8 @@ def main() -> None:
     inputs = make_inputs(tokenizer, args.batch_size, args.tokens)
     methods: dict[str, Callable] = {
         "plain forward": run_plain, "layerscope -> zarr": run_layerscope,
-        "  lz4-1, byte shuffle": partial(run_layerscope,
-                                         compression=Compression("lz4", 1, "shuffle")),
-        "  crc32c only": partial(run_layerscope, compression=Compression(enabled=False)),
+        "  compress every variable": partial(
+            run_layerscope, compression=Compression("lz4", 5, "shuffle", min_saving=0)),
     }
     if args.attn == "eager":  # HF cannot return attention maps from fused attention
         methods["output_* + np.savez"] = run_savez

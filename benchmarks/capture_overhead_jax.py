@@ -37,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SENTENCE = "layerscope streams what happens inside a network to disk while it runs. "
 # the block outputs (hidden states) and the attention maps, as in the PyTorch benchmark
 CAPTURE = ["embeddings@output", "encoder.layer.[0-9]@output",
            "encoder.layer.*.attention@attention"]
@@ -57,6 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import jax
+    from _common import texts
     from flax import nnx
     from transformers import AutoTokenizer
 
@@ -69,7 +69,7 @@ def main() -> None:
     folder = minilm_folder()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = FlaxBertModel.from_pretrained(folder)
-    encoded = tokenizer([SENTENCE * 20] * args.batch_size, padding="max_length",
+    encoded = tokenizer(texts(args.batch_size), padding="max_length",
                         truncation=True, max_length=args.tokens, return_tensors="np")
     inputs = {k: jax.numpy.asarray(v) for k, v in encoded.items()}
     compiled = nnx.jit(lambda m, kw: m(**kw))

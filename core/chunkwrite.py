@@ -3,32 +3,51 @@
 An appended batch usually covers whole chunks (chunks hold as many samples as one batch). For
 those, encoding chunk by chunk here, with the same zarr codec objects the array's metadata
 names, produces exactly the bytes ``array[...] = data`` would, but keeps the compression on the
-writer's own thread (whose priority ``StoreOptions.writer_nice`` can lower) instead of zarr's
-shared pool, and skips zarr's general read-modify-write machinery. Anything else falls back
-to ``array[...] = data``.
+writer's own thread instead of zarr's shared pool, and skips zarr's general read-modify-write
+machinery. The trailing crc32c is computed here and written after the body rather than
+appended to a copy of it. On a local store the files are written directly
+(:mod:`.chunkfile`); anything else goes through the store. Partial chunks fall back to
+``array[...] = data``.
 """
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
+
+from .chunkfile import ChunkFiles
+
+
+def local_chunk_files(store: Any, direct_io: bool) -> ChunkFiles | None:
+    """The direct file writer for a local store, shared by all of a trace's arrays."""
+    from zarr.storage import LocalStore
+
+    return ChunkFiles(Path(store.root), direct_io) if isinstance(store, LocalStore) else None
 
 
 class ChunkWriter:
-    def __init__(self, array: Any) -> None:
+    def __init__(self, array: Any, files: ChunkFiles | None = None) -> None:
+        """``files``: where a local store's chunk files go (None: through the store)."""
+        from zarr.codecs import Crc32cCodec
         from zarr.core.buffer import default_buffer_prototype
 
         self.array = array
         metadata = array.metadata
         self.chunks: tuple[int, ...] = tuple(metadata.chunk_grid.chunk_shape)
         self.codecs = list(metadata.codecs)
+        self.checksum = bool(self.codecs) and isinstance(self.codecs[-1], Crc32cCodec)
+        if self.checksum:
+            self.codecs.pop()
         self.prototype = default_buffer_prototype()
         self.spec = metadata.get_chunk_spec((0,) * len(self.chunks), array._async_array._config,
                                             self.prototype)
         self.prefix = f"{array.path}/" if array.path else ""
         self.encode_key = metadata.encode_chunk_key
+        self.files = files
 
     def covers(self, start: int, data: np.ndarray) -> bool:
         """Whether ``data`` written at row ``start`` fills whole chunks only."""
@@ -39,19 +58,32 @@ class ChunkWriter:
                                                                strict=True))
 
     def write(self, start: int, data: np.ndarray) -> None:
-        from zarr.core.sync import sync
-
         first = start // self.chunks[0]
         counts = [size // chunk for size, chunk in zip(data.shape, self.chunks, strict=True)]
         for index in itertools.product(*(range(n) for n in counts)):
             region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks,
                                                                       strict=True))
-            encoded = self._encode(np.ascontiguousarray(data[region]))
+            body = self._encode(np.ascontiguousarray(data[region]))
+            trailer = _crc32c(body) if self.checksum else b""
             key = self.prefix + self.encode_key((first + index[0], *index[1:]))
-            sync(self.array.store.set(key, encoded))
+            self._store(key, body, trailer)
 
-    def _encode(self, chunk: np.ndarray) -> Any:
+    def _encode(self, chunk: np.ndarray) -> np.ndarray:
+        """The chunk's bytes after every codec but the checksum, as a flat uint8 array."""
         value: Any = self.prototype.nd_buffer.from_numpy_array(chunk)
         for codec in self.codecs:
             value = codec._encode_sync(value, self.spec)
-        return value
+        return np.asarray(value.as_numpy_array()).view(np.uint8).reshape(-1)
+
+    def _store(self, key: str, body: np.ndarray, trailer: bytes) -> None:
+        if self.files is not None:
+            self.files.write(key, body, trailer)
+            return
+        from zarr.core.sync import sync
+
+        encoded = np.concatenate([body, np.frombuffer(trailer, dtype=np.uint8)])
+        sync(self.array.store.set(key, self.prototype.buffer.from_array_like(encoded)))
+
+
+def _crc32c(body: np.ndarray) -> bytes:
+    return int(google_crc32c.value(body)).to_bytes(4, "little")

@@ -22,26 +22,56 @@ INPUT_TEXT = "input_text"
 
 @dataclass(frozen=True)
 class Compression:
-    """Blosc settings. Defaults chosen by benchmarks/codecs.py on MiniLM activations: LZ4 at
-    level 5 with bit-shuffle stores 73% of the raw bytes at nearly LZ4-1's speed; Zstd shrinks
-    no better on float32 activations and writes at well under half the speed."""
+    """Blosc settings, plus the crc32c checksum every chunk carries.
+
+    Chosen with benchmarks/codecs.py on MiniLM tensors. Dense float32 activations (hidden
+    states, MLP outputs, attention maps of unpadded text) shrink only to 85-95% under any fast
+    Blosc setting, and compressing them costs a writer thread 0.7-1.5 ms per MB: time that a
+    model keeping every core busy loses (benchmarks/capture_overhead.py). Tensors with runs of
+    zeros (attention over padding, causal masks) shrink to a quarter or half, and LZ4 at level
+    1 without shuffle does that fastest (about 4 GB/s). So a variable is compressed only when a
+    first sample of it shrinks by at least ``min_saving``; the others are stored as they are,
+    checksum included. ``min_saving=0`` compresses everything, e.g.
+    ``Compression("zstd", 1, "shuffle", min_saving=0)`` stores dense activations at about 82%.
+    """
 
     cname: str = "lz4"
-    clevel: int = 5
-    shuffle: str = "bitshuffle"
+    clevel: int = 1
+    shuffle: str = "noshuffle"
     enabled: bool = True
     checksum: bool = True
+    blocksize: int = 1 << 20  # bytes Blosc compresses at a time; 0: Blosc chooses
+    min_saving: float = 0.2
 
-    def codecs(self) -> list[Any]:
+    def codecs(self, compress: bool | None = None) -> list[Any]:
         from zarr.codecs import BloscCodec, Crc32cCodec
 
         codecs: list[Any] = []
-        if self.enabled:
+        if self.enabled if compress is None else compress:
             blosc: Any = BloscCodec  # cname/shuffle are checked by the codec itself
-            codecs.append(blosc(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle))
+            codecs.append(blosc(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle,
+                                blocksize=self.blocksize))
         if self.checksum:
             codecs.append(Crc32cCodec())
         return codecs
+
+    def codecs_for(self, sample: Any) -> list[Any]:
+        """The codecs for a variable whose first values are ``sample`` (a numpy array)."""
+        return self.codecs(self.enabled and self.worth_compressing(sample))
+
+    def worth_compressing(self, sample: Any) -> bool:
+        if self.min_saving <= 0 or sample.dtype.kind not in "biuf" or not sample.size:
+            return True
+        from numcodecs import Blosc
+
+        probe = sample[:1].reshape(-1)[: PROBE_BYTES // sample.dtype.itemsize]
+        codec = Blosc(cname=self.cname, clevel=self.clevel, shuffle=_SHUFFLES[self.shuffle],
+                      blocksize=self.blocksize, typesize=sample.dtype.itemsize)
+        return len(codec.encode(probe)) <= (1 - self.min_saving) * probe.nbytes
+
+
+PROBE_BYTES = 4 << 20  # how much of a variable's first sample decides its compression
+_SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
 @dataclass(frozen=True)
@@ -52,13 +82,16 @@ class StoreOptions:
     compression: Compression = Compression()
     chunks: ChunkPolicy = ChunkPolicy()
     workers: int = 2
-    #: bytes that may wait to be written; None: twice what the first batch held, clamped to
-    #: [64 MB, 1 GB], so the model runs at most about two batches ahead of the disk
+    #: bytes that may wait to be written; None: what the first batch held, clamped to
+    #: [64 MB, 1 GB]: the model runs at most one batch ahead of the disk, and the host buffers
+    #: that one batch needs are reused for every later one (peak memory set by batch 1)
     max_pending_bytes: int | None = None
     downcast: str | None = None  # e.g. "float16": store floats smaller, on request only
     #: how much lower the writer threads' CPU priority is than the model's (Linux nice steps);
     #: 0 by default: on a machine the model saturates, starving the writer only serialises it
     writer_nice: int = 0
+    #: on a local disk, write chunk bodies with O_DIRECT (no page-cache copy; see chunkfile)
+    direct_io: bool = True
 
 
 def new_group_attrs(

@@ -17,7 +17,7 @@ from .errors import CaptureError
 from .format import INPUT_TEXT, STATUS_ABORTED, STATUS_COMPLETE, TOKEN_ID, TOKEN_TEXT
 from .naming import layer_index, variable_name
 from .selection import Selection
-from .writer import ToNumpy, TraceWriter, _as_numpy
+from .writer import Snapshot, ToNumpy, TraceWriter, _as_numpy
 
 TokenDecoder = Callable[[Sequence[int]], list[str]]
 
@@ -84,7 +84,8 @@ class Recorder:
         return self.selection.wants(kind, site)
 
     def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
-            module_type: str = "", to_numpy: ToNumpy = _as_numpy) -> None:
+            module_type: str = "", to_numpy: ToNumpy = _as_numpy,
+            snapshot: Snapshot | None = None) -> None:
         """Queue one captured tensor whose first axis is the batch."""
         batch = self.writer.batch_size
         if batch is None:
@@ -106,7 +107,7 @@ class Recorder:
         layer = layer_index(site)
         if layer is not None:
             attrs["layer"] = layer
-        self.writer.put(name, tensor, roles, attrs, to_numpy)
+        self.writer.put(name, tensor, roles, attrs, to_numpy, snapshot)
 
     def _skip(self, site: str, kind: str, why: str) -> None:
         self._skipped.add((site, kind))

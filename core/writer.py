@@ -20,13 +20,18 @@ from typing import Any
 import numpy as np
 
 from .chunking import chunk_shape
-from .chunkwrite import ChunkWriter
+from .chunkwrite import ChunkWriter, local_chunk_files
 from .commit import publish
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
+from .hostpool import HostPool
 from .naming import DimRegistry
 
 ToNumpy = Callable[[Any], np.ndarray]
+#: (host shape, numpy dtype) -> an empty array in memory the writer owns and reuses
+Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+#: copies a framework tensor out of the model, into ``alloc``'s memory where it can
+Snapshot = Callable[[Any, Alloc], Any]
 AUTO_BUDGET_MIN = 64 << 20
 AUTO_BUDGET_MAX = 1 << 30
 _STOP = object()
@@ -65,33 +70,7 @@ class _Task:
     data: Any
     to_numpy: ToNumpy
     nbytes: int
-
-
-class _ByteBudget:
-    """Blocks producers while more than ``limit`` bytes wait to be written."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.pending = 0
-        self.cond = threading.Condition()
-        self.broken = False
-
-    def acquire(self, nbytes: int) -> None:
-        with self.cond:
-            # A single item larger than the budget still passes once the queue is empty.
-            while self.pending and self.pending + nbytes > self.limit and not self.broken:
-                self.cond.wait()
-            self.pending += nbytes
-
-    def release(self, nbytes: int) -> None:
-        with self.cond:
-            self.pending -= nbytes
-            self.cond.notify_all()
-
-    def break_(self) -> None:
-        with self.cond:
-            self.broken = True
-            self.cond.notify_all()
+    buffer: np.ndarray | None = None  # the pool memory ``data`` lives in
 
 
 class TraceWriter:
@@ -116,9 +95,10 @@ class TraceWriter:
         self._publish_lock = threading.Lock()
         self._published = committed_batches
         self._error: BaseException | None = None
-        self._budget = _ByteBudget(options.max_pending_bytes or AUTO_BUDGET_MAX)
+        self._pool = HostPool(options.max_pending_bytes or AUTO_BUDGET_MAX)
         self._first_batch_bytes: int | None = None if options.max_pending_bytes is None else 0
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._files = local_chunk_files(group.store, options.direct_io)
         self._load_existing()
         self.attrs["status"] = STATUS_WRITING
         self._write_root()
@@ -151,8 +131,12 @@ class TraceWriter:
                  {"description": "global sample index across appends"})
 
     def put(self, name: str, data: Any, roles: tuple[str, ...], attrs: dict[str, Any],
-            to_numpy: ToNumpy = _as_numpy) -> None:
-        """Queue ``data`` (batch axis first) as rows of the current batch of variable ``name``."""
+            to_numpy: ToNumpy = _as_numpy, snapshot: Snapshot | None = None) -> None:
+        """Queue ``data`` (batch axis first) as rows of the current batch of variable ``name``.
+
+        With ``snapshot``, ``data`` is copied now, before the model can change it in place,
+        preferably into reused memory of the writer's (see :class:`HostPool`).
+        """
         self.raise_if_failed()
         batch = self._current
         if batch is None:
@@ -164,13 +148,41 @@ class TraceWriter:
                 "backends must move the batch axis first"
             )
         var = self._variable(name, roles, shape, attrs)
-        nbytes = _nbytes(data)
+        task = self._hold(batch, var, data, to_numpy, snapshot)
         if self._first_batch_bytes is None:  # sizing the automatic budget
-            batch.nbytes += nbytes
-        self._budget.acquire(nbytes)
+            batch.nbytes += task.nbytes
         with self._state_lock:
             batch.pending += 1
-        self._queue.put(_Task(batch, var, data, to_numpy, nbytes))
+        self._queue.put(task)
+
+    def _hold(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
+              snapshot: Snapshot | None) -> _Task:
+        """The task for ``data``, its bytes counted against the budget (waiting for room)."""
+        if snapshot is None:
+            nbytes = _nbytes(data)
+            self._pool.acquire(nbytes)
+            return _Task(batch, var, data, to_numpy, nbytes)
+        taken: list[np.ndarray] = []
+
+        def alloc(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+            if taken:
+                raise CaptureError("a snapshot takes one buffer")
+            dtype = np.dtype(dtype)
+            buffer = self._pool.take(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+            taken.append(buffer)
+            return buffer.view(dtype).reshape(shape)
+
+        try:
+            held = snapshot(data, alloc)
+        except BaseException:
+            for buffer in taken:
+                self._pool.give(buffer)
+            raise
+        if taken:
+            return _Task(batch, var, held, to_numpy, taken[0].nbytes, taken[0])
+        nbytes = _nbytes(held)
+        self._pool.acquire(nbytes)
+        return _Task(batch, var, held, to_numpy, nbytes)
 
     def end_batch(self) -> None:
         batch = self._current
@@ -179,7 +191,7 @@ class TraceWriter:
         self._current = None
         if self._first_batch_bytes is None:
             self._first_batch_bytes = batch.nbytes
-            self._budget.limit = min(max(2 * batch.nbytes, AUTO_BUDGET_MIN), AUTO_BUDGET_MAX)
+            self._pool.limit = min(max(batch.nbytes, AUTO_BUDGET_MIN), AUTO_BUDGET_MAX)
         with self._state_lock:
             batch.ended = True
             ready = batch.pending == 0
@@ -214,6 +226,8 @@ class TraceWriter:
             self._queue.put(_STOP)
         for worker in self._workers:
             worker.join()
+        self._pool.clear()
+        self._save_array_metadata()
         self._commit_ready()
         self.raise_if_failed()
 
@@ -253,6 +267,7 @@ class TraceWriter:
             self.variables[name] = _Variable(name, dims, tuple(array.shape[1:]), attrs, array)
 
     def _create_array(self, var: _Variable, sample: np.ndarray) -> Any:
+        codecs = self.options.compression.codecs_for(sample)
         with self._create_lock:
             if var.array is not None:
                 return var.array
@@ -264,10 +279,16 @@ class TraceWriter:
             dtype: Any = str if kind in "UTO" else sample.dtype
             var.array = self.group.create_array(
                 var.name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                compressors=self.options.compression.codecs(),
+                compressors=codecs,
                 dimension_names=list(var.dims), attributes=var.attrs,
             )
             return var.array
+
+    def _save_array_metadata(self) -> None:
+        """Write each array's own ``zarr.json`` with its final shape (see _grow_in_memory)."""
+        for var in self.variables.values():
+            if var.array is not None:
+                var.array.resize(var.array.shape)
 
     # -- worker side -------------------------------------------------------------------------
 
@@ -283,9 +304,13 @@ class TraceWriter:
             except BaseException as exc:  # surfaces in the caller at the next call
                 task.batch.failed = True
                 self._error = exc
-                self._budget.break_()
+                self._pool.break_()
             finally:
-                self._budget.release(task.nbytes)
+                task.data = None  # drop views of the buffer before it is reused
+                if task.buffer is not None:
+                    self._pool.give(task.buffer)
+                else:
+                    self._pool.release(task.nbytes)
                 self._task_done(task.batch)
 
     def _write(self, task: _Task) -> None:
@@ -302,9 +327,9 @@ class TraceWriter:
         start, stop = task.batch.start, task.batch.start + task.batch.size
         with var.lock:
             if array.shape[0] < stop:
-                array.resize((stop, *array.shape[1:]))
+                _grow_in_memory(array, stop)
             if var.chunk_writer is None:
-                var.chunk_writer = ChunkWriter(array)
+                var.chunk_writer = ChunkWriter(array, self._files)
             if not var.chunk_writer.covers(start, data):
                 array[start:stop] = data  # partial chunks: zarr reads, merges and rewrites
                 return
@@ -359,6 +384,17 @@ class TraceWriter:
     @property
     def committed(self) -> tuple[int, int]:
         return self._committed, self._committed_samples
+
+
+def _grow_in_memory(array: Any, rows: int) -> None:
+    """Let ``array`` hold ``rows`` rows without rewriting its ``zarr.json`` on every batch.
+
+    Readers take shapes from the consolidated metadata of each commit (cut to the committed
+    rows); the arrays' own ``zarr.json`` files are brought up to date once, at close.
+    """
+    inner = array._async_array
+    grown = inner.metadata.update_shape((rows, *inner.metadata.shape[1:]))
+    object.__setattr__(inner, "metadata", grown)
 
 
 def _lower_priority(nice: int) -> None:

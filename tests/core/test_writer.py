@@ -13,7 +13,14 @@ import pytest
 import zarr
 
 import layerscope
-from layerscope.core import CaptureError, Selection, StoreError, StoreOptions, WriterError
+from layerscope.core import (
+    CaptureError,
+    Compression,
+    Selection,
+    StoreError,
+    StoreOptions,
+    WriterError,
+)
 from layerscope.core.format import new_group_attrs
 from layerscope.core.recorder import Recorder
 from layerscope.core.store import open_group_for_writing
@@ -63,15 +70,37 @@ def test_appended_batches_read_back_exactly(tmp_path):
 def test_codecs_compress_with_checksum_and_no_object_codec(tmp_path):
     path = tmp_path / "t.zarr"
     recorder = make_recorder(path)
-    write_batches(recorder, 1)
+    rng = np.random.default_rng(0)
+    sparse = np.tril(rng.random((4, 64, 64), np.float32))  # as causal attention
+    dense = rng.standard_normal((4, 64, 64), np.float32)
+    recorder.begin_pass(4)
+    recorder.put("causal", "output", sparse, ("batch", "token", "hidden"))
+    recorder.put("dense", "output", dense, ("batch", "token", "hidden"))
+    recorder.end_pass()
     recorder.close()
-    meta = json.loads((path / "block.0@output" / "zarr.json").read_text())
-    names = [codec["name"] for codec in meta["codecs"]]
-    assert names == ["bytes", "blosc", "crc32c"]
+
+    def codec_names(name):
+        meta = json.loads((path / name / "zarr.json").read_text())
+        return [codec["name"] for codec in meta["codecs"]]
+
+    assert codec_names("causal@output") == ["bytes", "blosc", "crc32c"]
+    assert codec_names("dense@output") == ["bytes", "crc32c"]  # would shrink by under a fifth
     for var in path.iterdir():
         if (var / "zarr.json").is_file():
             text = (var / "zarr.json").read_text()
             assert "pickle" not in text and '"object"' not in text
+    ds = layerscope.open_trace(path)
+    np.testing.assert_array_equal(ds["causal@output"].values, sparse)
+    np.testing.assert_array_equal(ds["dense@output"].values, dense)
+
+
+def test_min_saving_zero_compresses_everything(tmp_path):
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, compression=Compression(min_saving=0))
+    write_batches(recorder, 1)
+    recorder.close()
+    meta = json.loads((path / "block.0@output" / "zarr.json").read_text())
+    assert [codec["name"] for codec in meta["codecs"]] == ["bytes", "blosc", "crc32c"]
 
 
 def test_corrupted_chunk_is_detected(tmp_path):
@@ -165,7 +194,7 @@ def test_queue_is_bounded_by_bytes(tmp_path):
     ])
     producer.start()
     producer.join(0.5)
-    peak.append(writer._budget.pending)
+    peak.append(writer._pool.pending)
     assert producer.is_alive(), "put should block while the budget is full"
     assert peak[0] <= 1 << 20
     gate.set()

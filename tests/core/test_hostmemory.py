@@ -1,0 +1,118 @@
+"""Host buffers reused within the byte budget, and chunk files written directly to disk."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import zarr
+
+import layerscope
+from layerscope.core import Compression, StoreOptions
+from layerscope.core.chunkfile import ALIGN, ChunkFiles
+from layerscope.core.hostpool import HostPool
+
+from .test_writer import make_recorder
+
+
+def test_pool_reuses_a_given_back_buffer():
+    pool = HostPool(1 << 20)
+    first = pool.take(4096)
+    address = first.ctypes.data
+    assert address % ALIGN == 0
+    pool.give(first)
+    assert pool.pending == 0
+    again = pool.take(4096)
+    assert again.ctypes.data == address
+
+
+def test_pool_keeps_no_more_than_its_limit():
+    pool = HostPool(3 * 4096)
+    for size in (4096, 8192):
+        pool.give(pool.take(size))
+    assert pool.free_bytes == 3 * 4096
+    big = pool.take(2 * 4096 + 4096)  # a new size: free buffers are dropped to make room
+    assert pool.free_bytes + pool.pending <= pool.limit
+    pool.give(big)
+    assert pool.free_bytes <= pool.limit
+
+
+def test_pool_take_waits_for_room():
+    pool = HostPool(8192)
+    held = pool.take(8192)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (pool.take(4096), done.set()))
+    thread.start()
+    assert not done.wait(0.3), "take should block while the budget is full"
+    pool.give(held)
+    assert done.wait(5)
+    thread.join()
+
+
+@pytest.mark.parametrize("size", [0, 10, ALIGN, 3 * ALIGN + 17])
+@pytest.mark.parametrize("direct", [True, False])
+def test_chunk_file_holds_body_then_trailer(tmp_path, size, direct):
+    files = ChunkFiles(tmp_path, direct)
+    body = np.frombuffer(os.urandom(size + 1), np.uint8)[1:]  # unaligned on purpose
+    files.write("a/c/0", body, b"tail")
+    assert (tmp_path / "a/c/0").read_bytes() == body.tobytes() + b"tail"
+    files.write("a/c/0", body[: size // 2], b"")  # rewriting truncates
+    assert (tmp_path / "a/c/0").read_bytes() == body[: size // 2].tobytes()
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
+def test_chunk_files_fall_back_where_o_direct_is_refused(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")  # what tmpfs on older kernels answers
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    files = ChunkFiles(tmp_path, direct=True)
+    body = np.zeros(4 * ALIGN, np.uint8) + 7
+    files.write("c/0", body, b"x")
+    assert (tmp_path / "c/0").read_bytes() == body.tobytes() + b"x"
+    assert files.direct is False
+
+
+@pytest.mark.parametrize("compression", [Compression(), Compression(enabled=False),
+                                         Compression(enabled=False, checksum=False)])
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_direct_writes_read_back_exactly_with_checksums(tmp_path, compression, direct_io):
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, compression=compression, direct_io=direct_io)
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((4, 3, 1000), np.float32) for _ in range(3)]
+    for data in batches:
+        recorder.begin_pass(4)
+        recorder.put("block", "output", data, ("batch", "token", "hidden"))
+        recorder.end_pass()
+    recorder.close()
+    stored = layerscope.open_trace(path)["block@output"].values
+    np.testing.assert_array_equal(stored, np.concatenate(batches))
+    array = zarr.open_array(path / "block@output", mode="r")
+    np.testing.assert_array_equal(array[:], np.concatenate(batches))  # zarr checks each crc32c
+
+
+def test_corrupted_chunk_is_detected(tmp_path):
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, compression=Compression(enabled=False))
+    recorder.begin_pass(2)
+    recorder.put("block", "output", np.ones((2, 4096), np.float32), ("batch", "hidden"))
+    recorder.end_pass()
+    recorder.close()
+    chunk = next(p for p in (path / "block@output").rglob("*") if p.is_file()
+                 and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[100] ^= 1
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(Exception, match="checksum"):
+        zarr.open_array(path / "block@output", mode="r")[:]
+
+
+def test_store_options_default_to_direct_io():
+    assert StoreOptions().direct_io is True
