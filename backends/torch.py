@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -103,7 +104,8 @@ class _Capture:
         self.hidden_size = hidden_size_of(model)
         self.attention = AttentionTap()
         self.handles: list[Any] = []
-        self._seen_attention: dict[int, torch.Tensor] = {}
+        # weak: holding the maps until the pass ends would keep torch from reusing their memory
+        self._seen_attention: dict[int, weakref.ref[torch.Tensor]] = {}
 
     # -- passes ------------------------------------------------------------------------------
 
@@ -149,7 +151,8 @@ class _Capture:
             taken = returned if returned is not None and returned.dim() == 4 else \
                 multihead_weights(module, args, kwargs)
         for path, tensor in _tensors(output):
-            if id(tensor) in self._seen_attention:
+            seen = self._seen_attention.get(id(tensor))
+            if seen is not None and seen() is tensor:
                 continue  # an outer module handing back attention weights already stored
             if attention and taken is None and path and path != ("0",):
                 if probabilities_from_output(tensor, output):
@@ -158,7 +161,7 @@ class _Capture:
             if keep_outputs:
                 self.put(site, part_kind("output", path), module, tensor)
         if taken is not None:
-            self._seen_attention[id(taken)] = taken
+            self._seen_attention[id(taken)] = weakref.ref(taken)
             self.put(site, "attention", module, taken)
 
     def install(self) -> None:

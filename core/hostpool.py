@@ -26,7 +26,8 @@ class HostPool:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.pending = 0  # bytes taken and not yet given back
+        self.pending = 0  # bytes waiting to be written, counted or in pool buffers
+        self.pooled = 0  # of which in buffers this pool made
         self.free: defaultdict[int, list[np.ndarray]] = defaultdict(list)
         self.free_bytes = 0
         self.cond = threading.Condition()
@@ -48,6 +49,7 @@ class HostPool:
         """A page-aligned uint8 buffer of ``nbytes``, counted against the budget."""
         self.acquire(nbytes)
         with self.cond:
+            self.pooled += nbytes
             spare = self.free.get(nbytes)
             if spare:
                 self.free_bytes -= nbytes
@@ -60,7 +62,8 @@ class HostPool:
         nbytes = buffer.nbytes
         with self.cond:
             self.pending -= nbytes
-            if self.pending + self.free_bytes + nbytes <= self.limit:
+            self.pooled -= nbytes
+            if self.pooled + self.free_bytes + nbytes <= self.limit:
                 self.free[nbytes].append(buffer)
                 self.free_bytes += nbytes
             self.cond.notify_all()
@@ -76,11 +79,11 @@ class HostPool:
             self.cond.notify_all()
 
     def _make_room(self) -> None:
-        """Drop free buffers until what is taken and kept fits the limit (lock held)."""
+        """Drop free buffers until the buffers taken and kept fit the limit (lock held)."""
         for size in list(self.free):
-            if self.pending + self.free_bytes <= self.limit:
+            if self.pooled + self.free_bytes <= self.limit:
                 return
-            while self.free[size] and self.pending + self.free_bytes > self.limit:
+            while self.free[size] and self.pooled + self.free_bytes > self.limit:
                 self.free[size].pop()
                 self.free_bytes -= size
             if not self.free[size]:

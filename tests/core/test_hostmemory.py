@@ -34,7 +34,7 @@ def test_pool_keeps_no_more_than_its_limit():
         pool.give(pool.take(size))
     assert pool.free_bytes == 3 * 4096
     big = pool.take(2 * 4096 + 4096)  # a new size: free buffers are dropped to make room
-    assert pool.free_bytes + pool.pending <= pool.limit
+    assert pool.free_bytes + pool.pooled <= pool.limit
     pool.give(big)
     assert pool.free_bytes <= pool.limit
 
@@ -116,3 +116,34 @@ def test_corrupted_chunk_is_detected(tmp_path):
 
 def test_store_options_default_to_direct_io():
     assert StoreOptions().direct_io is True
+
+
+def test_later_batches_reuse_the_first_batches_buffers(tmp_path, monkeypatch):
+    """Memory is set by the first batch: every later snapshot lands in a reused buffer."""
+    from layerscope.core import hostpool
+
+    made = []
+    real_mmap = hostpool.mmap.mmap
+    monkeypatch.setattr(hostpool.mmap, "mmap", lambda *a: made.append(a) or real_mmap(*a))
+
+    def snapshot(value, alloc):
+        host = alloc(value.shape, value.dtype)
+        host[...] = value
+        return host
+
+    one_batch = 3 * 4 * 256 * 64 * 4
+    recorder = make_recorder(tmp_path / "t.zarr", max_pending_bytes=one_batch)
+    rng = np.random.default_rng(0)
+    written = []
+    for _ in range(12):
+        recorder.begin_pass(4)
+        for name in ("a", "b", "c"):
+            data = rng.standard_normal((4, 256, 64), np.float32)
+            written.append(data)
+            recorder.writer.put(f"{name}@output", data, ("batch", "token", "hidden"), {},
+                                snapshot=snapshot)
+        recorder.end_pass()
+    recorder.close()
+    assert len(made) == 3, f"{len(made)} buffers for 12 batches of 3 tensors"
+    ds = layerscope.open_trace(tmp_path / "t.zarr")
+    np.testing.assert_array_equal(ds["b@output"].values, np.concatenate(written[1::3]))
