@@ -31,17 +31,18 @@ class ChunkFiles:
     """Writes chunk files under ``root``; ``direct`` tries ``O_DIRECT`` for the aligned head."""
 
     def __init__(self, root: Path, direct: bool = True) -> None:
-        self.root = root
+        self.root = os.fspath(root)
         self.direct = bool(direct and _DIRECT)
-        self._dirs: set[Path] = set()
+        self._dirs: set[str] = set()
         self._scratch = threading.local()
 
     def write(self, key: str, body: np.ndarray, trailer: bytes) -> None:
         """Write ``body`` (uint8, contiguous) then ``trailer`` as the file ``root/key``."""
-        path = self.root / key
-        if path.parent not in self._dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(path.parent)
+        path = os.path.join(self.root, key)
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
         head = body.nbytes // ALIGN * ALIGN if self.direct else 0
         if head:
             try:
@@ -57,7 +58,7 @@ class ChunkFiles:
         finally:
             os.close(fd)
 
-    def _write_direct(self, path: Path, body: np.ndarray, head: int, trailer: bytes) -> None:
+    def _write_direct(self, path: str, body: np.ndarray, head: int, trailer: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _DIRECT, 0o666)
         try:
             _write_all(fd, [body[:head]])

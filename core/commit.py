@@ -16,31 +16,34 @@ from pathlib import Path
 from typing import Any
 
 
-def _array_document(array: Any, rows: int) -> dict[str, Any]:
+def array_document(array: Any) -> dict[str, Any]:
+    """The consolidated-metadata entry of ``array``; only its batch length changes later."""
     from zarr.core.buffer import default_buffer_prototype
 
     raw = array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
     doc: dict[str, Any] = json.loads(raw.to_bytes())
-    if (doc.get("dimension_names") or [None])[0] == "batch":
-        doc["shape"] = [rows, *doc["shape"][1:]]
     return doc
 
 
-def root_document(attrs: dict[str, Any], arrays: dict[str, Any], rows: int) -> bytes:
+def root_document(attrs: dict[str, Any], arrays: dict[str, dict[str, Any]], rows: int) -> bytes:
+    """``arrays``: name -> :func:`array_document`, cut here to ``rows`` along ``batch``."""
+    metadata = {}
+    for name, doc in sorted(arrays.items()):
+        if (doc.get("dimension_names") or [None])[0] == "batch":
+            doc = {**doc, "shape": [rows, *doc["shape"][1:]]}
+        metadata[name] = doc
     doc = {
         "zarr_format": 3,
         "node_type": "group",
         "attributes": attrs,
-        "consolidated_metadata": {
-            "kind": "inline",
-            "must_understand": False,
-            "metadata": {name: _array_document(a, rows) for name, a in sorted(arrays.items())},
-        },
+        "consolidated_metadata": {"kind": "inline", "must_understand": False,
+                                  "metadata": metadata},
     }
     return json.dumps(doc, indent=1, allow_nan=False).encode()
 
 
-def publish(group: Any, attrs: dict[str, Any], arrays: dict[str, Any], rows: int) -> None:
+def publish(group: Any, attrs: dict[str, Any], arrays: dict[str, dict[str, Any]],
+            rows: int) -> None:
     """Replace the root metadata in one step (an atomic rename on local disks)."""
     document = root_document(attrs, arrays, rows)
     root = getattr(group.store, "root", None)

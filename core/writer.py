@@ -21,7 +21,7 @@ import numpy as np
 
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, local_chunk_files
-from .commit import publish
+from .commit import array_document, publish
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .hostpool import HostPool
@@ -35,6 +35,9 @@ Snapshot = Callable[[Any, Alloc], Any]
 AUTO_BUDGET_MIN = 64 << 20
 AUTO_BUDGET_MAX = 1 << 30
 _STOP = object()
+#: chunk files named c.<i>.<j>... side by side in the array's folder: a "/" separator would
+#: create a folder per batch for every variable, which costs the writer more than the file
+CHUNK_KEYS = {"name": "default", "separator": "."}
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -48,6 +51,7 @@ class _Variable:
     trailing: tuple[int, ...]
     attrs: dict[str, Any]
     array: Any = None  # the zarr array once created
+    document: dict[str, Any] | None = None  # its consolidated metadata, made once
     chunk_writer: ChunkWriter | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -264,7 +268,8 @@ class TraceWriter:
             for dim, size in zip(dims[1:], array.shape[1:], strict=True):
                 self.dims.sizes.setdefault(dim, size)
             attrs = dict(array.attrs)
-            self.variables[name] = _Variable(name, dims, tuple(array.shape[1:]), attrs, array)
+            self.variables[name] = _Variable(name, dims, tuple(array.shape[1:]), attrs, array,
+                                             array_document(array))
 
     def _create_array(self, var: _Variable, sample: np.ndarray) -> Any:
         codecs = self.options.compression.codecs_for(sample)
@@ -279,9 +284,10 @@ class TraceWriter:
             dtype: Any = str if kind in "UTO" else sample.dtype
             var.array = self.group.create_array(
                 var.name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                compressors=codecs,
+                compressors=codecs, chunk_key_encoding=CHUNK_KEYS,
                 dimension_names=list(var.dims), attributes=var.attrs,
             )
+            var.document = array_document(var.array)
             return var.array
 
     def _save_array_metadata(self) -> None:
@@ -378,8 +384,9 @@ class TraceWriter:
 
     def _write_root(self) -> None:
         with self._create_lock:  # no array is half-created while its metadata is read
-            arrays = {v.name: v.array for v in self.variables.values() if v.array is not None}
-        publish(self.group, self.attrs, arrays, self._committed_samples)
+            documents = {v.name: v.document for v in self.variables.values()
+                         if v.document is not None}
+        publish(self.group, self.attrs, documents, self._committed_samples)
 
     @property
     def committed(self) -> tuple[int, int]:

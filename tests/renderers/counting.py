@@ -45,7 +45,15 @@ class CountingStore(WrapperStore):
         """Chunk coordinates read, per array (metadata documents left out)."""
         out: dict[str, set[tuple[int, ...]]] = collections.defaultdict(set)
         for key in self.reads:
-            array, sep, coords = key.partition("/c/")
-            if sep:
-                out[array].add(tuple(int(c) for c in coords.split("/")))
+            coords = chunk_coords(key)
+            if coords is not None:
+                out[key.rpartition("/")[0]].add(coords)
         return dict(out)
+
+
+def chunk_coords(key: str) -> tuple[int, ...] | None:
+    """(i, j, ...) of a chunk key ``<array>/c.i.j...`` (layerscope's "." separator)."""
+    name = key.rpartition("/")[2]
+    if not name.startswith("c."):
+        return None
+    return tuple(int(c) for c in name.split(".")[1:])
