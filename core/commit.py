@@ -39,7 +39,7 @@ def root_document(attrs: dict[str, Any], arrays: dict[str, dict[str, Any]], rows
         "consolidated_metadata": {"kind": "inline", "must_understand": False,
                                   "metadata": metadata},
     }
-    return json.dumps(doc, indent=1, allow_nan=False).encode()
+    return json.dumps(doc, allow_nan=False).encode()  # no indent: keeps json's C encoder
 
 
 def publish(group: Any, attrs: dict[str, Any], arrays: dict[str, dict[str, Any]],

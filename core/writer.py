@@ -231,8 +231,8 @@ class TraceWriter:
         for worker in self._workers:
             worker.join()
         self._pool.clear()
-        self._save_array_metadata()
         self._commit_ready()
+        self._save_array_metadata()
         self.raise_if_failed()
 
     def set_attrs(self, **attrs: Any) -> None:
@@ -294,6 +294,7 @@ class TraceWriter:
         """Write each array's own ``zarr.json`` with its final shape (see _grow_in_memory)."""
         for var in self.variables.values():
             if var.array is not None:
+                _grow_in_memory(var.array, self._committed_samples)
                 var.array.resize(var.array.shape)
 
     # -- worker side -------------------------------------------------------------------------
@@ -333,7 +334,7 @@ class TraceWriter:
         start, stop = task.batch.start, task.batch.start + task.batch.size
         with var.lock:
             if array.shape[0] < stop:
-                _grow_in_memory(array, stop)
+                _grow_in_memory(array, max(stop, 2 * array.shape[0]))
             if var.chunk_writer is None:
                 var.chunk_writer = ChunkWriter(array, self._files)
             if not var.chunk_writer.covers(start, data):
@@ -394,10 +395,11 @@ class TraceWriter:
 
 
 def _grow_in_memory(array: Any, rows: int) -> None:
-    """Let ``array`` hold ``rows`` rows without rewriting its ``zarr.json`` on every batch.
+    """Give ``array`` ``rows`` rows without rewriting its ``zarr.json``.
 
     Readers take shapes from the consolidated metadata of each commit (cut to the committed
-    rows); the arrays' own ``zarr.json`` files are brought up to date once, at close.
+    rows), so the writer grows its arrays in memory only, doubling to do it rarely; the
+    arrays' own ``zarr.json`` files get the committed length once, at close.
     """
     inner = array._async_array
     grown = inner.metadata.update_shape((rows, *inner.metadata.shape[1:]))
