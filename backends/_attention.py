@@ -68,7 +68,7 @@ def recompute_probabilities(query: torch.Tensor, key: torch.Tensor, attn_mask: A
             weights.masked_fill_(~attn_mask, float("-inf"))
         else:
             weights.add_(attn_mask)
-    return torch.softmax(weights, dim=-1)
+    return torch.softmax(weights, dim=-1, out=weights)
 
 
 class AttentionTap:
