@@ -87,9 +87,6 @@ class StoreOptions:
     #: that one batch needs are reused for every later one (peak memory set by batch 1)
     max_pending_bytes: int | None = None
     downcast: str | None = None  # e.g. "float16": store floats smaller, on request only
-    #: how much lower the writer threads' CPU priority is than the model's (Linux nice steps);
-    #: 0 by default: on a machine the model saturates, starving the writer only serialises it
-    writer_nice: int = 0
     #: on a local disk, write chunk bodies with O_DIRECT (no page-cache copy; see chunkfile)
     direct_io: bool = True
 

@@ -10,7 +10,6 @@ of all earlier batches is on disk; a reader never trusts rows past that.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -300,7 +299,6 @@ class TraceWriter:
     # -- worker side -------------------------------------------------------------------------
 
     def _work(self) -> None:
-        _lower_priority(self.options.writer_nice)
         while True:
             task = self._queue.get()
             if task is _STOP:
@@ -404,18 +402,6 @@ def _grow_in_memory(array: Any, rows: int) -> None:
     inner = array._async_array
     grown = inner.metadata.update_shape((rows, *inner.metadata.shape[1:]))
     object.__setattr__(inner, "metadata", grown)
-
-
-def _lower_priority(nice: int) -> None:
-    """Let the model's threads win the CPU: the writer catches up whenever they wait, and the
-    bounded queue stops the model when the writer falls a batch behind."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, current + nice))
-    except OSError:  # not permitted here: run at the normal priority
-        pass
 
 
 def _nbytes(data: Any) -> int:
