@@ -29,9 +29,9 @@ class Compression:
     Blosc setting, and compressing them costs a writer thread 0.7-1.5 ms per MB: time that a
     model keeping every core busy loses (benchmarks/capture_overhead.py). Tensors with runs of
     zeros (attention over padding, causal masks) shrink to a quarter or half, and LZ4 at level
-    1 without shuffle does that fastest (about 4 GB/s). So a variable is compressed only when a
-    first sample of it shrinks by at least ``min_saving``; the others are stored as they are,
-    checksum included. ``min_saving=0`` compresses everything, e.g.
+    1 without shuffle does that fastest (about 4 GB/s). So a variable is compressed only when
+    its first batch (up to 4 MB of it) shrinks by at least ``min_saving``; the others are
+    stored as they are, checksum included. ``min_saving=0`` compresses everything, e.g.
     ``Compression("zstd", 1, "shuffle", min_saving=0)`` stores dense activations at about 82%.
     """
 
@@ -56,7 +56,7 @@ class Compression:
         return codecs
 
     def codecs_for(self, sample: Any) -> list[Any]:
-        """The codecs for a variable whose first values are ``sample`` (a numpy array)."""
+        """The codecs for a variable whose first batch is ``sample`` (a numpy array)."""
         return self.codecs(self.enabled and self.worth_compressing(sample))
 
     def worth_compressing(self, sample: Any) -> bool:
@@ -64,13 +64,13 @@ class Compression:
             return True
         from numcodecs import Blosc
 
-        probe = sample[:1].reshape(-1)[: PROBE_BYTES // sample.dtype.itemsize]
+        probe = sample.reshape(-1)[: PROBE_BYTES // sample.dtype.itemsize]
         codec = Blosc(cname=self.cname, clevel=self.clevel, shuffle=_SHUFFLES[self.shuffle],
                       blocksize=self.blocksize, typesize=sample.dtype.itemsize)
         return len(codec.encode(probe)) <= (1 - self.min_saving) * probe.nbytes
 
 
-PROBE_BYTES = 4 << 20  # how much of a variable's first sample decides its compression
+PROBE_BYTES = 4 << 20  # how much of a variable's first batch decides its compression
 _SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 

@@ -247,3 +247,18 @@ def test_a_site_skipped_once_stays_skipped(tmp_path):
     recorder.close()
     ds = layerscope.open_trace(path)
     assert "table@output" not in ds and ds.sizes["batch"] == 3
+
+
+def test_compression_is_decided_on_the_whole_first_batch(tmp_path):
+    """The first sample may be the one without padding; the batch decides."""
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path)
+    data = np.random.default_rng(0).random((4, 64, 64), np.float32)
+    data[1:, :, 8:] = 0  # samples 1-3 attend to 8 real tokens, the rest is padding
+    recorder.begin_pass(4)
+    recorder.put("attn", "attention", data, ("batch", "query", "key"))
+    recorder.end_pass()
+    recorder.close()
+    meta = json.loads((path / "attn@attention" / "zarr.json").read_text())
+    assert [codec["name"] for codec in meta["codecs"]] == ["bytes", "blosc", "crc32c"]
+    np.testing.assert_array_equal(layerscope.open_trace(path)["attn@attention"].values, data)
