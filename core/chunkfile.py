@@ -14,7 +14,6 @@ trusts: no temporary file and rename are needed (zarr's own store does that for 
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import threading
@@ -24,7 +23,9 @@ from typing import Any
 import numpy as np
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
-_DIRECT = getattr(os, "O_DIRECT", 0)
+_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere chunks go through the page cache
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) \
+    | getattr(os, "O_BINARY", 0)
 
 
 class ChunkFiles:
@@ -52,14 +53,16 @@ class ChunkFiles:
                 if exc.errno != errno.EINVAL:
                     raise
                 self.direct = False  # this filesystem refuses O_DIRECT: write through the cache
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, _CREATE, 0o666)
         try:
             _write_all(fd, [body, trailer])
         finally:
             os.close(fd)
 
     def _write_direct(self, path: str, body: np.ndarray, head: int, trailer: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _DIRECT, 0o666)
+        import fcntl  # only where O_DIRECT exists, i.e. on Linux
+
+        fd = os.open(path, _CREATE | _DIRECT, 0o666)
         try:
             _write_all(fd, [body[:head]])
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -87,7 +90,7 @@ def _write_all(fd: int, parts: list[Any]) -> None:
     """``os.writev`` until every byte is written (a write may stop short)."""
     views = [memoryview(part).cast("B") for part in parts if len(part)]
     while views:
-        written = os.writev(fd, views)
+        written = os.writev(fd, views) if hasattr(os, "writev") else os.write(fd, views[0])
         while views and written >= views[0].nbytes:
             written -= views[0].nbytes
             views.pop(0)

@@ -147,3 +147,12 @@ def test_later_batches_reuse_the_first_batches_buffers(tmp_path, monkeypatch):
     assert len(made) == 3, f"{len(made)} buffers for 12 batches of 3 tensors"
     ds = layerscope.open_trace(tmp_path / "t.zarr")
     np.testing.assert_array_equal(ds["b@output"].values, np.concatenate(written[1::3]))
+
+
+def test_chunk_files_without_writev(tmp_path, monkeypatch):
+    """Platforms without os.writev (Windows) write part by part."""
+    monkeypatch.delattr(os, "writev", raising=False)
+    files = ChunkFiles(tmp_path, direct=False)
+    body = np.arange(10_000, dtype=np.uint8)
+    files.write("c.0", body, b"crc!")
+    assert (tmp_path / "c.0").read_bytes() == body.tobytes() + b"crc!"
