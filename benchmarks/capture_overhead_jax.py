@@ -26,7 +26,6 @@ store and closing it (all bytes on disk) included.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -37,26 +36,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import folder_bytes, minilm_parser, texts
+
 # the block outputs (hidden states) and the attention maps, as in the PyTorch benchmark
 CAPTURE = ["embeddings@output", "encoder.layer.[0-9]@output",
            "encoder.layer.*.attention@attention"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=128)
-    args = parser.parse_args()
+    args = minilm_parser(__doc__).parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import jax
-    from _common import texts
     from flax import nnx
     from transformers import AutoTokenizer
 

@@ -55,7 +55,13 @@ class HostPool:
                 self.free_bytes -= nbytes
                 return spare.pop()
             self._make_room()
-        return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes]
+        try:
+            return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes]
+        except BaseException:  # out of memory: the bytes were never taken
+            with self.cond:
+                self.pooled -= nbytes
+            self.release(nbytes)
+            raise
 
     def give(self, buffer: np.ndarray) -> None:
         """Return a buffer from :meth:`take`; it is reused by the next take of its size."""

@@ -99,7 +99,7 @@ class TraceWriter:
         self._published = committed_batches
         self._error: BaseException | None = None
         self._pool = HostPool(options.max_pending_bytes or AUTO_BUDGET_MAX)
-        self._first_batch_bytes: int | None = None if options.max_pending_bytes is None else 0
+        self._sizing_budget = options.max_pending_bytes is None  # until batch 1 ends
         self._queue: queue.Queue[Any] = queue.Queue()
         self._files = local_chunk_files(group.store, options.direct_io)
         self._load_existing()
@@ -152,7 +152,7 @@ class TraceWriter:
             )
         var = self._variable(name, roles, shape, attrs)
         task = self._hold(batch, var, data, to_numpy, snapshot)
-        if self._first_batch_bytes is None:  # sizing the automatic budget
+        if self._sizing_budget:
             batch.nbytes += task.nbytes
         with self._state_lock:
             batch.pending += 1
@@ -192,8 +192,8 @@ class TraceWriter:
         if batch is None:
             return
         self._current = None
-        if self._first_batch_bytes is None:
-            self._first_batch_bytes = batch.nbytes
+        if self._sizing_budget:
+            self._sizing_budget = False
             self._pool.limit = min(max(batch.nbytes, AUTO_BUDGET_MIN), AUTO_BUDGET_MAX)
         with self._state_lock:
             batch.ended = True
@@ -290,10 +290,10 @@ class TraceWriter:
             return var.array
 
     def _save_array_metadata(self) -> None:
-        """Write each array's own ``zarr.json`` with its final shape (see _grow_in_memory)."""
+        """Write each array's own ``zarr.json`` with its final shape (see _set_rows_in_memory)."""
         for var in self.variables.values():
             if var.array is not None:
-                _grow_in_memory(var.array, self._committed_samples)
+                _set_rows_in_memory(var.array, self._committed_samples)
                 var.array.resize(var.array.shape)
 
     # -- worker side -------------------------------------------------------------------------
@@ -332,7 +332,7 @@ class TraceWriter:
         start, stop = task.batch.start, task.batch.start + task.batch.size
         with var.lock:
             if array.shape[0] < stop:
-                _grow_in_memory(array, max(stop, 2 * array.shape[0]))
+                _set_rows_in_memory(array, max(stop, 2 * array.shape[0]))
             if var.chunk_writer is None:
                 var.chunk_writer = ChunkWriter(array, self._files)
             if not var.chunk_writer.covers(start, data):
@@ -392,8 +392,9 @@ class TraceWriter:
         return self._committed, self._committed_samples
 
 
-def _grow_in_memory(array: Any, rows: int) -> None:
-    """Give ``array`` ``rows`` rows without rewriting its ``zarr.json``.
+def _set_rows_in_memory(array: Any, rows: int) -> None:
+    """Give ``array`` ``rows`` rows (more while writing, the committed ones at close) without
+    rewriting its ``zarr.json``.
 
     Readers take shapes from the consolidated metadata of each commit (cut to the committed
     rows), so the writer grows its arrays in memory only, doubling to do it rarely; the

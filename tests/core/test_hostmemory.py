@@ -66,10 +66,10 @@ def test_chunk_file_holds_body_then_trailer(tmp_path, size, direct):
 def test_chunk_files_fall_back_where_o_direct_is_refused(tmp_path, monkeypatch):
     real_open = os.open
 
-    def refuse_direct(path, flags, *args):
+    def refuse_direct(path, flags, *args, **kwargs):
         if flags & os.O_DIRECT:
             raise OSError(22, "Invalid argument")  # what tmpfs on older kernels answers
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", refuse_direct)
     files = ChunkFiles(tmp_path, direct=True)
@@ -114,8 +114,26 @@ def test_corrupted_chunk_is_detected(tmp_path):
         zarr.open_array(path / "block@output", mode="r")[:]
 
 
-def test_store_options_default_to_direct_io():
-    assert StoreOptions().direct_io is True
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_local_traces_write_chunk_bodies_with_o_direct(tmp_path, monkeypatch, direct_io):
+    """By default (and only then) chunk files of a local store are opened with O_DIRECT."""
+    real_open = os.open
+    flags_seen = []
+    monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: flags_seen.append(
+        (str(path), flags)) or real_open(path, flags, *a, **k))
+    path = tmp_path / "t.zarr"
+    options = {} if direct_io else {"direct_io": False}
+    assert StoreOptions(**options).direct_io is direct_io
+    recorder = make_recorder(path, compression=Compression(enabled=False), **options)
+    recorder.begin_pass(2)
+    recorder.put("block", "output", np.ones((2, 4096), np.float32), ("batch", "hidden"))
+    recorder.end_pass()
+    recorder.close()
+    chunk_opens = [flags for name, flags in flags_seen if "block@output" in name
+                   and os.path.basename(name).startswith("c.")]
+    assert chunk_opens, "the chunk file was not written through ChunkFiles"
+    assert any(flags & os.O_DIRECT for flags in chunk_opens) is direct_io
 
 
 def test_later_batches_reuse_the_first_batches_buffers(tmp_path, monkeypatch):
