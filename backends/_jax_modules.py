@@ -24,11 +24,13 @@ from layerscope.core.naming import ROOT_SITE
 
 from ._jax_attention import current_scopes, is_attention_name, is_attention_scope
 from ._jax_dims import arrays, batch_first, batch_of, is_array, roles_for
-from ._jax_runtime import Item, Sink, uncaptured
+from ._jax_runtime import Item, Outbound, Sink, uncaptured
 from ._structure import part_kind
 
 #: module -> its site path, or None when the module is not part of the traced model
 SiteOf = Callable[[Any], "str | None"]
+#: (traced root module, where the values go, the values) -> whether they were sent as outputs
+Send = Callable[[Any, Outbound, list[Any]], bool]
 
 
 def trace_state() -> Any:
@@ -59,9 +61,11 @@ class Pass:
 class ModuleEngine:
     """Runs passes over module calls reported by the NNX or Linen wrappers."""
 
-    def __init__(self, selection: Selection, sink: Sink, hidden_size: int | None) -> None:
+    def __init__(self, selection: Selection, sink: Sink, hidden_size: int | None,
+                 send: Send | None = None) -> None:
         self.selection = selection
         self.sink = sink
+        self.send = send  # values out of a traced pass as outputs, when it can; else a callback
         self.hidden_size = hidden_size
         self.eager_state = trace_state()
         self.current: Pass | None = None
@@ -92,11 +96,12 @@ class ModuleEngine:
                 self.sink.abort()
             raise
         self.current = None
-        if current.traced:
-            if current.items:
-                self.sink.emit(batch, token_ids, current.items)
-        else:
+        if not current.traced:
             self.sink.end()
+        elif current.items:
+            outbound, operands = self.sink.outbound(batch, token_ids, current.items)
+            if self.send is None or not self.send(module, outbound, operands):
+                self.sink.callback(outbound, operands)
         return out
 
     def child(self, module: Any, call: Callable[..., Any], args: tuple[Any, ...],

@@ -4,7 +4,8 @@ Eagerly, a captured ``jax.Array`` goes to the recorder at once; the writer threa
 to the host when it is ready, so dispatch is not blocked. Under ``jax.jit`` the values are
 tracers: a pass gathers them while the function is traced and hands them, at the end of the
 traced call, to one ordered ``jax.debug.callback``. The compiled function keeps running as one
-XLA computation and calls back to the host once per pass with the finished arrays.
+XLA computation and calls back to the host once per pass with the finished arrays. (An NNX
+model traced directly under ``nnx.jit`` hands them out as outputs instead: ``_jax_outbox``.)
 
 A compiled function keeps its callbacks. So that a function compiled before (or without) a
 capture does not skip capturing, and one compiled during a capture does not keep capturing
@@ -71,6 +72,26 @@ class Item:
     module_type: str
 
 
+@dataclass(frozen=True)
+class Outbound:
+    """Where the values of one traced pass go, fixed when the pass is traced: the compiled
+    function hands the same values out on every call, as arrays in this order."""
+
+    key: int
+    batch: int
+    has_ids: bool
+    meta: tuple[tuple[str, str, tuple[str, ...], str], ...]  # site, kind, roles, module type
+
+    def deliver(self, arrays: tuple[Any, ...] | list[Any]) -> None:
+        """On the host, once per executed pass."""
+        sink = _active.get(self.key)
+        if sink is None:
+            return  # the trace block has ended; the compiled function still hands values out
+        ids, values = (arrays[0], arrays[1:]) if self.has_ids else (None, arrays)
+        sink.deliver(self.batch, ids, [Item(s, k, a, r, t) for (s, k, r, t), a
+                                       in zip(self.meta, values, strict=True)])
+
+
 class Sink:
     """The recorder's doorway for one ``attach`` block: eager puts and compiled callbacks."""
 
@@ -103,23 +124,20 @@ class Sink:
 
     # -- compiled ----------------------------------------------------------------------------
 
+    def outbound(self, batch: int, token_ids: Any, items: list[Item]) -> tuple[Outbound, list[Any]]:
+        """Inside a traced function: this pass's values and where each goes on the host."""
+        meta = tuple((i.site, i.kind, i.roles, i.module_type) for i in items)
+        operands = ([token_ids] if token_ids is not None else []) + [i.value for i in items]
+        return Outbound(self.key, batch, token_ids is not None, meta), operands
+
+    @staticmethod
+    def callback(outbound: Outbound, operands: list[Any]) -> None:
+        """Send a traced pass's values out through one ordered host callback."""
+        jax.debug.callback(lambda *arrays: outbound.deliver(arrays), *operands, ordered=True)
+
     def emit(self, batch: int, token_ids: Any, items: list[Item]) -> None:
-        """Inside a traced function: send this pass's values out through one host callback."""
-        meta = [(i.site, i.kind, i.roles, i.module_type) for i in items]
-        values = [i.value for i in items]
-        key = self.key
-        has_ids = token_ids is not None
-
-        def deliver(*arrays: Any) -> None:  # runs on the host, once per executed pass
-            sink = _active.get(key)
-            if sink is None:
-                return  # the trace block has ended; the compiled function still calls back
-            ids, arrays = (arrays[0], arrays[1:]) if has_ids else (None, arrays)
-            sink.deliver(batch, ids, [Item(s, k, a, r, t) for (s, k, r, t), a
-                                      in zip(meta, arrays, strict=True)])
-
-        operands = ([token_ids] if has_ids else []) + values
-        jax.debug.callback(deliver, *operands, ordered=True)
+        """Inside a traced function: send this pass's values out through a host callback."""
+        self.callback(*self.outbound(batch, token_ids, items))
 
     def deliver(self, batch: int, token_ids: Any, items: list[Item]) -> None:
         try:

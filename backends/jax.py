@@ -9,10 +9,11 @@
 - Plain functions: traced to a jaxpr and captured by ``jax.named_scope`` names (see
   ``_jax_scopes``); the user calls them through the trace: ``t(params, x)``.
 
-Inside ``jax.jit`` / ``nnx.jit`` the captured values leave the compiled computation through
-one host callback per pass (modules) or as extra outputs (plain functions); the function stays
-compiled. Attention probabilities come from the softmax of attention modules and of scopes
-named ``...attention``, as (batch, head, query, key).
+Inside ``jax.jit`` / ``nnx.jit`` the captured values leave the compiled computation as extra
+outputs (plain functions, and NNX models called directly under ``nnx.jit``: ``_jax_outbox``)
+or through one host callback per pass (everything else); the function stays compiled.
+Attention probabilities come from the softmax of attention modules and of scopes named
+``...attention``, as (batch, head, query, key).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from layerscope.core import BackendError, Recorder, Selection, SiteInfo
 from layerscope.core.naming import ROOT_SITE
 
+from . import _jax_outbox
 from ._jax_attention import AttentionTaps, is_attention_name
 from ._jax_dims import hidden_size_of, to_numpy
 from ._jax_modules import ModuleEngine
@@ -271,9 +273,11 @@ class JaxBackend:
                 finally:
                     _functions.pop(id(model), None)
             else:
-                engine = ModuleEngine(selection, sink, hidden_size_of(model))
+                send = _jax_outbox.send if kind == "nnx" else None
+                engine = ModuleEngine(selection, sink, hidden_size_of(model), send)
                 with ExitStack() as stack:
                     if kind == "nnx":
+                        stack.enter_context(_jax_outbox.installed(model))
                         stack.enter_context(_NnxWrappers(model, engine).installed())
                     else:
                         stack.enter_context(

@@ -144,6 +144,55 @@ def test_jit_stays_compiled(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ds["layers.1@output"].isel(batch=rows).values, second)
 
 
+def _compiled_text(step: Any, *args: Any) -> str:
+    return step.lower(*args).as_text()
+
+
+@pytest.mark.parametrize("options", [{}, {"graph_updates": False}, {"graph": False}],
+                         ids=["default", "no-graph-updates", "pytree"])
+def test_nnx_jit_hands_values_out_as_outputs(tmp_path: Path, options: dict[str, Any]) -> None:
+    """Directly under ``nnx.jit`` the values leave as outputs through the model's state: the
+    compiled computation has no host callback, the model is called twice in one compiled
+    function and both passes arrive in order, bit for bit, and the model's state is as before
+    once the block ends."""
+    model = Stack(depth=1)
+    before = nnx.state(model)
+    step = nnx.jit(lambda m, a, b: (m(a), m(b)), **options)
+    path = tmp_path / "outputs.zarr"
+    with layerscope.trace(model, path, capture=["layers.0"]):
+        assert "callback" not in _compiled_text(step, model, token_batch(0), token_batch(1))
+        for seed in range(0, 4, 2):
+            step(model, token_batch(seed), token_batch(seed + 1))
+        assert "callback" in _compiled_text(  # the same model under plain jax.jit
+            jax.jit(lambda a: model(a)), token_batch(0))
+    assert not hasattr(model, "layerscope_outbox")
+    assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(before)
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 4
+    for seed in range(4):
+        expected = model.layers[0](model.embed(token_batch(seed)))
+        rows = slice(3 * seed, 3 * seed + 3)
+        np.testing.assert_array_equal(ds["layers.0@output"].isel(batch=rows).values, expected)
+
+
+def test_nnx_model_under_plain_jit_keeps_the_callback(tmp_path: Path) -> None:
+    """A model merged inside plain ``jax.jit`` cannot hand state back: every pass still
+    arrives, through the host callback."""
+    model = Stack(depth=1)
+    path = tmp_path / "merged.zarr"
+    with layerscope.trace(model, path, capture=["layers.0"]):
+        graph, state = nnx.split(model)
+        step = jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))
+        assert "callback" in _compiled_text(step, state, token_batch(0))
+        for seed in range(3):
+            step(state, token_batch(seed))
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 3
+    expected = model.layers[0](model.embed(token_batch(2)))
+    np.testing.assert_array_equal(ds["layers.0@output"].isel(batch=slice(6, 9)).values,
+                                  expected)
+
+
 def test_compiled_before_and_after_a_trace(tmp_path: Path) -> None:
     """A function compiled before the trace still captures inside it; after the block the
     uncaptured compilation runs again and nothing reaches the closed store."""
