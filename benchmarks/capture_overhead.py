@@ -11,9 +11,13 @@ trial by trial so that machine noise hits all of them alike:
   savez      output_attentions + output_hidden_states, then numpy.savez of the same tensors
 
 Prints the median time per batch, its ratio to the plain forward, stored bytes and the peak
-resident memory above the process's baseline while each ran.
+resident memory above the process's baseline while each ran. ``--parts`` adds two rows that
+switch the capture off part by part, to show where its time goes:
 
-    python benchmarks/capture_overhead.py [--batches 20] [--trials 5] [--attn eager|sdpa]
+  hooks only      the hooks run, but the recorder drops every tensor
+  copied only     every tensor is copied into the writer's buffers, but nothing is written
+
+    python benchmarks/capture_overhead.py [--batches 20] [--trials 5] [--attn eager|sdpa] [--parts]
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +37,8 @@ import torch
 from _common import PeakRSS, folder_bytes, minilm_parser, texts
 
 import layerscope
-from layerscope.core import Compression, StoreOptions
+from layerscope.core import Compression, Recorder, StoreOptions
+from layerscope.core.writer import TraceWriter
 from layerscope.loading import minilm_folder
 
 # the block outputs (= output_hidden_states) and the attention maps (= output_attentions)
@@ -67,6 +73,23 @@ def run_layerscope(model, inputs, batches: int, workdir: Path,
     return elapsed, stored
 
 
+@contextmanager
+def replaced(owner: type, name: str, stand_in: Callable) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, stand_in)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def run_part(model, inputs, batches: int, workdir: Path, owner: type, name: str
+             ) -> tuple[float, int]:
+    """A layerscope run with ``owner.name`` doing nothing."""
+    with replaced(owner, name, lambda *args, **kwargs: None):
+        return run_layerscope(model, inputs, batches, workdir)
+
+
 def run_savez(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
     stored = 0
     start = time.perf_counter()
@@ -87,6 +110,7 @@ def run_savez(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
 def main() -> None:
     parser = minilm_parser(__doc__)
     parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
+    parser.add_argument("--parts", action="store_true", help="add the part-by-part rows")
     parser.set_defaults(batches=20)  # a trace streams many batches; open and close count once
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,6 +127,9 @@ def main() -> None:
         "  compress every variable": partial(
             run_layerscope, compression=Compression("lz4", 5, "shuffle", min_saving=0)),
     }
+    if args.parts:
+        methods["  hooks only"] = partial(run_part, owner=Recorder, name="put")
+        methods["  copied only"] = partial(run_part, owner=TraceWriter, name="_write")
     if args.attn == "eager":  # HF cannot return attention maps from fused attention
         methods["output_* + np.savez"] = run_savez
     times: dict[str, list[float]] = {name: [] for name in methods}
