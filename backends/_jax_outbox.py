@@ -66,21 +66,27 @@ def outbox_type() -> type:
 
 @contextmanager
 def installed(model: Any) -> Iterator[None]:
-    """Give ``model`` an outbox for the block; always taken away again."""
-    setattr(model, ATTRIBUTE, outbox_type()(_placeholder()))
+    """Give ``model`` an outbox for the block; always taken away again. A model that takes no
+    new attribute gets none, and its compiled passes use the host callback."""
+    try:
+        setattr(model, ATTRIBUTE, outbox_type()(_placeholder()))
+    except Exception:
+        yield
+        return
     try:
         yield
     finally:
-        if ATTRIBUTE in vars(model):
+        if hasattr(model, ATTRIBUTE):
             delattr(model, ATTRIBUTE)
 
 
 def send(module: Any, outbound: Outbound, operands: list[Any]) -> bool:
     """Inside a traced call of ``module`` (the traced model or the copy ``nnx.jit`` made of
     it): put the pass's values in its outbox. False: they cannot leave that way."""
-    box = vars(module).get(ATTRIBUTE)
-    if not isinstance(box, outbox_type()) or not _can_update(box) or not _under_nnx_jit():
-        return False
+    box = getattr(module, ATTRIBUTE, None)
+    if not isinstance(box, outbox_type()) or getattr(box, "hijax", False) \
+            or not _can_update(box) or not _under_nnx_jit():
+        return False  # a hijax Variable crosses jit without the write-back the outbox hooks
     pending = box.get_raw_value()
     payload = dict(pending) if isinstance(pending, dict) else {}  # the model called twice
     pass_id = next(_pass_ids)
