@@ -70,13 +70,13 @@ def installed(model: Any) -> Iterator[None]:
     new attribute gets none, and its compiled passes use the host callback."""
     try:
         setattr(model, ATTRIBUTE, outbox_type()(_placeholder()))
+        added = True
     except Exception:
-        yield
-        return
+        added = False
     try:
         yield
     finally:
-        if hasattr(model, ATTRIBUTE):
+        if added and hasattr(model, ATTRIBUTE):
             delattr(model, ATTRIBUTE)
 
 
@@ -84,9 +84,10 @@ def send(module: Any, outbound: Outbound, operands: list[Any]) -> bool:
     """Inside a traced call of ``module`` (the traced model or the copy ``nnx.jit`` made of
     it): put the pass's values in its outbox. False: they cannot leave that way."""
     box = getattr(module, ATTRIBUTE, None)
+    # a hijax Variable crosses jit without the write-back the outbox hooks into
     if not isinstance(box, outbox_type()) or getattr(box, "hijax", False) \
             or not _can_update(box) or not _under_nnx_jit():
-        return False  # a hijax Variable crosses jit without the write-back the outbox hooks
+        return False
     pending = box.get_raw_value()
     payload = dict(pending) if isinstance(pending, dict) else {}  # the model called twice
     pass_id = next(_pass_ids)
