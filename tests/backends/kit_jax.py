@@ -145,7 +145,8 @@ class JaxKit:
 
     def hook_state(self, case: Case) -> Any:
         """The ``__call__`` of every class the model's modules use, the functions the
-        attention taps wrap, and the capture key JAX compiles under."""
+        attention taps wrap, the capture key JAX compiles under, and the model's graph (which
+        holds the outbox Variable while attached)."""
         from jax._src import config
 
         from layerscope.backends import jax as backend
@@ -161,7 +162,7 @@ class JaxKit:
             ("xla attention", jax_functions._dot_product_attention_xla),
             ("xla softmax", jax_functions.softmax))}
         key = config.config_states["layerscope_capture"].value
-        return calls, functions, key, dict(backend._functions)
+        return calls, functions, key, dict(backend._functions), nnx.graphdef(case.model)
 
     @contextmanager
     def failing(self, case: Case, error: BaseException) -> Iterator[None]:
