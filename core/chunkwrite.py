@@ -16,7 +16,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
+import crc32c
 import numpy as np
 
 from .chunkfile import ChunkFiles
@@ -86,4 +86,6 @@ class ChunkWriter:
 
 
 def _crc32c(body: np.ndarray) -> bytes:
-    return int(google_crc32c.value(body)).to_bytes(4, "little")
+    # the crc32c package lets go of the GIL while it runs (google_crc32c holds it), so the
+    # model's Python thread is not kept waiting by a writer thread checksumming a chunk
+    return int(crc32c.crc32c(body)).to_bytes(4, "little")
