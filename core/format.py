@@ -25,8 +25,8 @@ class Compression:
     """Blosc settings, plus the crc32c checksum every chunk carries.
 
     Chosen with benchmarks/codecs.py on MiniLM tensors. Dense float32 activations (hidden
-    states, MLP outputs, attention maps of unpadded text) shrink only to 85-95% under any fast
-    Blosc setting, and compressing them costs a writer thread 0.7-1.5 ms per MB: time that a
+    states, MLP outputs, attention maps of unpadded text) shrink only to 81-95% under any fast
+    Blosc setting, and compressing them costs a writer thread 0.7-1.8 ms per MB: time that a
     model keeping every core busy loses (benchmarks/capture_overhead.py). Tensors with runs of
     zeros (attention over padding, causal masks) shrink to a quarter or half, and LZ4 at level
     1 without shuffle does that fastest (about 4 GB/s). So a variable is compressed only when
@@ -43,21 +43,18 @@ class Compression:
     blocksize: int = 1 << 20  # bytes Blosc compresses at a time; 0: Blosc chooses
     min_saving: float = 0.2
 
-    def codecs(self, compress: bool | None = None) -> list[Any]:
+    def codecs_for(self, sample: Any) -> list[Any]:
+        """The codecs for a variable whose first batch is ``sample`` (a numpy array)."""
         from zarr.codecs import BloscCodec, Crc32cCodec
 
         codecs: list[Any] = []
-        if self.enabled if compress is None else compress:
+        if self.enabled and self.worth_compressing(sample):
             blosc: Any = BloscCodec  # cname/shuffle are checked by the codec itself
             codecs.append(blosc(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle,
                                 blocksize=self.blocksize))
         if self.checksum:
             codecs.append(Crc32cCodec())
         return codecs
-
-    def codecs_for(self, sample: Any) -> list[Any]:
-        """The codecs for a variable whose first batch is ``sample`` (a numpy array)."""
-        return self.codecs(self.enabled and self.worth_compressing(sample))
 
     def worth_compressing(self, sample: Any) -> bool:
         if self.min_saving <= 0 or sample.dtype.kind not in "biuf" or not sample.size:
