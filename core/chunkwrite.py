@@ -88,4 +88,4 @@ class ChunkWriter:
 def _crc32c(body: np.ndarray) -> bytes:
     # the crc32c package lets go of the GIL while it runs (google_crc32c holds it), so the
     # model's Python thread is not kept waiting by a writer thread checksumming a chunk
-    return int(crc32c.crc32c(memoryview(body))).to_bytes(4, "little")
+    return int(crc32c.crc32c(body.data)).to_bytes(4, "little")
