@@ -1,11 +1,16 @@
-"""What the MiniLM benchmarks share: the input text, the command line, sizes on disk, memory."""
+"""What the MiniLM benchmarks share: the model, the input text, the command line, sizes on
+disk, memory, and switching a part of layerscope off."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -27,6 +32,37 @@ SENTENCES = (
 def texts(batch: int, repeat: int = 20) -> list[str]:
     """``batch`` different texts, each long enough to fill the benchmark's tokens."""
     return [" ".join([SENTENCES[i % len(SENTENCES)]] * repeat) for i in range(batch)]
+
+
+def encode(tokenizer: Any, batch: int, tokens: int, tensors: str = "pt") -> dict[str, Any]:
+    """A batch of ``batch`` different texts, each ``tokens`` long, as the tokenizer returns it."""
+    return dict(tokenizer(texts(batch), padding="max_length", truncation=True,
+                          max_length=tokens, return_tensors=tensors))
+
+
+def torch_minilm(attn: str = "eager") -> tuple[Any, Any]:
+    """The packaged all-MiniLM-L6-v2 in PyTorch (Hugging Face ``BertModel``) and its tokenizer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
+
+    from layerscope.loading import minilm_folder
+
+    logging.disable_progress_bar()
+    folder = minilm_folder()
+    model = AutoModel.from_pretrained(str(folder), attn_implementation=attn).eval()
+    return model, AutoTokenizer.from_pretrained(str(folder))
+
+
+@contextmanager
+def replaced(owner: Any, name: str, stand_in: Callable[..., Any]) -> Iterator[None]:
+    """``owner.name`` is ``stand_in`` for the block (a part of layerscope switched off)."""
+    original = getattr(owner, name)
+    setattr(owner, name, stand_in)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def minilm_parser(doc: str) -> argparse.ArgumentParser:

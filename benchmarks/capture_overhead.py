@@ -22,33 +22,25 @@ switch the capture off part by part, to show where its time goes:
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import PeakRSS, folder_bytes, minilm_parser, texts
+from _common import PeakRSS, encode, folder_bytes, minilm_parser, replaced, torch_minilm
 
 import layerscope
 from layerscope.core import Compression, Recorder, StoreOptions
 from layerscope.core.writer import TraceWriter
-from layerscope.loading import minilm_folder
 
 # the block outputs (= output_hidden_states) and the attention maps (= output_attentions)
 CAPTURE = ["embeddings@output", "encoder.layer.[0-9]@output",
            "encoder.layer.*.attention.self@attention"]
-
-
-def make_inputs(tokenizer, batch: int, length: int) -> dict[str, torch.Tensor]:
-    return dict(tokenizer(texts(batch), padding="max_length", truncation=True, max_length=length,
-                          return_tensors="pt"))
 
 
 def run_plain(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
@@ -71,16 +63,6 @@ def run_layerscope(model, inputs, batches: int, workdir: Path,
     stored = folder_bytes(path)
     shutil.rmtree(path)
     return elapsed, stored
-
-
-@contextmanager
-def replaced(owner: type, name: str, stand_in: Callable) -> Iterator[None]:
-    original = getattr(owner, name)
-    setattr(owner, name, stand_in)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
 
 
 def run_part(model, inputs, batches: int, workdir: Path, owner: type, name: str
@@ -113,15 +95,8 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="add the part-by-part rows")
     parser.set_defaults(batches=20)  # a trace streams many batches; open and close count once
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    folder = minilm_folder()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModel.from_pretrained(str(folder), attn_implementation=args.attn).eval()
-    inputs = make_inputs(tokenizer, args.batch_size, args.tokens)
+    model, tokenizer = torch_minilm(args.attn)
+    inputs = encode(tokenizer, args.batch_size, args.tokens)
     methods: dict[str, Callable] = {
         "plain forward": run_plain, "layerscope -> zarr": run_layerscope,
         "  compress every variable": partial(

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import folder_bytes, minilm_parser, texts
+from _common import encode, folder_bytes, minilm_parser, replaced
 
 # the block outputs (hidden states) and the attention maps, as in the PyTorch benchmark
 CAPTURE = ["embeddings@output", "encoder.layer.[0-9]@output",
@@ -64,8 +64,7 @@ def main() -> None:
     folder = minilm_folder()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = FlaxBertModel.from_pretrained(folder)
-    encoded = tokenizer(texts(args.batch_size), padding="max_length",
-                        truncation=True, max_length=args.tokens, return_tensors="np")
+    encoded = encode(tokenizer, args.batch_size, args.tokens, "np")
     inputs = {k: jax.numpy.asarray(v) for k, v in encoded.items()}
     compiled = nnx.jit(lambda m, kw: m(**kw))
     merged = jax.jit(lambda graph, state, kw: nnx.merge(graph, state)(**kw), static_argnums=0)
@@ -114,12 +113,8 @@ def main() -> None:
         run = captured(call)
 
         def without_writer(workdir: Path) -> Result:
-            deliver = _jax_runtime.Sink.deliver
-            _jax_runtime.Sink.deliver = lambda self, batch, ids, items: None
-            try:
+            with replaced(_jax_runtime.Sink, "deliver", lambda self, batch, ids, items: None):
                 return run(workdir)
-            finally:
-                _jax_runtime.Sink.deliver = deliver
         return without_writer
 
     methods = {"plain eager": plain(eager), "layerscope eager": captured(eager),

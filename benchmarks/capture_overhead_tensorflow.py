@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from _common import folder_bytes, minilm_parser, texts
+from _common import encode, folder_bytes, minilm_parser
 
 # the block outputs (hidden states) and the attention maps, as in the PyTorch benchmark
 CAPTURE = ["embeddings_layer_norm@output", "transformer_layers.[0-9]@output",
@@ -45,8 +45,7 @@ def main() -> None:
     from layerscope.loading import minilm_folder
 
     model, tokenizer = load_hf_folder(minilm_folder())
-    one = tokenizer(texts(args.batch_size), padding="max_length", truncation=True,
-                    max_length=args.tokens, return_tensors="np")
+    one = encode(tokenizer, args.batch_size, args.tokens, "np")
     many = {k: np.concatenate([v] * args.batches) for k, v in one.items()}
 
     def eager(batches: int) -> None:

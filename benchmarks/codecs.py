@@ -13,18 +13,16 @@ one run, interleaved over trials. Decompression (what reading and rendering pay)
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import threading
 import time
 
 import numpy as np
 import torch
-from _common import texts
+from _common import texts, torch_minilm
 from numcodecs import Blosc
 
 from layerscope.core import Compression
-from layerscope.loading import minilm_folder
 
 SETTINGS = {
     "lz4 1 noshuffle (default)": Compression("lz4", 1, "noshuffle"),
@@ -40,12 +38,7 @@ SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 def activations() -> dict[str, list[np.ndarray]]:
     """Real MiniLM tensors of four kinds, batch 8 x 128 tokens."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = minilm_folder()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+    model, tokenizer = torch_minilm()
     mlp: list[np.ndarray] = []
     for layer in model.encoder.layer:  # the GELU outputs, 1536 wide
         layer.intermediate.register_forward_hook(lambda m, i, o: mlp.append(o.numpy().copy()))

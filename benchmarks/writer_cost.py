@@ -28,9 +28,7 @@ from collections.abc import Callable
 import crc32c
 import numpy as np
 import torch
-from _common import minilm_parser, texts
-
-from layerscope.loading import minilm_folder
+from _common import encode, minilm_parser, torch_minilm
 
 BATCH_BYTES = 8 * 6 * 12 * 128 * 128 * 4 + 7 * 8 * 128 * 384 * 4  # maps + hidden states
 FILE_BYTES = 6 << 20
@@ -40,14 +38,8 @@ def main() -> None:
     parser = minilm_parser(__doc__)
     parser.set_defaults(trials=4)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = minilm_folder()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
-    inputs = dict(tokenizer(texts(args.batch_size), padding="max_length", truncation=True,
-                            max_length=args.tokens, return_tensors="pt"))
+    model, tokenizer = torch_minilm()
+    inputs = encode(tokenizer, args.batch_size, args.tokens)
     workdir = tempfile.mkdtemp()
     buffer = mmap.mmap(-1, FILE_BYTES)
     buffer.write(os.urandom(FILE_BYTES))
