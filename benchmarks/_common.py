@@ -4,6 +4,7 @@ disk, memory, and switching a part of layerscope off."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import threading
 import time
@@ -73,6 +74,21 @@ def minilm_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     return parser
+
+
+_runs = itertools.count()
+
+
+def fresh(workdir: Path, name: str) -> Path:
+    """A path under ``workdir`` that no earlier run used; the script removes ``workdir`` at its end.
+
+    Timed runs never delete what earlier ones wrote. A file system that passes over recently
+    freed inodes when it allocates new ones (ext4 without a journal, as on the development
+    machine) makes every file created in the half minute after thousands were deleted scan past
+    them: several times the kernel CPU per file of a quiet folder (``file_creation.py`` measures
+    it). Deleting one row's output would charge that to the row after it.
+    """
+    return workdir / f"{next(_runs)}-{name}"
 
 
 def folder_bytes(path: Path) -> int:

@@ -17,12 +17,14 @@ switch the capture off part by part, to show where its time goes:
   hooks only      the hooks run, but the recorder drops every tensor
   copied only     every tensor is copied into the writer's buffers, but nothing is written
 
+Every run writes to a new path and nothing is deleted until the script ends (see
+``_common.fresh``): about 14 GB of disk with the defaults.
+
     python benchmarks/capture_overhead.py [--batches 20] [--trials 5] [--attn eager|sdpa] [--parts]
 """
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import tempfile
 import time
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import PeakRSS, encode, folder_bytes, minilm_parser, replaced, torch_minilm
+from _common import PeakRSS, encode, folder_bytes, fresh, minilm_parser, replaced, torch_minilm
 
 import layerscope
 from layerscope.core import Compression, Recorder, StoreOptions
@@ -53,16 +55,14 @@ def run_plain(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
 
 def run_layerscope(model, inputs, batches: int, workdir: Path,
                    compression: Compression | None = None) -> tuple[float, int]:
-    path = workdir / "trace.zarr"
+    path = fresh(workdir, "trace.zarr")
     options = StoreOptions(mode="w", compression=compression or Compression())
     start = time.perf_counter()
     with layerscope.trace(model, path, CAPTURE, options=options), torch.no_grad():
         for _ in range(batches):
             model(**inputs)
     elapsed = time.perf_counter() - start
-    stored = folder_bytes(path)
-    shutil.rmtree(path)
-    return elapsed, stored
+    return elapsed, folder_bytes(path)
 
 
 def run_part(model, inputs, batches: int, workdir: Path, owner: type, name: str
@@ -73,20 +73,16 @@ def run_part(model, inputs, batches: int, workdir: Path, owner: type, name: str
 
 
 def run_savez(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
-    stored = 0
+    targets = [fresh(workdir, f"batch_{index}.npz") for index in range(batches)]
     start = time.perf_counter()
     with torch.no_grad():
-        for index in range(batches):
+        for target in targets:
             out = model(**inputs, output_attentions=True, output_hidden_states=True)
             arrays = {f"attention_{i}": a.numpy() for i, a in enumerate(out.attentions)}
             arrays |= {f"hidden_{i}": h.numpy() for i, h in enumerate(out.hidden_states)}
-            target = workdir / f"batch_{index}.npz"
             np.savez(target, **arrays)
     elapsed = time.perf_counter() - start
-    for file in workdir.glob("batch_*.npz"):
-        stored += file.stat().st_size
-        file.unlink()
-    return elapsed, stored
+    return elapsed, sum(target.stat().st_size for target in targets)
 
 
 def main() -> None:

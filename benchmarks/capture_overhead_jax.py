@@ -24,6 +24,8 @@ Every time includes waiting for the results (``jax.block_until_ready``). Prints 
 best time per batch inside the trace block (every batch's values handed to the writer), its
 ratio to the plain run of the same kind, and the time per batch of the whole block, opening the
 store and closing it (all bytes on disk) included.
+Every trace goes to a new path; none is deleted before the script ends (see
+``_common.fresh``).
 
     python benchmarks/capture_overhead_jax.py [--batches 10] [--trials 5]
 """
@@ -31,7 +33,6 @@ store and closing it (all bytes on disk) included.
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import encode, folder_bytes, minilm_parser, replaced
+from _common import encode, folder_bytes, fresh, minilm_parser, replaced
 
 # the block outputs (hidden states) and the attention maps, as in the PyTorch benchmark
 CAPTURE = ["embeddings@output", "encoder.layer.[0-9]@output",
@@ -93,7 +94,7 @@ def main() -> None:
     def captured(call: Callable[[Path], Any], capture: list[str] = CAPTURE
                  ) -> Callable[[Path], Result]:
         def run(workdir: Path) -> Result:
-            path = workdir / "trace.zarr"
+            path = fresh(workdir, "trace.zarr")
             start = time.perf_counter()
             with layerscope.trace(model, path, capture, mode="w"):
                 first = time.perf_counter()
@@ -102,9 +103,7 @@ def main() -> None:
                 jax.effects_barrier()  # every batch has reached the writer's queue
                 batches = time.perf_counter() - first
             elapsed = time.perf_counter() - start
-            stored = folder_bytes(path)
-            shutil.rmtree(path)
-            return batches, elapsed, stored
+            return batches, elapsed, folder_bytes(path)
         return run
 
     def dropped(call: Callable[[Path], Any]) -> Callable[[Path], Result]:

@@ -15,6 +15,8 @@ one-time cost is printed on its own line and left out of the per-batch times.
 
 Prints the median and the best time per batch, each as a ratio to the plain run of the same
 kind (the best of several trials is the least disturbed by other work on the machine).
+Every trace goes to a new path; none is deleted before the script ends (see
+``_common.fresh``).
 
     python benchmarks/capture_overhead_tensorflow.py [--batches 10] [--trials 5]
 """
@@ -22,7 +24,6 @@ kind (the best of several trials is the least disturbed by other work on the mac
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from _common import encode, folder_bytes, minilm_parser
+from _common import encode, folder_bytes, fresh, minilm_parser
 
 # the block outputs (hidden states) and the attention maps, as in the PyTorch benchmark
 CAPTURE = ["embeddings_layer_norm@output", "transformer_layers.[0-9]@output",
@@ -69,7 +70,7 @@ def main() -> None:
         traced again once per block, with the capture in it: that one-time cost is timed
         apart, on a first one-batch call inside the block, and left out of the batch time."""
         def go(batches: int) -> tuple[float, int, float]:
-            path = workdir / "trace.zarr"
+            path = fresh(workdir, "trace.zarr")
             setup = 0.0
             start = time.perf_counter()
             with layerscope.trace(model, path, CAPTURE, mode="w"):
@@ -79,9 +80,7 @@ def main() -> None:
                     start = time.perf_counter()
                 run(batches)
             elapsed = time.perf_counter() - start
-            stored = folder_bytes(path) // (batches + graph)
-            shutil.rmtree(path)
-            return elapsed, stored, setup
+            return elapsed, folder_bytes(path) // (batches + graph), setup
         return go
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,11 +24,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import crc32c
 import numpy as np
 import torch
-from _common import encode, minilm_parser, torch_minilm
+from _common import encode, fresh, minilm_parser, torch_minilm
 
 BATCH_BYTES = 8 * 6 * 12 * 128 * 128 * 4 + 7 * 8 * 128 * 384 * 4  # maps + hidden states
 FILE_BYTES = 6 << 20
@@ -40,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = torch_minilm()
     inputs = encode(tokenizer, args.batch_size, args.tokens)
-    workdir = tempfile.mkdtemp()
+    workdir = Path(tempfile.mkdtemp())  # nothing in it is deleted before the end (see fresh)
     buffer = mmap.mmap(-1, FILE_BYTES)
     buffer.write(os.urandom(FILE_BYTES))
     block = np.frombuffer(buffer, dtype=np.uint8)
@@ -58,11 +59,13 @@ def main() -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
 
         def run(stop: threading.Event) -> None:
+            folder = fresh(workdir, "writes")
+            folder.mkdir()
             count = 0
             while not stop.is_set():
                 started = time.perf_counter()
                 for _ in range(BATCH_BYTES // FILE_BYTES):
-                    fd = os.open(os.path.join(workdir, f"c.{count}"), flags, 0o644)
+                    fd = os.open(folder / f"c.{count}", flags, 0o644)
                     os.write(fd, buffer)
                     os.close(fd)
                     count += 1
@@ -105,8 +108,6 @@ def main() -> None:
                     thread.join()
                 if name in used:  # model time lost per CPU second the thread used
                     costs[name].append((times[name][-1] - plain_now()) / used[name])
-                for file in os.listdir(workdir):
-                    os.unlink(os.path.join(workdir, file))
     finally:
         shutil.rmtree(workdir)
     plain = statistics.median(times["nothing"])
