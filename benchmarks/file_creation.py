@@ -4,8 +4,9 @@ A trace creates a dozen files per batch. On a file system that passes over recen
 inodes when it allocates new ones (ext4 without a journal does), files created in the minutes
 after thousands were deleted cost far more. The "quiet" folder is only as quiet as the machine:
 deletes made by anything in the minutes before the script count too. The two cases are measured
-one after the other, the same way: ``--files`` files of 64 KiB written with ``O_DIRECT`` where
-the file system allows it, timing the process's kernel CPU (and wall time) per file.
+one after the other, the same way: ``--files`` files of 64 KiB written by the writer's own
+``ChunkFiles`` (``O_DIRECT`` where the file system allows it), timing the process's kernel CPU
+(and wall time) per file.
 
     python benchmarks/file_creation.py [--files 1000] [--deleted 20000] [--dir /tmp]
 """
@@ -21,25 +22,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from layerscope.core.chunkfile import ChunkFiles
+
 BODY = 64 << 10
 
 
 def create(folder: Path, count: int) -> tuple[float, float]:
-    """Kernel CPU seconds and wall seconds per file for ``count`` new files in ``folder``."""
+    """Kernel CPU seconds and wall seconds per file for ``count`` new files in ``folder``,
+    written the way a trace writes its chunk files."""
     folder.mkdir()
-    body = mmap.mmap(-1, BODY)  # page-aligned, as O_DIRECT needs
-    body.write(os.urandom(BODY))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
+    body = np.frombuffer(mmap.mmap(-1, BODY), dtype=np.uint8)  # page-aligned, as O_DIRECT needs
+    body[:] = np.frombuffer(os.urandom(BODY), dtype=np.uint8)
+    files = ChunkFiles(folder)
     before, start = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
     for index in range(count):
-        try:
-            fd = os.open(folder / str(index), flags, 0o644)
-            os.write(fd, body)
-        except OSError:  # a file system without O_DIRECT: time the ordinary write instead
-            flags &= ~getattr(os, "O_DIRECT", 0)
-            fd = os.open(folder / str(index), flags, 0o644)
-            os.write(fd, body)
-        os.close(fd)
+        files.write(str(index), body, b"")
     wall = time.perf_counter() - start
     return (resource.getrusage(resource.RUSAGE_SELF).ru_stime - before) / count, wall / count
 

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from _common import encode, fresh, minilm_parser, torch_minilm
 
+from layerscope.core.chunkfile import ChunkFiles
+
 BATCH_BYTES = 8 * 6 * 12 * 128 * 128 * 4 + 7 * 8 * 128 * 384 * 4  # maps + hidden states
 FILE_BYTES = 6 << 20
 
@@ -56,18 +58,13 @@ def main() -> None:
     period = forwards()  # the background works at about one batch per forward
 
     def writes(direct: bool) -> Callable[[threading.Event], None]:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
-
         def run(stop: threading.Event) -> None:
-            folder = fresh(workdir, "writes")
-            folder.mkdir()
+            files = ChunkFiles(fresh(workdir, "writes"), direct)  # as the writer writes chunks
             count = 0
             while not stop.is_set():
                 started = time.perf_counter()
                 for _ in range(BATCH_BYTES // FILE_BYTES):
-                    fd = os.open(folder / f"c.{count}", flags, 0o644)
-                    os.write(fd, buffer)
-                    os.close(fd)
+                    files.write(f"c.{count}", block, b"")
                     count += 1
                 stop.wait(max(0.0, period - (time.perf_counter() - started)))
         return run
