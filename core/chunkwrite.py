@@ -45,6 +45,7 @@ class ChunkWriter:
         self.prototype = default_buffer_prototype()
         self.spec = metadata.get_chunk_spec((0,) * len(self.chunks), array._async_array._config,
                                             self.prototype)
+        self.raw = _raw_bytes(self.codecs)
         self.prefix = f"{array.path}/" if array.path else ""
         self.encode_key = metadata.encode_chunk_key
         self.files = files
@@ -70,6 +71,8 @@ class ChunkWriter:
 
     def _encode(self, chunk: np.ndarray) -> np.ndarray:
         """The chunk's bytes after every codec but the checksum, as a flat uint8 array."""
+        if self.raw and chunk.dtype.isnative:
+            return chunk.view(np.uint8).reshape(-1)  # what the bytes codec would return
         value: Any = self.prototype.nd_buffer.from_numpy_array(chunk)
         for codec in self.codecs:
             value = codec._encode_sync(value, self.spec)
@@ -83,6 +86,22 @@ class ChunkWriter:
 
         encoded = np.concatenate([body, np.frombuffer(trailer, dtype=np.uint8)])
         sync(self.array.store.set(key, self.prototype.buffer.from_array_like(encoded)))
+
+
+def _raw_bytes(codecs: list[Any]) -> bool:
+    """Whether ``codecs`` store a chunk as its memory: a bytes codec in this machine's order.
+
+    Uncompressed variables take this path every chunk; skipping zarr's buffer and codec
+    objects there keeps the writer thread off Python's lock, which the model's thread needs.
+    """
+    import sys
+
+    from zarr.codecs import BytesCodec
+
+    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return False
+    endian = codecs[0].endian
+    return endian is None or endian.value == sys.byteorder
 
 
 def _crc32c(body: np.ndarray) -> bytes:

@@ -331,11 +331,11 @@ class TraceWriter:
             )
         start, stop = task.batch.start, task.batch.start + task.batch.size
         with var.lock:
-            if array.shape[0] < stop:
-                _set_rows_in_memory(array, max(stop, 2 * array.shape[0]))
             if var.chunk_writer is None:
                 var.chunk_writer = ChunkWriter(array, self._files)
             if not var.chunk_writer.covers(start, data):
+                if array.shape[0] < stop:  # zarr checks the bounds of what it writes
+                    _set_rows_in_memory(array, max(stop, 2 * array.shape[0]))
                 array[start:stop] = data  # partial chunks: zarr reads, merges and rewrites
                 return
         var.chunk_writer.write(start, data)  # whole chunks nobody else writes
@@ -397,8 +397,9 @@ def _set_rows_in_memory(array: Any, rows: int) -> None:
     rewriting its ``zarr.json``.
 
     Readers take shapes from the consolidated metadata of each commit (cut to the committed
-    rows), so the writer grows its arrays in memory only, doubling to do it rarely; the
-    arrays' own ``zarr.json`` files get the committed length once, at close.
+    rows), so the writer grows its arrays in memory only, doubling to do it rarely, and only
+    for zarr's own writes of partial chunks (whole chunks are written without zarr looking at
+    the shape); the arrays' own ``zarr.json`` files get the committed length once, at close.
     """
     inner = array._async_array
     grown = inner.metadata.update_shape((rows, *inner.metadata.shape[1:]))

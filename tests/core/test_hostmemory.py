@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 
@@ -12,7 +13,7 @@ import zarr
 import layerscope
 from layerscope.core import Compression, StoreOptions
 from layerscope.core.chunkfile import ALIGN, ChunkFiles
-from layerscope.core.hostpool import HostPool
+from layerscope.core.hostpool import HUGE_PAGE, HostPool
 
 from .test_writer import make_recorder
 
@@ -26,6 +27,20 @@ def test_pool_reuses_a_given_back_buffer():
     assert pool.pending == 0
     again = pool.take(4096)
     assert again.ctypes.data == address
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="transparent huge pages: Linux")
+def test_pool_buffers_of_a_mb_and_more_start_on_a_huge_page():
+    """So that the kernel can back them with 2 MiB pages, which O_DIRECT pins cheaply."""
+    pool = HostPool(64 << 20)
+    small, large, odd = pool.take(HUGE_PAGE // 4), pool.take(HUGE_PAGE // 2), pool.take(3 << 20)
+    assert small.ctypes.data % ALIGN == 0
+    assert large.ctypes.data % HUGE_PAGE == 0 and odd.ctypes.data % HUGE_PAGE == 0
+    assert (large.nbytes, odd.nbytes) == (HUGE_PAGE // 2, 3 << 20)
+    odd[:] = 7  # the memory is there, writable, and reused once given back
+    address = odd.ctypes.data
+    pool.give(odd)
+    assert pool.take(3 << 20).ctypes.data == address
 
 
 def test_pool_keeps_no_more_than_its_limit():
@@ -126,7 +141,8 @@ def test_later_batches_reuse_the_first_batches_buffers(tmp_path, monkeypatch):
 
     made = []
     real_mmap = hostpool.mmap.mmap
-    monkeypatch.setattr(hostpool.mmap, "mmap", lambda *a: made.append(a) or real_mmap(*a))
+    monkeypatch.setattr(hostpool.mmap, "mmap",
+                        lambda *a, **k: made.append(a) or real_mmap(*a, **k))
 
     def snapshot(value, alloc):
         host = alloc(value.shape, value.dtype)
