@@ -14,13 +14,14 @@ trusts: no temporary file and rename are needed (zarr's own store does that for 
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .hostpool import page_aligned
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere chunks go through the page cache
@@ -79,7 +80,7 @@ class ChunkFiles:
         if scratch is None or scratch.nbytes < body.nbytes:
             grown = max(body.nbytes, 0 if scratch is None else scratch.nbytes * 5 // 4)
             size = -(-grown // ALIGN) * ALIGN  # grown by a quarter: chunk sizes vary
-            scratch = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+            scratch = page_aligned(size)
             self._scratch.buffer = scratch
         out = scratch[: body.nbytes]
         out[...] = body
