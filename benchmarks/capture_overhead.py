@@ -18,13 +18,16 @@ switch the capture off part by part, to show where its time goes:
   copied only     every tensor is copied into the writer's buffers, but nothing is written
 
 Every run writes to a new path and nothing is deleted until the script ends (see
-``_common.fresh``): about 14 GB of disk with the defaults.
+``_common.fresh``): about 14 GB of disk with the defaults. After each row, untimed, ``os.sync``
+writes back what the row left in the page cache (savez writes through it), so that no row
+pays for an earlier row's writes.
 
     python benchmarks/capture_overhead.py [--batches 20] [--trials 5] [--attn eager|sdpa] [--parts]
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -114,6 +117,7 @@ def main() -> None:
             for name, method in methods.items():
                 with PeakRSS() as rss:
                     elapsed, size = method(model, inputs, args.batches, workdir)
+                os.sync()  # untimed: the savez row's page cache is not written back in the next
                 times[name].append(elapsed / args.batches)
                 stored[name] = size // args.batches
                 peaks[name] = max(peaks[name], rss.peak)
