@@ -16,7 +16,6 @@ background CPU costs.
 
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 import statistics
@@ -32,6 +31,7 @@ import torch
 from _common import encode, fresh, minilm_parser, torch_minilm
 
 from layerscope.core.chunkfile import ChunkFiles
+from layerscope.core.hostpool import page_aligned
 
 BATCH_BYTES = 8 * 6 * 12 * 128 * 128 * 4 + 7 * 8 * 128 * 384 * 4  # maps + hidden states
 FILE_BYTES = 6 << 20
@@ -44,9 +44,8 @@ def main() -> None:
     model, tokenizer = torch_minilm()
     inputs = encode(tokenizer, args.batch_size, args.tokens)
     workdir = Path(tempfile.mkdtemp())  # nothing in it is deleted before the end (see fresh)
-    buffer = mmap.mmap(-1, FILE_BYTES)
-    buffer.write(os.urandom(FILE_BYTES))
-    block = np.frombuffer(buffer, dtype=np.uint8)
+    block = page_aligned(FILE_BYTES)  # memory as the writer's pool gives it (huge pages)
+    block[:] = np.frombuffer(os.urandom(FILE_BYTES), dtype=np.uint8)
 
     def forwards() -> float:
         start = time.perf_counter()
