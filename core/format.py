@@ -81,7 +81,7 @@ class StoreOptions:
     workers: int = 2
     #: bytes that may wait to be written; None: what the first batch held, clamped to
     #: [64 MB, 1 GB]: the model runs at most one batch ahead of the disk, and the host buffers
-    #: that one batch needs are reused for every later one (peak memory set by batch 1)
+    #: that one batch needs are reused for every later one (peak memory bounded by batch 1)
     max_pending_bytes: int | None = None
     downcast: str | None = None  # e.g. "float16": store floats smaller, on request only
     #: on a local disk, write chunk bodies with O_DIRECT (no page-cache copy; see chunkfile)
