@@ -6,7 +6,7 @@ keeps the footprint flat (no allocator growth from a fresh 50 MB a batch) and sk
 faults of fresh memory. Buffers are page-aligned mmaps, so a whole-chunk buffer can go to disk
 with ``O_DIRECT`` without another copy.
 
-Buffers of a few MB and more ask Linux for transparent huge pages. An ``O_DIRECT`` write pins
+Buffers of 1 MiB and more ask Linux for transparent huge pages. An ``O_DIRECT`` write pins
 every page it reads from, and pinning one 2 MiB page instead of 512 small ones halves the
 writer's CPU time per chunk (pinning was most of it). Where the kernel has no huge pages to
 give, the same memory simply stays in small pages.

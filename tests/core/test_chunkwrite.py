@@ -7,9 +7,12 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
+import layerscope
 from layerscope.core.chunkfile import ChunkFiles
 from layerscope.core.chunkwrite import ChunkWriter
 from layerscope.core.writer import CHUNK_KEYS
+
+from .test_writer import make_recorder
 
 SETTINGS = {
     "raw + crc32c": dict(compressors=[Crc32cCodec()]),
@@ -54,3 +57,21 @@ def test_non_native_input_is_converted_like_zarr_does(tmp_path):
     theirs[:] = data
     assert (tmp_path / "ours/v/c.0.0.0").read_bytes() == (tmp_path / "zarr/v/c.0.0.0").read_bytes()
     np.testing.assert_array_equal(ours[:], data)
+
+
+@pytest.mark.parametrize("sizes", [(4, 4, 3, 4, 4), (3, 8, 3)])
+def test_whole_and_partial_chunks_mix(tmp_path, sizes):
+    """Batches that fill whole chunks (written here) and batches that do not (written by zarr,
+    which needs the array's rows in memory) read back as one array."""
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path)
+    rng = np.random.default_rng(2)
+    batches = [rng.standard_normal((size, 6, 5), np.float32) for size in sizes]
+    for data in batches:
+        recorder.begin_pass(len(data))
+        recorder.put("block", "output", data, ("batch", "token", "hidden"))
+        recorder.end_pass()
+    recorder.close()
+    stored = layerscope.open_trace(path)["block@output"].values
+    np.testing.assert_array_equal(stored, np.concatenate(batches))
+    np.testing.assert_array_equal(zarr.open_array(path / "block@output", mode="r")[:], stored)
