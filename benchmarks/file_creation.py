@@ -14,7 +14,6 @@ one after the other, the same way: ``--files`` files of 64 KiB written by the wr
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import resource
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from layerscope.core.chunkfile import ChunkFiles
+from layerscope.core.hostpool import page_aligned
 
 BODY = 64 << 10
 
@@ -33,7 +33,7 @@ def create(folder: Path, count: int) -> tuple[float, float]:
     """Kernel CPU seconds and wall seconds per file for ``count`` new files in ``folder``,
     written the way a trace writes its chunk files."""
     folder.mkdir()
-    body = np.frombuffer(mmap.mmap(-1, BODY), dtype=np.uint8)  # page-aligned, as O_DIRECT needs
+    body = page_aligned(BODY)  # as the writer's pool gives it; O_DIRECT needs the alignment
     body[:] = np.frombuffer(os.urandom(BODY), dtype=np.uint8)
     files = ChunkFiles(folder)
     before, start = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()

@@ -13,6 +13,7 @@ appended to a copy of it. On a local store the files are written directly
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,6 @@ def _raw_bytes(codecs: list[Any]) -> bool:
     Uncompressed variables take this path every chunk; skipping zarr's buffer and codec
     objects there keeps the writer thread off Python's lock, which the model's thread needs.
     """
-    import sys
-
     from zarr.codecs import BytesCodec
 
     if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
