@@ -85,8 +85,9 @@ def fresh(workdir: Path, name: str) -> Path:
     Timed runs never delete what earlier ones wrote. A file system that passes over recently
     freed inodes when it allocates new ones (ext4 without a journal, as on the development
     machine) makes every file created in the minutes after thousands were deleted scan past
-    them: two to four times the kernel CPU per file of a quiet folder (``file_creation.py`` measures
-    it). Deleting one row's output would charge that to the row after it.
+    them, at a multiple of the kernel CPU per file of a quiet folder (``file_creation.py``
+    measures it; see benchmarks/README.md, File creation). Deleting one row's output would
+    charge that to the row after it.
     """
     return workdir / f"{next(_runs)}-{name}"
 

@@ -24,15 +24,15 @@ INPUT_TEXT = "input_text"
 class Compression:
     """Blosc settings, plus the crc32c checksum every chunk carries.
 
-    Chosen with benchmarks/codecs.py on MiniLM tensors. Dense float32 activations (hidden
-    states, MLP outputs, attention maps of unpadded text) shrink only to 81-95% under any fast
-    Blosc setting, and compressing them costs a writer thread 0.7-1.8 ms per MB: time that a
-    model keeping every core busy loses (benchmarks/capture_overhead.py). Tensors with runs of
-    zeros (attention over padding, causal masks) shrink to a quarter or half, and LZ4 at level
-    1 without shuffle does that fastest (about 4 GB/s). So a variable is compressed only when
-    its first batch (up to 4 MB of it) shrinks by at least ``min_saving``; the others are
-    stored as they are, checksum included. ``min_saving=0`` compresses everything, e.g.
-    ``Compression("zstd", 1, "shuffle", min_saving=0)`` stores dense activations at about 82%.
+    Chosen with benchmarks/codecs.py on MiniLM tensors (figures in benchmarks/README.md,
+    Compression settings). Dense float32 activations (hidden states, MLP outputs, attention
+    maps of unpadded text) shrink little under any fast Blosc setting, and the CPU time spent
+    compressing them is time that a model keeping every core busy loses. Tensors with runs of
+    zeros (attention over padding, causal masks) shrink a lot, and LZ4 at level 1 without
+    shuffle does that fastest. So a variable is compressed only when its first batch (up to
+    4 MB of it) shrinks by at least ``min_saving``; the others are stored as they are, checksum
+    included. ``min_saving=0`` compresses everything, e.g.
+    ``Compression("zstd", 1, "shuffle", min_saving=0)`` for the smallest stores.
     """
 
     cname: str = "lz4"

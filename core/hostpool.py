@@ -7,9 +7,9 @@ faults of fresh memory. Buffers are page-aligned mmaps, so a whole-chunk buffer 
 with ``O_DIRECT`` without another copy.
 
 Buffers of 1 MiB and more ask Linux for transparent huge pages. An ``O_DIRECT`` write pins
-every page it reads from, and pinning one 2 MiB page instead of 512 small ones halves the
-writer's CPU time per chunk (pinning was most of it). Where the kernel has no huge pages to
-give, the same memory simply stays in small pages.
+every page it reads from, and pinning one 2 MiB page instead of 512 small ones cuts the
+writer's CPU time per chunk (see benchmarks/README.md, Writer cost). Where the kernel has no
+huge pages to give, the same memory simply stays in small pages.
 """
 
 from __future__ import annotations
