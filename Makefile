@@ -47,12 +47,17 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
-test: $(VENV)/.dev-installed $(CHROMIUM)
-	$(BIN)/python -m pytest
+# -P: the repository root is not put on sys.path, so core/, backends/ and renderers/ are
+# reached only as layerscope.* (tests/conftest.py drops the root for a plain `-m pytest` too).
+test: lint $(CHROMIUM)
+	$(BIN)/python -P -m pytest
 
+# ruff and mypy over the four packages (mypy checks them as the one package `layerscope`),
+# and vulture for code nothing uses.
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check core backends renderers layerscope tests benchmarks
+	$(BIN)/ruff check core backends renderers layerscope tests benchmarks examples docs
 	$(BIN)/mypy
+	$(BIN)/vulture
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/capture_overhead.py

@@ -1,6 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# `python -m pytest` puts the working directory on sys.path; from the repository root that makes
+# core/, backends/ and renderers/ importable a second time as top-level packages (their classes
+# then differ from layerscope's own). Tests reach them only as layerscope.*: drop the root.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
