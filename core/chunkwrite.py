@@ -7,20 +7,22 @@ writer's own thread instead of zarr's shared pool, and skips zarr's general read
 machinery. The trailing crc32c is computed here and written after the body rather than
 appended to a copy of it. On a local store the files are written directly
 (:mod:`.chunkfile`); anything else goes through the store. Partial chunks fall back to
-``array[...] = data``.
+``array[...] = data``, and so does every chunk where zarr lacks an internal the encoding needs
+(:mod:`._zarr_compat` holds them all).
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 from typing import Any
 
 import crc32c
 import numpy as np
 
+from ._zarr_compat import chunk_encoder, chunk_setter
 from .chunkfile import ChunkFiles
+from .errors import WriterError
 
 
 def local_chunk_files(store: Any, direct_io: bool) -> ChunkFiles | None:
@@ -32,75 +34,58 @@ def local_chunk_files(store: Any, direct_io: bool) -> ChunkFiles | None:
 
 class ChunkWriter:
     def __init__(self, array: Any, files: ChunkFiles | None = None) -> None:
-        """``files``: where a local store's chunk files go (None: through the store)."""
-        from zarr.codecs import Crc32cCodec
-        from zarr.core.buffer import default_buffer_prototype
+        """``files``: where a local store's chunk files go (None: through the store).
 
+        Where zarr lacks an internal this needs (see :mod:`._zarr_compat`), :attr:`enabled`
+        is False and :meth:`covers` says no to everything: the caller writes with
+        ``array[...] = data``.
+        """
         self.array = array
-        metadata = array.metadata
-        self.chunks: tuple[int, ...] = tuple(metadata.chunk_grid.chunk_shape)
-        self.codecs = list(metadata.codecs)
-        self.checksum = bool(self.codecs) and isinstance(self.codecs[-1], Crc32cCodec)
-        if self.checksum:
-            self.codecs.pop()
-        self.prototype = default_buffer_prototype()
-        self.spec = metadata.get_chunk_spec((0,) * len(self.chunks), array._async_array._config,
-                                            self.prototype)
-        self.raw = _raw_bytes(self.codecs)
-        self.prefix = f"{array.path}/" if array.path else ""
-        self.encode_key = metadata.encode_chunk_key
         self.files = files
+        self.encoder = chunk_encoder(array)
+        self.setter = chunk_setter(array.store) if files is None else None
+        self.enabled = self.encoder is not None and (files is not None or self.setter is not None)
+        self.prefix = f"{array.path}/" if array.path else ""
+
+    @property
+    def raw(self) -> bool:
+        """Whether chunks are stored as their own memory (no codec but the checksum)."""
+        return self.encoder is not None and self.encoder.raw
 
     def covers(self, start: int, data: np.ndarray) -> bool:
-        """Whether ``data`` written at row ``start`` fills whole chunks only."""
-        rows = data.shape[0]
-        if start % self.chunks[0] or rows % self.chunks[0]:
+        """Whether ``data`` written at row ``start`` fills whole chunks only (and this writer
+        can write them)."""
+        encoder = self.encoder
+        if encoder is None or not self.enabled:
             return False
-        return all(size % chunk == 0 for size, chunk in zip(data.shape[1:], self.chunks[1:],
+        chunks = encoder.chunks
+        if start % chunks[0] or data.shape[0] % chunks[0]:
+            return False
+        return all(size % chunk == 0 for size, chunk in zip(data.shape[1:], chunks[1:],
                                                                strict=True))
 
     def write(self, start: int, data: np.ndarray) -> None:
-        first = start // self.chunks[0]
-        counts = [size // chunk for size, chunk in zip(data.shape, self.chunks, strict=True)]
+        """Write ``data`` at row ``start``; only where :meth:`covers` said yes."""
+        encoder = self.encoder
+        if encoder is None or not self.enabled:
+            raise WriterError(f"{self.array.path}: chunks cannot be written past zarr here; "
+                              "write them with array[...] = data")
+        chunks = encoder.chunks
+        first = start // chunks[0]
+        counts = [size // chunk for size, chunk in zip(data.shape, chunks, strict=True)]
         for index in itertools.product(*(range(n) for n in counts)):
-            region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks,
-                                                                      strict=True))
-            body = self._encode(np.ascontiguousarray(data[region]))
-            trailer = _crc32c(body) if self.checksum else b""
-            key = self.prefix + self.encode_key((first + index[0], *index[1:]))
+            region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))
+            body = encoder.encode(np.ascontiguousarray(data[region]))
+            trailer = _crc32c(body) if encoder.checksum else b""
+            key = self.prefix + encoder.chunk_key((first + index[0], *index[1:]))
             self._store(key, body, trailer)
-
-    def _encode(self, chunk: np.ndarray) -> np.ndarray:
-        """The chunk's bytes after every codec but the checksum, as a flat uint8 array."""
-        if self.raw and chunk.dtype.isnative:
-            return chunk.view(np.uint8).reshape(-1)  # what the bytes codec would return
-        value: Any = self.prototype.nd_buffer.from_numpy_array(chunk)
-        for codec in self.codecs:
-            value = codec._encode_sync(value, self.spec)
-        return np.asarray(value.as_numpy_array()).view(np.uint8).reshape(-1)
 
     def _store(self, key: str, body: np.ndarray, trailer: bytes) -> None:
         if self.files is not None:
             self.files.write(key, body, trailer)
             return
-        from zarr.core.sync import sync
-
-        encoded = np.concatenate([body, np.frombuffer(trailer, dtype=np.uint8)])
-        sync(self.array.store.set(key, self.prototype.buffer.from_array_like(encoded)))
-
-
-def _raw_bytes(codecs: list[Any]) -> bool:
-    """Whether ``codecs`` store a chunk as its memory: a bytes codec in this machine's order.
-
-    Uncompressed variables take this path every chunk; skipping zarr's buffer and codec
-    objects there keeps the writer thread off Python's lock, which the model's thread needs.
-    """
-    from zarr.codecs import BytesCodec
-
-    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
-        return False
-    endian = codecs[0].endian
-    return endian is None or endian.value == sys.byteorder
+        assert self.setter is not None  # enabled
+        self.setter(key, np.concatenate([body, np.frombuffer(trailer, dtype=np.uint8)]))
 
 
 def _crc32c(body: np.ndarray) -> bytes:

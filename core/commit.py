@@ -15,11 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ._zarr_compat import set_bytes
+
 
 def array_document(array: Any) -> dict[str, Any]:
     """The consolidated-metadata entry of ``array``; only its batch length changes later."""
     # what zarr writes as the array's zarr.json, but without its indent, which would take
-    # json's pure-Python encoder (3 ms an array, in the writer while the model runs)
+    # json's pure-Python encoder (slow, in the writer while the model runs)
     doc: dict[str, Any] = json.loads(json.dumps(array.metadata.to_dict(), allow_nan=True))
     return doc
 
@@ -53,8 +55,5 @@ def publish(group: Any, attrs: dict[str, Any], arrays: dict[str, dict[str, Any]]
             handle.write(document)
         os.replace(tmp, target)
         return
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     key = f"{group.path}/zarr.json" if group.path else "zarr.json"
-    sync(group.store.set(key, default_buffer_prototype().buffer.from_bytes(document)))
+    set_bytes(group.store, key, document)

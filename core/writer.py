@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ._zarr_compat import grow_rows, save_rows
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, local_chunk_files
 from .commit import array_document, publish
@@ -290,11 +291,16 @@ class TraceWriter:
             return var.array
 
     def _save_array_metadata(self) -> None:
-        """Write each array's own ``zarr.json`` with its final shape (see _set_rows_in_memory)."""
+        """Write each array's own ``zarr.json`` with the committed rows.
+
+        Readers take shapes from the consolidated metadata of each commit (cut to the committed
+        rows), so while writing, arrays grow only for zarr's own writes of partial chunks, in
+        memory where zarr allows it (whole chunks are written without zarr looking at the
+        shape), doubling to do it rarely; their own ``zarr.json`` gets the length once, here.
+        """
         for var in self.variables.values():
             if var.array is not None:
-                _set_rows_in_memory(var.array, self._committed_samples)
-                var.array.resize(var.array.shape)
+                save_rows(var.array, self._committed_samples)
 
     # -- worker side -------------------------------------------------------------------------
 
@@ -335,7 +341,7 @@ class TraceWriter:
                 var.chunk_writer = ChunkWriter(array, self._files)
             if not var.chunk_writer.covers(start, data):
                 if array.shape[0] < stop:  # zarr checks the bounds of what it writes
-                    _set_rows_in_memory(array, max(stop, 2 * array.shape[0]))
+                    grow_rows(array, max(stop, 2 * array.shape[0]))
                 array[start:stop] = data  # partial chunks: zarr reads, merges and rewrites
                 return
         var.chunk_writer.write(start, data)  # whole chunks nobody else writes
@@ -390,20 +396,6 @@ class TraceWriter:
     @property
     def committed(self) -> tuple[int, int]:
         return self._committed, self._committed_samples
-
-
-def _set_rows_in_memory(array: Any, rows: int) -> None:
-    """Give ``array`` ``rows`` rows (more while writing, the committed ones at close) without
-    rewriting its ``zarr.json``.
-
-    Readers take shapes from the consolidated metadata of each commit (cut to the committed
-    rows), so the writer grows its arrays in memory only, doubling to do it rarely, and only
-    for zarr's own writes of partial chunks (whole chunks are written without zarr looking at
-    the shape); the arrays' own ``zarr.json`` files get the committed length once, at close.
-    """
-    inner = array._async_array
-    grown = inner.metadata.update_shape((rows, *inner.metadata.shape[1:]))
-    object.__setattr__(inner, "metadata", grown)
 
 
 def _nbytes(data: Any) -> int:

@@ -1,0 +1,222 @@
+"""Every use of zarr's private API, each behind a function that falls back to the public one.
+
+The writer goes around zarr in three places, for speed:
+
+- whole chunks are encoded on the writer's own thread with the array's codec objects
+  (``metadata.get_chunk_spec``, ``codec._encode_sync``, ``metadata.encode_chunk_key``) and
+  written as files (or through ``zarr.core.sync.sync(store.set(...))`` on other stores);
+- arrays grow in memory only, by replacing the frozen metadata of the array's ``AsyncArray``,
+  so that zarr's own partial-chunk writes pass its bounds check without a ``zarr.json``
+  rewrite per batch;
+- the root ``zarr.json`` of a non-local store is written with ``zarr.core.sync.sync``.
+
+Each function here checks, once per array or per call (never per chunk), that what it needs
+exists, and otherwise takes the public API: ``array[rows] = data`` for every write,
+``Array.resize`` to grow an array (one ``zarr.json`` write per doubling) and the store's own
+coroutine run on an event loop of our own. A zarr release that drops an internal therefore
+costs speed, not correctness. No other module of layerscope touches zarr's internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+
+#: False: take the public fallback everywhere, as a zarr without these internals would.
+#: Tests switch it off to check that the fallback stores the same values.
+PRIVATE_API = True
+
+#: Writes ``(key, bytes as a flat uint8 array)`` to one store.
+Setter = Callable[[str, np.ndarray], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkEncoder:
+    """Encodes whole chunks of one array exactly as zarr would, without zarr's pipeline.
+
+    ``checksum``: the array's last codec is crc32c, left out of :meth:`encode` for the caller
+    to compute and append. ``raw``: the other codecs are only a bytes codec in this machine's
+    byte order, so a native chunk is stored as its own memory.
+    """
+
+    chunks: tuple[int, ...]
+    checksum: bool
+    raw: bool
+    encoders: tuple[Callable[[Any, Any], Any], ...]
+    spec: Any
+    prototype: Any
+    chunk_key: Callable[[tuple[int, ...]], str]
+
+    def encode(self, chunk: np.ndarray) -> np.ndarray:
+        """The chunk's bytes after every codec but the checksum, as a flat uint8 array."""
+        if self.raw and chunk.dtype.isnative:
+            return chunk.view(np.uint8).reshape(-1)  # what the bytes codec would return
+        value = self.prototype.nd_buffer.from_numpy_array(chunk)
+        for encode in self.encoders:
+            value = encode(value, self.spec)
+        return np.asarray(value.as_numpy_array()).view(np.uint8).reshape(-1)
+
+
+def chunk_encoder(array: Any) -> ChunkEncoder | None:
+    """An encoder for ``array``'s whole chunks, or None: write them with ``array[...] = data``.
+
+    None where this zarr lacks an internal the encoder needs, or where one of the array's
+    codecs cannot encode synchronously (sharding, numcodecs wrappers).
+    """
+    if not PRIVATE_API:
+        return None
+    from zarr.buffer import default_buffer_prototype
+    from zarr.codecs import Crc32cCodec
+
+    metadata = array.metadata
+    try:
+        chunks = tuple(int(n) for n in metadata.chunk_grid.chunk_shape)
+        codecs = list(metadata.codecs)
+        checksum = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
+        if checksum:
+            codecs.pop()
+        prototype = default_buffer_prototype()
+        spec = metadata.get_chunk_spec((0,) * len(chunks), array.config, prototype)
+        encoders = tuple(codec._encode_sync for codec in codecs)
+        chunk_key = metadata.encode_chunk_key
+    except (AttributeError, TypeError):
+        return None
+    return ChunkEncoder(chunks, checksum, _raw_bytes(codecs), encoders, spec, prototype,
+                        chunk_key)
+
+
+def _raw_bytes(codecs: list[Any]) -> bool:
+    """Whether ``codecs`` store a chunk as its memory: a bytes codec in this machine's order.
+
+    Uncompressed variables take this path every chunk; skipping zarr's buffer and codec
+    objects there keeps the writer thread off Python's lock, which the model's thread needs.
+    """
+    from zarr.codecs import BytesCodec
+
+    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return False
+    endian = codecs[0].endian
+    return endian is None or endian.value == sys.byteorder
+
+
+def chunk_setter(store: Any) -> Setter | None:
+    """A fast synchronous write of chunk bytes to ``store``; None without zarr's private
+    ``sync`` (chunks are then written with ``array[...] = data``)."""
+    sync = _private_sync()
+    if sync is None:
+        return None
+    from zarr.buffer import default_buffer_prototype
+
+    buffer = default_buffer_prototype().buffer
+
+    def put(key: str, data: np.ndarray) -> None:
+        sync(store.set(key, buffer.from_array_like(data)))
+
+    return put
+
+
+def set_bytes(store: Any, key: str, data: bytes) -> None:
+    """Write ``data`` as ``key`` of ``store`` (any zarr store), in one ``store.set``."""
+    from zarr.buffer import default_buffer_prototype
+
+    value = default_buffer_prototype().buffer.from_bytes(data)
+    sync = _private_sync()
+    if sync is not None:
+        sync(store.set(key, value))  # on zarr's own event loop, like its synchronous API
+    else:
+        _run_on_own_loop(store.set(key, value))
+
+
+def _private_sync() -> Callable[[Coroutine[Any, Any, Any]], Any] | None:
+    if not PRIVATE_API:
+        return None
+    try:
+        from zarr.core.sync import sync
+    except ImportError:
+        return None
+    return sync
+
+
+def _run_on_own_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coroutine`` to its end on a new event loop in a thread of its own (the caller's
+    thread may already run a loop, e.g. in a notebook)."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(asyncio.run(coroutine))
+        except BaseException as exc:  # raised again in the caller
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="layerscope-zarr-call")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def grow_rows(array: Any, rows: int) -> None:
+    """Give ``array`` ``rows`` rows so zarr's own writes up to there pass its bounds check.
+
+    Fast path: in memory only; the array's ``zarr.json`` keeps its old length (readers take
+    lengths from the root's consolidated metadata). Fallback: ``Array.resize``, which also
+    rewrites the array's ``zarr.json``.
+    """
+    if not _set_rows_in_memory(array, rows):
+        array.resize((rows, *array.shape[1:]))
+
+
+def save_rows(array: Any, rows: int) -> None:
+    """Write ``array``'s own ``zarr.json`` with ``rows`` rows (the committed ones, at close).
+
+    The fallback's ``Array.resize`` deletes chunks that lie wholly past ``rows``: rows nobody
+    committed, which no reader trusts and an append overwrites.
+    """
+    if _set_rows_in_memory(array, rows):
+        array.resize(array.shape)  # the same shape: writes zarr.json, deletes nothing
+    else:
+        array.resize((rows, *array.shape[1:]))
+
+
+def _set_rows_in_memory(array: Any, rows: int) -> bool:
+    """Replace the frozen metadata of ``array``'s ``AsyncArray`` with one of ``rows`` rows;
+    False where this zarr does not allow it (nothing was changed that matters then)."""
+    if not PRIVATE_API:
+        return False
+    inner = _async_array(array)
+    metadata: Any = getattr(inner, "metadata", None)
+    update_shape = getattr(metadata, "update_shape", None)
+    if update_shape is None or not dataclasses.is_dataclass(inner):
+        return False
+    object.__setattr__(inner, "metadata", update_shape((rows, *metadata.shape[1:])))
+    return bool(array.shape[0] == rows)
+
+
+def fast_paths(array: Any) -> dict[str, bool]:
+    """Which private paths this zarr offers for ``array`` (a test pins them all to True, so
+    a zarr upgrade that silently drops one is noticed)."""
+    return {
+        "encode chunks": chunk_encoder(array) is not None,
+        "sync store writes": _private_sync() is not None,
+        "rows in memory": _rows_in_memory_possible(array),
+    }
+
+
+def _async_array(array: Any) -> Any:
+    """The ``AsyncArray`` behind ``array``: the public ``async_array``, else the private name."""
+    inner = getattr(array, "async_array", None)
+    return inner if inner is not None else getattr(array, "_async_array", None)
+
+
+def _rows_in_memory_possible(array: Any) -> bool:
+    inner = _async_array(array)
+    return (PRIVATE_API and dataclasses.is_dataclass(inner)
+            and hasattr(getattr(inner, "metadata", None), "update_shape"))
