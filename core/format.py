@@ -19,6 +19,10 @@ TOKEN_TEXT = "token_text"
 TOKEN_ID = "token_id"
 INPUT_TEXT = "input_text"
 
+#: Group attribute: ``{"<site>@<kind>": reason}`` for each tensor a backend offered but the
+#: recorder did not store, e.g. a position or rotary embedding without a batch axis.
+SKIPPED = "skipped"
+
 
 @dataclass(frozen=True)
 class Compression:
@@ -104,4 +108,13 @@ def new_group_attrs(
         "status": STATUS_WRITING,
         "committed_batches": 0,
         "committed_samples": 0,
+        SKIPPED: {},
     }
+
+
+def skipped_sites(attrs: dict[str, Any]) -> dict[str, str]:
+    """The ``skipped`` record of a store's attributes (empty in stores written before it)."""
+    record = attrs.get(SKIPPED)
+    if not isinstance(record, dict):
+        return {}
+    return {str(name): str(reason) for name, reason in record.items()}

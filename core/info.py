@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .format import skipped_sites
 from .reader import open_trace
 
 
@@ -25,6 +26,11 @@ class TraceSummary:
     path: str
     attrs: dict[str, Any]
     variables: list[VariableSummary]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """``site@kind`` -> why it was not captured (the store's ``skipped`` attribute)."""
+        return skipped_sites(self.attrs)
 
     @property
     def raw_bytes(self) -> int:
@@ -95,4 +101,9 @@ def format_summary(summary: TraceSummary) -> str:
         shape = "(" + ", ".join(str(n) for n in v.shape) + ")"
         lines.append(f"{v.name:<{width}}  {dims:<40} {shape:<22} {v.dtype:<8} "
                      f"{human_bytes(v.stored_bytes):>9} {human_bytes(v.raw_bytes):>9}")
+    skipped = summary.skipped
+    if skipped:
+        lines += ["", f"not captured ({len(skipped)})"]
+        width = max(len(name) for name in skipped)
+        lines += [f"{name:<{width}}  {reason}" for name, reason in skipped.items()]
     return "\n".join(lines)

@@ -7,14 +7,21 @@ A backend calls :meth:`Recorder.begin_pass` when the model's forward starts,
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from .errors import CaptureError
-from .format import INPUT_TEXT, STATUS_ABORTED, STATUS_COMPLETE, TOKEN_ID, TOKEN_TEXT
+from .format import (
+    INPUT_TEXT,
+    SKIPPED,
+    STATUS_ABORTED,
+    STATUS_COMPLETE,
+    TOKEN_ID,
+    TOKEN_TEXT,
+    skipped_sites,
+)
 from .naming import layer_index, variable_name
 from .selection import Selection
 from .writer import Snapshot, ToNumpy, TraceWriter, _as_numpy
@@ -33,7 +40,9 @@ class Recorder:
         self.decode_tokens = decode_tokens
         self._calls: dict[tuple[str, str], int] = {}
         self._texts: list[str] | None = None
-        self._skipped: set[tuple[str, str]] = set()
+        # site@kind -> why it is not captured; a store appended to keeps its earlier record
+        self.skipped: dict[str, str] = skipped_sites(writer.attrs)
+        self._recorded = dict(self.skipped)  # what the store's attributes hold already
         self.passes = 0
 
     # -- pass boundaries ---------------------------------------------------------------------
@@ -66,6 +75,8 @@ class Recorder:
     def end_pass(self) -> None:
         self.writer.end_batch()
         self.passes += 1
+        if self.skipped != self._recorded:
+            self._record_skipped()
 
     def abort_pass(self) -> None:
         self.writer.discard_batch()
@@ -90,11 +101,14 @@ class Recorder:
         batch = self.writer.batch_size
         if batch is None:
             return  # a call outside any traced pass (the backend's own bookkeeping)
-        shape = tuple(int(n) for n in tensor.shape)
-        if (site, kind) in self._skipped:
+        if variable_name(site, kind) in self.skipped:
             return  # skipped once, always: a broadcast (1, ...) tensor must not fill batch 1 only
+        shape = tuple(int(n) for n in tensor.shape)
         if not shape or shape[0] != batch:
-            self._skip(site, kind, f"shape {shape} has no leading batch axis of {batch}")
+            # e.g. position or rotary embeddings, computed once and broadcast over the batch
+            self.skipped[variable_name(site, kind)] = (
+                f"shape {shape} has no leading batch axis of {batch}"
+            )
             return
         key = (site, kind)
         call_index = self._calls.get(key, 0)
@@ -109,9 +123,10 @@ class Recorder:
             attrs["layer"] = layer
         self.writer.put(name, tensor, roles, attrs, to_numpy, snapshot)
 
-    def _skip(self, site: str, kind: str, why: str) -> None:
-        self._skipped.add((site, kind))
-        warnings.warn(f"layerscope: not capturing {site}@{kind}: {why}", stacklevel=3)
+    def _record_skipped(self) -> None:
+        """Write the skipped sites to the group attributes (published with the next commits)."""
+        self._recorded = dict(self.skipped)
+        self.writer.set_attrs(**{SKIPPED: self._recorded})
 
     # -- end ---------------------------------------------------------------------------------
 
@@ -129,7 +144,9 @@ class Recorder:
             raise
         finally:
             committed, samples = self.writer.committed
+            self._recorded = dict(self.skipped)
             self.writer.set_attrs(
                 status=STATUS_ABORTED if failed else STATUS_COMPLETE,
                 committed_batches=committed, committed_samples=samples,
+                **{SKIPPED: self._recorded},
             )

@@ -10,7 +10,9 @@ from layerscope.core.info import format_summary, summarize
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("info", help="list the variables, dims, sizes and status of a trace")
+    parser = subparsers.add_parser(
+        "info", help="list the variables, dims, sizes and status of a trace, and what was not captured",
+    )
     parser.add_argument("trace", help="path of a trace store (.zarr)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(run=run)
@@ -22,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "path": summary.path, "attrs": summary.attrs,
             "variables": [v.__dict__ for v in summary.variables],
+            "skipped": summary.skipped,
         }, indent=2, default=list))
     else:
         print(format_summary(summary))
