@@ -21,6 +21,7 @@ from .format import (
 )
 from .naming import is_capture
 from .store import check_schema
+from .userwarn import warn_user
 
 LABELS = (BATCH, TOKEN_ID, TOKEN_TEXT, INPUT_TEXT)
 
@@ -76,7 +77,7 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
         )
         if complete_only:
             raise StoreError(message)
-        warnings.warn(message, stacklevel=2)
+        warn_user(message)
     with _format_notices_hidden():
         ds = xr.open_zarr(store, chunks={}, create_default_indexes=False, decode_times=False)
     if BATCH in ds.dims:
