@@ -42,10 +42,9 @@ from typing import Any
 
 from .errors import LayerscopeError
 from .format import BATCH
-from .naming import SEPARATOR, parse_variable_name
+from .naming import SEPARATOR, parse_variable_name, roles_of
 
 _TOKEN = re.compile(r"\{([A-Za-z_]\w*)\}|\*")
-_SIZE_SUFFIX = re.compile(r"_\d+$")
 _TARGET = re.compile(r"\{([A-Za-z_]\w*)\s*(?:([+-])\s*(\d+))?\}|\*")
 
 
@@ -202,15 +201,6 @@ def load_name_map(spec: str | Path | Mapping[str, Any] | NameMap) -> NameMap:
 
 
 # -- signatures used by the automatic match --------------------------------------------------
-
-
-def roles_of(var: Any) -> tuple[str, ...]:
-    """Dim roles of a variable (attr ``roles``; its dim names when the attr is missing)."""
-    roles = var.attrs.get("roles")
-    dims = tuple(str(d) for d in var.dims)
-    if isinstance(roles, (list, tuple)) and len(roles) == len(dims):
-        return tuple(str(r) for r in roles)
-    return tuple(_SIZE_SUFFIX.sub("", d) for d in dims)  # hidden_2 -> hidden
 
 
 def base_kind(name: str) -> str:

@@ -8,7 +8,9 @@ module path (dots); ``kind`` says what was taken there (``output``, ``input``, `
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import CaptureError
 
@@ -97,3 +99,63 @@ def default_roles(ndim: int) -> tuple[str, ...]:
     if ndim == 0:
         raise CaptureError("a scalar has no batch axis; capture a tensor with a batch dimension")
     return ("batch",) + tuple(f"axis{i}" for i in range(1, ndim))
+
+
+# -- roles shared by every backend and every reader ---------------------------------------------
+
+#: the suffixes :class:`DimRegistry` adds to a role that arrives with a second size
+_SIZE_SUFFIX = re.compile(r"(?:_\d+){1,2}$")
+
+
+def roles_of(var: Any) -> tuple[str, ...]:
+    """The role of each dim of a stored variable (a lazy ``xarray.DataArray`` or anything with
+    ``dims`` and ``attrs``): its ``roles`` attribute, or, where that is missing or does not fit,
+    its dim names without the size suffixes :class:`DimRegistry` adds (``hidden_2`` and
+    ``hidden_2_3`` play ``hidden``; ``rnn_layer`` stays ``rnn_layer``)."""
+    dims = tuple(str(d) for d in var.dims)
+    roles = var.attrs.get("roles")
+    if isinstance(roles, (list, tuple)) and len(roles) == len(dims):
+        return tuple(str(r) for r in roles)
+    return tuple(_SIZE_SUFFIX.sub("", d) for d in dims)
+
+
+def hidden_size_of(model: Any) -> int | None:
+    """The model's width where the model states it, else None: ``model.config.hidden_size``
+    (Hugging Face), ``hidden_dim`` / ``hidden_size`` on the config or the model itself
+    (keras-hub backbones). Backends call it once per ``attach`` and pass it to
+    :func:`feature_role`."""
+    config = getattr(model, "config", None)
+    for owner in (config, model):
+        if owner is None:
+            continue
+        for attr in ("hidden_size", "hidden_dim"):
+            size = getattr(owner, attr, None)
+            if isinstance(size, int) and not isinstance(size, bool):
+                return size
+    return None
+
+
+def feature_role(size: int, hidden_size: int | None) -> str:
+    """The role of a last (feature) axis of ``size``: ``hidden`` when it is the model width or
+    the width is unknown, ``neuron`` (an MLP's inner layer) otherwise."""
+    return "hidden" if hidden_size is None or size == hidden_size else "neuron"
+
+
+def _transpose(value: Any, order: tuple[int, ...]) -> Any:
+    return value.transpose(order)
+
+
+def move_batch_first(value: Any, roles: tuple[str, ...],
+                     permute: Callable[[Any, tuple[int, ...]], Any] = _transpose,
+                     ) -> tuple[Any, tuple[str, ...]]:
+    """``value`` and ``roles`` with the ``batch`` axis moved to the front (a time-major RNN's
+    output), the other axes in their order; unchanged when batch is first or absent.
+
+    ``permute(value, order)`` reorders the axes: ``value.transpose(order)`` by default (NumPy,
+    JAX); PyTorch passes ``torch.permute``, TensorFlow ``tf.transpose``.
+    """
+    if "batch" not in roles or roles[0] == "batch":
+        return value, roles
+    axis = roles.index("batch")
+    order = (axis, *(i for i in range(len(roles)) if i != axis))
+    return permute(value, order), tuple(roles[i] for i in order)

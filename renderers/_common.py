@@ -16,7 +16,7 @@ import numpy as np
 
 from layerscope.core.errors import LayerscopeError
 from layerscope.core.format import TOKEN_TEXT
-from layerscope.core.naming import is_capture, parse_variable_name
+from layerscope.core.naming import is_capture, parse_variable_name, roles_of
 
 #: Token strings treated as padding (dropped from pictures) and as special tokens (summaries).
 PAD_TOKENS = frozenset({"[PAD]", "<pad>", "<PAD>"})
@@ -116,14 +116,6 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 # -- variables -----------------------------------------------------------------------------
-
-
-def roles_of(da: Any) -> tuple[str, ...]:
-    """The role of each dim of ``da`` (``hidden_2`` has role ``hidden``)."""
-    roles = da.attrs.get("roles")
-    if roles is not None and len(roles) == da.ndim:
-        return tuple(str(r) for r in roles)
-    return tuple(str(d).split("_")[0] for d in da.dims)
 
 
 def dim_of(da: Any, role: str) -> str | None:
