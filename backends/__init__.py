@@ -1,19 +1,33 @@
 """layerscope.backends: framework adapters, picked from the model object.
 
 Built-in backends load lazily: importing this package imports no framework. Third parties
-register more under the entry point group ``layerscope.backends``.
+register more under the entry point group ``layerscope.backends`` (the contract, and how to
+register: :mod:`layerscope.backends.base`; the conformance suite: :mod:`layerscope.testing`).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from importlib.metadata import entry_points
 from typing import Any
 
 from layerscope.core import BackendError
 
-from .base import Backend, class_mro_modules
+from .base import (
+    Backend,
+    FolderLoader,
+    TokenizerAdapter,
+    class_mro_modules,
+    folder_loader,
+    tokenizer_adapter,
+)
+
+#: the entry point group third-party backends register under
+GROUP = "layerscope.backends"
+_MEMBERS = ("name", "extra", "can_handle", "sites", "attach", "to_numpy", "framework_version",
+            "describe", "run")
 
 #: name -> (module path, pip extra, top-level packages whose objects it may handle)
 BUILTIN: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -39,16 +53,42 @@ def get_backend(name: str) -> Backend:
             ) from exc
         backend: Backend = module.BACKEND
     else:
-        plugins = {ep.name: ep for ep in entry_points(group="layerscope.backends")}
-        if name not in plugins:
-            raise BackendError(f"unknown backend {name!r}; known: {', '.join(available())}")
-        backend = plugins[name].load()
+        backend = _load_plugin(name)
     _loaded[name] = backend
     return backend
 
 
+def _load_plugin(name: str) -> Backend:
+    plugins = {ep.name: ep for ep in entry_points(group=GROUP)}
+    if name not in plugins:
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(available())}")
+    entry = plugins[name]
+    try:
+        loaded = entry.load()
+    except Exception as exc:  # a plugin's import may fail in any way; say which plugin
+        raise BackendError(
+            f"the {name} backend (entry point {entry.value!r} in group {GROUP!r}) failed to "
+            f"load: {type(exc).__name__}: {exc}"
+        ) from exc
+    backend = loaded() if isinstance(loaded, type) else loaded
+    if not isinstance(backend, Backend):
+        missing = [m for m in _MEMBERS if not hasattr(backend, m)]
+        raise BackendError(
+            f"the {name} backend ({entry.value!r}) is not a layerscope backend: it lacks "
+            f"{', '.join(missing)} (see layerscope.backends.base.Backend)"
+        )
+    if backend.name != name:
+        raise BackendError(
+            f"the entry point {name!r} ({entry.value!r}) gives a backend named "
+            f"{backend.name!r}; name the entry point after the backend"
+        )
+    return backend
+
+
 def available() -> list[str]:
-    plugins = [ep.name for ep in entry_points(group="layerscope.backends")]
+    """Names of the built-in backends, then of the installed plugins (entry point group
+    ``layerscope.backends``), whether or not their frameworks are installed."""
+    plugins = [ep.name for ep in entry_points(group=GROUP)]
     return list(BUILTIN) + sorted(set(plugins) - set(BUILTIN))
 
 
@@ -61,7 +101,9 @@ def detect(model: Any) -> Backend:
             continue  # that framework is not even imported: it cannot have made this model
         try:
             backend = get_backend(name)
-        except BackendError:
+        except BackendError as exc:
+            if name not in BUILTIN:  # an installed plugin that is broken: say so, go on
+                warnings.warn(f"layerscope: {exc}", stacklevel=2)
             continue
         if backend.can_handle(model):
             return backend
@@ -72,4 +114,5 @@ def detect(model: Any) -> Backend:
     )
 
 
-__all__ = ["BUILTIN", "Backend", "available", "detect", "get_backend"]
+__all__ = ["BUILTIN", "GROUP", "Backend", "FolderLoader", "TokenizerAdapter", "available",
+           "detect", "folder_loader", "get_backend", "tokenizer_adapter"]

@@ -135,4 +135,5 @@ def multihead_weights(module: nn.MultiheadAttention, args: tuple[Any, ...],
     bound.update(need_weights=True, average_attn_weights=False)
     with torch.no_grad():
         _, weights = module.forward(**bound)
+    assert weights is not None  # need_weights=True always returns them
     return weights

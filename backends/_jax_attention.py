@@ -190,7 +190,7 @@ class AttentionTaps:
         restore: list[tuple[Any, str, Any]] = []
         try:
             for home in _SOFTMAX_HOMES:
-                module = sys.modules.get(home)
+                module: Any = sys.modules.get(home)
                 if module is not None and getattr(module, "softmax", None) is original_softmax:
                     restore.append((module, "softmax", original_softmax))
                     module.softmax = wrapped_softmax

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from layerscope.core.naming import default_roles
+from layerscope.core.naming import default_roles, feature_role
 
 from ._structure import leaves
 
@@ -71,15 +71,6 @@ def batch_of(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[int | No
     return (int(first.shape[0]) if first is not None else None), None
 
 
-def hidden_size_of(model: Any) -> int | None:
-    size = getattr(getattr(model, "config", None), "hidden_size", None)
-    return int(size) if isinstance(size, int) else None
-
-
-def _feature(size: int, hidden_size: int | None) -> str:
-    return "hidden" if hidden_size is None or size == hidden_size else "neuron"
-
-
 def roles_for(module: Any, kind: str, shape: tuple[int, ...],
               hidden_size: int | None) -> tuple[str, ...]:
     """Role names for each axis of an array of ``shape`` taken as ``kind`` at ``module``
@@ -104,16 +95,7 @@ def roles_for(module: Any, kind: str, shape: tuple[int, ...],
     if ndim == 1:
         return ("batch",)
     if ndim == 2:
-        return ("batch", _feature(shape[-1], hidden_size))
+        return ("batch", feature_role(shape[-1], hidden_size))
     if ndim == 3:
-        return ("batch", "token", _feature(shape[-1], hidden_size))
+        return ("batch", "token", feature_role(shape[-1], hidden_size))
     return default_roles(ndim)
-
-
-def batch_first(value: Any, roles: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
-    """Move the ``batch`` axis to the front (a time-major recurrent output)."""
-    if "batch" not in roles or roles[0] == "batch":
-        return value, roles
-    axis = roles.index("batch")
-    order = (axis, *(i for i in range(len(roles)) if i != axis))
-    return value.transpose(order), tuple(roles[i] for i in order)

@@ -20,10 +20,10 @@ from typing import Any
 from jax.extend import core as jex_core
 
 from layerscope.core import Selection
-from layerscope.core.naming import ROOT_SITE
+from layerscope.core.naming import ROOT_SITE, move_batch_first
 
 from ._jax_attention import current_scopes, is_attention_name, is_attention_scope
-from ._jax_dims import arrays, batch_first, batch_of, is_array, roles_for
+from ._jax_dims import arrays, batch_of, is_array, roles_for
 from ._jax_runtime import Item, Outbound, Sink, uncaptured
 from ._structure import part_kind
 
@@ -162,7 +162,7 @@ class ModuleEngine:
         if not is_array(value) or value.ndim == 0:
             return
         roles = roles_for(module, kind, tuple(value.shape), self.hidden_size)
-        value, roles = batch_first(value, roles)
+        value, roles = move_batch_first(value, roles)
         item = Item(site, kind, value, roles, type(module).__name__)
         if current.traced:
             current.items.append(item)

@@ -3,8 +3,8 @@
 ``nnx.jit`` hands back every Variable a compiled call changed. While a trace block is open,
 the NNX model holds one extra Variable, its outbox. A pass traced directly under ``nnx.jit``
 stores its values in the outbox, so they leave the XLA computation as outputs, with no host
-callback: JAX's callbacks copy every operand into new host memory, which cost about a fifth
-of MiniLM's jitted forward on two CPU cores (benchmarks/README.md).
+callback: JAX's callbacks copy every operand into new host memory, which costs the jitted
+forward more (see benchmarks/README.md, JAX capture overhead).
 
 When ``nnx.jit`` writes the changed outbox back into the model after a call, the outbox hands
 the values to the recorder and takes its placeholder back. So the model's state, and with it
@@ -22,6 +22,7 @@ import itertools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import jax
@@ -46,7 +47,7 @@ def _placeholder() -> np.ndarray:
 
 
 @functools.cache
-def outbox_type() -> type:
+def outbox_type() -> Any:
     from flax import nnx
 
     class Outbox(nnx.Variable):  # type: ignore[misc]
@@ -127,7 +128,7 @@ def _under_nnx_jit() -> bool:
     """Whether the function being traced was called by ``nnx.jit``, which returns changed
     state, rather than by another transform: the first JAX or Flax frame above the user's
     code decides."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         name = str(frame.f_globals.get("__name__", ""))
         if name.split(".")[0] in ("jax", "jaxlib", "flax"):

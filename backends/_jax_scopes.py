@@ -184,10 +184,11 @@ def build_program(flat_fn: Callable[..., Any], dynamic: list[Any], wants: Wants,
     meta: list[tuple[str, str, tuple[str, ...], str]] = []
 
     def take(site: str, kind: str, var: Any, module_type: str) -> None:
+        aval: Any = getattr(var, "aval", None)
         if not isinstance(var, jex_core.Var) or isinstance(var, jex_core.DropVar) or \
-                not getattr(var.aval, "shape", ()):
+                not getattr(aval, "shape", ()):
             return
-        shape = tuple(var.aval.shape)
+        shape = tuple(aval.shape)
         extra.append(var)
         meta.append((site, kind, roles_for(None, kind, shape, hidden_size), module_type))
 

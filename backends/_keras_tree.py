@@ -14,7 +14,7 @@ from typing import Any
 
 import keras
 
-from layerscope.core.naming import ROOT_SITE, default_roles
+from layerscope.core.naming import ROOT_SITE, default_roles, feature_role
 
 # Keras' own bookkeeping attributes hold layers too (every tracked child, the functional graph
 # of a Sequential); they must not lend their names to a child.
@@ -98,19 +98,6 @@ def is_attention_layer(layer: Any) -> bool:
     return isinstance(layer, keras.layers.MultiHeadAttention)
 
 
-def hidden_size_of(model: Any) -> int | None:
-    """The model width where a config says it (keras-hub backbones: ``hidden_dim``)."""
-    for attr in ("hidden_dim", "hidden_size"):
-        size = getattr(model, attr, None)
-        if isinstance(size, int) and not isinstance(size, bool):
-            return size
-    return None
-
-
-def _feature(size: int, hidden_size: int | None) -> str:
-    return "hidden" if hidden_size is None or size == hidden_size else "neuron"
-
-
 def _channels_first(layer: Any) -> bool:
     data_format = getattr(layer, "data_format", None)
     if data_format is None:
@@ -135,12 +122,12 @@ def roles_for(layer: Any, kind: str, shape: tuple[int, ...], hidden_size: int | 
             return ("batch", "token", "head", "axis3")
         return ("batch", "head", "query", "key")
     if ndim == 2:
-        return ("batch", _feature(shape[-1], hidden_size))
+        return ("batch", feature_role(shape[-1], hidden_size))
     if ndim == 3:
         if type(layer).__name__.startswith(_SPATIAL_1D):
             return ("batch", "channel", "width") if _channels_first(layer) else \
                 ("batch", "width", "channel")
-        return ("batch", "token", _feature(shape[-1], hidden_size))
+        return ("batch", "token", feature_role(shape[-1], hidden_size))
     spatial = {4: ("height", "width"), 5: ("depth", "height", "width")}.get(ndim)
     if spatial is None:
         return default_roles(ndim)

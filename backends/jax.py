@@ -32,15 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from layerscope.core import BackendError, Recorder, Selection, SiteInfo
-from layerscope.core.naming import ROOT_SITE
+from layerscope.core.naming import ROOT_SITE, hidden_size_of
 
 from . import _jax_outbox
 from ._jax_attention import AttentionTaps, is_attention_name
-from ._jax_dims import hidden_size_of, to_numpy
+from ._jax_dims import to_numpy
 from ._jax_modules import ModuleEngine
 from ._jax_runtime import Sink, activated, capture_key
 from ._jax_scopes import FunctionCapture
-from .base import class_mro_modules
+from .base import Backend, class_mro_modules
 
 _OTHER_FRAMEWORKS = {"torch", "tensorflow", "keras", "tf_keras", "keras_hub"}
 #: plain functions being traced -> the capture that runs them (``Trace.__call__`` / ``run``)
@@ -341,4 +341,4 @@ class JaxBackend:
         return kind
 
 
-BACKEND = JaxBackend()
+BACKEND: Backend = JaxBackend()

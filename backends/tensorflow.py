@@ -21,6 +21,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -28,17 +29,18 @@ import numpy as np
 import tensorflow as tf
 
 from layerscope.core import BackendError, Recorder, Selection, SiteInfo
+from layerscope.core.naming import hidden_size_of
 
 from ._keras_attention import tapped_compute_attention
 from ._keras_text import KerasHubTokenizer, adapt_tokenizer, load_hf_folder
 from ._keras_tree import (
-    hidden_size_of,
     is_attention_layer,
     named_layers,
     roles_for,
     site_of,
 )
 from ._structure import leaves, part_kind
+from .base import Backend
 
 _UNSTORABLE = (tf.string, tf.variant, tf.resource)
 _TOKEN_KEYS = ("token_ids", "input_ids")
@@ -438,6 +440,12 @@ class TensorFlowBackend:
         """A keras-hub tokenizer/preprocessor turned into what ``capture`` calls; others kept."""
         return adapt_tokenizer(tokenizer, model)
 
+    def load_folder(self, folder: Path, attn_implementation: str | None = None
+                    ) -> tuple[Any, Any]:
+        """A Hugging Face folder loaded into its keras-hub backbone (``load_hf_folder``);
+        keras-hub has one attention implementation, so ``attn_implementation`` is ignored."""
+        return load_hf_folder(folder)
+
 
 def _dict_input_names(model: Any) -> set[str] | None:
     structure = getattr(model, "_inputs_struct", None)
@@ -446,7 +454,7 @@ def _dict_input_names(model: Any) -> set[str] | None:
     return None
 
 
-BACKEND = TensorFlowBackend()
+BACKEND: Backend = TensorFlowBackend()
 
 __all__ = ["BACKEND", "KerasHubTokenizer", "TensorFlowBackend", "adapt_tokenizer",
            "load_hf_folder", "to_numpy"]

@@ -13,6 +13,7 @@ import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from layerscope.core import Recorder, Selection, SiteInfo
-from layerscope.core.naming import ROOT_SITE
+from layerscope.core.naming import ROOT_SITE, hidden_size_of, move_batch_first
 from layerscope.core.writer import Alloc
 
 from ._attention import (
@@ -30,7 +31,8 @@ from ._attention import (
     probabilities_from_output,
 )
 from ._structure import leaves, part_kind
-from ._torch_dims import hidden_size_of, move_batch_first, roles_for
+from ._torch_dims import roles_for
+from .base import Backend
 
 # The host copy is made at hook time (safe against later in-place ops such as
 # ReLU(inplace=True)): on CPU straight into the writer's reused buffers; device tensors are
@@ -131,7 +133,7 @@ class _Capture:
         if tensor.is_sparse or tensor.is_quantized or tensor.dim() == 0:
             return
         roles = roles_for(module, kind, tensor, self.hidden_size)
-        tensor, roles = move_batch_first(tensor, roles)
+        tensor, roles = move_batch_first(tensor, roles, torch.permute)
         self.recorder.put(site, kind, tensor, roles, type(module).__name__, to_numpy, snapshot)
 
     def inputs(self, site: str, module: nn.Module, args: tuple[Any, ...],
@@ -269,5 +271,16 @@ class TorchBackend:
         with torch.no_grad():
             return model(*(convert(a) for a in args), **{k: convert(v) for k, v in kwargs.items()})
 
+    def load_folder(self, folder: Path, attn_implementation: str | None = None
+                    ) -> tuple[Any, Any]:
+        """A Hugging Face folder through transformers' ``AutoModel`` / ``AutoTokenizer``."""
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging
 
-BACKEND = TorchBackend()
+        logging.disable_progress_bar()  # one progress bar (over batches) is enough
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModel.from_pretrained(str(folder), **kwargs).eval()
+        return model, AutoTokenizer.from_pretrained(str(folder))
+
+
+BACKEND: Backend = TorchBackend()

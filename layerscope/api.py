@@ -7,7 +7,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeAlias
 
-from layerscope.backends import Backend, detect, get_backend
+from layerscope.backends import Backend, detect, get_backend, tokenizer_adapter
 from layerscope.core import (
     BackendError,
     CaptureError,
@@ -164,9 +164,8 @@ def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = No
 
     backend_name = trace_kwargs.pop("backend", None)
     backend = _backend_for(model, backend_name)
-    adapt = getattr(backend, "adapt_tokenizer", None)  # e.g. keras-hub tokenizers
-    if adapt is not None and tokenizer is not None:
-        tokenizer = adapt(tokenizer, model)
+    if tokenizer is not None:
+        tokenizer = tokenizer_adapter(backend)(tokenizer, model)  # e.g. keras-hub tokenizers
     mode = trace_kwargs.get("mode") or (trace_kwargs.get("options") or StoreOptions()).mode
     pad_to = _stored_token_length(path) if mode == "a" else None
     calls = plan_calls(inputs, tokenizer, batch_size, max_length, pad_to)

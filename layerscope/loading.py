@@ -54,21 +54,17 @@ def load(spec: str, framework: str = "torch", attn_implementation: str | None = 
 
 
 def load_hf_folder(folder: Path, framework: str, attn_implementation: str | None) -> Loaded:
+    """A Hugging Face folder loaded by the backend of ``framework`` (its ``load_folder``)."""
+    from layerscope.backends import folder_loader, get_backend
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: the folder is all
-    if framework == "torch":
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()  # one progress bar (over batches) is enough
-
-        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModel.from_pretrained(str(folder), **kwargs).eval()
-        return Loaded(model, AutoTokenizer.from_pretrained(str(folder)))
-    module = importlib.import_module(f"layerscope.backends.{framework}")
-    loader = getattr(module, "load_hf_folder", None)
+    loader = folder_loader(get_backend(framework))
     if loader is None:
-        raise LayerscopeError(f"the {framework} backend cannot load Hugging Face folders")
-    model, tokenizer = loader(folder)
+        raise LayerscopeError(
+            f"the {framework} backend cannot load Hugging Face folders; load the model in "
+            "Python and pass module:factory instead"
+        )
+    model, tokenizer = loader(folder, attn_implementation)
     return Loaded(model, tokenizer)
 
 
