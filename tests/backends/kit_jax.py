@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn.attention import dot_product_attention_weights
 
-from .conformance import Case
+from layerscope.testing import Case, Kit
 
 Keep = dict[str, Any] | None
 
@@ -88,7 +88,7 @@ class Exploding(nnx.Module):
         raise self.error
 
 
-class JaxKit:
+class JaxKit(Kit):
     framework = "jax"
 
     def build(self, kind: str) -> Case:
@@ -122,6 +122,9 @@ class JaxKit:
         if isinstance(model, TinyCNN):
             return jnp.asarray(rng.standard_normal((case.batch_size, 8, 8, 1), np.float32))
         return jnp.asarray(rng.standard_normal((case.batch_size, 4), np.float32))
+
+    def array_input(self, case: Case, batch: int) -> np.ndarray:
+        return np.asarray(self.inputs(case, batch))
 
     def call(self, model: nnx.Module, x: jax.Array) -> Any:
         return model(x)

@@ -11,8 +11,7 @@ import keras
 import numpy as np
 
 from layerscope.backends._keras_tree import named_layers
-
-from .conformance import Case
+from layerscope.testing import Case, Kit
 
 
 class TinyTransformer(keras.Model):
@@ -52,7 +51,7 @@ def _functional_rnn() -> keras.Model:
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(x), name="rnn")
 
 
-class TensorFlowKit:
+class TensorFlowKit(Kit):
     framework = "tensorflow"
 
     def build(self, kind: str) -> Case:
@@ -83,6 +82,9 @@ class TensorFlowKit:
         if isinstance(case.model, TinyTransformer):
             return rng.integers(0, 20, (case.batch_size, 7))
         return rng.standard_normal((case.batch_size, *case.extra["shape"])).astype(np.float32)
+
+    def array_input(self, case: Case, batch: int) -> np.ndarray:
+        return self.inputs(case, batch)
 
     def run(self, case: Case, batch: int) -> None:
         case.model(self.inputs(case, batch))

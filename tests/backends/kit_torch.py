@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .conformance import Case
+from layerscope.testing import Case, Kit
 
 
 class TinyTransformer(nn.Module):
@@ -41,7 +41,7 @@ class TinyRNN(nn.Module):
         return self.head(steps[-1])
 
 
-class TorchKit:
+class TorchKit(Kit):
     framework = "torch"
 
     def build(self, kind: str) -> Case:
@@ -77,6 +77,9 @@ class TorchKit:
         if isinstance(model[0], nn.Conv2d):
             return torch.from_numpy(rng.standard_normal((case.batch_size, 1, 8, 8), np.float32))
         return torch.from_numpy(rng.standard_normal((case.batch_size, 4), np.float32))
+
+    def array_input(self, case: Case, batch: int) -> np.ndarray:
+        return self.inputs(case, batch).numpy()
 
     def run(self, case: Case, batch: int) -> None:
         with torch.no_grad():

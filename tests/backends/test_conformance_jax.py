@@ -1,4 +1,5 @@
-from .conformance import ConformanceSuite
+from layerscope.testing import ConformanceSuite
+
 from .kit_jax import JaxJitKit, JaxKit
 
 
