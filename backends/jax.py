@@ -22,7 +22,6 @@ import functools
 import json
 import sys
 import types
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 
 from layerscope.core import BackendError, Recorder, Selection, SiteInfo
 from layerscope.core.naming import ROOT_SITE, hidden_size_of
+from layerscope.core.userwarn import warn_user
 
 from . import _jax_outbox
 from ._jax_attention import AttentionTaps, is_attention_name
@@ -120,12 +120,12 @@ class _NnxWrappers:
         owner = _call_owner(type(self.model))
         call = owner.__dict__["__call__"] if owner is not None else None
         if call is not None and not isinstance(call, types.FunctionType):
-            warnings.warn(
+            warn_user(
                 f"layerscope: {type(self.model).__qualname__}.__call__ is wrapped "
                 f"({type(call).__qualname__}, e.g. by @nnx.jit): its submodules run inside that "
                 "transform, where they cannot be captured, so only the model's output is. "
                 "Remove the decorator and call a compiled function of the model instead: "
-                "nnx.jit(lambda m, x: m(x))(model, x)", stacklevel=5)
+                "nnx.jit(lambda m, x: m(x))(model, x)")
 
     @contextmanager
     def installed(self) -> Iterator[None]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ import tensorflow as tf
 
 from layerscope.core import BackendError, Recorder, Selection, SiteInfo
 from layerscope.core.naming import hidden_size_of
+from layerscope.core.userwarn import warn_user
 
 from ._keras_attention import tapped_compute_attention
 from ._keras_text import KerasHubTokenizer, adapt_tokenizer, load_hf_folder
@@ -200,7 +200,7 @@ class _Capture:
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"layerscope: {message}", stacklevel=4)
+            warn_user(f"layerscope: {message}")
 
     def take_inputs(self, site: str, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                     in_attention: bool) -> None:

@@ -73,7 +73,7 @@ def test_bfloat16_is_stored_losslessly(tmp_path):
     assert torch.equal(torch.from_numpy(stored).to(torch.bfloat16), out)
 
 
-def test_tensor_without_batch_axis_is_skipped_with_a_warning(tmp_path):
+def test_tensor_without_batch_axis_is_skipped_and_recorded(tmp_path):
     class Broadcast(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -83,12 +83,12 @@ def test_tensor_without_batch_axis_is_skipped_with_a_warning(tmp_path):
             return x + self.table(torch.arange(3))[None].sum(-1)
 
     model = Broadcast()
-    with pytest.warns(UserWarning, match="table@output"):
-        with layerscope.trace(model, tmp_path / "b.zarr"), torch.no_grad():
-            out = model(torch.zeros(5, 3))
+    with layerscope.trace(model, tmp_path / "b.zarr"), torch.no_grad():
+        out = model(torch.zeros(5, 3))
     ds = layerscope.open_trace(tmp_path / "b.zarr")
     np.testing.assert_array_equal(ds["root@output"].values, out.numpy())
     assert "table@output" not in ds
+    assert ds.attrs["skipped"] == {"table@output": "shape (3, 3) has no leading batch axis of 5"}
 
 
 def test_minilm_hooks_and_sdpa_restored_after_failures(minilm_folder, minilm_tokenizer, tmp_path):
