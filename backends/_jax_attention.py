@@ -217,13 +217,3 @@ def _xla_attention_module() -> Any:
         return None
     needed = ("_dot_product_attention_xla", "_dot_product_attention_core", "softmax")
     return functions if all(hasattr(functions, name) for name in needed) else None
-
-
-def patched_functions() -> dict[str, Any]:
-    """What the taps replace, by dotted name (tests compare it before and after a trace)."""
-    found = {"jax.nn.dot_product_attention": jax.nn.dot_product_attention}
-    for home in _SOFTMAX_HOMES:
-        module = sys.modules.get(home)
-        if module is not None and hasattr(module, "softmax"):
-            found[f"{home}.softmax"] = module.softmax
-    return found

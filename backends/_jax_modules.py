@@ -135,7 +135,7 @@ class ModuleEngine:
                args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         recorder = self.sink.recorder
         selected = self.selection.matches(site)
-        if recorder.wants(site, "input"):
+        if recorder.selection.wants("input", site):
             for path, value in arrays((args, kwargs)):  # path: (0, position) or (1, keyword)
                 self._take(current, module, site, part_kind("input", path[1:]), value)
         frame = Frame(module, site, is_attention_name(type(module).__name__))
@@ -147,8 +147,8 @@ class ModuleEngine:
             del current.frames[depth:]
         if not selected:
             return out
-        probs = frame.probs if recorder.wants(site, "attention") else None
-        if recorder.wants(site, "output"):
+        probs = frame.probs if recorder.selection.wants("attention", site) else None
+        if recorder.selection.wants("output", site):
             for path, value in arrays(out):
                 if id(value) in current.seen or (probs is not None and value is probs):
                     continue  # attention weights handed back: stored once, as attention

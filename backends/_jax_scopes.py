@@ -34,7 +34,7 @@ from ._structure import part_kind
 MARK = "layerscope.attention_probabilities"
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
 SCOPE_TYPE = "named_scope"
-#: (site, kind) -> whether the selection takes it
+#: (kind, site) -> whether the selection takes it (Selection.wants)
 Wants = Callable[[str, str], bool]
 
 
@@ -195,7 +195,7 @@ def build_program(flat_fn: Callable[..., Any], dynamic: list[Any], wants: Wants,
     for run in sorted(runs, key=lambda r: (r.end, -len(r.prefix))):
         site = ".".join(run.prefix)
         inside = range(run.start, run.end + 1)
-        if wants(site, "input"):
+        if wants("input", site):
             seen: list[Any] = []
             for index in inside:
                 for atom in flat.eqns[index].invars:
@@ -205,14 +205,14 @@ def build_program(flat_fn: Callable[..., Any], dynamic: list[Any], wants: Wants,
                         seen.append(atom)
             for number, var in enumerate(seen):
                 take(site, part_kind("input", (str(number),)), var, SCOPE_TYPE)
-        if wants(site, "output"):
+        if wants("output", site):
             outputs = [v for index in inside for v in flat.eqns[index].outvars
                        if v in returned or any(c > run.end for c in consumers.get(v, ()))]
             for number, var in enumerate(outputs):
                 take(site, part_kind("output", (str(number),)), var, SCOPE_TYPE)
-        if run.attention is not None and wants(site, "attention"):
+        if run.attention is not None and wants("attention", site):
             take(site, "attention", run.attention, SCOPE_TYPE)
-    if wants(ROOT_SITE, "output"):
+    if wants("output", ROOT_SITE):
         paths = [tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
                        for k in path)
                  for path, _ in jax.tree_util.tree_flatten_with_path(out_shape)[0]]
@@ -305,7 +305,7 @@ class FunctionCapture:
                 key = None
             if key is not None and key in self._cache:
                 return self._cache[key]
-        program = build_program(flat_fn, dynamic, self.sink.recorder.wants, self.root_type)
+        program = build_program(flat_fn, dynamic, self.sink.recorder.selection.wants, self.root_type)
         runner = jax.jit(program.run) if self.jitted else program.run
         if key is not None:
             self._cache[key] = (program, runner)

@@ -37,9 +37,9 @@ One capture, in order (all on the thread that runs the model unless said otherwi
          could not see it), call ``recorder.abort_pass()`` first.
        - ``recorder.put(site, kind, tensor, roles, module_type, to_numpy, snapshot)`` for each
          captured tensor, any number of times, in execution order (see *Tensors* below).
-         ``recorder.wants(site, kind)`` (site first) says whether a kind is taken at a site;
-         the ``selection`` handed to ``attach`` says the same as ``selection.wants(kind, site)``
-         and ``selection.matches(site)`` decides which sites get hooks at all.
+         The ``selection`` handed to ``attach`` (also ``recorder.selection``) says whether a
+         kind is taken at a site, ``selection.wants(kind, site)``, and
+         ``selection.matches(site)`` decides which sites get hooks at all.
        - ``recorder.end_pass()`` when the top-level call returns: the batch is complete and
          will be committed once written.
        - or ``recorder.abort_pass()`` when the forward raised (any ``BaseException``, also

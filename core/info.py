@@ -54,7 +54,7 @@ def summarize(path: Any) -> TraceSummary:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # info reports the status itself
+        warnings.simplefilter("ignore", UserWarning)  # info reports the status itself
         ds = open_trace(path)
     local = Path(path) if isinstance(path, (str, os.PathLike)) else None
     variables = []

@@ -18,12 +18,6 @@ SEPARATOR = "@"
 ROOT_SITE = "root"
 
 #: Dimension names every backend uses; a trace from any framework speaks this vocabulary.
-VOCABULARY = (
-    "batch", "token", "hidden", "head", "query", "key", "neuron",
-    "channel", "height", "width", "depth", "time",
-)
-BASE_KINDS = ("output", "input", "attention", "grad")
-
 _LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _FORBIDDEN = re.compile(r"[/\\]")
 

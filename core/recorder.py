@@ -91,9 +91,6 @@ class Recorder:
 
     # -- captured tensors --------------------------------------------------------------------
 
-    def wants(self, site: str, kind: str) -> bool:
-        return self.selection.wants(kind, site)
-
     def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
             module_type: str = "", to_numpy: ToNumpy = _as_numpy,
             snapshot: Snapshot | None = None) -> None:

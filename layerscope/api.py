@@ -109,10 +109,6 @@ class Trace:
             raise LayerscopeError("a trace can only be called inside its 'with' block")
         return self.backend.run(self.model, args, kwargs)
 
-    def dataset(self) -> Any:
-        """The trace written so far, opened lazily."""
-        return open_trace(self.path)
-
 
 def trace(model: Any, path: str | Path, capture: CaptureSpec = None, *,
           kinds: Iterable[str] | None = None, backend: str | None = None,
@@ -146,7 +142,7 @@ def _stored_token_length(path: str | Path) -> int | None:
     if not Path(path).exists():
         return None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", UserWarning)  # an unfinished store: the append says so
         return open_trace(path).sizes.get("token")
 
 

@@ -7,7 +7,7 @@ a lazy DataArray with ``.isel`` before asking for values.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,7 +245,3 @@ def pooled_values(da: Any, factors: dict[str, int], how: str = "max",
     if hasattr(data, "dask"):
         return np.asarray(data.compute(num_workers=max(1, workers)))
     return np.asarray(data)
-
-
-def numbered(values: Iterable[Any]) -> list[str]:
-    return [str(v) for v in values]
