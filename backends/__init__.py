@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib
 import sys
-import warnings
 from importlib.metadata import entry_points
 from typing import Any
 
 from layerscope.core import BackendError
+from layerscope.core.userwarn import warn_user
 
 from .base import (
     Backend,
@@ -103,7 +103,7 @@ def detect(model: Any) -> Backend:
             backend = get_backend(name)
         except BackendError as exc:
             if name not in BUILTIN:  # an installed plugin that is broken: say so, go on
-                warnings.warn(f"layerscope: {exc}", stacklevel=2)
+                warn_user(f"layerscope: {exc}")
             continue
         if backend.can_handle(model):
             return backend
