@@ -6,9 +6,12 @@ Core never imports a framework; backends hand it tensors and a ``to_numpy`` func
 from .errors import (
     BackendError,
     CaptureError,
+    ChunkError,
+    DamagedStoreError,
     LayerscopeError,
     SchemaError,
     StoreError,
+    StoreLockedError,
     WriterError,
 )
 from .format import SCHEMA_VERSION, Compression, StoreOptions
@@ -17,7 +20,8 @@ from .recorder import Recorder
 from .selection import Selection, SiteInfo
 
 __all__ = [
-    "BackendError", "CaptureError", "Compression", "LayerscopeError", "Recorder", "SCHEMA_VERSION",
-    "SchemaError", "Selection", "SiteInfo", "StoreError", "StoreOptions", "WriterError",
-    "captured_names", "open_trace", "read_attrs",
+    "BackendError", "CaptureError", "ChunkError", "Compression", "DamagedStoreError",
+    "LayerscopeError", "Recorder", "SCHEMA_VERSION", "SchemaError", "Selection", "SiteInfo",
+    "StoreError", "StoreLockedError", "StoreOptions", "WriterError", "captured_names", "open_trace",
+    "read_attrs",
 ]

@@ -23,3 +23,20 @@ class CaptureError(LayerscopeError):
 
 class WriterError(LayerscopeError):
     """Writing a batch failed in a worker thread; the original exception is chained."""
+
+
+class StoreLockedError(StoreError):
+    """Another live writer holds the store's lock; the message names the holder."""
+
+
+class DamagedStoreError(StoreError):
+    """A store's metadata or data is damaged (unreadable, inconsistent or missing)."""
+
+
+class ChunkError(DamagedStoreError):
+    """A chunk is damaged, missing or not the one that was written; names variable and key."""
+
+    def __init__(self, message: str, variable: str, key: str) -> None:
+        super().__init__(message)
+        self.variable = variable
+        self.key = key

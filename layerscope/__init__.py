@@ -11,11 +11,14 @@ from layerscope.api import Trace, capture, sites, trace  # noqa: E402
 from layerscope.core import (  # noqa: E402
     BackendError,
     CaptureError,
+    ChunkError,
     Compression,
+    DamagedStoreError,
     LayerscopeError,
     SchemaError,
     Selection,
     StoreError,
+    StoreLockedError,
     StoreOptions,
     WriterError,
     captured_names,
@@ -24,7 +27,8 @@ from layerscope.core import (  # noqa: E402
 from layerscope.core.diff import diff  # noqa: E402
 
 __all__ = [
-    "BackendError", "CaptureError", "Compression", "LayerscopeError", "SchemaError", "Selection",
-    "StoreError", "StoreOptions", "Trace", "WriterError", "__version__", "captured_names",
-    "capture", "diff", "open_trace", "sites", "trace",
+    "BackendError", "CaptureError", "ChunkError", "Compression", "DamagedStoreError",
+    "LayerscopeError", "SchemaError", "Selection", "StoreError", "StoreLockedError", "StoreOptions",
+    "Trace", "WriterError", "__version__", "captured_names", "capture", "diff", "open_trace",
+    "sites", "trace",
 ]
