@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from layerscope.core import LayerscopeError
 
@@ -14,8 +15,15 @@ from layerscope.core import LayerscopeError
 COMMANDS = ("trace", "info", "render", "report", "diff")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (argparse would print the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="layerscope",
         description="Capture what happens inside a neural network into a Zarr trace, and draw it.",
     )

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._args import tolerance
+
 
 def register(subparsers: Any) -> None:
     from layerscope.core.diff import DiffOptions
@@ -39,9 +41,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("b", metavar="B.zarr", help="second trace")
     parser.add_argument("--map", dest="name_map", metavar="FILE",
                         help="name map (JSON or YAML) pairing sites of A with sites of B")
-    parser.add_argument("--rtol", type=float, default=defaults.rtol,
+    parser.add_argument("--rtol", type=tolerance, default=defaults.rtol,
                         help=f"relative tolerance (default {defaults.rtol:g})")
-    parser.add_argument("--atol", type=float, default=defaults.atol,
+    parser.add_argument("--atol", type=tolerance, default=defaults.atol,
                         help=f"absolute tolerance (default {defaults.atol:g})")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--plot", metavar="OUT.png",

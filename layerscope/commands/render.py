@@ -8,6 +8,8 @@ from typing import Any
 
 from layerscope.core import open_trace
 
+from ._args import DPI_RANGE, MAX_BINS, MAX_CELLS, MAX_TOP_K, index, integer
+
 ATTENTION_VIEWS = ("heatmap", "grid", "heads", "summary")
 HIDDEN_VIEWS = ("norms", "trajectory", "similarity", "logit-lens")
 ACTIVATION_VIEWS = ("channels", "neurons", "top-tokens")
@@ -26,8 +28,8 @@ def register(subparsers: Any) -> None:
                           "lines; summary: entropy / distance / special-token share per head")
     pick = att.add_mutually_exclusive_group()
     pick.add_argument("--variable", help="an attention variable by name (<site>@attention)")
-    pick.add_argument("--layer", type=int, help="the attention of block N (attrs 'layer')")
-    att.add_argument("--head", type=int, nargs="+", default=[0],
+    pick.add_argument("--layer", type=index, help="the attention of block N (attrs 'layer')")
+    att.add_argument("--head", type=index, nargs="+", default=[0],
                      help="head index (heatmap: the first given; heads view: all given)")
     _window(att)
     att.set_defaults(run=_run_attention)
@@ -47,35 +49,40 @@ def register(subparsers: Any) -> None:
                           "heatmap; top-tokens: the tokens each neuron fires on most")
     pick = act.add_mutually_exclusive_group()
     pick.add_argument("--variable", help="the activation variable by name")
-    pick.add_argument("--layer", type=int, help="MLP activation of block N")
-    act.add_argument("--channels", type=int, nargs="+", help="channels to draw (channels view)")
-    act.add_argument("--neurons", type=int, nargs="+", help="neurons to draw")
+    pick.add_argument("--layer", type=index, help="MLP activation of block N")
+    act.add_argument("--channels", type=index, nargs="+", help="channels to draw (channels view)")
+    act.add_argument("--neurons", type=index, nargs="+", help="neurons to draw")
     act.add_argument("--image", help="variable holding the input image (channels view)")
-    act.add_argument("--top-k", type=int, default=5, help="tokens per neuron (top-tokens)")
+    act.add_argument("--top-k", type=integer(1, MAX_TOP_K), default=5,
+                     help=f"tokens per neuron (top-tokens), 1..{MAX_TOP_K} (default 5)")
     act.set_defaults(run=_run_activations)
 
     sta = _common(kinds.add_parser("stats", help="per-layer value distributions, NaN/Inf flags"))
     sta.add_argument("--variable", nargs="+", help="variables to draw (default: the residual "
                                                    "stream, else the first captures)")
-    sta.add_argument("--bins", type=int, default=50)
+    sta.add_argument("--bins", type=integer(1, MAX_BINS), default=50,
+                     help=f"histogram bins, 1..{MAX_BINS} (default 50)")
     sta.set_defaults(run=_run_stats)
 
 
 
 def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("trace", metavar="TRACE", help="path of a layerscope trace (.zarr)")
-    parser.add_argument("--sample", type=int, default=0, help="sample index (default 0)")
+    parser.add_argument("--sample", type=index, default=0, help="sample index (default 0)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="image to write: .png, .svg or .pdf")
-    parser.add_argument("--dpi", type=int, default=100, help="resolution of PNG output")
+    parser.add_argument("--dpi", type=integer(*DPI_RANGE), default=100,
+                        help=f"resolution of PNG output, {DPI_RANGE[0]}..{DPI_RANGE[1]} "
+                             "(default 100)")
     return parser
 
 
 def _window(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--window", type=int, nargs=2, metavar=("START", "STOP"),
+    parser.add_argument("--window", type=index, nargs=2, metavar=("START", "STOP"),
                         help="zoom to token positions START..STOP-1 (long sequences)")
-    parser.add_argument("--max-cells", type=int, default=512,
-                        help="beyond this many positions per axis, max-pool the map")
+    parser.add_argument("--max-cells", type=integer(1, MAX_CELLS), default=512,
+                        help="beyond this many positions per axis, max-pool the map "
+                             f"(1..{MAX_CELLS}, default 512)")
 
 
 def _check_output(path: str) -> Path:

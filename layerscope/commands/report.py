@@ -8,6 +8,8 @@ from typing import Any
 
 from layerscope.core import open_trace
 
+from ._args import index, integer
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -16,13 +18,13 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("trace", metavar="TRACE", help="path of a layerscope trace (.zarr)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="HTML file to write")
-    parser.add_argument("--sample", type=int, default=0, help="sample to draw (default 0)")
-    parser.add_argument("--layer", type=int, help="attention layer of the one-head view")
-    parser.add_argument("--head", type=int, default=0, help="head of the one-head view")
+    parser.add_argument("--sample", type=index, default=0, help="sample to draw (default 0)")
+    parser.add_argument("--layer", type=index, help="attention layer of the one-head view")
+    parser.add_argument("--head", type=index, default=0, help="head of the one-head view")
     parser.add_argument("--unembedding", metavar="NPY",
                         help="logit lens: a (vocab x hidden) matrix saved with numpy.save")
     parser.add_argument("--vocab", metavar="TXT", help="logit lens: one token per line")
-    parser.add_argument("--max-samples", type=int, default=64,
+    parser.add_argument("--max-samples", type=integer(1), default=64,
                         help="summaries over the trace use the first N samples (default 64)")
     parser.add_argument("--svg", action="store_true",
                         help="inline vector images instead of base64 PNG (larger, sharper)")
@@ -47,6 +49,10 @@ def _run(args: argparse.Namespace) -> int:
     if bool(args.unembedding) != bool(args.vocab):
         raise RenderError("the logit lens needs both --unembedding MATRIX.npy and --vocab FILE")
     ds = open_trace(args.trace)
+    samples = int(ds.sizes.get("batch", 0))
+    if args.sample >= samples:
+        raise RenderError(f"--sample {args.sample} is out of range: the trace holds {samples} "
+                          f"samples (0..{samples - 1})")
     unembedding = Unembedding.load(args.unembedding, args.vocab) if args.unembedding else None
     options = ReportOptions(sample=args.sample, layer=args.layer, head=args.head,
                             unembedding=unembedding, trace=str(args.trace),

@@ -11,6 +11,8 @@ from layerscope.core import LayerscopeError, Selection, StoreOptions
 from layerscope.core.info import human_bytes, summarize
 from layerscope.loading import FRAMEWORKS, load
 
+from ._args import MAX_BATCH_SIZE, MAX_TOKENS, integer
+
 DEMO_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "Attention lets every token look at every other token.",
@@ -38,8 +40,10 @@ def register(subparsers: Any) -> None:
                         help="framework to load a Hugging Face folder in (default: %(default)s)")
     parser.add_argument("--attn-implementation", choices=("eager", "sdpa"),
                         help="PyTorch attention kernel of a Hugging Face model")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
+    parser.add_argument("--batch-size", type=integer(1, MAX_BATCH_SIZE), default=8,
+                        help=f"texts per forward pass, 1..{MAX_BATCH_SIZE} (default: %(default)s)")
+    parser.add_argument("--max-length", type=integer(1, MAX_TOKENS),
+                        help=f"truncate texts to this many tokens, 1..{MAX_TOKENS}")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing trace")
     mode.add_argument("--append", action="store_true", help="append batches to an existing trace")
