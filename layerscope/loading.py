@@ -64,37 +64,80 @@ def load_hf_folder(folder: Path, framework: str, attn_implementation: str | None
             f"the {framework} backend cannot load Hugging Face folders; load the model in "
             "Python and pass module:factory instead"
         )
-    model, tokenizer = loader(folder, attn_implementation)
+    try:
+        model, tokenizer = loader(folder, attn_implementation)
+    except LayerscopeError:
+        raise
+    except Exception as exc:  # a damaged or unsupported folder fails deep inside the framework
+        raise LayerscopeError(
+            f"cannot load the Hugging Face folder {folder} in {framework}: "
+            f"{type(exc).__name__}: {_one_line(exc)}; check that it holds a complete model "
+            "(config.json, weights, tokenizer files) of an architecture transformers knows"
+        ) from exc
     return Loaded(model, tokenizer)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, cut to a readable length."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def load_factory(spec: str) -> Loaded:
     """``package.module:function`` or ``path/to/file.py:function``; the function returns a
     model, ``(model, tokenizer)``, or a dict with ``model`` and optional ``tokenizer``/``inputs``."""
     target, _, name = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise LayerscopeError(f"no such file: {path}")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[path.stem] = module
-        module_spec.loader.exec_module(module)
-    else:
-        sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise LayerscopeError(f"cannot import {target!r} ({exc})") from exc
+    if not name.isidentifier():
+        raise LayerscopeError(
+            f"{spec!r}: {name!r} is not a function name; write module:function or file.py:function"
+        )
+    module = _import_file(Path(target)) if target.endswith(".py") else _import_module(target)
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise LayerscopeError(f"{target} has no function {name!r}")
-    made = factory()
+        raise LayerscopeError(f"{target} has no function {name!r}; name a function it defines")
+    try:
+        made = factory()
+    except (Exception, SystemExit) as exc:  # the user's code: say what failed, on one line
+        raise LayerscopeError(
+            f"{spec} raised {type(exc).__name__}: {_one_line(exc)}; fix the factory "
+            "(run it in Python to see the traceback)"
+        ) from exc
     if isinstance(made, dict):
         if "model" not in made:
-            raise LayerscopeError(f"{spec} returned a dict without a 'model' key")
+            raise LayerscopeError(f"{spec} returned a dict without a 'model' key; add one")
         return Loaded(made["model"], made.get("tokenizer"), made.get("inputs"))
     if isinstance(made, tuple) and len(made) == 2:
         return Loaded(made[0], made[1])
     return Loaded(made)
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise LayerscopeError(f"cannot load {path}: it {what}; give the path of a Python file")
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    if module_spec is None or module_spec.loader is None:
+        raise LayerscopeError(f"cannot load {path} as a Python module; give a .py file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[path.stem] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:  # a syntax error, a failed import, sys.exit()
+        sys.modules.pop(path.stem, None)
+        raise LayerscopeError(
+            f"cannot load {path}: {type(exc).__name__}: {_one_line(exc)}; fix the file "
+            f"(python {path} shows the traceback)"
+        ) from exc
+    return module
+
+
+def _import_module(target: str) -> Any:
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(target)
+    except ImportError as exc:
+        raise LayerscopeError(f"cannot import {target!r} ({_one_line(exc)})") from exc
+    except Exception as exc:  # the module itself fails while it is imported
+        raise LayerscopeError(
+            f"cannot import {target!r}: {type(exc).__name__}: {_one_line(exc)}; fix the module"
+        ) from exc
