@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +21,7 @@ from layerscope.core import (
     open_trace,
 )
 from layerscope.core.format import new_group_attrs
+from layerscope.core.naming import ROOT_SITE
 from layerscope.core.store import open_group_for_writing
 from layerscope.core.writer import TraceWriter
 
@@ -126,8 +129,67 @@ def trace(model: Any, path: str | Path, capture: CaptureSpec = None, *,
         from dataclasses import replace
 
         base = replace(base, mode=mode)
-    return Trace(model, path, Selection.of(capture, kinds), _backend_for(model, backend), base,
-                 tokenizer)
+    chosen = _backend_for(model, backend)
+    selection = Selection.of(capture, kinds)
+    _check_selection(selection, chosen, model)
+    return Trace(model, path, selection, chosen, base, tokenizer)
+
+
+#: the kinds a selection may take at a site; tuple and dict parts (``output.1``) follow them
+SELECTABLE_KINDS = ("output", "input", "attention")
+
+
+def _check_kinds(selection: Selection) -> None:
+    """Refuse kinds nothing would capture: a trace of them would be empty."""
+    asked = list(selection.kinds)
+    for pattern in selection.include:
+        glob, sep, kinds = pattern.partition("@")
+        if sep:
+            asked += [k.strip() for k in kinds.split(",")]
+    for kind in asked:
+        if kind in SELECTABLE_KINDS:
+            continue
+        base = kind.split(".", 1)[0]
+        if base in SELECTABLE_KINDS:
+            hint = (f"select {base!r}: each part of a tuple or dict is stored on its own "
+                    f"({base}.1, {base}.<key>)")
+        elif kind == "grad":
+            hint = "no backend captures gradients yet; use output, input or attention"
+        else:
+            hint = f"use {', '.join(SELECTABLE_KINDS)}"
+        raise CaptureError(f"cannot capture kind {kind!r}: {hint}")
+
+
+def _check_selection(selection: Selection, backend: Backend, model: Any) -> None:
+    """Refuse, before a store is created, a selection that would capture nothing.
+
+    Kinds are always checked. Patterns are checked against ``backend.sites(model)`` when the
+    backend can list all of the model's sites before it runs: every ``capture`` pattern must
+    then match a site of ``backend.sites(model)`` that ``exclude`` leaves. JAX finds some sites
+    only while the model runs (a plain function's named scopes, a Linen module's ``@compact``
+    submodules), so there only NNX models are checked; so is no model of which a backend
+    lists nothing but the root.
+    """
+    _check_kinds(selection)
+    nnx = sys.modules.get("flax.nnx")
+    if backend.name == "jax" and not (nnx is not None and isinstance(model, nnx.Module)):
+        return
+    listed = backend.sites(model)
+    if not any(site.path != ROOT_SITE for site in listed):
+        return
+    kept = [site for site in listed if not any(
+        fnmatch.fnmatchcase(site.path, p) for p in selection.exclude)]
+    examples = ", ".join(site.path for site in listed[:6])
+    more = f" (and {len(listed) - 6} more)" if len(listed) > 6 else ""
+    where = f"the {type(model).__qualname__}'s sites: {examples}{more}"
+    for pattern in selection.include or ("*",):
+        glob = pattern.partition("@")[0]
+        if not any(fnmatch.fnmatchcase(site.path, glob) for site in kept):
+            excluded = " that exclude leaves" if selection.exclude else ""
+            raise CaptureError(
+                f"capture pattern {pattern!r} matches no site{excluded}; "
+                f"layerscope.sites(model) lists {where}"
+            )
 
 
 def sites(model: Any, backend: str | None = None) -> list[SiteInfo]:
@@ -158,6 +220,13 @@ def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = No
     """
     from .batches import plan_calls
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LayerscopeError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(
+            max_length, int) or max_length < 1):
+        raise LayerscopeError(
+            f"max_length must be a whole number of tokens >= 1 (or None), not {max_length!r}"
+        )
     backend_name = trace_kwargs.pop("backend", None)
     backend = _backend_for(model, backend_name)
     if tokenizer is not None:
