@@ -25,6 +25,10 @@ SPECIAL_TOKENS = frozenset({
     "<|endoftext|>", "<bos>", "<eos>", "<|begin_of_text|>", "<|end_of_text|>",
 })
 FORMATS = (".png", ".svg", ".pdf")
+#: resolutions ``save`` accepts: below, text is unreadable; above, one figure takes gigabytes
+DPI_RANGE = (10, 1200)
+#: the most histogram bins a view draws (more than a figure has pixels across)
+MAX_BINS = 10_000
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,32 @@ class ViewOptions:
     trim_padding: bool = True
     read_workers: int = 2  # chunks decompressed at once: bounds memory on many-core machines
 
+    def __post_init__(self) -> None:
+        check_range(self.max_cells, "max_cells", 1)
+        check_range(self.max_labels, "max_labels", 1)
+        check_range(self.read_workers, "read_workers", 1)
+        if self.window is not None:
+            if len(self.window) != 2:
+                raise RenderError(f"window must be (start, stop), not {self.window!r}")
+            start, stop = (check_range(v, "window position", 0) for v in self.window)
+            if stop <= start:
+                raise RenderError(
+                    f"token window {tuple(self.window)} is empty; pass START < STOP"
+                )
+
 
 class RenderError(LayerscopeError):
     """A view cannot be drawn from this trace with these arguments."""
+
+
+def check_range(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """``value`` as an int when it is a whole number in ``low..high``; else a RenderError that
+    names the argument and the range (instead of a failure deep in NumPy or matplotlib)."""
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not whole or value < low or (high is not None and value > high):
+        allowed = f"{low}..{high}" if high is not None else f"{low} or more"
+        raise RenderError(f"{name} must be a whole number in {allowed}, not {value!r}")
+    return int(value)
 
 
 def new_figure(width: float, height: float) -> Any:
@@ -74,14 +101,18 @@ def save(fig: Any, path: str | Path, dpi: int = 100) -> Path:
             f"cannot write {target}: unknown image format {suffix or '(no suffix)'!r}; "
             "end the file name in .png, .svg or .pdf"
         )
-    if not target.parent.exists():
+    if not target.parent.is_dir():
         raise RenderError(f"cannot write {target}: folder {target.parent} does not exist")
+    if target.is_dir():
+        raise RenderError(f"cannot write {target}: it is a folder; give a file name")
+    check_range(dpi, "dpi", *DPI_RANGE)
     # the constrained layout already fits the labels: no second, "tight" drawing pass
     fig.savefig(target, format=suffix[1:], dpi=dpi)
     return target
 
 
 def png_bytes(fig: Any, dpi: int = 100) -> bytes:
+    check_range(dpi, "dpi", *DPI_RANGE)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()

@@ -13,6 +13,7 @@ from ._common import (
     as_str,
     captures,
     check_index,
+    check_range,
     check_sample,
     dim_of,
     escape,
@@ -91,6 +92,7 @@ def channel_grid(ds: Any, variable: str | None = None, sample: int = 0,
     activation). ``image``: the variable holding the input image; by default the first
     (batch, channel, height, width) input in the trace, if any.
     """
+    check_range(max_channels, "max_channels", 1)
     name = _pick(ds, conv_variables(ds), variable, None, "convolution output", CONV_ROLES)
     da = ds[name]
     dims = require_dims(da, name, *CONV_ROLES)
@@ -138,6 +140,7 @@ def neuron_heatmap(ds: Any, variable: str | None = None, sample: int = 0,
                    max_neurons: int = 64) -> Any:
     """Neurons (rows) x tokens (columns) of one MLP activation for one sample. By default the
     ``max_neurons`` neurons with the largest |activation| on this sample."""
+    check_range(max_neurons, "max_neurons", 1)
     name = _pick(ds, mlp_variables(ds), variable, layer, "MLP activation", MLP_ROLES)
     da = ds[name]
     dims = require_dims(da, name, *MLP_ROLES)
@@ -178,6 +181,7 @@ def top_tokens(ds: Any, variable: str | None = None, layer: int | None = None,
     ``token`` (the token text, or the position when the trace has none)."""
     import xarray as xr
 
+    check_range(k, "k", 1)
     name = _pick(ds, mlp_variables(ds), variable, layer, "MLP activation", MLP_ROLES)
     da = ds[name]
     dims = require_dims(da, name, *MLP_ROLES)
@@ -228,6 +232,7 @@ def top_tokens_figure(ds: Any, variable: str | None = None, layer: int | None = 
                       k: int = 5, neurons: list[int] | None = None, count: int = 16) -> Any:
     """A table of the top tokens per neuron (rows: the ``count`` neurons with the largest
     maximum over the trace, unless ``neurons`` names them), colored by activation."""
+    check_range(count, "count", 1)
     table = top_tokens(ds, variable, layer, k)
     if neurons is None:
         neurons = np.argsort(-table["value"].values[:, 0])[:count].tolist()

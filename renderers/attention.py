@@ -13,6 +13,7 @@ from ._common import (
     ViewOptions,
     captures,
     check_index,
+    check_range,
     check_sample,
     dim_of,
     escape,
@@ -134,6 +135,7 @@ def attention_heatmap(ds: Any, layer: int | None = None, head: int = 0, sample: 
 def attention_grid(ds: Any, sample: int = 0, options: ViewOptions | None = None,
                    max_heads: int = 16) -> Any:
     """The model view: one small map per layer (rows) and head (columns)."""
+    check_range(max_heads, "max_heads", 1)
     opts = options or ViewOptions(max_cells=64)
     names = attention_variables(ds)
     if not names:

@@ -21,6 +21,7 @@ from ._common import (
     RenderError,
     as_str,
     captures,
+    check_range,
     check_sample,
     dim_of,
     escape,
@@ -146,6 +147,7 @@ def fit_pca(ds: Any, stream: Stream, components: int = 2) -> tuple[np.ndarray, n
     """Mean and top principal axes of every (unpadded) token vector of every layer of the
     whole trace, accumulated chunk by chunk (a running sum and Gram matrix: memory grows with
     hidden^2, not with the data)."""
+    check_range(components, "components", 1)
     width = int(ds[stream.names[0]].sizes[stream.hidden_dim])
     total = np.zeros(width)
     gram = np.zeros((width, width))
@@ -299,6 +301,8 @@ def logit_lens_table(ds: Any, unembedding: Unembedding, sample: int = 0, top: in
     """Top-``top`` tokens and their probabilities for every layer and position of a sample:
     an xarray Dataset with ``token_top`` (str) and ``probability`` (layer, token, rank)."""
     import xarray as xr
+
+    check_range(top, "top", 1)
 
     stream = block_outputs(ds)
     stack, labels = _sample_stack(ds, stream, sample)

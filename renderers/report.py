@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import RenderError, captures, png_bytes
+from ._common import RenderError, captures, check_range, png_bytes
 from .activations import (
     MLP_ROLES,
     _pick,
@@ -59,6 +59,17 @@ class ReportOptions:
     #: the statistics table reads variables in execution order up to this many bytes
     #: (uncompressed) and lists the rest as not computed
     stats_budget_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        check_range(self.sample, "sample", 0)
+        check_range(self.head, "head", 0)
+        if self.layer is not None:
+            check_range(self.layer, "layer", 0)
+        check_range(self.max_distributions, "max_distributions", 1)
+        check_range(self.max_samples, "max_samples", 1)
+        check_range(self.stats_budget_bytes, "stats_budget_bytes", 0)
+        if self.image_format not in ("png", "svg"):
+            raise RenderError(f"image_format must be 'png' or 'svg', not {self.image_format!r}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import RenderError, captures, escape, get_variable, new_figure
+from ._common import MAX_BINS, RenderError, captures, check_range, escape, get_variable, new_figure
 
 
 @dataclass
@@ -105,6 +105,7 @@ class Histogram:
 def histogram(da: Any, bins: int = 50, value_range: tuple[float, float] | None = None) -> Histogram:
     """Histogram of the finite values of ``da`` (two chunked passes when no range is given:
     min/max, then counts), with NaN and Inf counted apart."""
+    check_range(bins, "bins", 1, MAX_BINS)
     if value_range is None:
         moments = Moments()
         for block in chunks_of(da):
@@ -139,6 +140,7 @@ def default_variables(ds: Any, limit: int = 24) -> list[str]:
 def distributions(ds: Any, names: Sequence[str] | None = None, bins: int = 50) -> Any:
     """Small multiples: a histogram per variable (log counts), titled with its statistics;
     variables holding NaN or Inf are titled in red with their counts."""
+    check_range(bins, "bins", 1, MAX_BINS)
     names = list(names) if names is not None else default_variables(ds)
     names = _numeric(ds, names)
     if not names:
