@@ -128,22 +128,41 @@ class Recorder:
     # -- end ---------------------------------------------------------------------------------
 
     def close(self, failed: bool = False) -> None:
-        """Flush everything; the store ends ``complete``, or ``aborted`` after a failure."""
-        if self.in_pass:
-            if failed:
-                self.writer.discard_batch()
-            else:
-                self.writer.end_batch()
+        """Flush everything; the store ends ``complete``, or ``aborted`` after a failure.
+
+        Never waits on a writer that failed: its error is raised here as a
+        :class:`WriterError`. When even the status cannot be written, the store keeps saying
+        ``writing``, with every committed batch intact.
+        """
         try:
-            self.writer.close()
+            try:
+                if self.in_pass:
+                    if failed:
+                        self.writer.discard_batch()
+                    else:
+                        self.writer.end_batch()
+            finally:
+                self.writer.close()
         except BaseException:
             failed = True
             raise
         finally:
-            committed, samples = self.writer.committed
-            self._recorded = dict(self.skipped)
+            self._finish(failed)
+
+    def _finish(self, failed: bool) -> None:
+        failed = failed or self.writer.failed
+        committed, samples = self.writer.committed
+        self._recorded = dict(self.skipped)
+        try:
             self.writer.set_attrs(
                 status=STATUS_ABORTED if failed else STATUS_COMPLETE,
                 committed_batches=committed, committed_samples=samples,
                 **{SKIPPED: self._recorded},
             )
+        except BaseException:
+            if not failed:
+                self.writer.raise_if_failed()
+                raise
+            # already failing: that error is the one raised; the store still says "writing"
+        finally:
+            self.writer.release()

@@ -61,7 +61,8 @@ class _Batch:
     number: int
     start: int
     size: int
-    pending: int = 0
+    pending: int = 0  # tasks queued and not yet done
+    writing: int = 0  # tasks a worker is writing now (counted by workers only)
     ended: bool = False
     failed: bool = False
     nbytes: int = 0
@@ -99,13 +100,19 @@ class TraceWriter:
         self._publish_lock = threading.Lock()
         self._published = committed_batches
         self._error: BaseException | None = None
+        self._failed_step = self._failed_where = ""
+        self._where = _store_name(group)
         self._pool = HostPool(options.max_pending_bytes or AUTO_BUDGET_MAX)
         self._sizing_budget = options.max_pending_bytes is None  # until batch 1 ends
         self._queue: queue.Queue[Any] = queue.Queue()
         self._files = local_chunk_files(group.store, options.direct_io)
         self._load_existing()
         self.attrs["status"] = STATUS_WRITING
-        self._write_root()
+        try:
+            self._write_root()
+        except OSError as exc:
+            raise WriterError(f"writing the trace failed at the commit that creates {self._where}: "
+                              f"{type(exc).__name__}: {exc}") from exc
         self._workers = [
             threading.Thread(target=self._work, name=f"layerscope-writer-{i}", daemon=True)
             for i in range(max(1, options.workers))
@@ -209,37 +216,67 @@ class TraceWriter:
         self._current = None
         if batch is None:
             return
-        with self._state_lock:
-            batch.size = -1  # workers skip what is still queued for it
         with self._drained:
-            self._drained.wait_for(lambda: batch.pending == 0)
-        with self._state_lock:
-            del self._open[batch.number]
+            batch.size = -1  # workers skip what is still queued for it
+            # wait only for writes already under way: workers keep this count, never the
+            # caller, so an interrupt in the caller (Ctrl-C anywhere in put) cannot leave it
+            # counting a task that will never run
+            self._drained.wait_for(lambda: batch.writing == 0)
+            self._open.pop(batch.number, None)
         self._batches -= 1
         self._rows = batch.start
 
     def raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise WriterError(f"writing the trace failed: {self._error}") from self._error
+        error = self._error
+        if error is not None:
+            raise WriterError(
+                f"writing the trace failed at the {self._failed_step} of {self._failed_where}: "
+                f"{type(error).__name__}: {error}; the batches committed before it are intact"
+            ) from error
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
 
     def close(self) -> None:
         """Wait for every queued write, commit, and stop the workers."""
-        if self._current is not None:
-            self.end_batch()
-        for _ in self._workers:
-            self._queue.put(_STOP)
-        for worker in self._workers:
-            worker.join()
+        try:
+            batch, self._current = self._current, None
+            if batch is not None:
+                with self._state_lock:
+                    batch.ended = True
+        finally:
+            for _ in self._workers:
+                self._queue.put(_STOP)
+            for worker in self._workers:
+                worker.join()
         self._pool.clear()
         self._commit_ready()
-        self._save_array_metadata()
+        if self._error is None:
+            try:
+                self._save_array_metadata()
+            except BaseException as exc:
+                self._fail("close", exc, self._where)
         self.raise_if_failed()
+
+    def release(self) -> None:
+        """Let another writer have the store (after :meth:`close` and the final status)."""
+
+    def _fail(self, step: str, error: BaseException, where: str) -> None:
+        """Record the first failure (raised in the caller) and let a waiting caller through."""
+        if self._error is None:
+            self._failed_step, self._failed_where, self._error = step, where, error
+        self._pool.break_()
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update group attributes, published together with the committed metadata."""
         with self._publish_lock:
             self.attrs.update(attrs)
-            self._write_root()
+            try:
+                self._write_root()
+            except BaseException as exc:
+                self._fail("commit", exc, self._where)
+                raise
 
     # -- variables ---------------------------------------------------------------------------
 
@@ -305,29 +342,55 @@ class TraceWriter:
     # -- worker side -------------------------------------------------------------------------
 
     def _work(self) -> None:
+        """A worker: nothing it meets ends it but the stop mark, and every failure is
+        recorded for the caller (a dead worker would leave the caller waiting for room)."""
         while True:
             task = self._queue.get()
             if task is _STOP:
                 return
             try:
-                if self._error is None and task.batch.size > 0:
-                    self._write(task)
-            except BaseException as exc:  # surfaces in the caller at the next call
-                task.batch.failed = True
-                self._error = exc
-                self._pool.break_()
-            finally:
-                task.data = None  # drop views of the buffer before it is reused
-                if task.buffer is not None:
-                    self._pool.give(task.buffer)
-                else:
-                    self._pool.release(task.nbytes)
-                self._task_done(task.batch)
+                self._run(task)
+            except BaseException as exc:  # the bookkeeping itself failed
+                self._fail("chunk write", exc, f"{self._where}/{task.var.name}")
+
+    def _run(self, task: _Task) -> None:
+        batch = task.batch
+        with self._state_lock:
+            run = self._error is None and batch.size > 0
+            if run:
+                batch.writing += 1
+            elif batch.size > 0:
+                batch.failed = True  # skipped after a failure: never committed
+        try:
+            if run:
+                self._write(task)
+        except _StepFailed as exc:
+            batch.failed = True
+            self._fail(exc.step, exc.error, exc.where)
+        except BaseException as exc:  # surfaces in the caller at the next call
+            batch.failed = True
+            self._fail("chunk write", exc, f"{self._where}/{task.var.name}")
+        finally:
+            task.data = None  # drop views of the buffer before it is reused
+            if task.buffer is not None:
+                self._pool.give(task.buffer)
+            else:
+                self._pool.release(task.nbytes)
+            if run:
+                with self._drained:
+                    batch.writing -= 1
+                    self._drained.notify_all()
+            self._task_done(batch)
 
     def _write(self, task: _Task) -> None:
         data = self._to_host(task)
         var = task.var
-        array = var.array if var.array is not None else self._create_array(var, data)
+        if var.array is None:
+            try:
+                self._create_array(var, data)
+            except BaseException as exc:
+                raise _StepFailed("array creation", exc, f"{self._where}/{var.name}") from exc
+        array = var.array
         if data.dtype.kind in "UTO":
             data = data.astype(str)
         elif array.dtype != data.dtype:
@@ -375,7 +438,10 @@ class TraceWriter:
                 samples = batch.start + batch.size
             self._committed, self._committed_samples = committed, samples
         if self._error is None:
-            self._publish()
+            try:
+                self._publish()
+            except BaseException as exc:
+                self._fail("commit", exc, self._where)
 
     def _publish(self) -> None:
         with self._publish_lock:
@@ -396,6 +462,20 @@ class TraceWriter:
     @property
     def committed(self) -> tuple[int, int]:
         return self._committed, self._committed_samples
+
+
+class _StepFailed(Exception):
+    """A failure inside a write, tagged with the step and the path it concerns."""
+
+    def __init__(self, step: str, error: BaseException, where: str) -> None:
+        super().__init__(step)
+        self.step, self.error, self.where = step, error, where
+
+
+def _store_name(group: Any) -> str:
+    root = getattr(group.store, "root", None)
+    name = str(root) if root is not None else str(group.store)
+    return f"{name}/{group.path}" if group.path else name
 
 
 def _nbytes(data: Any) -> int:
