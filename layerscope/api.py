@@ -123,6 +123,11 @@ def trace(model: Any, path: str | Path, capture: CaptureSpec = None, *,
     ``kinds`` what to take at each site (default: outputs and attention probabilities).
     ``mode``: 'w-' new store only (default), 'w' overwrite, 'a' append (the schema must match);
     it overrides ``options.mode``.
+
+    Raises :class:`CaptureError` before anything is written when a kind is not one of
+    output, input, attention, or when a pattern matches none of ``sites(model)`` (checked
+    where a backend lists every site before the model runs: not for plain JAX functions and
+    Linen modules).
     """
     base = options or StoreOptions()
     if mode is not None and mode != base.mode:

@@ -98,6 +98,18 @@ def _check_output(path: str) -> Path:
     return target
 
 
+def _open(args: argparse.Namespace) -> Any:
+    """The trace, once ``--sample`` is known to be one of its samples."""
+    from layerscope.renderers import RenderError
+
+    ds = open_trace(args.trace)
+    samples = int(ds.sizes.get("batch", 0))
+    if args.sample >= samples:
+        raise RenderError(f"--sample {args.sample} is out of range: the trace holds {samples} "
+                          f"samples (0..{samples - 1})")
+    return ds
+
+
 def _finish(fig: Any, output: str, dpi: int = 100) -> int:
     from layerscope.renderers import save
 
@@ -117,7 +129,7 @@ def _run_attention(args: argparse.Namespace) -> int:
     from layerscope import renderers as r
 
     _check_output(args.output)
-    ds = open_trace(args.trace)
+    ds = _open(args)
     view = args.view
     if view == "heatmap":
         fig = r.attention_heatmap(ds, args.layer, args.head[0], args.sample, args.variable,
@@ -141,7 +153,7 @@ def _run_hidden(args: argparse.Namespace) -> int:
     from layerscope import renderers as r
 
     _check_output(args.output)
-    ds = open_trace(args.trace)
+    ds = _open(args)
     if args.view == "norms":
         fig = r.hidden_norms(ds, args.sample)
     elif args.view == "trajectory":
@@ -162,7 +174,7 @@ def _run_activations(args: argparse.Namespace) -> int:
     from layerscope import renderers as r
 
     _check_output(args.output)
-    ds = open_trace(args.trace)
+    ds = _open(args)
     if args.view == "channels":
         if args.layer is not None:
             raise r.RenderError("the channels view picks a convolution by --variable NAME")
@@ -178,5 +190,5 @@ def _run_stats(args: argparse.Namespace) -> int:
     from layerscope import renderers as r
 
     _check_output(args.output)
-    ds = open_trace(args.trace)
+    ds = _open(args)
     return _finish(r.distributions(ds, args.variable, args.bins), args.output, args.dpi)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope.api import capture
+from layerscope.backends import detect
 from layerscope.core import LayerscopeError, Selection, StoreOptions
 from layerscope.core.info import human_bytes, summarize
 from layerscope.loading import FRAMEWORKS, load
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise LayerscopeError(f"cannot write {output}: folder {output.parent} does not exist")
     loaded = load(args.model, args.framework, args.attn_implementation)
+    detect(loaded.model)  # something that is not a model is refused before its inputs
     inputs: Any = texts if texts is not None else loaded.inputs
     if inputs is None:
         if loaded.tokenizer is None:
