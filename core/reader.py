@@ -10,18 +10,20 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StoreError
+from .checked_store import CheckedStore
+from .errors import LayerscopeError, StoreError
 from .format import (
     BATCH,
     INPUT_TEXT,
     STATUS_ABORTED,
     STATUS_COMPLETE,
+    STATUS_WRITING,
     TOKEN_ID,
     TOKEN_TEXT,
 )
 from .naming import is_capture
-from .store import check_schema
 from .userwarn import warn_user
+from .validate import check_claims, damaged, read_root
 
 LABELS = (BATCH, TOKEN_ID, TOKEN_TEXT, INPUT_TEXT)
 
@@ -40,37 +42,54 @@ def _format_notices_hidden() -> Iterator[None]:
         yield
 
 
-def read_attrs(store: Any) -> dict[str, Any]:
-    """The group attributes of a trace, checked to be a layerscope store of a known schema."""
-    import zarr
+def _as_store(store: Any) -> tuple[Any, str]:
+    """A zarr store for ``store`` (a path, a URL or a store) and the name messages use."""
+    from zarr.abc.store import Store
+    from zarr.storage import FsspecStore, LocalStore
 
-    where = str(store)
-    if isinstance(store, (str, os.PathLike)) and "://" not in where and not os.path.exists(where):
+    if isinstance(store, Store):
+        root = getattr(store, "root", None)
+        return store, str(root if root is not None else store)
+    where = os.fspath(store) if isinstance(store, os.PathLike) else store
+    if not isinstance(where, str):
+        raise StoreError(f"cannot open {store!r} as a trace: give a path, a URL or a zarr store")
+    if "://" in where:
+        try:
+            return FsspecStore.from_url(where, read_only=True), where
+        except (ImportError, ValueError, TypeError, OSError) as exc:
+            raise StoreError(f"cannot open {where}: {exc}") from exc
+    if not os.path.exists(where):
         raise StoreError(f"no trace at {where}: the path does not exist")
-    try:
-        with _format_notices_hidden():
-            group = zarr.open_group(store, mode="r")
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise StoreError(f"{where} is not a Zarr v3 group ({exc}); is it a layerscope trace?") \
-            from exc
-    attrs = dict(group.attrs)
-    check_schema(attrs, where)
-    return attrs
+    if not os.path.isdir(where):
+        raise StoreError(f"{where} is a file, not a trace store (a folder holding zarr.json)")
+    return LocalStore(where, read_only=True), where
+
+
+def read_attrs(store: Any) -> dict[str, Any]:
+    """The group attributes of a trace, checked to be a layerscope store of a known schema
+    with sound metadata (see :mod:`.validate`)."""
+    inner, where = _as_store(store)
+    return read_root(inner, where).attrs
 
 
 def open_trace(store: Any, *, complete_only: bool = False) -> Any:
     """Open a trace lazily: no array data is read until a value is asked for.
 
     Rows past ``committed_samples`` (a writer still running, or one that crashed) are cut
-    off. ``complete_only=True`` refuses a store whose writer did not finish.
+    off. ``complete_only=True`` refuses a store whose writer did not finish. The metadata is
+    checked first (a damaged store raises :class:`DamagedStoreError` or
+    :class:`SchemaError`), and every chunk is checked as it is read (:class:`ChunkError`
+    names the variable and chunk).
     """
     import xarray as xr
 
-    attrs = read_attrs(store)
+    inner, where = _as_store(store)
+    root = read_root(inner, where)
+    attrs = root.attrs
     status = attrs.get("status")
     if status != STATUS_COMPLETE:
         message = (
-            f"{store} has status {status!r}: "
+            f"{where} has status {status!r}: "
             + ("the capture was interrupted" if status == STATUS_ABORTED
                else "its writer is still running or crashed")
             + f"; showing the {attrs.get('committed_batches', 0)} committed batches"
@@ -78,11 +97,20 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
         if complete_only:
             raise StoreError(message)
         warn_user(message)
-    with _format_notices_hidden():
-        ds = xr.open_zarr(store, chunks={}, create_default_indexes=False, decode_times=False)
+    check_claims(inner, root, where)
+    checked = CheckedStore(inner, where, root.layouts, int(attrs.get("committed_batches", 0)),
+                           live=status == STATUS_WRITING)
+    try:
+        with _format_notices_hidden():
+            ds = xr.open_zarr(checked, chunks={}, consolidated=True,
+                              create_default_indexes=False, decode_times=False)
+    except LayerscopeError:
+        raise
+    except Exception as exc:  # zarr and xarray raise many types for metadata they refuse
+        raise damaged(where, f"zarr cannot open it ({type(exc).__name__}: {exc})") from exc
     if BATCH in ds.dims:
         ds = ds.isel({BATCH: slice(0, int(attrs.get("committed_samples", 0)))})
-    ordered = sorted(ds.data_vars, key=lambda name: ds[name].attrs.get("order", 1 << 30))
+    ordered = sorted(ds.data_vars, key=lambda name: _order(ds[name].attrs))
     ds = ds[ordered]
     labels = [name for name in LABELS if name in ds.variables]
     ds = ds.set_coords(labels)
@@ -91,6 +119,11 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
             ds = ds.assign_coords({dim: np.arange(ds.sizes[dim])})
     ds.attrs = attrs
     return ds
+
+
+def _order(attrs: dict[str, Any]) -> int:
+    order = attrs.get("order", 1 << 30)
+    return order if isinstance(order, int) else 1 << 30
 
 
 def captured_names(ds: Any) -> list[str]:

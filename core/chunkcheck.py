@@ -1,0 +1,220 @@
+"""What a chunk file must be: its layout from the array's metadata, and the checks a chunk's
+bytes pass before anything decodes them.
+
+Three sources vouch for a chunk. Its own trailing crc32c (when the array has the checksum
+codec) says the bytes are the ones that were encoded. The per-chunk manifest
+(``_layerscope/chunks/b<n>.json``, written at each commit) says the file is the one written for
+that key, with its size and crc32c, so a deleted, truncated or swapped chunk is caught too. The
+array's metadata says how many bytes a decoded chunk holds, which a raw chunk's size and a Blosc
+header repeat. Nothing here decodes a chunk.
+
+For a chunk that ends in its own crc32c, the manifest's crc32c is compared with that checksum
+(the crc32c of the bytes before it): the crc32c of such a file as a whole is one constant for
+every intact chunk (:data:`RESIDUE`), which tells chunks apart by size only. A manifest holding
+that constant is still accepted; it then catches missing and truncated chunks, not swapped ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+import numpy as np
+
+from .errors import DamagedStoreError
+
+MANIFEST_DIR = "_layerscope/chunks"
+CHECKSUM_BYTES = 4
+BLOSC_HEADER = 16
+#: the crc32c of any byte string followed by its own crc32c (little-endian)
+RESIDUE = 0x48674BC7
+
+
+def manifest_key(batch: int) -> str:
+    """The store key of the manifest written when batch ``batch`` was committed."""
+    return f"{MANIFEST_DIR}/b{batch:08d}.json"
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """The chunk grid and codecs of one array, as the consolidated metadata states them."""
+
+    name: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    separator: str
+    checksum: bool  # the last codec is crc32c
+    body: str  # "raw": bytes codec only; "blosc": bytes then blosc; "other"
+    decoded_nbytes: int | None  # bytes of one decoded chunk (None: variable-length dtype)
+    batch_axis: bool  # the first dim is ``batch``
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True))
+
+    def chunk_file(self, index: tuple[int, ...]) -> str:
+        return self.separator.join(["c", *(str(i) for i in index)])
+
+    def chunk_index(self, file: str) -> tuple[int, ...] | None:
+        """The grid index of a chunk file name, or None when it is not one of this array's."""
+        parts = file.split(self.separator)
+        if parts[0] != "c" or len(parts) != len(self.chunks) + 1:
+            return None
+        try:
+            index = tuple(int(p) for p in parts[1:])
+        except ValueError:
+            return None
+        if any(i < 0 or i >= n for i, n in zip(index, self.grid, strict=True)):
+            return None
+        return index
+
+
+def layout_of(name: str, doc: dict[str, Any]) -> ArrayLayout:
+    """The layout of a checked consolidated-metadata entry (see :mod:`.validate`)."""
+    codecs = [str(c.get("name")) for c in doc["codecs"]]
+    checksum = bool(codecs) and codecs[-1] == "crc32c"
+    inner = codecs[:-1] if checksum else codecs
+    body = {("bytes",): "raw", ("bytes", "blosc"): "blosc"}.get(tuple(inner), "other")
+    chunks = tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
+    try:
+        itemsize = np.dtype(doc["data_type"]).itemsize if isinstance(doc["data_type"], str) else 0
+    except TypeError:
+        itemsize = 0
+    decoded = math.prod(chunks) * itemsize if itemsize else None
+    separator = doc["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+    names = doc.get("dimension_names") or []
+    return ArrayLayout(name, tuple(doc["shape"]), chunks, str(separator), checksum, body,
+                       decoded, bool(names) and names[0] == "batch")
+
+
+@dataclass
+class Manifest:
+    """The effective manifest entries of the committed batches: key -> (nbytes, crc32c, batch).
+
+    ``present``: the store has manifest files at all (stores written before them have none).
+    ``missing``: committed batches whose file is absent although an earlier one exists (a
+    store appended to after manifests began has none for its first batches; that is no damage).
+    ``damaged``: (manifest key, what is wrong) for files that do not parse.
+    """
+
+    entries: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    present: bool = False
+    missing: list[int] = field(default_factory=list)
+    damaged: list[tuple[str, str]] = field(default_factory=list)
+    #: array name -> the row-chunk indices the manifest lists for it (see :func:`index_rows`)
+    rows: dict[str, set[int]] = field(default_factory=dict)
+
+    @property
+    def sound(self) -> bool:
+        return not self.missing and not self.damaged
+
+
+def parse_manifest(documents: list[bytes | None]) -> Manifest:
+    """``documents[n]``: the bytes of batch n's manifest, or None where there is none."""
+    manifest = Manifest()
+    first = next((n for n, doc in enumerate(documents) if doc is not None), None)
+    if first is None:
+        return manifest
+    manifest.present = True
+    for batch, raw in enumerate(documents):
+        key = manifest_key(batch)
+        if raw is None:
+            if batch > first:
+                manifest.missing.append(batch)
+            continue
+        try:
+            doc = json.loads(raw)
+            chunks = doc["chunks"]
+            if doc.get("batch") != batch or not isinstance(chunks, dict):
+                raise ValueError("its batch number or chunk list is wrong")
+            for name, entry in chunks.items():
+                nbytes, crc = entry
+                if not (_is_count(nbytes) and _is_count(crc)):
+                    raise ValueError(f"the entry of {name} is not [nbytes, crc32c]")
+                manifest.entries[str(name)] = (nbytes, crc, batch)  # later batches win
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            manifest.damaged.append((key, f"does not parse ({exc})"))
+    return manifest
+
+
+def index_rows(manifest: Manifest, layouts: dict[str, ArrayLayout], where: str) -> None:
+    """Record which row-chunks each array's listed chunks cover; a listed key that is no
+    chunk of the arrays the metadata describes means metadata and manifest disagree."""
+    for key in manifest.entries:
+        name, _, file = key.rpartition("/")
+        layout = layouts.get(name)
+        index = layout.chunk_index(file) if layout is not None else None
+        if index is None:
+            raise DamagedStoreError(
+                f"{where}: the chunk manifest lists {key}, which is no chunk of the arrays the "
+                "root zarr.json describes: metadata and manifest disagree, the store is damaged; "
+                f"run `layerscope verify {where}`"
+            )
+        manifest.rows.setdefault(name, set()).add(index[0])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,
+                  manifest: Manifest | None) -> str | None:
+    """What is wrong with the chunk file ``file`` of ``layout`` holding ``data`` (a flat uint8
+    array, None: no such file), or None when nothing is."""
+    key = f"{layout.name}/{file}"
+    entry = manifest.entries.get(key) if manifest is not None else None
+    if data is None:
+        if entry is not None:
+            return f"is missing (the manifest of batch {entry[2]} lists it)"
+        index = layout.chunk_index(file)
+        if manifest is not None and manifest.sound and index is not None \
+                and index[0] in manifest.rows.get(layout.name, ()):
+            return ("is missing though the other chunks of its rows were written: the metadata "
+                    "claims chunks nobody wrote")
+        return None  # never written: reads as the fill value
+    size = int(data.nbytes)
+    body_crc = crc32c.crc32c(data[:-CHECKSUM_BYTES].data) if size >= CHECKSUM_BYTES else None
+    own_crc_ok = (body_crc is not None
+                  and body_crc == int.from_bytes(data[-CHECKSUM_BYTES:].tobytes(), "little"))
+    if entry is not None:
+        nbytes, crc, batch = entry
+        if size != nbytes and not own_crc_ok:
+            return f"has {size} bytes where batch {batch} wrote {nbytes} (truncated or damaged)"
+        if layout.checksum and own_crc_ok:
+            # a file ending in its own crc32c always has the same crc32c as a whole
+            # (RESIDUE): what tells chunks apart is the checksum of the bytes before it
+            same = size == nbytes and crc in (body_crc, RESIDUE)
+            if not same:
+                return (f"is a valid chunk but not the one batch {batch} wrote (swapped or "
+                        "replaced)")
+        elif not layout.checksum and (size != nbytes or crc != crc32c.crc32c(data.data)):
+            return f"does not match the size and crc32c batch {batch} recorded (damaged)"
+    if layout.checksum:
+        if body_crc is None:
+            return f"has {size} bytes, fewer than its {CHECKSUM_BYTES}-byte checksum (truncated)"
+        if not own_crc_ok:
+            return "is damaged: its crc32c checksum does not match its bytes"
+    return _shape_problem(layout, data, size - (CHECKSUM_BYTES if layout.checksum else 0))
+
+
+def _shape_problem(layout: ArrayLayout, data: np.ndarray, body: int) -> str | None:
+    """Whether the chunk holds as many bytes as the metadata's chunk shape and dtype say."""
+    expected = layout.decoded_nbytes
+    if expected is None:
+        return None
+    if layout.body == "raw" and body != expected:
+        return (f"holds {body} bytes where its chunk shape {list(layout.chunks)} needs "
+                f"{expected}: the chunk or the array's metadata is damaged")
+    if layout.body == "blosc":
+        if body < BLOSC_HEADER:
+            return f"holds {body} bytes, fewer than a Blosc header (truncated)"
+        header = data[:BLOSC_HEADER].tobytes()
+        decoded = int.from_bytes(header[4:8], "little")
+        stored = int.from_bytes(header[12:16], "little")
+        if decoded != expected or stored != body:
+            return (f"is a Blosc chunk of {decoded} bytes ({stored} stored) where its chunk "
+                    f"shape needs {expected} ({body} stored): the chunk or the metadata is damaged")
+    return None
