@@ -102,6 +102,7 @@ class Manifest:
 
     entries: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     present: bool = False
+    first: int | None = None  # the first batch with a manifest file
     missing: list[int] = field(default_factory=list)
     damaged: list[tuple[str, str]] = field(default_factory=list)
     #: array name -> the row-chunk indices the manifest lists for it (see :func:`index_rows`)
@@ -111,6 +112,12 @@ class Manifest:
     def sound(self) -> bool:
         return not self.missing and not self.damaged
 
+    @property
+    def complete(self) -> bool:
+        """Every committed batch has its manifest: a chunk file it does not list within the
+        committed rows was never committed."""
+        return self.sound and self.first == 0
+
 
 def parse_manifest(documents: list[bytes | None]) -> Manifest:
     """``documents[n]``: the bytes of batch n's manifest, or None where there is none."""
@@ -118,7 +125,7 @@ def parse_manifest(documents: list[bytes | None]) -> Manifest:
     first = next((n for n, doc in enumerate(documents) if doc is not None), None)
     if first is None:
         return manifest
-    manifest.present = True
+    manifest.present, manifest.first = True, first
     for batch, raw in enumerate(documents):
         key = manifest_key(batch)
         if raw is None:
@@ -179,6 +186,9 @@ def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,
     body_crc = crc32c.crc32c(data[:-CHECKSUM_BYTES].data) if size >= CHECKSUM_BYTES else None
     own_crc_ok = (body_crc is not None
                   and body_crc == int.from_bytes(data[-CHECKSUM_BYTES:].tobytes(), "little"))
+    if entry is None and manifest is not None and manifest.complete:
+        return ("is listed in the manifest of no committed batch: it was left by a write that "
+                "never committed")
     if entry is not None:
         nbytes, crc, batch = entry
         if size != nbytes and not own_crc_ok:

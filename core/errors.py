@@ -1,5 +1,7 @@
 """Errors raised by layerscope. Each says what was wrong and what to do."""
 
+from __future__ import annotations
+
 
 class LayerscopeError(Exception):
     """Base class of every error layerscope raises on purpose."""
@@ -40,3 +42,7 @@ class ChunkError(DamagedStoreError):
         super().__init__(message)
         self.variable = variable
         self.key = key
+
+    def __reduce__(self) -> tuple[type[ChunkError], tuple[str, str, str]]:
+        # raised in a worker process (dask distributed), it is pickled back to the caller
+        return type(self), (str(self), self.variable, self.key)

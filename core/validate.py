@@ -42,6 +42,7 @@ class RootDocument:
 
     attrs: dict[str, Any]
     layouts: dict[str, ArrayLayout]
+    documents: dict[str, dict[str, Any]]  # array name -> its consolidated metadata
 
 
 def run_sync(coroutine: Any) -> Any:
@@ -52,8 +53,8 @@ def run_sync(coroutine: Any) -> Any:
 
 def damaged(where: str, defect: str) -> DamagedStoreError:
     return DamagedStoreError(
-        f"{where}: {defect}; the store is damaged. Run `layerscope verify {where}` for its "
-        "chunks, and capture again or restore it from a copy"
+        f"{where}: {defect}; the store's metadata is damaged: capture again or restore the "
+        "store from a copy"
     )
 
 
@@ -79,7 +80,8 @@ def read_root(store: Any, where: str) -> RootDocument:
         raise damaged(where, "its group attributes are not a JSON object")
     check_attrs(attrs, where)
     layouts = check_arrays(doc, attrs, where)
-    return RootDocument(attrs, layouts)
+    metadata = doc["consolidated_metadata"]["metadata"]
+    return RootDocument(attrs, layouts, {name: metadata[name] for name in layouts})
 
 
 def check_attrs(attrs: dict[str, Any], where: str) -> None:
