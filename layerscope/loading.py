@@ -132,7 +132,14 @@ def _import_file(path: Path) -> Any:
 
 
 def _import_module(target: str) -> Any:
-    sys.path.insert(0, os.getcwd())
+    """Import ``target`` as ``python -m`` would find it: from the working directory too.
+
+    The directory is on sys.path only during the import: left there, it would shadow
+    installed packages for the rest of the process (from a source checkout, ``core`` would
+    become a second copy of ``layerscope.core``).
+    """
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
     try:
         return importlib.import_module(target)
     except ImportError as exc:
@@ -141,3 +148,5 @@ def _import_module(target: str) -> Any:
         raise LayerscopeError(
             f"cannot import {target!r}: {type(exc).__name__}: {_one_line(exc)}; fix the module"
         ) from exc
+    finally:
+        sys.path.remove(cwd)
