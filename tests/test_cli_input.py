@@ -151,6 +151,37 @@ def test_a_selection_that_matches_nothing_is_refused_in_python(tmp_path):
     assert not out.exists()
 
 
+def test_jax_patterns_are_checked_where_the_sites_are_known(tmp_path):
+    """A plain function's named scopes appear only as it runs: its patterns are not refused
+    up front (its kinds are); an NNX module lists its sites, so a typo is refused."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    def function(x):
+        with jax.named_scope("layers.0"):
+            y = jnp.tanh(x)
+        return y * 2
+
+    with layerscope.trace(function, tmp_path / "f.zarr", "layers.*", backend="jax") as t:
+        t(np.ones((2, 3), np.float32))
+    assert list(layerscope.open_trace(tmp_path / "f.zarr").data_vars) == ["layers.0@output"]
+    with pytest.raises(layerscope.LayerscopeError, match="kind 'foo'"):
+        layerscope.trace(function, tmp_path / "g.zarr", kinds=["foo"], backend="jax")
+
+    class Model(nnx.Module):
+        def __init__(self) -> None:
+            self.dense = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.dense(x)
+
+    with pytest.raises(layerscope.LayerscopeError, match="'dens' matches no site.*root, dense"):
+        layerscope.trace(Model(), tmp_path / "n.zarr", "dens")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.zarr"]
+
+
 # -- info, render, report, diff --------------------------------------------------------------
 
 NOT_TRACES = ["{root}/missing.zarr", "{root}/plain_dir", "{root}/plain.txt"]
@@ -266,3 +297,22 @@ def test_console_script_prints_one_line(files, tmp_path):
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_renderers_refuse_bad_numbers_from_python(files, tmp_path):
+    from layerscope import renderers as r
+
+    ds = layerscope.open_trace(files["trace"])
+    for make in (lambda: r.ViewOptions(max_cells=0), lambda: r.ViewOptions(window=(4, 2)),
+                 lambda: r.ViewOptions(window=(-1, 2)), lambda: r.ReportOptions(sample=-1),
+                 lambda: r.ReportOptions(max_samples=0), lambda: r.ReportOptions(layer=1.5),
+                 lambda: r.distributions(ds, bins=100_000_000), lambda: r.distributions(ds, bins=0),
+                 lambda: r.histogram(ds["0@output"], bins=-1), lambda: r.top_tokens(ds, k=0),
+                 lambda: r.attention_grid(ds, max_heads=0)):
+        with pytest.raises(r.RenderError, match="must be|empty"):
+            make()
+    fig = r.distributions(ds, bins=5)
+    for dpi in (0, 9, 100_000, 72.5):
+        with pytest.raises(r.RenderError, match="dpi must be a whole number in 10..1200"):
+            r.save(fig, tmp_path / "x.png", dpi=dpi)
+    assert list(tmp_path.iterdir()) == []
