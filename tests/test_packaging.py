@@ -62,8 +62,9 @@ def test_editor_goto_definition_reaches_the_source_file(code: str, target: objec
     assert names, f"jedi found no definition for {last}"
     source = Path(inspect.getfile(target)).resolve()  # type: ignore[arg-type]
     assert Path(str(names[0].module_path)).resolve() == source
-    if inspect.isclass(target):
-        assert names[0].line == inspect.getsourcelines(target)[1]
+    if inspect.isclass(target):  # the class statement itself (decorators stand above it)
+        line = source.read_text().splitlines()[names[0].line - 1]
+        assert line.startswith(f"class {target.__name__}")
 
 
 def test_new_module_is_importable_without_reinstalling(tmp_path: Path) -> None:
@@ -79,3 +80,15 @@ def test_new_module_is_importable_without_reinstalling(tmp_path: Path) -> None:
         module.unlink()
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "42"
+
+
+def test_tracing_a_module_target_leaves_sys_path_as_it_was(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`layerscope trace module:factory` imports from the working directory (the repository
+    root, in this test) without leaving it on sys.path, where it would expose core/."""
+    from layerscope.cli import main
+
+    before = list(sys.path)
+    assert main(["trace", "no_such_module_xyz:make", "-o", str(tmp_path / "a.zarr")]) == 2
+    assert "cannot import" in capsys.readouterr().err
+    assert sys.path == before
