@@ -27,6 +27,7 @@ from .chunkcheck import (
     ArrayLayout,
     Manifest,
     chunk_problem,
+    document_problem,
     index_rows,
     manifest_key,
     parse_manifest,
@@ -68,24 +69,31 @@ async def _any_manifest(store: Any) -> bool:
 class CheckedStore(WrapperStore[Any]):
     """Wraps a trace's store for reading; checks chunks of the arrays in ``layouts``.
 
-    ``where``: the trace's path for messages. ``committed_batches``: the batches whose
-    manifests count. ``live``: a writer may still be committing (status ``writing``); a
-    mismatch then reloads the manifest once before it is reported.
+    ``where``: the trace's path for messages. ``documents``: each array's consolidated
+    metadata, compared with the array's own ``zarr.json`` on its first chunk read (a damaged
+    root that still parses then cannot pass a wrong shape or codec off as the array's).
+    ``committed_batches``: the batches whose manifests count. ``live``: a writer may still be
+    committing (status ``writing``); a mismatch then reloads the manifest once before it is
+    reported.
     """
 
     def __init__(self, store: Any, where: str = "", layouts: dict[str, ArrayLayout] | None = None,
+                 documents: dict[str, dict[str, Any]] | None = None,
                  committed_batches: int = 0, live: bool = False) -> None:
         super().__init__(store)
         self.where = where
         self.layouts = dict(layouts or {})
+        self.documents = dict(documents or {})
+        self._agreed: set[str] = set()  # arrays whose own zarr.json was compared
         self.committed_batches = committed_batches
         self.live = live
         self._manifest: Manifest | None = None
         self._loading: asyncio.Future[Manifest] | None = None
 
     def _with_store(self, store: Any) -> CheckedStore:
-        clone = type(self)(store, self.where, self.layouts, self.committed_batches, self.live)
-        clone._manifest = self._manifest
+        clone = type(self)(store, self.where, self.layouts, self.documents,
+                           self.committed_batches, self.live)
+        clone._manifest, clone._agreed = self._manifest, self._agreed
         return clone
 
     def __getstate__(self) -> dict[str, Any]:
@@ -107,6 +115,8 @@ class CheckedStore(WrapperStore[Any]):
         layout = self.layouts.get(name)
         if layout is None or file == "zarr.json":
             return await self._store.get(key, prototype, byte_range)
+        if name not in self._agreed:
+            await self._compare_document(name, prototype)
         buffer = await self._store.get(key, prototype)
         await self._check(layout, file, buffer)
         if buffer is None or byte_range is None:
@@ -129,6 +139,18 @@ class CheckedStore(WrapperStore[Any]):
                                  offload=data is not None and data.nbytes > OFFLOAD_BYTES)
         if problem is not None:
             raise chunk_error(self.where, layout.name, file, problem)
+
+    async def _compare_document(self, name: str, prototype: Any) -> None:
+        own = await self._store.get(f"{name}/zarr.json", prototype)
+        consolidated = self.documents.get(name)
+        problem = None if own is None or consolidated is None \
+            else document_problem(own.to_bytes(), consolidated)
+        if problem is not None:
+            raise DamagedStoreError(
+                f"{self.where}: array {name} {problem}; one of them is damaged, so its values "
+                f"cannot be trusted. Run `layerscope verify {self.where}`"
+            )
+        self._agreed.add(name)
 
     async def manifest(self) -> Manifest | None:
         """The store's manifest (None for a store written before manifests), loaded once."""

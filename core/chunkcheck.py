@@ -163,6 +163,33 @@ def index_rows(manifest: Manifest, layouts: dict[str, ArrayLayout], where: str) 
         manifest.rows.setdefault(name, set()).add(index[0])
 
 
+#: fields of an array's own zarr.json that must equal its copy in the root's consolidated metadata
+SAME_FIELDS = ("data_type", "chunk_grid", "chunk_key_encoding", "codecs", "dimension_names",
+               "fill_value")
+
+
+def document_problem(own: bytes | None, consolidated: dict[str, Any]) -> str | None:
+    """How an array's own ``zarr.json`` (``own``; None: there is none) disagrees with its copy
+    in the root's consolidated metadata; the length along ``batch`` may differ (the root's is
+    cut to the committed rows)."""
+    if own is None:
+        return ("has no zarr.json of its own (appending and readers without consolidated "
+                "metadata need it)")
+    try:
+        doc = json.loads(own)
+        fields = {key: doc.get(key) for key in SAME_FIELDS}
+        trailing = list(doc["shape"][1:])
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        return f"has a zarr.json that does not parse ({exc})"
+    differs = [key for key in SAME_FIELDS if fields[key] != consolidated.get(key)]
+    if trailing != list(consolidated["shape"][1:]):
+        differs.append("shape")
+    if differs:
+        return ("has a zarr.json that disagrees with the root's consolidated metadata in "
+                + ", ".join(differs))
+    return None
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 

@@ -98,8 +98,8 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
             raise StoreError(message)
         warn_user(message)
     check_claims(inner, root, where)
-    checked = CheckedStore(inner, where, root.layouts, int(attrs.get("committed_batches", 0)),
-                           live=status == STATUS_WRITING)
+    checked = CheckedStore(inner, where, root.layouts, root.documents,
+                           int(attrs.get("committed_batches", 0)), live=status == STATUS_WRITING)
     try:
         with _format_notices_hidden():
             ds = xr.open_zarr(checked, chunks={}, consolidated=True,

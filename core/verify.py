@@ -11,7 +11,6 @@ disagrees with the consolidated metadata of the root.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,16 +19,20 @@ from typing import Any
 import numpy as np
 
 from .checked_store import OFFLOAD_BYTES, fetch_manifest
-from .chunkcheck import ArrayLayout, Manifest, chunk_problem, index_rows, manifest_key
+from .chunkcheck import (
+    ArrayLayout,
+    Manifest,
+    chunk_problem,
+    document_problem,
+    index_rows,
+    manifest_key,
+)
 from .errors import DamagedStoreError
 from .reader import _as_store
 from .validate import RootDocument, check_claims, read_root, run_sync
 
 #: chunks read at once
 CONCURRENT_READS = 16
-#: fields of an array's own zarr.json that must equal its consolidated copy
-SAME_FIELDS = ("data_type", "chunk_grid", "chunk_key_encoding", "codecs", "dimension_names",
-               "fill_value")
 
 
 @dataclass(frozen=True)
@@ -157,27 +160,12 @@ async def _array_documents(store: Any, root: RootDocument) -> list[str]:
     prototype = default_buffer_prototype()
     names = list(root.layouts)
     buffers = await asyncio.gather(*(store.get(f"{name}/zarr.json", prototype) for name in names))
-    consolidated = root.documents
     problems = []
     for name, buffer in zip(names, buffers, strict=True):
-        if buffer is None:
-            problems.append(f"array {name} has no zarr.json of its own (appending and readers "
-                            "without consolidated metadata need it)")
-            continue
-        try:
-            doc = json.loads(buffer.to_bytes())
-            own = {key: doc.get(key) for key in SAME_FIELDS}
-            trailing = list(doc["shape"][1:])
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            problems.append(f"array {name}: its zarr.json does not parse ({exc})")
-            continue
-        expected = consolidated[name]
-        differs = [key for key in SAME_FIELDS if own[key] != expected.get(key)]
-        if trailing != list(expected["shape"][1:]):
-            differs.append("shape")
-        if differs:
-            problems.append(f"array {name}: its zarr.json disagrees with the root's consolidated "
-                            f"metadata in {', '.join(differs)}")
+        problem = document_problem(None if buffer is None else buffer.to_bytes(),
+                                   root.documents[name])
+        if problem is not None:
+            problems.append(f"array {name} {problem}")
     return problems
 
 
