@@ -91,6 +91,17 @@ def chunk_encoder(array: Any) -> ChunkEncoder | None:
                         chunk_key)
 
 
+def chunk_key(array: Any, index: tuple[int, ...]) -> str:
+    """The key (below the array) of ``array``'s chunk ``index``; zarr's own encoder where it
+    has one, else the v3 default encoding the array's metadata names."""
+    metadata = array.metadata
+    encode = getattr(metadata, "encode_chunk_key", None)
+    if encode is not None:
+        return str(encode(index))
+    separator = metadata.chunk_key_encoding.separator
+    return separator.join(["c", *(str(i) for i in index)])
+
+
 def _raw_bytes(codecs: list[Any]) -> bool:
     """Whether ``codecs`` store a chunk as its memory: a bytes codec in this machine's order.
 
@@ -131,6 +142,16 @@ def set_bytes(store: Any, key: str, data: bytes) -> None:
         sync(store.set(key, value))  # on zarr's own event loop, like its synchronous API
     else:
         _run_on_own_loop(store.set(key, value))
+
+
+def get_bytes(store: Any, key: str) -> bytes | None:
+    """``key`` of ``store`` (any zarr store) as bytes, or None where it does not exist."""
+    from zarr.buffer import default_buffer_prototype
+
+    coroutine = store.get(key, prototype=default_buffer_prototype())
+    sync = _private_sync()
+    value = sync(coroutine) if sync is not None else _run_on_own_loop(coroutine)
+    return None if value is None else bytes(value.to_bytes())
 
 
 def _private_sync() -> Callable[[Coroutine[Any, Any, Any]], Any] | None:

@@ -25,16 +25,20 @@ from .hostpool import page_aligned
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere chunks go through the page cache
+#: O_NOFOLLOW: a chunk file that is a symlink is refused (ELOOP), never written through
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) \
-    | getattr(os, "O_BINARY", 0)
+    | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
 class ChunkFiles:
     """Writes chunk files under ``root``; ``direct`` tries ``O_DIRECT`` for the aligned head."""
 
-    def __init__(self, root: Path, direct: bool = True) -> None:
+    def __init__(self, root: Path, direct: bool = True, durable: bool = False) -> None:
         self.root = os.fspath(root)
         self.direct = bool(direct and _DIRECT)
+        self.durable = durable  # fsync each file before it is closed
         self._dirs: set[str] = set()
         self._scratch = threading.local()
 
@@ -57,6 +61,24 @@ class ChunkFiles:
         fd = os.open(path, _CREATE, 0o666)
         try:
             _write_all(fd, [body, trailer])
+            if self.durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, key: str, durable: bool = False) -> bytes | None:
+        """The bytes of the file ``root/key`` (None if missing); ``durable``: fsync it."""
+        try:
+            fd = os.open(os.path.join(self.root, key), _READ)
+        except FileNotFoundError:
+            return None
+        try:
+            if durable:
+                os.fsync(fd)
+            parts = []
+            while part := os.read(fd, 1 << 20):
+                parts.append(part)
+            return b"".join(parts)
         finally:
             os.close(fd)
 
@@ -69,6 +91,8 @@ class ChunkFiles:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_DIRECT)
             _write_all(fd, [body[head:], trailer])
+            if self.durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
 

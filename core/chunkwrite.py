@@ -20,16 +20,21 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from ._zarr_compat import chunk_encoder, chunk_setter
+from ._zarr_compat import chunk_encoder, chunk_key, chunk_setter, get_bytes
 from .chunkfile import ChunkFiles
 from .errors import WriterError
 
+#: (chunk key, file size, crc32c of the whole file) for the checksum manifest
+Entry = tuple[str, int, int]
 
-def local_chunk_files(store: Any, direct_io: bool) -> ChunkFiles | None:
+
+def local_chunk_files(store: Any, direct_io: bool, durable: bool = False) -> ChunkFiles | None:
     """The direct file writer for a local store, shared by all of a trace's arrays."""
     from zarr.storage import LocalStore
 
-    return ChunkFiles(Path(store.root), direct_io) if isinstance(store, LocalStore) else None
+    if not isinstance(store, LocalStore):
+        return None
+    return ChunkFiles(Path(store.root), direct_io, durable)
 
 
 class ChunkWriter:
@@ -64,8 +69,9 @@ class ChunkWriter:
         return all(size % chunk == 0 for size, chunk in zip(data.shape[1:], chunks[1:],
                                                                strict=True))
 
-    def write(self, start: int, data: np.ndarray) -> None:
-        """Write ``data`` at row ``start``; only where :meth:`covers` said yes."""
+    def write(self, start: int, data: np.ndarray, entries: list[Entry] | None = None) -> None:
+        """Write ``data`` at row ``start``; only where :meth:`covers` said yes. ``entries``
+        gets each file's key, size and crc32c (of body and trailer) for the manifest."""
         encoder = self.encoder
         if encoder is None or not self.enabled:
             raise WriterError(f"{self.array.path}: chunks cannot be written past zarr here; "
@@ -76,9 +82,33 @@ class ChunkWriter:
         for index in itertools.product(*(range(n) for n in counts)):
             region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))
             body = encoder.encode(np.ascontiguousarray(data[region]))
-            trailer = _crc32c(body) if encoder.checksum else b""
+            crc = _crc32c(body) if encoder.checksum or entries is not None else 0
+            trailer = crc.to_bytes(4, "little") if encoder.checksum else b""
             key = self.prefix + encoder.chunk_key((first + index[0], *index[1:]))
             self._store(key, body, trailer)
+            if entries is not None:  # the file's crc: the body's, continued over the trailer
+                whole = int(crc32c.crc32c(trailer, crc)) if trailer else crc
+                entries.append((key, body.nbytes + len(trailer), whole))
+
+    def keys(self, start: int, stop: int) -> list[str]:
+        """The keys of every chunk holding rows ``start:stop`` (what zarr writes for them)."""
+        chunks = tuple(int(n) for n in self.array.metadata.chunk_grid.chunk_shape)
+        counts = [-(-int(size) // chunk) for size, chunk in zip(self.array.shape[1:],
+                                                                 chunks[1:], strict=True)]
+        rows = range(start // chunks[0], (stop - 1) // chunks[0] + 1)
+        return [self.prefix + chunk_key(self.array, index)
+                for index in itertools.product(rows, *(range(n) for n in counts))]
+
+    def read_back(self, key: str, durable: bool = False) -> Entry | None:
+        """``(key, size, crc32c)`` of a chunk file as stored, None if there is none;
+        ``durable``: flushed to the disk too (a local store's file)."""
+        if self.files is not None:
+            data = self.files.read(key, durable)
+        else:
+            data = get_bytes(self.array.store, key)
+        if data is None:
+            return None
+        return key, len(data), int(crc32c.crc32c(data))
 
     def _store(self, key: str, body: np.ndarray, trailer: bytes) -> None:
         if self.files is not None:
@@ -88,7 +118,7 @@ class ChunkWriter:
         self.setter(key, np.concatenate([body, np.frombuffer(trailer, dtype=np.uint8)]))
 
 
-def _crc32c(body: np.ndarray) -> bytes:
+def _crc32c(body: np.ndarray) -> int:
     # the crc32c package lets go of the GIL while it runs (google_crc32c holds it), so the
     # model's Python thread is not kept waiting by a writer thread checksumming a chunk
-    return int(crc32c.crc32c(body.data)).to_bytes(4, "little")
+    return int(crc32c.crc32c(body.data))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ._zarr_compat import set_bytes
+from .manifest import fsync_dir, write_local_file
 
 
 def array_document(array: Any) -> dict[str, Any]:
@@ -44,16 +45,23 @@ def root_document(attrs: dict[str, Any], arrays: dict[str, dict[str, Any]], rows
 
 
 def publish(group: Any, attrs: dict[str, Any], arrays: dict[str, dict[str, Any]],
-            rows: int) -> None:
-    """Replace the root metadata in one step (an atomic rename on local disks)."""
+            rows: int, durable: bool = False, synced: Iterable[str] = ()) -> None:
+    """Replace the root metadata in one step (an atomic rename on local disks).
+
+    ``durable``: first flush the folders ``synced`` (relative to the store's root: those
+    that got new chunk or manifest files) and write the document through to the disk, then
+    flush the root folder, so that a commit survives a power loss once this returns.
+    """
     document = root_document(attrs, arrays, rows)
     root = getattr(group.store, "root", None)
     if isinstance(root, (str, os.PathLike)) and not group.path:
-        target = Path(root) / "zarr.json"
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".zarr.json.")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(document)
-        os.replace(tmp, target)
+        if durable:
+            for folder in sorted(set(synced)):
+                if os.path.isdir(os.path.join(root, folder)):
+                    fsync_dir(os.path.join(root, folder))
+        write_local_file(Path(root) / "zarr.json", document, durable)
+        if durable:
+            fsync_dir(root)
         return
     key = f"{group.path}/zarr.json" if group.path else "zarr.json"
     set_bytes(group.store, key, document)

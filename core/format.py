@@ -90,6 +90,12 @@ class StoreOptions:
     downcast: str | None = None  # e.g. "float16": store floats smaller, on request only
     #: on a local disk, write chunk bodies with O_DIRECT (no page-cache copy; see chunkfile)
     direct_io: bool = True
+    #: record each chunk file's size and crc32c at commit (core/manifest.py), so that a
+    #: missing, swapped or damaged chunk is found by ``layerscope verify``
+    checksums: bool = True
+    #: commits survive a power loss: chunk files, manifests and folders are flushed to the
+    #: disk (fsync) before the root document that commits them, and that document after
+    durable: bool = False
 
 
 def new_group_attrs(

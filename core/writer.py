@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +21,12 @@ import numpy as np
 
 from ._zarr_compat import grow_rows, save_rows
 from .chunking import chunk_shape
-from .chunkwrite import ChunkWriter, local_chunk_files
+from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import array_document, publish
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .hostpool import HostPool
+from .manifest import MANIFEST_DIR, write_manifest
 from .naming import DimRegistry
 
 ToNumpy = Callable[[Any], np.ndarray]
@@ -35,6 +37,9 @@ Snapshot = Callable[[Any, Alloc], Any]
 AUTO_BUDGET_MIN = 64 << 20
 AUTO_BUDGET_MAX = 1 << 30
 _STOP = object()
+#: zarr writes every chunk it is given, fill values only or not, so that each chunk written
+#: for a batch exists as a file the manifest can list
+ARRAY_CONFIG = {"write_empty_chunks": True}
 #: chunk files named c.<i>.<j>... side by side in the array's folder: a "/" separator would
 #: create a folder per batch for every variable, which costs the writer more than the file
 CHUNK_KEYS = {"name": "default", "separator": "."}
@@ -66,6 +71,8 @@ class _Batch:
     ended: bool = False
     failed: bool = False
     nbytes: int = 0
+    #: chunk files written for this batch: key -> (file size, crc32c), for its manifest
+    chunks: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,7 +112,9 @@ class TraceWriter:
         self._pool = HostPool(options.max_pending_bytes or AUTO_BUDGET_MAX)
         self._sizing_budget = options.max_pending_bytes is None  # until batch 1 ends
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._files = local_chunk_files(group.store, options.direct_io)
+        self._files = local_chunk_files(group.store, options.direct_io, options.durable)
+        self._unpublished: list[_Batch] = []  # committed, manifest not yet written
+        self._synced: set[str] = set()  # folders with new files, flushed at a durable commit
         self._load_existing()
         self.attrs["status"] = STATUS_WRITING
         try:
@@ -298,14 +307,18 @@ class TraceWriter:
 
     def _load_existing(self) -> None:
         """Register the variables of a store being appended to."""
-        for name, array in self.group.arrays():
+        with warnings.catch_warnings():  # zarr notes the _layerscope folder: not an array
+            warnings.filterwarnings("ignore", message="Object at _layerscope is not recognized")
+            members = list(self.group.arrays())
+        for name, array in members:
             dims = tuple(array.metadata.dimension_names or ())
             if not dims or dims[0] != "batch":
                 continue
             for dim, size in zip(dims[1:], array.shape[1:], strict=True):
                 self.dims.sizes.setdefault(dim, size)
             attrs = dict(array.attrs)
-            self.variables[name] = _Variable(name, dims, tuple(array.shape[1:]), attrs, array,
+            self.variables[name] = _Variable(name, dims, tuple(array.shape[1:]), attrs,
+                                             array.with_config(ARRAY_CONFIG),
                                              array_document(array))
 
     def _create_array(self, var: _Variable, sample: np.ndarray) -> Any:
@@ -322,7 +335,7 @@ class TraceWriter:
             var.array = self.group.create_array(
                 var.name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                 compressors=codecs, chunk_key_encoding=CHUNK_KEYS,
-                dimension_names=list(var.dims), attributes=var.attrs,
+                dimension_names=list(var.dims), attributes=var.attrs, config=ARRAY_CONFIG,
             )
             var.document = array_document(var.array)
             return var.array
@@ -399,15 +412,37 @@ class TraceWriter:
                 "append data of the same dtype or write a new store"
             )
         start, stop = task.batch.start, task.batch.start + task.batch.size
+        entries: list[Entry] | None = [] if self.options.checksums else None
         with var.lock:
             if var.chunk_writer is None:
                 var.chunk_writer = ChunkWriter(array, self._files)
-            if not var.chunk_writer.covers(start, data):
+                self._synced.add(var.name)
+            writer = var.chunk_writer
+            if not writer.covers(start, data):
                 if array.shape[0] < stop:  # zarr checks the bounds of what it writes
                     grow_rows(array, max(stop, 2 * array.shape[0]))
                 array[start:stop] = data  # partial chunks: zarr reads, merges and rewrites
+                if entries is not None or self.options.durable:
+                    for key in writer.keys(start, stop):  # read back what zarr wrote
+                        entry = writer.read_back(key, self.options.durable)
+                        if entry is not None and entries is not None:
+                            entries.append(entry)
+                self._record(task.batch, entries)
                 return
-        var.chunk_writer.write(start, data)  # whole chunks nobody else writes
+        writer.write(start, data, entries)  # whole chunks nobody else writes
+        self._record(task.batch, entries)
+
+    def _record(self, batch: _Batch, entries: list[Entry] | None) -> None:
+        """Note the chunk files written for ``batch``; an open batch that wrote one of them
+        earlier gets its new bytes too (its manifest must describe the file as it is)."""
+        if not entries:
+            return
+        with self._state_lock:
+            for key, nbytes, crc in entries:
+                batch.chunks[key] = (nbytes, crc)
+                for other in self._open.values():
+                    if other is not batch and key in other.chunks:
+                        other.chunks[key] = (nbytes, crc)
 
     def _to_host(self, task: _Task) -> np.ndarray:
         data = task.to_numpy(task.data)
@@ -434,12 +469,15 @@ class TraceWriter:
                 if not batch.ended or batch.pending or batch.failed:
                     break
                 del self._open[committed]
+                self._unpublished.append(batch)
                 committed += 1
                 samples = batch.start + batch.size
             self._committed, self._committed_samples = committed, samples
         if self._error is None:
             try:
                 self._publish()
+            except _StepFailed as exc:
+                self._fail(exc.step, exc.error, exc.where)
             except BaseException as exc:
                 self._fail("commit", exc, self._where)
 
@@ -448,6 +486,17 @@ class TraceWriter:
             committed, samples = self.committed
             if committed == self._published:
                 return
+            with self._state_lock:
+                batches, self._unpublished = self._unpublished, []
+            if self.options.checksums:
+                for batch in batches:  # before the root document that commits them
+                    try:
+                        write_manifest(self.group.store, batch.number, batch.chunks,
+                                       self.options.durable)
+                    except BaseException as exc:
+                        raise _StepFailed("manifest write", exc,
+                                          f"{self._where}/{MANIFEST_DIR}") from exc
+                self._synced.add(MANIFEST_DIR)
             self._published = committed
             self.attrs.update(committed_batches=committed, committed_samples=samples,
                               status=STATUS_WRITING)
@@ -457,7 +506,9 @@ class TraceWriter:
         with self._create_lock:  # no array is half-created while its metadata is read
             documents = {v.name: v.document for v in self.variables.values()
                          if v.document is not None}
-        publish(self.group, self.attrs, documents, self._committed_samples)
+        synced, self._synced = self._synced, set()
+        publish(self.group, self.attrs, documents, self._committed_samples,
+                self.options.durable, synced)
 
     @property
     def committed(self) -> tuple[int, int]:

@@ -108,6 +108,7 @@ STEPS = {
     "chunk write": (chunkfile.ChunkFiles, "write"),
     "commit": (writer_module, "publish"),
     "close": (writer_module, "save_rows"),
+    "manifest write": (writer_module, "write_manifest"),
     "array creation": (zarr.Group, "create_array"),
 }
 
@@ -115,6 +116,7 @@ STEPS = {
 @pytest.mark.parametrize(("step", "count", "persistent"), [
     ("chunk write", 5, True), ("chunk write", 1, False), ("commit", 3, False),
     ("commit", 1, False), ("commit", 2, True), ("close", 1, False), ("array creation", 2, False),
+    ("manifest write", 2, False), ("manifest write", 1, True),
 ])
 def test_a_failure_at_each_step_is_a_writer_error_and_the_store_is_aborted(
         tmp_path, monkeypatch, step, count, persistent):

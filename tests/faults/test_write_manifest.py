@@ -1,0 +1,112 @@
+"""The per-chunk checksum manifest (core/manifest.py), the root document's mode and the
+durable option."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import crc32c
+import numpy as np
+import pytest
+
+import layerscope.core.commit as commit_module
+import layerscope.core.manifest as manifest_module
+from layerscope.core import Selection, StoreOptions
+from layerscope.core.format import new_group_attrs
+from layerscope.core.manifest import read_manifest
+from layerscope.core.recorder import Recorder
+from layerscope.core.store import open_group_for_writing
+from layerscope.core.writer import TraceWriter
+
+
+def write(path, sizes, mode="w-", texts=True, **options):
+    attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())
+    group, existing = open_group_for_writing(path, mode, attrs)
+    writer = TraceWriter(group, StoreOptions(mode=mode, **options),
+                         int(existing.get("committed_samples", 0)),
+                         int(existing.get("committed_batches", 0)))
+    recorder = Recorder(writer, Selection(), "numpy")
+    for number, size in enumerate(sizes):
+        data = np.random.default_rng(number).standard_normal((size, 6, 8), np.float32)
+        if texts:
+            recorder.set_texts([f"text {number} {i}" for i in range(size)])
+        recorder.begin_pass(size)
+        recorder.put("layer.0", "output", data, ("batch", "token", "hidden"), "Block")
+        recorder.end_pass()
+    recorder.close()
+
+
+def chunk_files(path):
+    found = {}
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and p.name != "_layerscope"):
+        for file in folder.iterdir():
+            if file.name.startswith("c"):
+                data = file.read_bytes()
+                found[f"{folder.name}/{file.name}"] = (len(data), crc32c.crc32c(data))
+    return found
+
+
+@pytest.mark.parametrize("sizes", [[4, 4, 4], [4, 3, 4, 2, 4]])
+def test_the_manifest_lists_every_chunk_file_as_stored(tmp_path, sizes):
+    path = tmp_path / "t.zarr"
+    write(path, sizes)
+    files = chunk_files(path)
+    assert any(key.startswith("layer.0@output/") for key in files)
+    assert any(key.startswith("input_text/") for key in files)  # written by zarr itself
+    entries = read_manifest(path, len(sizes))
+    assert entries == files
+    first = json.loads((path / "_layerscope/chunks/b00000000.json").read_bytes())
+    assert first["batch"] == 0 and set(first["chunks"]) <= set(files)
+
+
+def test_appended_batches_list_the_chunks_they_rewrite(tmp_path):
+    path = tmp_path / "t.zarr"
+    write(path, [4, 3])
+    write(path, [2, 4], mode="a")
+    assert read_manifest(path, 4) == chunk_files(path)
+    assert not (path / "_layerscope/chunks/b00000004.json").exists()
+
+
+def test_no_manifest_without_checksums(tmp_path):
+    path = tmp_path / "t.zarr"
+    write(path, [4, 4], checksums=False)
+    assert not (path / "_layerscope/chunks").exists()
+
+
+def test_root_document_and_manifest_files_follow_the_umask(tmp_path):
+    path = tmp_path / "t.zarr"
+    old = os.umask(0o022)
+    try:
+        write(path, [4])
+    finally:
+        os.umask(old)
+    for file in (path / "zarr.json", path / "_layerscope/chunks/b00000000.json"):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+
+
+def test_durable_commits_flush_files_and_folders_before_the_root_document(tmp_path,
+                                                                         monkeypatch):
+    order = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        order.append("fsync")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        if os.path.basename(src).startswith(".zarr.json."):  # the commit's, not zarr's own
+            order.append(f"replace {os.path.basename(dst)}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write(tmp_path / "plain.zarr", [4, 4], texts=False)
+    assert "fsync" not in order
+    order.clear()
+    write(tmp_path / "durable.zarr", [4, 4], texts=False, durable=True)
+    roots = [i for i, step in enumerate(order) if step == "replace zarr.json"]
+    assert roots and all(order[i - 1] == "fsync" and order[i + 1] == "fsync" for i in roots), order
+    assert order.count("fsync") > 2 * len(roots)
+    assert manifest_module.fsync_dir is commit_module.fsync_dir
