@@ -144,6 +144,22 @@ def set_bytes(store: Any, key: str, data: bytes) -> None:
         _run_on_own_loop(store.set(key, value))
 
 
+def set_bytes_if_not_exists(store: Any, key: str, data: bytes) -> None:
+    """Write ``data`` as ``key`` of ``store`` unless the key exists (a conditional create)."""
+    from zarr.buffer import default_buffer_prototype
+
+    _run(store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def delete_key(store: Any, key: str) -> None:
+    _run(store.delete(key))
+
+
+def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    sync = _private_sync()
+    return sync(coroutine) if sync is not None else _run_on_own_loop(coroutine)
+
+
 def get_bytes(store: Any, key: str) -> bytes | None:
     """``key`` of ``store`` (any zarr store) as bytes, or None where it does not exist."""
     from zarr.buffer import default_buffer_prototype

@@ -44,6 +44,13 @@ def root_document(attrs: dict[str, Any], arrays: dict[str, dict[str, Any]], rows
     return json.dumps(doc, allow_nan=False).encode()  # no indent: keeps json's C encoder
 
 
+def write_root(root: str | os.PathLike[str], document: bytes, durable: bool = False) -> None:
+    """Replace a local store's root ``zarr.json`` by ``document`` in one atomic step."""
+    write_local_file(Path(root) / "zarr.json", document, durable)
+    if durable:
+        fsync_dir(root)
+
+
 def publish(group: Any, attrs: dict[str, Any], arrays: dict[str, dict[str, Any]],
             rows: int, durable: bool = False, synced: Iterable[str] = ()) -> None:
     """Replace the root metadata in one step (an atomic rename on local disks).
@@ -59,9 +66,7 @@ def publish(group: Any, attrs: dict[str, Any], arrays: dict[str, dict[str, Any]]
             for folder in sorted(set(synced)):
                 if os.path.isdir(os.path.join(root, folder)):
                     fsync_dir(os.path.join(root, folder))
-        write_local_file(Path(root) / "zarr.json", document, durable)
-        if durable:
-            fsync_dir(root)
+        write_root(root, document, durable)
         return
     key = f"{group.path}/zarr.json" if group.path else "zarr.json"
     set_bytes(group.store, key, document)

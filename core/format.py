@@ -12,6 +12,9 @@ SCHEMA_VERSION = 1
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
 STATUS_ABORTED = "aborted"
+#: the status of a tombstone: the root document of a store that mode="w" is replacing (its
+#: old contents are being deleted); it holds no trace, and mode="w" replaces it
+STATUS_REPLACING = "replacing"
 
 #: Coordinates every trace may carry besides the captured variables.
 BATCH = "batch"

@@ -26,6 +26,7 @@ from .commit import array_document, publish
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .hostpool import HostPool
+from .lock import adopt_lock
 from .manifest import MANIFEST_DIR, write_manifest
 from .naming import DimRegistry
 
@@ -90,6 +91,15 @@ class TraceWriter:
 
     def __init__(self, group: Any, options: StoreOptions, committed_samples: int = 0,
                  committed_batches: int = 0) -> None:
+        self._lock = adopt_lock(group.store)  # one writer per store (core/lock.py)
+        try:
+            self._start(group, options, committed_samples, committed_batches)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start(self, group: Any, options: StoreOptions, committed_samples: int,
+               committed_batches: int) -> None:
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.options = options
@@ -270,6 +280,7 @@ class TraceWriter:
 
     def release(self) -> None:
         """Let another writer have the store (after :meth:`close` and the final status)."""
+        self._lock.release()
 
     def _fail(self, step: str, error: BaseException, where: str) -> None:
         """Record the first failure (raised in the caller) and let a waiting caller through."""
@@ -498,6 +509,7 @@ class TraceWriter:
                                           f"{self._where}/{MANIFEST_DIR}") from exc
                 self._synced.add(MANIFEST_DIR)
             self._published = committed
+            self._lock.renew()
             self.attrs.update(committed_batches=committed, committed_samples=samples,
                               status=STATUS_WRITING)
             self._write_root()
