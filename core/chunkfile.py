@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import StoreError
 from .hostpool import page_aligned
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
@@ -48,6 +49,7 @@ class ChunkFiles:
         parent = os.path.dirname(path)
         if parent not in self._dirs:
             os.makedirs(parent, exist_ok=True)
+            self._refuse_links(parent)
             self._dirs.add(parent)
         head = body.nbytes // ALIGN * ALIGN if self.direct else 0
         if head:
@@ -65,6 +67,16 @@ class ChunkFiles:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _refuse_links(self, folder: str) -> None:
+        """Refuse a folder that is, or lies below, a symbolic link inside the store."""
+        relative = os.path.relpath(folder, self.root)
+        current = self.root
+        for part in relative.split(os.sep):
+            current = os.path.join(current, part)
+            if os.path.islink(current):
+                raise StoreError(f"{current} is a symbolic link; layerscope writes nothing "
+                                 f"outside the store {self.root}. Remove it first")
 
     def read(self, key: str, durable: bool = False) -> bytes | None:
         """The bytes of the file ``root/key`` (None if missing); ``durable``: fsync it."""
