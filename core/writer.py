@@ -10,6 +10,7 @@ of all earlier batches is on disk; a reader never trusts rows past that.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import warnings
@@ -126,6 +127,7 @@ class TraceWriter:
         self._unpublished: list[_Batch] = []  # committed, manifest not yet written
         self._synced: set[str] = set()  # folders with new files, flushed at a durable commit
         self._load_existing()
+        self._invalidated = self._invalidate_uncommitted()
         self.attrs["status"] = STATUS_WRITING
         try:
             self._write_root()
@@ -154,6 +156,9 @@ class TraceWriter:
         with self._state_lock:
             batch = _Batch(self._batches, self._rows, size)
             self._open[batch.number] = batch
+        if self._invalidated:  # listed in the manifest of the first batch appended
+            entries, self._invalidated = self._invalidated, []
+            self._record(batch, entries)
         self._batches += 1
         self._rows += size
         self._current = batch
@@ -331,6 +336,47 @@ class TraceWriter:
             self.variables[name] = _Variable(name, dims, tuple(array.shape[1:]), attrs,
                                              array.with_config(ARRAY_CONFIG),
                                              array_document(array))
+
+    def _invalidate_uncommitted(self) -> list[Entry]:
+        """Make rows past the committed length read as fill values again before anything is
+        appended: a writer that crashed mid-batch may have left chunks of them, which a
+        variable the next batch skips would otherwise show. Chunks wholly past the committed
+        rows are deleted; the chunk across the boundary is rewritten with fill values past it.
+        Returns the rewritten chunks' manifest entries."""
+        if self._files is None or not self.variables:
+            return []  # chunk files can only be listed on a local disk
+        committed = self._committed_samples
+        entries: list[Entry] = []
+        for var in self.variables.values():
+            array = var.array
+            folder = os.path.join(self._files.root, var.name)
+            if array is None or not os.path.isdir(folder):
+                continue
+            rows = int(array.metadata.chunk_grid.chunk_shape[0])
+            boundary = False
+            for entry in os.scandir(folder):
+                parts = entry.name.split(".")
+                if parts[0] != "c" or len(parts) < 2 or not parts[1].isdigit():
+                    continue
+                first = int(parts[1]) * rows
+                if first >= committed:
+                    os.unlink(entry.path)
+                elif first + rows > committed:
+                    boundary = True
+            if boundary:
+                start = committed // rows * rows
+                if array.shape[0] < start + rows:
+                    grow_rows(array, start + rows)
+                kept = array[start:committed]
+                merged = np.full((rows, *array.shape[1:]), array.fill_value, dtype=kept.dtype)
+                merged[: committed - start] = kept
+                array[start:start + rows] = merged
+                writer = ChunkWriter(array, self._files)
+                for key in writer.keys(start, start + rows):
+                    found = writer.read_back(key, self.options.durable)
+                    if found is not None:
+                        entries.append(found)
+        return entries
 
     def _create_array(self, var: _Variable, sample: np.ndarray) -> Any:
         codecs = self.options.compression.codecs_for(sample)

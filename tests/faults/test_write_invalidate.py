@@ -1,0 +1,95 @@
+"""Appending after a crash never shows the crashed batch: rows past the committed length read
+as fill values, even in a variable the new batch skips (issue 14, item 5)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import layerscope
+from layerscope.core import Selection, StoreOptions
+from layerscope.core.format import new_group_attrs
+from layerscope.core.manifest import read_manifest
+from layerscope.core.recorder import Recorder
+from layerscope.core.store import open_group_for_writing
+from layerscope.core.writer import TraceWriter
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    import layerscope.core.writer as writer_module
+    from layerscope.core import Selection, StoreOptions
+    from layerscope.core.format import new_group_attrs
+    from layerscope.core.recorder import Recorder
+    from layerscope.core.store import open_group_for_writing
+    from layerscope.core.writer import TraceWriter
+
+    path, size = sys.argv[1], int(sys.argv[2])
+    calls = [0]
+    original = writer_module.publish
+    def publish(*args, **kwargs):  # the start of the append, then the batch's commit
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    writer_module.publish = publish
+    attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())
+    group, existing = open_group_for_writing(path, "a", attrs)
+    recorder = Recorder(TraceWriter(group, StoreOptions(mode="a"),
+                                    existing["committed_samples"], existing["committed_batches"]),
+                        Selection(), "numpy")
+    recorder.begin_pass(size)
+    for name in ("a", "b"):
+        recorder.put(name, "output", np.full((size, 6, 8), 7.0, np.float32),
+                     ("batch", "token", "hidden"))
+    recorder.end_pass()
+    recorder.close()
+""")
+
+
+def append(path, sizes, names, mode="a"):
+    attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())
+    group, existing = open_group_for_writing(path, mode, attrs)
+    recorder = Recorder(TraceWriter(group, StoreOptions(mode=mode),
+                                    int(existing.get("committed_samples", 0)),
+                                    int(existing.get("committed_batches", 0))),
+                        Selection(), "numpy")
+    for size in sizes:
+        recorder.begin_pass(size)
+        for name in names:
+            recorder.put(name, "output", np.ones((size, 6, 8), np.float32),
+                         ("batch", "token", "hidden"))
+        recorder.end_pass()
+    recorder.close()
+
+
+@pytest.mark.parametrize(("first", "crashed"), [([4, 4], 4), ([4, 3], 3)])
+def test_a_skipped_variable_reads_fill_values_not_the_crashed_batch(tmp_path, first, crashed):
+    path = tmp_path / "t.zarr"
+    append(path, first, ("a", "b"), mode="w-")
+    script = tmp_path / "crash.py"
+    script.write_text(CHILD)
+    done = subprocess.run([sys.executable, "-P", str(script), str(path), str(crashed)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    append(path, [crashed], ("a",))  # skips b
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = layerscope.open_trace(path)
+    rows = sum(first)
+    assert ds.attrs["committed_samples"] == rows + crashed
+    b = ds["b@output"].values
+    np.testing.assert_array_equal(b[:rows], 1.0)
+    assert np.isnan(b[rows:]).all(), "the crashed batch's rows are visible"
+    np.testing.assert_array_equal(ds["a@output"].values, 1.0)
+    files = {f"{d.name}/{f.name}": f.stat().st_size for d in path.iterdir()
+             if d.is_dir() and d.name != "_layerscope" for f in d.iterdir()
+             if f.name.startswith("c.")}
+    entries = read_manifest(path, ds.attrs["committed_batches"])
+    assert {key: n for key, (n, _) in entries.items() if key in files} == files
