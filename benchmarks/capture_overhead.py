@@ -57,9 +57,10 @@ def run_plain(model, inputs, batches: int, workdir: Path) -> tuple[float, int]:
 
 
 def run_layerscope(model, inputs, batches: int, workdir: Path,
-                   compression: Compression | None = None) -> tuple[float, int]:
+                   compression: Compression | None = None, durable: bool = False
+                   ) -> tuple[float, int]:
     path = fresh(workdir, "trace.zarr")
-    options = StoreOptions(mode="w", compression=compression or Compression())
+    options = StoreOptions(mode="w", compression=compression or Compression(), durable=durable)
     start = time.perf_counter()
     with layerscope.trace(model, path, CAPTURE, options=options), torch.no_grad():
         for _ in range(batches):
@@ -92,6 +93,8 @@ def main() -> None:
     parser = minilm_parser(__doc__)
     parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
     parser.add_argument("--parts", action="store_true", help="add the part-by-part rows")
+    parser.add_argument("--durable", action="store_true",
+                        help="add a row for StoreOptions(durable=True): fsync at every commit")
     parser.set_defaults(batches=20)  # a trace streams many batches; open and close count once
     args = parser.parse_args()
     model, tokenizer = torch_minilm(args.attn)
@@ -101,6 +104,8 @@ def main() -> None:
         "  compress every variable": partial(
             run_layerscope, compression=Compression("lz4", 5, "shuffle", min_saving=0)),
     }
+    if args.durable:
+        methods["  durable commits"] = partial(run_layerscope, durable=True)
     if args.parts:
         methods["  hooks only"] = partial(run_part, owner=Recorder, name="put")
         methods["  copied only"] = partial(run_part, owner=TraceWriter, name="_write")
