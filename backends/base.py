@@ -56,8 +56,8 @@ One capture, in order (all on the thread that runs the model unless said otherwi
 Tensors
     - The first axis of what ``put`` receives is the batch (``batch_size`` samples); move it
       there (:func:`layerscope.core.naming.move_batch_first`). ``roles`` names every axis
-      from :data:`layerscope.core.naming.VOCABULARY` (``batch``, ``token``, ``hidden``, ``head``,
-      ``query``, ``key``, ``neuron``, ``channel``, ``height``, ``width``, ...); an axis the
+      from the format's vocabulary (``batch``, ``token``, ``hidden``, ``head``, ``query``,
+      ``key``, ``neuron``, ``channel``, ``height``, ``width``, ...; README, The format); an axis the
       backend cannot name with confidence gets a neutral name (``axis<i>``,
       :func:`~layerscope.core.naming.default_roles`): a wrong known role is worse than none.
       :func:`~layerscope.core.naming.hidden_size_of` and
