@@ -10,6 +10,7 @@ environment can import.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -45,8 +46,14 @@ def _source_packages() -> set[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy: an in-tree build reuses build/lib, where a module deleted from the
+    # source would linger and ship.
+    source = tmp_path_factory.mktemp("source") / "layerscope"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.zarr", "demo",
+        ".mypy_cache", ".ruff_cache", ".pytest_cache", "node_modules"))
     out = tmp_path_factory.mktemp("dist")
-    _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", out, ROOT)
+    _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", out, source)
     [built] = out.glob("layerscope-*.whl")
     return built
 
