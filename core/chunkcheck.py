@@ -8,10 +8,9 @@ that key, with its size and crc32c, so a deleted, truncated or swapped chunk is 
 array's metadata says how many bytes a decoded chunk holds, which a raw chunk's size and a Blosc
 header repeat. Nothing here decodes a chunk.
 
-For a chunk that ends in its own crc32c, the manifest's crc32c is compared with that checksum
-(the crc32c of the bytes before it): the crc32c of such a file as a whole is one constant for
-every intact chunk (:data:`RESIDUE`), which tells chunks apart by size only. A manifest holding
-that constant is still accepted; it then catches missing and truncated chunks, not swapped ones.
+For a chunk that ends in its own crc32c, the manifest records that checksum (the crc32c of the
+bytes before it), which tells intact chunks apart; for other chunks, the crc32c of the whole
+file (:mod:`.manifest` states the format).
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ from .errors import DamagedStoreError
 MANIFEST_DIR = "_layerscope/chunks"
 CHECKSUM_BYTES = 4
 BLOSC_HEADER = 16
-#: the crc32c of any byte string followed by its own crc32c (little-endian)
-RESIDUE = 0x48674BC7
 
 
 def manifest_key(batch: int) -> str:
@@ -221,10 +218,7 @@ def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,
         if size != nbytes and not own_crc_ok:
             return f"has {size} bytes where batch {batch} wrote {nbytes} (truncated or damaged)"
         if layout.checksum and own_crc_ok:
-            # a file ending in its own crc32c always has the same crc32c as a whole
-            # (RESIDUE): what tells chunks apart is the checksum of the bytes before it
-            same = size == nbytes and crc in (body_crc, RESIDUE)
-            if not same:
+            if size != nbytes or crc != body_crc:
                 return (f"is a valid chunk but not the one batch {batch} wrote (swapped or "
                         "replaced)")
         elif not layout.checksum and (size != nbytes or crc != crc32c.crc32c(data.data)):

@@ -23,8 +23,9 @@ import numpy as np
 from ._zarr_compat import chunk_encoder, chunk_key, chunk_setter, get_bytes
 from .chunkfile import ChunkFiles
 from .errors import WriterError
+from .manifest import recorded_crc
 
-#: (chunk key, file size, crc32c of the whole file) for the checksum manifest
+#: (chunk key, file size, crc32c as the manifest records it) for the checksum manifest
 Entry = tuple[str, int, int]
 
 
@@ -51,6 +52,8 @@ class ChunkWriter:
         self.setter = chunk_setter(array.store) if files is None else None
         self.enabled = self.encoder is not None and (files is not None or self.setter is not None)
         self.prefix = f"{array.path}/" if array.path else ""
+        #: the array's last codec is crc32c: each chunk file ends in its own checksum
+        self.checksum = _ends_in_crc32c(array)
 
     @property
     def raw(self) -> bool:
@@ -71,7 +74,8 @@ class ChunkWriter:
 
     def write(self, start: int, data: np.ndarray, entries: list[Entry] | None = None) -> None:
         """Write ``data`` at row ``start``; only where :meth:`covers` said yes. ``entries``
-        gets each file's key, size and crc32c (of body and trailer) for the manifest."""
+        gets each file's key, size and crc32c for the manifest (see :mod:`.manifest`: the
+        chunk's own checksum where it has one, i.e. the crc32c of the body)."""
         encoder = self.encoder
         if encoder is None or not self.enabled:
             raise WriterError(f"{self.array.path}: chunks cannot be written past zarr here; "
@@ -86,9 +90,8 @@ class ChunkWriter:
             trailer = crc.to_bytes(4, "little") if encoder.checksum else b""
             key = self.prefix + encoder.chunk_key((first + index[0], *index[1:]))
             self._store(key, body, trailer)
-            if entries is not None:  # the file's crc: the body's, continued over the trailer
-                whole = int(crc32c.crc32c(trailer, crc)) if trailer else crc
-                entries.append((key, body.nbytes + len(trailer), whole))
+            if entries is not None:  # with a trailer or without, the body's crc32c
+                entries.append((key, body.nbytes + len(trailer), crc))
 
     def keys(self, start: int, stop: int) -> list[str]:
         """The keys of every chunk holding rows ``start:stop`` (what zarr writes for them)."""
@@ -100,15 +103,16 @@ class ChunkWriter:
                 for index in itertools.product(rows, *(range(n) for n in counts))]
 
     def read_back(self, key: str, durable: bool = False) -> Entry | None:
-        """``(key, size, crc32c)`` of a chunk file as stored, None if there is none;
-        ``durable``: flushed to the disk too (a local store's file)."""
+        """``(key, size, crc32c)`` of a chunk file as stored (the crc32c the manifest records,
+        :func:`.manifest.recorded_crc`), None if there is none; ``durable``: flushed to the
+        disk too (a local store's file)."""
         if self.files is not None:
             data = self.files.read(key, durable)
         else:
             data = get_bytes(self.array.store, key)
         if data is None:
             return None
-        return key, len(data), int(crc32c.crc32c(data))
+        return key, len(data), recorded_crc(data, self.checksum)
 
     def _store(self, key: str, body: np.ndarray, trailer: bytes) -> None:
         if self.files is not None:
@@ -116,6 +120,13 @@ class ChunkWriter:
             return
         assert self.setter is not None  # enabled
         self.setter(key, np.concatenate([body, np.frombuffer(trailer, dtype=np.uint8)]))
+
+
+def _ends_in_crc32c(array: Any) -> bool:
+    from zarr.codecs import Crc32cCodec
+
+    codecs = list(getattr(array.metadata, "codecs", ()))
+    return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
 
 def _crc32c(body: np.ndarray) -> int:

@@ -8,14 +8,20 @@ Format. Before the root document that commits batch ``n`` is published, the writ
     {"batch": n, "chunks": {"<array name>/<chunk file name>": [nbytes, crc32c], ...}}
 
 listing every chunk file written for batch ``n``: ``nbytes`` is the file's size and ``crc32c``
-the crc32c (Castagnoli, as an unsigned int) of the whole file as stored, body and checksum
-trailer alike. A chunk rewritten by a later batch (a partial chunk that zarr reads, merges and
-rewrites, or a chunk invalidated before an append) is listed again in that batch's file; the
-entry that counts for a key is the one in the highest committed batch file that lists it.
-Files of batches past ``committed_batches`` (a crashed batch) are ignored. The file is written
-atomically (a temporary file renamed over it, mode 0644 under the umask) on local disks, in
-one ``store.set`` elsewhere. Stores written without checksums (``StoreOptions(checksums=False)``
-or by an older layerscope) have no such files; a batch without a file lists nothing.
+a crc32c (Castagnoli, as an unsigned int; :func:`recorded_crc`). For an array whose last codec
+is crc32c, every chunk file ends in a 4-byte little-endian crc32c of the bytes before it, and
+the manifest records that checksum: the crc32c of the file's bytes before the trailer. (The
+crc32c of the whole file would be one constant for every intact chunk, since the crc32c of any
+message followed by its own crc32c is, and a chunk swapped for another would pass.) For an
+array without that codec it records the crc32c of the whole file. This is the only form.
+
+A chunk rewritten by a later batch (a partial chunk that zarr reads, merges and rewrites, or a
+chunk invalidated before an append) is listed again in that batch's file; the entry that counts
+for a key is the one in the highest committed batch file that lists it. Files of batches past
+``committed_batches`` (a crashed batch) are ignored. The file is written atomically (a
+temporary file renamed over it, mode 0644 under the umask) on local disks, in one ``store.set``
+elsewhere. Stores written with ``StoreOptions(checksums=False)`` have no such files; a batch
+without a file lists nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import crc32c
+
 MANIFEST_DIR = "_layerscope/chunks"
+#: the size of the crc32c trailer of a chunk of an array whose last codec is crc32c
+CHECKSUM_BYTES = 4
 
 #: key -> (nbytes, crc32c)
 Entries = dict[str, tuple[int, int]]
@@ -34,6 +44,13 @@ Entries = dict[str, tuple[int, int]]
 
 def manifest_key(batch: int) -> str:
     return f"{MANIFEST_DIR}/b{batch:08d}.json"
+
+
+def recorded_crc(data: Any, checksum: bool) -> int:
+    """The crc32c the manifest records for a chunk file holding ``data`` (bytes-like);
+    ``checksum``: the array's last codec is crc32c, so the file ends in its own checksum."""
+    view = memoryview(data).cast("B")
+    return int(crc32c.crc32c(view[:-CHECKSUM_BYTES] if checksum else view))
 
 
 def manifest_document(batch: int, chunks: Entries) -> bytes:

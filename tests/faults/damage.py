@@ -1,8 +1,7 @@
 """Small traces for the read-side fault tests, their chunk manifests, and ways to damage them.
 
-Until every writer records the per-chunk manifest itself, :func:`write_manifest` writes it here
-from the chunk files on disk, in the format the writer uses (``_layerscope/chunks/b<n>.json``:
-``{"batch": n, "chunks": {"<array>/<chunk file>": [nbytes, crc32c]}}``).
+:func:`write_manifest` writes the per-chunk manifest from the chunk files on disk, through
+core/manifest.py's own functions (the one format the writer uses too).
 """
 
 from __future__ import annotations
@@ -12,8 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
-import crc32c
 import numpy as np
+
+from layerscope.core.manifest import manifest_document, manifest_key, recorded_crc
 
 from ..core.test_writer import make_recorder, write_batches
 
@@ -24,16 +24,15 @@ def make_trace(path: Path, batches: int = 3, manifest: str | None = "own", **opt
     """A trace of ``batches`` batches of 4 samples: ``block.0@output`` (the returned values),
     ``block.0@output.call1`` (twice them), ``token_id`` and ``batch``.
 
-    ``manifest``: "own" writes it here (crc32c of each chunk's bytes before its checksum),
-    "writer" keeps what the writer recorded (else writes whole-file crc32c, as it does), None:
-    no manifest, as in stores written before it existed."""
+    ``manifest``: "own" writes it here from the files on disk, "writer" keeps what the writer
+    recorded, None: no manifest, as in stores written before it existed."""
     recorder = make_recorder(path, **options)
     expected = write_batches(recorder, batches, size=BATCH_SIZE)
     recorder.close()
-    if manifest != "writer" or not (path / "_layerscope").exists():
+    if manifest != "writer":
         shutil.rmtree(path / "_layerscope", ignore_errors=True)
         if manifest is not None:
-            write_manifest(path, whole_files=manifest == "writer")
+            write_manifest(path)
     return expected
 
 
@@ -47,27 +46,22 @@ def chunk_files(path: Path) -> list[str]:
     return keys
 
 
-def write_manifest(path: Path, whole_files: bool = False) -> None:
-    """Record size and crc32c of every chunk file, per committed batch (one row-chunk each).
-
-    The crc32c of a chunk ending in its own checksum is that checksum (of the bytes before
-    it); ``whole_files``: of the whole file instead, which is one constant for such chunks."""
+def write_manifest(path: Path) -> None:
+    """Record size and crc32c of every chunk file, per committed batch (one row-chunk each)."""
     root = json.loads((path / "zarr.json").read_text())
     meta = root["consolidated_metadata"]["metadata"]
     batches = root["attributes"]["committed_batches"]
-    folder = path / "_layerscope" / "chunks"
-    folder.mkdir(parents=True, exist_ok=True)
-    listed: dict[int, dict[str, list[int]]] = {n: {} for n in range(batches)}
+    (path / manifest_key(0)).parent.mkdir(parents=True, exist_ok=True)
+    listed: dict[int, dict[str, tuple[int, int]]] = {n: {} for n in range(batches)}
     for key in chunk_files(path):
         array, _, file = key.partition("/")
         rows = meta[array]["chunk_grid"]["configuration"]["chunk_shape"][0]
         first_row = int(file.split(".")[1]) * rows
         data = (path / key).read_bytes()
-        checksum = meta[array]["codecs"][-1]["name"] == "crc32c" and not whole_files
-        crc = crc32c.crc32c(data[:-4] if checksum else data)
-        listed[first_row // BATCH_SIZE][key] = [len(data), crc]
+        checksum = meta[array]["codecs"][-1]["name"] == "crc32c"
+        listed[first_row // BATCH_SIZE][key] = (len(data), recorded_crc(data, checksum))
     for n, chunks in listed.items():
-        (folder / f"b{n:08d}.json").write_text(json.dumps({"batch": n, "chunks": chunks}))
+        (path / manifest_key(n)).write_bytes(manifest_document(n, chunks))
 
 
 def flip_byte(file: Path, offset: int, mask: int = 0xFF) -> None:

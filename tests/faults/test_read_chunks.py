@@ -7,14 +7,16 @@ import json
 import os
 import shutil
 
+import crc32c
 import numpy as np
 import pytest
 
 import layerscope
 from layerscope import ChunkError, LayerscopeError
 from layerscope.cli import main
+from layerscope.core.manifest import manifest_key
 
-from .damage import chunk_files, flip_byte, make_trace, write_manifest
+from .damage import chunk_files, flip_byte, make_trace
 
 VAR = "block.0@output"
 KEY = f"{VAR}/c.1.0.0"
@@ -141,27 +143,31 @@ def test_without_a_manifest_only_checksums_are_checked(trace):
     assert layerscope.verify(path).absent == 1
 
 
-def test_a_manifest_of_whole_file_checksums_still_catches_loss(trace):
-    """Recorded as the crc32c of the whole file (one constant for chunks ending in their own
-    checksum): missing and truncated chunks are still caught."""
+def test_a_manifest_of_whole_file_checksums_is_not_accepted(trace):
+    """For a chunk ending in its own crc32c the manifest records that checksum, never the
+    crc32c of the whole file (one constant for every intact chunk, which cannot tell chunks
+    apart): a manifest in that form is refused, chunk by chunk."""
     path, _ = trace
-    shutil.rmtree(path / "_layerscope")
-    write_manifest(path, whole_files=True)
-    assert layerscope.verify(path).ok
-    _truncate(path)
-    with pytest.raises(ChunkError, match="bytes where"):
+    for n in range(3):
+        doc = json.loads((path / manifest_key(n)).read_text())
+        doc["chunks"] = {key: [size, crc32c.crc32c((path / key).read_bytes())]
+                         for key, (size, _) in doc["chunks"].items()}
+        (path / manifest_key(n)).write_text(json.dumps(doc))
+    report = layerscope.verify(path)
+    assert {fault.key for fault in report.faults} == set(chunk_files(path))
+    assert all("not the one" in fault.problem for fault in report.faults)
+    with pytest.raises(ChunkError, match="not the one"):
         layerscope.open_trace(path)[VAR].load()
 
 
-@pytest.mark.xfail(strict=True, reason="the writer records the crc32c of the whole chunk file, "
-                   "which is one constant for every intact chunk ending in its own crc32c; "
-                   "recording the crc32c of the bytes before the trailer tells chunks apart")
 def test_the_writers_manifest_catches_a_swap(tmp_path):
     path = tmp_path / "w.zarr"
     make_trace(path, manifest="writer")
+    assert layerscope.verify(path).ok
     _swap(path)
     with pytest.raises(ChunkError, match="not the one"):
         layerscope.open_trace(path)[VAR].load()
+    assert {fault.key for fault in layerscope.verify(path).faults} == {KEY, f"{VAR}/c.2.0.0"}
 
 
 def test_a_chunk_no_committed_batch_wrote_is_refused(trace):

@@ -11,6 +11,7 @@ import crc32c
 import numpy as np
 import pytest
 
+import layerscope
 import layerscope.core.commit as commit_module
 import layerscope.core.manifest as manifest_module
 from layerscope.core import Selection, StoreOptions
@@ -39,12 +40,18 @@ def write(path, sizes, mode="w-", texts=True, **options):
 
 
 def chunk_files(path):
+    """key -> (size, crc32c of the bytes before the 4-byte trailer) of every chunk file: every
+    array here ends in the crc32c codec, and the manifest records that checksum."""
     found = {}
     for folder in sorted(p for p in path.iterdir() if p.is_dir() and p.name != "_layerscope"):
+        codecs = json.loads((folder / "zarr.json").read_bytes())["codecs"]
+        assert codecs[-1]["name"] == "crc32c"
         for file in folder.iterdir():
             if file.name.startswith("c"):
                 data = file.read_bytes()
-                found[f"{folder.name}/{file.name}"] = (len(data), crc32c.crc32c(data))
+                crc = crc32c.crc32c(data[:-4])
+                assert int.from_bytes(data[-4:], "little") == crc
+                found[f"{folder.name}/{file.name}"] = (len(data), crc)
     return found
 
 
@@ -110,3 +117,18 @@ def test_durable_commits_flush_files_and_folders_before_the_root_document(tmp_pa
     assert roots and all(order[i - 1] == "fsync" and order[i + 1] == "fsync" for i in roots), order
     assert order.count("fsync") > 2 * len(roots)
     assert manifest_module.fsync_dir is commit_module.fsync_dir
+
+
+def test_without_the_checksum_codec_the_manifest_records_the_whole_files_crc32c(tmp_path):
+    from layerscope.core.format import Compression
+
+    path = tmp_path / "t.zarr"
+    write(path, [4, 3], compression=Compression(checksum=False))
+    files = {}
+    for folder in (p for p in path.iterdir() if p.is_dir() and p.name != "_layerscope"):
+        assert json.loads((folder / "zarr.json").read_bytes())["codecs"][-1]["name"] != "crc32c"
+        for file in folder.glob("c.*"):
+            data = file.read_bytes()
+            files[f"{folder.name}/{file.name}"] = (len(data), crc32c.crc32c(data))
+    assert files and read_manifest(path, 2) == files
+    assert layerscope.verify(path).ok
