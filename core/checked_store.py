@@ -22,17 +22,9 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.buffer import default_buffer_prototype
 from zarr.storage import WrapperStore
 
-from .chunkcheck import (
-    MANIFEST_DIR,
-    ArrayLayout,
-    Manifest,
-    chunk_problem,
-    document_problem,
-    index_rows,
-    manifest_key,
-    parse_manifest,
-)
+from .chunkcheck import ArrayLayout, chunk_problem, document_problem, index_rows
 from .errors import ChunkError, DamagedStoreError
+from .manifest import MANIFEST_DIR, Manifest, manifest_key, parse_manifest
 
 OFFLOAD_BYTES = 1 << 20
 #: manifest files fetched at once while loading
@@ -40,9 +32,10 @@ MANIFEST_FETCHES = 64
 
 
 async def fetch_manifest(store: Any, committed_batches: int) -> Manifest:
-    """The manifest of the first ``committed_batches`` batches of ``store`` (any zarr store).
+    """The manifest of the first ``committed_batches`` batches of ``store`` (any zarr store),
+    its files fetched concurrently and merged by :func:`.manifest.parse_manifest`.
 
-    A store written before manifests existed costs one read and one listing."""
+    A store without manifest files costs one read and one listing."""
     prototype = default_buffer_prototype()
     if not committed_batches:
         return parse_manifest([])
@@ -165,10 +158,7 @@ class CheckedStore(WrapperStore[Any]):
     async def _load(self) -> Manifest:
         manifest = await fetch_manifest(self._store, self.committed_batches)
         if manifest.present:
-            if manifest.damaged:
-                key, why = manifest.damaged[0]
-                raise DamagedStoreError(f"{self.where}: chunk manifest {key} {why}; the store is "
-                                        f"damaged; run `layerscope verify {self.where}`")
+            manifest.raise_if_damaged(self.where)
             index_rows(manifest, self.layouts, self.where)
         self._manifest = manifest
         return manifest

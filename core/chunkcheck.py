@@ -17,22 +17,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import crc32c
 import numpy as np
 
 from .errors import DamagedStoreError
+from .manifest import CHECKSUM_BYTES, Manifest
 
-MANIFEST_DIR = "_layerscope/chunks"
-CHECKSUM_BYTES = 4
 BLOSC_HEADER = 16
-
-
-def manifest_key(batch: int) -> str:
-    """The store key of the manifest written when batch ``batch`` was committed."""
-    return f"{MANIFEST_DIR}/b{batch:08d}.json"
 
 
 @dataclass(frozen=True)
@@ -87,63 +81,6 @@ def layout_of(name: str, doc: dict[str, Any]) -> ArrayLayout:
                        decoded, bool(names) and names[0] == "batch")
 
 
-@dataclass
-class Manifest:
-    """The effective manifest entries of the committed batches: key -> (nbytes, crc32c, batch).
-
-    ``present``: the store has manifest files at all (stores written before them have none).
-    ``missing``: committed batches whose file is absent although an earlier one exists (a
-    store appended to after manifests began has none for its first batches; that is no damage).
-    ``damaged``: (manifest key, what is wrong) for files that do not parse.
-    """
-
-    entries: dict[str, tuple[int, int, int]] = field(default_factory=dict)
-    present: bool = False
-    first: int | None = None  # the first batch with a manifest file
-    missing: list[int] = field(default_factory=list)
-    damaged: list[tuple[str, str]] = field(default_factory=list)
-    #: array name -> the row-chunk indices the manifest lists for it (see :func:`index_rows`)
-    rows: dict[str, set[int]] = field(default_factory=dict)
-
-    @property
-    def sound(self) -> bool:
-        return not self.missing and not self.damaged
-
-    @property
-    def complete(self) -> bool:
-        """Every committed batch has its manifest: a chunk file it does not list within the
-        committed rows was never committed."""
-        return self.sound and self.first == 0
-
-
-def parse_manifest(documents: list[bytes | None]) -> Manifest:
-    """``documents[n]``: the bytes of batch n's manifest, or None where there is none."""
-    manifest = Manifest()
-    first = next((n for n, doc in enumerate(documents) if doc is not None), None)
-    if first is None:
-        return manifest
-    manifest.present, manifest.first = True, first
-    for batch, raw in enumerate(documents):
-        key = manifest_key(batch)
-        if raw is None:
-            if batch > first:
-                manifest.missing.append(batch)
-            continue
-        try:
-            doc = json.loads(raw)
-            chunks = doc["chunks"]
-            if doc.get("batch") != batch or not isinstance(chunks, dict):
-                raise ValueError("its batch number or chunk list is wrong")
-            for name, entry in chunks.items():
-                nbytes, crc = entry
-                if not (_is_count(nbytes) and _is_count(crc)):
-                    raise ValueError(f"the entry of {name} is not [nbytes, crc32c]")
-                manifest.entries[str(name)] = (nbytes, crc, batch)  # later batches win
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            manifest.damaged.append((key, f"does not parse ({exc})"))
-    return manifest
-
-
 def index_rows(manifest: Manifest, layouts: dict[str, ArrayLayout], where: str) -> None:
     """Record which row-chunks each array's listed chunks cover; a listed key that is no
     chunk of the arrays the metadata describes means metadata and manifest disagree."""
@@ -185,10 +122,6 @@ def document_problem(own: bytes | None, consolidated: dict[str, Any]) -> str | N
         return ("has a zarr.json that disagrees with the root's consolidated metadata in "
                 + ", ".join(differs))
     return None
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,

@@ -29,10 +29,13 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import crc32c
+
+from .errors import DamagedStoreError
 
 MANIFEST_DIR = "_layerscope/chunks"
 #: the size of the crc32c trailer of a chunk of an array whose last codec is crc32c
@@ -102,21 +105,95 @@ def write_manifest(store: Any, batch: int, chunks: Entries, durable: bool = Fals
     set_bytes(store, manifest_key(batch), data)
 
 
-def read_manifest(store_root: Any, committed_batches: int) -> dict[str, tuple[int, int]]:
-    """Effective ``key -> (nbytes, crc32c)`` of a store's committed batches.
+@dataclass
+class Manifest:
+    """The effective entries of the committed batches' manifest files: key -> (nbytes, crc32c,
+    batch), the batch being the highest committed one whose file lists the key.
+
+    ``present``: the store has manifest files at all (``checksums=False`` stores have none).
+    ``missing``: committed batches whose file is absent although an earlier one exists (a
+    store appended to with checksums after batches written without has none for its first
+    batches; that is no damage). ``damaged``: (manifest key, what is wrong) for files that do
+    not parse. ``rows``: array name -> the row-chunk indices listed for it, filled by readers
+    that know the arrays' layouts (:func:`.chunkcheck.index_rows`).
+    """
+
+    entries: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    present: bool = False
+    first: int | None = None  # the first batch with a manifest file
+    missing: list[int] = field(default_factory=list)
+    damaged: list[tuple[str, str]] = field(default_factory=list)
+    rows: dict[str, set[int]] = field(default_factory=dict)
+
+    @property
+    def sound(self) -> bool:
+        return not self.missing and not self.damaged
+
+    @property
+    def complete(self) -> bool:
+        """Every committed batch has its manifest: a chunk file it does not list within the
+        committed rows was never committed."""
+        return self.sound and self.first == 0
+
+    def defects(self) -> list[str]:
+        """One line for each missing or damaged manifest file of a committed batch."""
+        return ([f"chunk manifest {manifest_key(n)} of committed batch {n} is missing"
+                 for n in self.missing]
+                + [f"chunk manifest {key} {why}" for key, why in self.damaged])
+
+    def raise_if_damaged(self, where: str) -> None:
+        """Raise :class:`DamagedStoreError` when a manifest file does not parse."""
+        if self.damaged:
+            key, why = self.damaged[0]
+            raise DamagedStoreError(f"{where}: chunk manifest {key} {why}; the store is "
+                                    f"damaged; run `layerscope verify {where}`")
+
+
+def parse_manifest(documents: list[bytes | None]) -> Manifest:
+    """Merge the manifest files of the committed batches: ``documents[n]`` holds the bytes of
+    batch ``n``'s file, or None where there is none. A later batch's entry for a key replaces
+    an earlier one's; a file that does not parse is recorded in ``damaged``, never raised."""
+    manifest = Manifest()
+    first = next((n for n, doc in enumerate(documents) if doc is not None), None)
+    if first is None:
+        return manifest
+    manifest.present, manifest.first = True, first
+    for batch, raw in enumerate(documents):
+        if raw is None:
+            if batch > first:
+                manifest.missing.append(batch)
+            continue
+        try:
+            doc = json.loads(raw)
+            chunks = doc["chunks"]
+            if doc.get("batch") != batch or not isinstance(chunks, dict):
+                raise ValueError("its batch number or chunk list is wrong")
+            for name, entry in chunks.items():
+                nbytes, crc = entry
+                if not (_is_count(nbytes) and _is_count(crc)):
+                    raise ValueError(f"the entry of {name} is not [nbytes, crc32c]")
+                manifest.entries[str(name)] = (nbytes, crc, batch)  # later batches win
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            manifest.damaged.append((manifest_key(batch), f"does not parse ({exc})"))
+    return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_manifest(store_root: Any, committed_batches: int) -> Entries:
+    """Effective ``key -> (nbytes, crc32c)`` of a store's committed batches, read in this
+    thread (readers of a trace load it asynchronously, through :func:`parse_manifest` too).
 
     ``store_root``: a local store's folder, or a zarr store. Batches without a manifest file
-    contribute nothing; a later batch's entry replaces an earlier one's.
+    contribute nothing; a later batch's entry replaces an earlier one's. A manifest file that
+    does not parse raises :class:`DamagedStoreError` naming it.
     """
-    entries: dict[str, tuple[int, int]] = {}
-    for batch in range(int(committed_batches)):
-        data = _read(store_root, manifest_key(batch))
-        if data is None:
-            continue
-        doc = json.loads(data)
-        for key, (nbytes, crc) in doc["chunks"].items():
-            entries[str(key)] = (int(nbytes), int(crc))
-    return entries
+    manifest = parse_manifest([_read(store_root, manifest_key(batch))
+                               for batch in range(int(committed_batches))])
+    manifest.raise_if_damaged(str(store_root))
+    return {key: (nbytes, crc) for key, (nbytes, crc, _) in manifest.entries.items()}
 
 
 def _read(store_root: Any, key: str) -> bytes | None:

@@ -19,15 +19,9 @@ from typing import Any
 import numpy as np
 
 from .checked_store import OFFLOAD_BYTES, fetch_manifest
-from .chunkcheck import (
-    ArrayLayout,
-    Manifest,
-    chunk_problem,
-    document_problem,
-    index_rows,
-    manifest_key,
-)
+from .chunkcheck import ArrayLayout, chunk_problem, document_problem, index_rows
 from .errors import DamagedStoreError
+from .manifest import Manifest
 from .reader import _as_store
 from .validate import RootDocument, check_claims, read_root, run_sync
 
@@ -91,9 +85,7 @@ def verify(path: Any, progress: bool = False) -> VerifyReport:
     manifest = run_sync(fetch_manifest(store, batches))
     report = VerifyReport(where, manifest.present)
     if manifest.present:
-        report.problems += [f"chunk manifest {manifest_key(n)} of committed batch {n} is missing"
-                            for n in manifest.missing]
-        report.problems += [f"chunk manifest {key} {why}" for key, why in manifest.damaged]
+        report.problems += manifest.defects()
         try:
             index_rows(manifest, root.layouts, where)
         except DamagedStoreError as exc:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import layerscope
-from layerscope import ChunkError, LayerscopeError
+from layerscope import ChunkError, DamagedStoreError
 from layerscope.cli import main
-from layerscope.core.manifest import manifest_key
+from layerscope.core.manifest import manifest_key, read_manifest
 
 from .damage import chunk_files, flip_byte, make_trace
 
@@ -175,21 +175,28 @@ def test_a_chunk_no_committed_batch_wrote_is_refused(trace):
     committed: it is refused, never read as data."""
     path, _ = trace
     for n in range(3):
-        doc = json.loads((path / f"_layerscope/chunks/b{n:08d}.json").read_text())
+        doc = json.loads((path / manifest_key(n)).read_text())
         doc["chunks"].pop(KEY, None)
-        (path / f"_layerscope/chunks/b{n:08d}.json").write_text(json.dumps(doc))
+        (path / manifest_key(n)).write_text(json.dumps(doc))
     with pytest.raises(ChunkError, match="never committed"):
         layerscope.open_trace(path)[VAR].load()
 
 
-def test_damaged_manifest_files(trace):
+@pytest.mark.parametrize("text", ["{nope", "[]", '{"batch": 0, "chunks": {}}',
+                                  '{"batch": 1, "chunks": {"a/c.0": [1]}}',
+                                  '{"batch": 1, "chunks": {"a/c.0": [-1, 2]}}'])
+def test_damaged_manifest_files(trace, text):
+    """Every reader of the manifest (the checked store, verify, read_manifest) parses it with
+    core/manifest.py and reports a damaged file as DamagedStoreError naming it."""
     path, _ = trace
-    (path / "_layerscope/chunks/b00000001.json").write_text("{nope")
-    with pytest.raises(LayerscopeError, match="b00000001.json"):
+    (path / manifest_key(1)).write_text(text)
+    with pytest.raises(DamagedStoreError, match="b00000001.json"):
         layerscope.open_trace(path)[VAR].load()
+    with pytest.raises(DamagedStoreError, match="b00000001.json.*does not parse"):
+        read_manifest(path, 3)
     report = layerscope.verify(path)
     assert any("b00000001.json" in problem for problem in report.problems)
-    os.remove(path / "_layerscope/chunks/b00000001.json")
+    os.remove(path / manifest_key(1))
     assert any("b00000001.json" in p and "missing" in p for p in layerscope.verify(path).problems)
 
 

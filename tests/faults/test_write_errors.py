@@ -16,22 +16,11 @@ import zarr
 import layerscope
 import layerscope.core.chunkfile as chunkfile
 import layerscope.core.writer as writer_module
-from layerscope.core import Selection, StoreOptions, WriterError
-from layerscope.core.format import new_group_attrs
-from layerscope.core.recorder import Recorder
-from layerscope.core.store import open_group_for_writing
-from layerscope.core.writer import TraceWriter
+from layerscope.core import WriterError
+
+from ..core.test_writer import make_recorder
 
 HANG = 10.0  # seconds: past this, a call that should have failed counts as a hang
-
-
-def make_recorder(path, mode="w-", **options):
-    attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())
-    group, existing = open_group_for_writing(path, mode, attrs)
-    writer = TraceWriter(group, StoreOptions(mode=mode, **options),
-                         int(existing.get("committed_samples", 0)),
-                         int(existing.get("committed_batches", 0)))
-    return Recorder(writer, Selection(), "numpy")
 
 
 def batch_data(number, size):

@@ -13,12 +13,9 @@ import numpy as np
 import pytest
 
 import layerscope
-from layerscope.core import Selection, StoreOptions
-from layerscope.core.format import new_group_attrs
 from layerscope.core.manifest import read_manifest
-from layerscope.core.recorder import Recorder
-from layerscope.core.store import open_group_for_writing
-from layerscope.core.writer import TraceWriter
+
+from ..core.test_writer import make_recorder
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
@@ -54,12 +51,7 @@ CHILD = textwrap.dedent("""
 
 
 def append(path, sizes, names, mode="a"):
-    attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())
-    group, existing = open_group_for_writing(path, mode, attrs)
-    recorder = Recorder(TraceWriter(group, StoreOptions(mode=mode),
-                                    int(existing.get("committed_samples", 0)),
-                                    int(existing.get("committed_batches", 0))),
-                        Selection(), "numpy")
+    recorder = make_recorder(path, mode)
     for size in sizes:
         recorder.begin_pass(size)
         for name in names:

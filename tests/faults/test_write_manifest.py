@@ -14,21 +14,13 @@ import pytest
 import layerscope
 import layerscope.core.commit as commit_module
 import layerscope.core.manifest as manifest_module
-from layerscope.core import Selection, StoreOptions
-from layerscope.core.format import new_group_attrs
 from layerscope.core.manifest import read_manifest
-from layerscope.core.recorder import Recorder
-from layerscope.core.store import open_group_for_writing
-from layerscope.core.writer import TraceWriter
+
+from ..core.test_writer import make_recorder
 
 
 def write(path, sizes, mode="w-", texts=True, **options):
-    attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())
-    group, existing = open_group_for_writing(path, mode, attrs)
-    writer = TraceWriter(group, StoreOptions(mode=mode, **options),
-                         int(existing.get("committed_samples", 0)),
-                         int(existing.get("committed_batches", 0)))
-    recorder = Recorder(writer, Selection(), "numpy")
+    recorder = make_recorder(path, mode, **options)
     for number, size in enumerate(sizes):
         data = np.random.default_rng(number).standard_normal((size, 6, 8), np.float32)
         if texts:
