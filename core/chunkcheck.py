@@ -10,7 +10,9 @@ header repeat. Nothing here decodes a chunk.
 
 For a chunk that ends in its own crc32c, the manifest records that checksum (the crc32c of the
 bytes before it), which tells intact chunks apart; for other chunks, the crc32c of the whole
-file (:mod:`.manifest` states the format).
+file (:mod:`.manifest` states the format). One chunk may differ from its manifest entry: the
+chunk across the committed boundary, which an append rewrites in place before its batch
+commits (:func:`past_committed`); it is accepted when its own crc32c holds.
 """
 
 from __future__ import annotations
@@ -140,9 +142,7 @@ def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,
                     "claims chunks nobody wrote")
         return None  # never written: reads as the fill value
     size = int(data.nbytes)
-    body_crc = crc32c.crc32c(data[:-CHECKSUM_BYTES].data) if size >= CHECKSUM_BYTES else None
-    own_crc_ok = (body_crc is not None
-                  and body_crc == int.from_bytes(data[-CHECKSUM_BYTES:].tobytes(), "little"))
+    body_crc, own_crc_ok = _own_crc(data)
     if entry is None and manifest is not None and manifest.complete:
         return ("is listed in the manifest of no committed batch: it was left by a write that "
                 "never committed")
@@ -151,7 +151,7 @@ def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,
         if size != nbytes and not own_crc_ok:
             return f"has {size} bytes where batch {batch} wrote {nbytes} (truncated or damaged)"
         if layout.checksum and own_crc_ok:
-            if size != nbytes or crc != body_crc:
+            if (size != nbytes or crc != body_crc) and not past_committed(layout, file):
                 return (f"is a valid chunk but not the one batch {batch} wrote (swapped or "
                         "replaced)")
         elif not layout.checksum and (size != nbytes or crc != crc32c.crc32c(data.data)):
@@ -162,6 +162,41 @@ def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,
         if not own_crc_ok:
             return "is damaged: its crc32c checksum does not match its bytes"
     return _shape_problem(layout, data, size - (CHECKSUM_BYTES if layout.checksum else 0))
+
+
+def past_committed(layout: ArrayLayout, file: str) -> bool:
+    """Whether the chunk ``file`` also holds rows past the committed ones (the array's shape
+    along ``batch`` in the root document): the boundary chunk, which an append rewrites in
+    place (committed rows kept, new rows merged in) before its batch commits.
+
+    After a writer dies between that rewrite and the commit, the file differs from the last
+    committed manifest entry though its committed rows are intact; a boundary chunk whose own
+    crc32c holds is therefore accepted as it is (see :func:`rewritten_past_commit`)."""
+    if not layout.batch_axis:
+        return False
+    index = layout.chunk_index(file)
+    return index is not None and (index[0] + 1) * layout.chunks[0] > layout.shape[0]
+
+
+def rewritten_past_commit(layout: ArrayLayout, data: np.ndarray | None, file: str,
+                          manifest: Manifest | None) -> bool:
+    """Whether the chunk file ``file`` (holding ``data``, no problem found by
+    :func:`chunk_problem`) is the boundary chunk as rewritten by a batch that did not commit
+    (yet): it differs from its manifest entry, and its own crc32c holds."""
+    entry = manifest.entries.get(f"{layout.name}/{file}") if manifest is not None else None
+    if data is None or entry is None or not layout.checksum or not past_committed(layout, file):
+        return False
+    body_crc, own_crc_ok = _own_crc(data)
+    return own_crc_ok and (int(data.nbytes), body_crc) != entry[:2]
+
+
+def _own_crc(data: np.ndarray) -> tuple[int | None, bool]:
+    """The crc32c of the bytes before the last 4 (None: fewer bytes than that), and whether
+    those 4 bytes hold it (a chunk ending in its own checksum)."""
+    if data.nbytes < CHECKSUM_BYTES:
+        return None, False
+    body_crc = int(crc32c.crc32c(data[:-CHECKSUM_BYTES].data))
+    return body_crc, body_crc == int.from_bytes(data[-CHECKSUM_BYTES:].tobytes(), "little")
 
 
 def _shape_problem(layout: ArrayLayout, data: np.ndarray, body: int) -> str | None:

@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from .checked_store import OFFLOAD_BYTES, fetch_manifest
-from .chunkcheck import ArrayLayout, chunk_problem, document_problem, index_rows
+from .chunkcheck import (
+    ArrayLayout,
+    chunk_problem,
+    document_problem,
+    index_rows,
+    rewritten_past_commit,
+)
 from .errors import DamagedStoreError
 from .manifest import Manifest
 from .reader import _as_store
@@ -27,6 +33,8 @@ from .validate import RootDocument, check_claims, read_root, run_sync
 
 #: chunks read at once
 CONCURRENT_READS = 16
+REWRITTEN = ("was rewritten by a batch that did not commit (the chunk across the committed "
+             "boundary; its own crc32c holds and its committed rows are intact)")
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,9 @@ class VerifyReport:
     absent: int = 0  # positions with no file and no manifest entry: they read as fill values
     faults: list[ChunkFault] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # store-level defects
+    #: sound chunks worth a word, not damage: the chunk across the committed boundary as
+    #: rewritten by a batch that did not commit (its committed rows are intact)
+    notes: list[ChunkFault] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -69,6 +80,7 @@ class VerifyReport:
             "path": self.path, "ok": self.ok, "manifest": self.manifest, "chunks": self.chunks,
             "files": self.files, "nbytes": self.nbytes, "absent": self.absent,
             "faults": [fault.__dict__ for fault in self.faults], "problems": self.problems,
+            "notes": [note.__dict__ for note in self.notes],
         }
 
 
@@ -99,6 +111,7 @@ def verify(path: Any, progress: bool = False) -> VerifyReport:
     finally:
         bar.close()
     report.faults.sort(key=lambda fault: (fault.variable, fault.key))
+    report.notes.sort(key=lambda note: (note.variable, note.key))
     return report
 
 
@@ -138,6 +151,8 @@ async def _check_chunks(store: Any, positions: list[tuple[ArrayLayout, str]],
             report.nbytes += int(data.nbytes)
         if problem is not None:
             report.faults.append(ChunkFault(layout.name, f"{layout.name}/{file}", problem))
+        elif rewritten_past_commit(layout, data, file, manifest):
+            report.notes.append(ChunkFault(layout.name, f"{layout.name}/{file}", REWRITTEN))
         advance(1)
 
     for start in range(0, len(positions), 4096):  # bounded number of pending tasks

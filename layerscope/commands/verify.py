@@ -30,5 +30,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"damaged  {problem}")
         for fault in report.faults:
             print(f"damaged  {fault.key}  {fault.problem}")
+        for note in report.notes:
+            print(f"note     {note.key}  {note.problem}")
         print(report.summary())
     return 0 if report.ok else 1

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import layerscope
+import layerscope.cli
 from layerscope.core.manifest import read_manifest
 
 from ..core.test_writer import make_recorder
@@ -85,3 +86,42 @@ def test_a_skipped_variable_reads_fill_values_not_the_crashed_batch(tmp_path, fi
              if f.name.startswith("c.")}
     entries = read_manifest(path, ds.attrs["committed_batches"])
     assert {key: n for key, (n, _) in entries.items() if key in files} == files
+
+
+def test_a_boundary_chunk_rewritten_by_a_batch_that_never_committed_still_reads(tmp_path,
+                                                                                capsys):
+    """An append rewrites the partial last chunk in place (committed rows kept, its own rows
+    merged in) before it commits; killed in between, the file differs from the committed
+    manifest entry, yet the committed rows in it read back bit for bit and verify passes."""
+    path = tmp_path / "t.zarr"
+    append(path, [4, 3], ("a", "b"), mode="w-")
+    before = _values(path)
+    boundary = path / "a@output" / "c.1.0.0"
+    old = boundary.read_bytes()
+    script = tmp_path / "crash.py"
+    script.write_text(CHILD)
+    done = subprocess.run([sys.executable, "-P", str(script), str(path), "3"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert boundary.read_bytes() != old, "the crashed append did not rewrite the boundary chunk"
+    after = _values(path)
+    assert after.keys() == before.keys()
+    for name, data in before.items():
+        assert after[name].dtype == data.dtype and after[name].tobytes() == data.tobytes(), name
+    report = layerscope.verify(path)
+    assert report.ok and "a@output/c.1.0.0" in {note.key for note in report.notes}
+    assert layerscope.cli.main(["verify", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a@output/c.1.0.0" in out and "did not commit" in out and "DAMAGED" not in out
+    data = bytearray(boundary.read_bytes())  # still checked: a damaged one is refused
+    data[10] ^= 0xFF
+    boundary.write_bytes(bytes(data))
+    with pytest.raises(layerscope.ChunkError, match="crc32c"):
+        _values(path)
+
+
+def _values(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = layerscope.open_trace(path)
+    return {str(name): ds[name].values for name in ds.variables}
