@@ -14,6 +14,7 @@ from .commit import root_document, write_root
 from .errors import SchemaError, StoreError
 from .format import SCHEMA_VERSION, STATUS_REPLACING
 from .lock import adopt_lock, lock_store
+from .validate import being_replaced
 
 StorePath = str | os.PathLike[str]
 
@@ -52,10 +53,7 @@ def check_schema(attrs: dict[str, Any], where: str) -> None:
             f"({SCHEMA_VERSION}); upgrade layerscope"
         )
     if attrs.get("status") == STATUS_REPLACING:
-        raise StoreError(
-            f"{where} holds no trace: its writer stopped while replacing it (mode='w'); "
-            "write it again with mode='w' (CLI: --overwrite) to replace it"
-        )
+        raise being_replaced(where)
 
 
 def tombstone_attrs() -> dict[str, Any]:

@@ -20,7 +20,14 @@ from typing import Any
 from ._zarr_compat import _private_sync, _run_on_own_loop
 from .chunkcheck import ArrayLayout, layout_of
 from .errors import DamagedStoreError, SchemaError, StoreError
-from .format import BATCH, SCHEMA_VERSION, STATUS_ABORTED, STATUS_COMPLETE, STATUS_WRITING
+from .format import (
+    BATCH,
+    SCHEMA_VERSION,
+    STATUS_ABORTED,
+    STATUS_COMPLETE,
+    STATUS_REPLACING,
+    STATUS_WRITING,
+)
 
 STATUSES = (STATUS_WRITING, STATUS_COMPLETE, STATUS_ABORTED)
 #: codecs a trace may name; never a pickle or object codec
@@ -55,6 +62,15 @@ def damaged(where: str, defect: str) -> DamagedStoreError:
     return DamagedStoreError(
         f"{where}: {defect}; the store's metadata is damaged: capture again or restore the "
         "store from a copy"
+    )
+
+
+def being_replaced(where: str) -> StoreError:
+    """The error for a tombstone: the root document (status ``replacing``) that mode='w'
+    writes before it deletes a store's old contents, and that a new store's replaces."""
+    return StoreError(
+        f"{where} holds no trace: it was being replaced (or created) when its writer stopped; "
+        "write it again with mode='w' (CLI: --overwrite), which replaces it"
     )
 
 
@@ -96,6 +112,8 @@ def check_attrs(attrs: dict[str, Any], where: str) -> None:
         raise SchemaError(f"{where} has schema_version {version}, newer than this layerscope "
                           f"reads ({SCHEMA_VERSION}); upgrade layerscope")
     status = attrs.get("status", STATUS_WRITING)
+    if status == STATUS_REPLACING:
+        raise being_replaced(where)
     if status not in STATUSES:
         raise damaged(where, f"its status is {status!r}, not one of {', '.join(STATUSES)}")
     for name in ("committed_batches", "committed_samples"):

@@ -5,6 +5,7 @@ StoreError, and mode="w" always replaces it (issue 14, items 2 and 3)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import layerscope
-from layerscope.core import StoreError, read_attrs
+from layerscope.core import DamagedStoreError, StoreError, read_attrs
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
@@ -181,11 +182,25 @@ def test_a_store_without_root_document_is_replaced(tmp_path):
     replace_and_check(tmp_path, path)
 
 
-def test_a_tombstone_is_a_one_line_store_error(tmp_path):
+def test_a_tombstone_is_a_one_line_store_error(tmp_path, capsys):
+    """A store whose writer stopped while mode='w' replaced it (status ``replacing``): open_trace,
+    read_attrs and ``layerscope info`` say so in one line and how to replace it; it is not
+    reported as damaged."""
+    from layerscope.cli import main
+
     path = tmp_path / "t.zarr"
     code, _ = run(tmp_path, path, "w-", 1, 4)
     code, _ = run(tmp_path, path, "w", 2, 4, "remove", 1)
     assert code == -signal.SIGKILL
-    with pytest.raises(StoreError, match="replac") as info:
-        layerscope.open_trace(path)
-    assert "\n" not in str(info.value)
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["status"] == "replacing"
+    for read in (layerscope.open_trace, read_attrs):
+        with pytest.raises(StoreError, match="being replaced \\(or created\\)") as info:
+            read(path)
+        message = str(info.value)
+        assert not isinstance(info.value, DamagedStoreError), message
+        assert "\n" not in message and "mode='w'" in message and "--overwrite" in message
+    assert main(["info", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "being replaced" in err and "--overwrite" in err and "damaged" not in err
+    replace_and_check(tmp_path, path)
