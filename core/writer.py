@@ -116,7 +116,9 @@ class TraceWriter:
         self._drained = threading.Condition(self._state_lock)
         self._create_lock = threading.Lock()
         self._publish_lock = threading.Lock()
-        self._published = committed_batches
+        #: what the root document says is committed: batches move to ``_committed`` when
+        #: their chunks are written, and here once their manifests and root document are
+        self._published, self._published_samples = committed_batches, committed_samples
         self._error: BaseException | None = None
         self._failed_step = self._failed_where = ""
         self._where = _store_name(group)
@@ -540,10 +542,10 @@ class TraceWriter:
 
     def _publish(self) -> None:
         with self._publish_lock:
-            committed, samples = self.committed
-            if committed == self._published:
-                return
             with self._state_lock:
+                committed, samples = self._committed, self._committed_samples
+                if committed == self._published:
+                    return
                 batches, self._unpublished = self._unpublished, []
             if self.options.checksums:
                 for batch in batches:  # before the root document that commits them
@@ -554,7 +556,7 @@ class TraceWriter:
                         raise _StepFailed("manifest write", exc,
                                           f"{self._where}/{MANIFEST_DIR}") from exc
                 self._synced.add(MANIFEST_DIR)
-            self._published = committed
+            self._published, self._published_samples = committed, samples
             self._lock.renew()
             self.attrs.update(committed_batches=committed, committed_samples=samples,
                               status=STATUS_WRITING)
@@ -565,12 +567,14 @@ class TraceWriter:
             documents = {v.name: v.document for v in self.variables.values()
                          if v.document is not None}
         synced, self._synced = self._synced, set()
-        publish(self.group, self.attrs, documents, self._committed_samples,
+        publish(self.group, self.attrs, documents, self._published_samples,
                 self.options.durable, synced)
 
     @property
     def committed(self) -> tuple[int, int]:
-        return self._committed, self._committed_samples
+        """(batches, samples) the root document commits: a batch whose chunks were written
+        but whose manifest was not, because a failure came first, is not among them."""
+        return self._published, self._published_samples
 
 
 class _StepFailed(Exception):
