@@ -31,7 +31,7 @@ from ._attention import (
     probabilities_from_output,
 )
 from ._structure import leaves, part_kind
-from ._torch_dims import roles_for
+from ._torch_dims import is_elementwise, roles_for
 from .base import Backend
 
 # The host copy is made at hook time (safe against later in-place ops such as
@@ -108,6 +108,9 @@ class _Capture:
         self.handles: list[Any] = []
         # weak: holding the maps until the pass ends would keep torch from reusing their memory
         self._seen_attention: dict[int, weakref.ref[torch.Tensor]] = {}
+        # channels-first roles given this pass, by tensor: a container or an activation passing
+        # a convolution's map on keeps its roles
+        self._channels_first: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...]]] = {}
 
     # -- passes ------------------------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class _Capture:
             return
         self.attention.reset()
         self._seen_attention.clear()
+        self._channels_first.clear()
         ids = token_ids.detach().cpu().numpy() if token_ids is not None else None
         self.recorder.begin_pass(batch, ids)
 
@@ -126,15 +130,28 @@ class _Capture:
         if self.recorder.in_pass:
             self.recorder.end_pass()
         self._seen_attention.clear()
+        self._channels_first.clear()
 
     # -- sites -------------------------------------------------------------------------------
 
-    def put(self, site: str, kind: str, module: nn.Module, tensor: torch.Tensor) -> None:
+    def put(self, site: str, kind: str, module: nn.Module, tensor: torch.Tensor,
+            source: Any = None) -> None:
+        """``source``: the first input of the call whose output ``tensor`` is."""
         if tensor.is_sparse or tensor.is_quantized or tensor.dim() == 0:
             return
-        roles = roles_for(module, kind, tensor, self.hidden_size)
+        inherited = self._inherited(tensor)
+        if inherited is None and isinstance(source, torch.Tensor) and is_elementwise(module) \
+                and source.shape == tensor.shape:
+            inherited = self._inherited(source)
+        roles = roles_for(module, kind, tensor, self.hidden_size, inherited)
+        if "channel" in roles and kind != "attention":
+            self._channels_first[id(tensor)] = (weakref.ref(tensor), roles)
         tensor, roles = move_batch_first(tensor, roles, torch.permute)
         self.recorder.put(site, kind, tensor, roles, type(module).__name__, to_numpy, snapshot)
+
+    def _inherited(self, tensor: torch.Tensor) -> tuple[str, ...] | None:
+        known = self._channels_first.get(id(tensor))
+        return known[1] if known is not None and known[0]() is tensor else None
 
     def inputs(self, site: str, module: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> None:
@@ -152,6 +169,7 @@ class _Capture:
             returned = output[1] if isinstance(output, tuple) else None
             taken = returned if returned is not None and returned.dim() == 4 else \
                 multihead_weights(module, args, kwargs)
+        source = next((t for _, t in _tensors((args, kwargs))), None) if keep_outputs else None
         for path, tensor in _tensors(output):
             seen = self._seen_attention.get(id(tensor))
             if seen is not None and seen() is tensor:
@@ -161,7 +179,7 @@ class _Capture:
                     taken = tensor
                     continue
             if keep_outputs:
-                self.put(site, part_kind("output", path), module, tensor)
+                self.put(site, part_kind("output", path), module, tensor, source)
         if taken is not None:
             self._seen_attention[id(taken)] = weakref.ref(taken)
             self.put(site, "attention", module, taken)
