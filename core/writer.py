@@ -277,7 +277,7 @@ class TraceWriter:
             for worker in self._workers:
                 worker.join()
         self._pool.clear()
-        self._commit_ready()
+        self._commit_ready(final=True)
         if self._error is None:
             try:
                 self._save_array_metadata()
@@ -519,8 +519,12 @@ class TraceWriter:
         if ready:
             self._commit_ready()
 
-    def _commit_ready(self) -> None:
-        """Commit, in order, every finished batch that follows the last committed one."""
+    def _commit_ready(self, final: bool = False) -> None:
+        """Commit, in order, every finished batch that follows the last committed one.
+
+        After a failure nothing is published until ``final`` (the close): batches whose
+        chunks were all written before it are then committed with their manifests, as far
+        as the store still takes writes."""
         with self._state_lock:
             committed, samples = self._committed, self._committed_samples
             while committed in self._open:
@@ -532,7 +536,7 @@ class TraceWriter:
                 committed += 1
                 samples = batch.start + batch.size
             self._committed, self._committed_samples = committed, samples
-        if self._error is None:
+        if self._error is None or final:
             try:
                 self._publish()
             except _StepFailed as exc:
@@ -548,11 +552,13 @@ class TraceWriter:
                     return
                 batches, self._unpublished = self._unpublished, []
             if self.options.checksums:
-                for batch in batches:  # before the root document that commits them
+                for done, batch in enumerate(batches):  # before the root document
                     try:
                         write_manifest(self.group.store, batch.number, batch.chunks,
                                        self.options.durable)
                     except BaseException as exc:
+                        with self._state_lock:  # not committed: a later publish retries
+                            self._unpublished[:0] = batches[done:]
                         raise _StepFailed("manifest write", exc,
                                           f"{self._where}/{MANIFEST_DIR}") from exc
                 self._synced.add(MANIFEST_DIR)
