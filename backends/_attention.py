@@ -4,18 +4,28 @@ Eager attention returns its softmax weights; fused ``scaled_dot_product_attentio
 While attached, the tap wraps ``torch.nn.functional.scaled_dot_product_attention`` and, for a
 call made inside a selected attention module, recomputes ``softmax(q k^T * scale + mask)`` with
 the same operations eager attention uses, so both paths agree to float round-off.
+
+A tensor an attention module returns is taken as its probabilities only when the module itself
+computed it: the output of a softmax over the last axis that ran inside the module (also through
+``nn.functional.softmax`` or ``nn.Softmax``), that output after dropout, or that output cast to
+another dtype. The tap wraps ``Tensor.softmax``, ``torch.softmax`` and
+``nn.functional.dropout`` for the block to see them. A tensor of the right shape that no softmax
+produced (T5's relative position bias, (1, head, query, key)) is an output, never attention.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional
 
+_SOFTMAX = torch.softmax  # the original, also while the tap wraps it
 _NOT_ATTENTION = ("Output", "Mask", "Bias", "Rotary", "Embedding", "Norm", "Pool")
 
 
@@ -31,19 +41,6 @@ def is_attention_module(module: nn.Module) -> bool:
     if not _looks_like_attention(module):
         return False
     return not any(_looks_like_attention(m) for m in module.modules() if m is not module)
-
-
-def probabilities_from_output(tensor: torch.Tensor, output: Any) -> bool:
-    """Whether ``tensor`` (an element after the first of a module's output tuple) is an
-    attention map: (batch, head, query, key) or (batch, query, key), rows summing to one."""
-    if not isinstance(output, (tuple, list)) or tensor.dim() not in (3, 4):
-        return False
-    if not tensor.is_floating_point():
-        return False
-    first = output[0]
-    if isinstance(first, torch.Tensor) and first.dim() >= 2 and tensor.shape[0] != first.shape[0]:
-        return False
-    return True
 
 
 def recompute_probabilities(query: torch.Tensor, key: torch.Tensor, attn_mask: Any = None,
@@ -68,7 +65,30 @@ def recompute_probabilities(query: torch.Tensor, key: torch.Tensor, attn_mask: A
             weights.masked_fill_(~attn_mask, float("-inf"))
         else:
             weights.add_(attn_mask)
-    return torch.softmax(weights, dim=-1, out=weights)
+    return _SOFTMAX(weights, dim=-1, out=weights)
+
+
+@dataclass
+class Probabilities:
+    """What the tap saw inside one call of an attention module."""
+
+    recomputed: torch.Tensor | None = None  # from a fused kernel's query and key
+    computed: list[torch.Tensor] = field(default_factory=list)  # softmax outputs, their dropouts
+
+    def produced(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is one of the module's own softmax outputs (or its dropout or
+        dtype cast), not merely a tensor of that shape."""
+        for probs in self.computed:
+            if tensor is probs:
+                return True
+            if tensor.shape != probs.shape:
+                continue
+            if tensor.dtype == probs.dtype:
+                if tensor.data_ptr() == probs.data_ptr() and tensor.stride() == probs.stride():
+                    return True  # a view of the very same memory
+            elif tensor.is_floating_point() and torch.equal(tensor, probs.to(tensor.dtype)):
+                return True  # softmax in float32, returned in the model's dtype
+        return False
 
 
 class AttentionTap:
@@ -76,50 +96,102 @@ class AttentionTap:
 
     def __init__(self) -> None:
         self._stack: list[nn.Module] = []
-        self._taken: dict[int, torch.Tensor] = {}
+        self._taken: dict[int, Probabilities] = {}
+        self._thread = threading.get_ident()
 
     def reset(self) -> None:
         self._stack.clear()
         self._taken.clear()
 
     def enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._stack:
+            self._thread = threading.get_ident()
         self._stack.append(module)
 
-    def pop(self, module: nn.Module) -> torch.Tensor | None:
+    def pop(self, module: nn.Module) -> Probabilities:
         while self._stack:
             if self._stack.pop() is module:
                 break
-        return self._taken.pop(id(module), None)
+        return self._taken.pop(id(module), None) or Probabilities()
+
+    def _current(self) -> Probabilities | None:
+        """The record of the innermost running attention module, on the model's thread."""
+        if not self._stack or threading.get_ident() != self._thread:
+            return None
+        return self._taken.setdefault(id(self._stack[-1]), Probabilities())
 
     def _record(self, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        if not self._stack:
+        current = self._current()
+        if current is None:
             return
         names = ("value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         bound = dict(zip(names, args, strict=False)) | kwargs
         with torch.no_grad():
-            probs = recompute_probabilities(
+            current.recomputed = recompute_probabilities(
                 query, key, bound.get("attn_mask"), bool(bound.get("is_causal", False)),
                 bound.get("scale"), bool(bound.get("enable_gqa", False)),
             )
-        self._taken[id(self._stack[-1])] = probs
+
+    def _softmaxed(self, result: Any, dim: Any) -> None:
+        current = self._current()
+        if current is None or not isinstance(result, torch.Tensor) or result.dim() not in (3, 4):
+            return
+        if isinstance(dim, int) and dim in (-1, result.dim() - 1):
+            current.computed.append(result)
+
+    def _dropped(self, source: Any, result: Any) -> None:
+        current = self._current()
+        if current is None or result is source or not isinstance(result, torch.Tensor):
+            return
+        if any(source is probs for probs in current.computed):
+            current.computed.append(result)
 
     @contextmanager
     def patched(self, active: bool) -> Iterator[None]:
-        """Wrap ``scaled_dot_product_attention`` for the block; always restored."""
+        """Wrap ``scaled_dot_product_attention``, softmax and dropout for the block; always
+        restored."""
         if not active:
             yield
             return
         original = functional.scaled_dot_product_attention
+        original_dropout = functional.dropout
+        original_softmax = torch.softmax
+        method_was_own = "softmax" in torch.Tensor.__dict__
+        original_method = torch.Tensor.softmax
 
         def tapped(query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self._record(query, key, *args, **kwargs)
             return original(query, key, *args, **kwargs)
 
+        def softmax(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            result = original_softmax(tensor, *args, **kwargs)
+            self._softmaxed(result, args[0] if args else kwargs.get("dim"))
+            return result
+
+        def softmax_method(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            result = original_method(tensor, *args, **kwargs)
+            self._softmaxed(result, args[0] if args else kwargs.get("dim"))
+            return result
+
+        def dropout(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            result = original_dropout(tensor, *args, **kwargs)
+            self._dropped(tensor, result)
+            return result
+
         functional.scaled_dot_product_attention = tapped
+        functional.dropout = dropout  # type: ignore[assignment]
+        torch.softmax = softmax  # type: ignore[assignment]
+        torch.Tensor.softmax = softmax_method  # type: ignore[method-assign,assignment]
         try:
             yield
         finally:
             functional.scaled_dot_product_attention = original
+            functional.dropout = original_dropout
+            torch.softmax = original_softmax
+            if method_was_own:
+                torch.Tensor.softmax = original_method  # type: ignore[method-assign]
+            else:
+                del torch.Tensor.softmax
 
 
 def multihead_weights(module: nn.MultiheadAttention, args: tuple[Any, ...],

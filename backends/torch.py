@@ -28,7 +28,6 @@ from ._attention import (
     AttentionTap,
     is_attention_module,
     multihead_weights,
-    probabilities_from_output,
 )
 from ._structure import leaves, part_kind
 from ._torch_dims import is_elementwise, roles_for
@@ -164,7 +163,8 @@ class _Capture:
                 output: Any, attention: bool, keep_outputs: bool) -> None:
         if not self.recorder.in_pass:
             return
-        taken = self.attention.pop(module) if attention else None
+        probabilities = self.attention.pop(module) if attention else None
+        taken = probabilities.recomputed if probabilities is not None else None
         if attention and taken is None and isinstance(module, nn.MultiheadAttention):
             returned = output[1] if isinstance(output, tuple) else None
             taken = returned if returned is not None and returned.dim() == 4 else \
@@ -174,10 +174,10 @@ class _Capture:
             seen = self._seen_attention.get(id(tensor))
             if seen is not None and seen() is tensor:
                 continue  # an outer module handing back attention weights already stored
-            if attention and taken is None and path and path != ("0",):
-                if probabilities_from_output(tensor, output):
-                    taken = tensor
-                    continue
+            if probabilities is not None and taken is None and path and path != ("0",) \
+                    and probabilities.produced(tensor):
+                taken = tensor  # the module's own softmax, not a tensor of that shape
+                continue
             if keep_outputs:
                 self.put(site, part_kind("output", path), module, tensor, source)
         if taken is not None:

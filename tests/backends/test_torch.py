@@ -95,6 +95,7 @@ def test_minilm_hooks_and_sdpa_restored_after_failures(minilm_folder, minilm_tok
     model = load_minilm(minilm_folder, "sdpa")
     before = hook_counts(model)
     original_sdpa = functional.scaled_dot_product_attention
+    originals = (torch.softmax, functional.dropout, torch.Tensor.softmax)
     encoded = minilm_tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
     for error in (RuntimeError("boom"), KeyboardInterrupt()):
         def explode(module, args, error=error):
@@ -108,6 +109,8 @@ def test_minilm_hooks_and_sdpa_restored_after_failures(minilm_folder, minilm_tok
         handle.remove()
         assert hook_counts(model) == before
         assert functional.scaled_dot_product_attention is original_sdpa
+        assert (torch.softmax, functional.dropout, torch.Tensor.softmax) == originals
+        assert "softmax" not in torch.Tensor.__dict__
     with torch.no_grad():
         plain = model(**encoded).last_hidden_state
     ds = layerscope.capture(model, TEXTS[:2], tmp_path / "after.zarr", "encoder.layer.5",
