@@ -62,8 +62,9 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     frame = user_frame(caller) or caller
     module_globals = frame.f_globals
     registry = module_globals.setdefault("__warningregistry__", {})
-    warnings.warn_explicit(
-        message, category, frame.f_code.co_filename, frame.f_lineno,
-        module=module_globals.get("__name__", "<unknown>"), registry=registry,
-        module_globals=module_globals,
-    )
+    where = (message, category, frame.f_code.co_filename, frame.f_lineno,
+             module_globals.get("__name__", "<unknown>"), registry)
+    try:  # module_globals lets the warning show the source line, through the module's loader
+        warnings.warn_explicit(*where, module_globals=module_globals)
+    except ImportError:  # `python -c` and the REPL: __main__'s loader has no source to give
+        warnings.warn_explicit(*where)

@@ -126,6 +126,19 @@ def test_a_real_warning_names_the_users_line(aborted):
     assert caught[0].category is UserWarning
 
 
+def test_a_warning_from_python_dash_c_is_shown(aborted):
+    """``python -c`` and the REPL run in a __main__ whose loader has no source to show: the
+    warning is still issued (it once raised ImportError from the warnings machinery)."""
+    import subprocess
+
+    code = f"import layerscope; layerscope.open_trace({str(aborted)!r}); print('opened')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "opened"
+    assert "has status 'aborted'" in done.stderr and "<string>:1: UserWarning" in done.stderr
+
+
 def test_a_warning_shows_once_per_user_line():
     hook = _module("layerscope.backends.fake", "from layerscope.core.userwarn import warn_user\n"
                                                "def hook():\n    warn_user('once')\n")
