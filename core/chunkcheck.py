@@ -43,6 +43,8 @@ class ArrayLayout:
     body: str  # "raw": bytes codec only; "blosc": bytes then blosc; "other"
     decoded_nbytes: int | None  # bytes of one decoded chunk (None: variable-length dtype)
     batch_axis: bool  # the first dim is ``batch``
+    #: a batch may have been in flight when the writer stopped (status not ``complete``)
+    open_ended: bool = True
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -65,7 +67,7 @@ class ArrayLayout:
         return index
 
 
-def layout_of(name: str, doc: dict[str, Any]) -> ArrayLayout:
+def layout_of(name: str, doc: dict[str, Any], open_ended: bool = True) -> ArrayLayout:
     """The layout of a checked consolidated-metadata entry (see :mod:`.validate`)."""
     codecs = [str(c.get("name")) for c in doc["codecs"]]
     checksum = bool(codecs) and codecs[-1] == "crc32c"
@@ -80,7 +82,7 @@ def layout_of(name: str, doc: dict[str, Any]) -> ArrayLayout:
     separator = doc["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
     names = doc.get("dimension_names") or []
     return ArrayLayout(name, tuple(doc["shape"]), chunks, str(separator), checksum, body,
-                       decoded, bool(names) and names[0] == "batch")
+                       decoded, bool(names) and names[0] == "batch", open_ended)
 
 
 def index_rows(manifest: Manifest, layouts: dict[str, ArrayLayout], where: str) -> None:
@@ -143,7 +145,8 @@ def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,
         return None  # never written: reads as the fill value
     size = int(data.nbytes)
     body_crc, own_crc_ok = _own_crc(data)
-    if entry is None and manifest is not None and manifest.complete:
+    if entry is None and manifest is not None and manifest.complete \
+            and not (layout.checksum and own_crc_ok and past_committed(layout, file)):
         return ("is listed in the manifest of no committed batch: it was left by a write that "
                 "never committed")
     if entry is not None:
@@ -170,9 +173,12 @@ def past_committed(layout: ArrayLayout, file: str) -> bool:
     place (committed rows kept, new rows merged in) before its batch commits.
 
     After a writer dies between that rewrite and the commit, the file differs from the last
-    committed manifest entry though its committed rows are intact; a boundary chunk whose own
-    crc32c holds is therefore accepted as it is (see :func:`rewritten_past_commit`)."""
-    if not layout.batch_axis:
+    committed manifest entry (or, first written by that batch, is in no committed manifest)
+    though its committed rows are intact (or fill values); a boundary chunk whose own crc32c
+    holds is therefore accepted as it is (see :func:`rewritten_past_commit`). Only in a store
+    that did not end ``complete``: in a complete one no batch was in flight, and its boundary
+    chunk must be the one its manifest names."""
+    if not (layout.batch_axis and layout.open_ended):
         return False
     index = layout.chunk_index(file)
     return index is not None and (index[0] + 1) * layout.chunks[0] > layout.shape[0]
@@ -183,11 +189,12 @@ def rewritten_past_commit(layout: ArrayLayout, data: np.ndarray | None, file: st
     """Whether the chunk file ``file`` (holding ``data``, no problem found by
     :func:`chunk_problem`) is the boundary chunk as rewritten by a batch that did not commit
     (yet): it differs from its manifest entry, and its own crc32c holds."""
-    entry = manifest.entries.get(f"{layout.name}/{file}") if manifest is not None else None
-    if data is None or entry is None or not layout.checksum or not past_committed(layout, file):
+    if manifest is None or data is None or not layout.checksum \
+            or not past_committed(layout, file):
         return False
+    entry = manifest.entries.get(f"{layout.name}/{file}")
     body_crc, own_crc_ok = _own_crc(data)
-    return own_crc_ok and (int(data.nbytes), body_crc) != entry[:2]
+    return own_crc_ok and (entry is None or (int(data.nbytes), body_crc) != entry[:2])
 
 
 def _own_crc(data: np.ndarray) -> tuple[int | None, bool]:

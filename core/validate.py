@@ -144,7 +144,9 @@ def check_arrays(doc: dict[str, Any], attrs: dict[str, Any], where: str) -> dict
         problem = _array_problem(entry, rows)
         if problem is not None:
             raise damaged(where, f"array {name}: {problem}")
-        layouts[str(name)] = layout_of(str(name), entry)
+        # a complete store had no batch in flight: its boundary chunk must match its manifest
+        open_ended = attrs.get("status") != STATUS_COMPLETE
+        layouts[str(name)] = layout_of(str(name), entry, open_ended)
     return layouts
 
 

@@ -125,3 +125,41 @@ def _values(path):
         warnings.simplefilter("ignore")
         ds = layerscope.open_trace(path)
     return {str(name): ds[name].values for name in ds.variables}
+
+
+def test_a_boundary_chunk_first_written_by_a_batch_that_never_committed_still_reads(tmp_path):
+    """A variable the last committed batch skipped has no chunk across the boundary yet; the
+    crashed append writes one (fill values in the committed rows). It is in no committed
+    manifest, yet the committed rows read as their fill values and verify passes."""
+    path = tmp_path / "t.zarr"
+    append(path, [4], ("a", "b"), mode="w-")
+    append(path, [2], ("a",))  # b skips rows 4-5: its chunk 1 is never written
+    script = tmp_path / "crash.py"
+    script.write_text(CHILD)
+    done = subprocess.run([sys.executable, "-P", str(script), str(path), "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (path / "b@output" / "c.1.0.0").exists(), "the crashed append wrote no chunk of b"
+    values = _values(path)
+    np.testing.assert_array_equal(values["b@output"][:4], 1.0)
+    assert np.isnan(values["b@output"][4:6]).all()
+    np.testing.assert_array_equal(values["a@output"], 1.0)
+    assert layerscope.verify(path).ok
+
+
+def test_a_complete_stores_boundary_chunk_must_be_the_one_its_manifest_names(tmp_path):
+    """In a store that ended complete no batch was in flight, so its partial last chunk gets
+    no leeway: a valid chunk of another store put in its place is refused, not read."""
+    path, donor = tmp_path / "t.zarr", tmp_path / "donor.zarr"
+    for target, value in ((path, 1.0), (donor, 2.0)):
+        recorder = make_recorder(target)
+        for size in (4, 3):
+            recorder.begin_pass(size)
+            recorder.put("a", "output", np.full((size, 6, 8), value, np.float32),
+                         ("batch", "token", "hidden"))
+            recorder.end_pass()
+        recorder.close()
+    (path / "a@output" / "c.1.0.0").write_bytes((donor / "a@output" / "c.1.0.0").read_bytes())
+    with pytest.raises(layerscope.ChunkError, match="not the one"):
+        _values(path)
+    assert not layerscope.verify(path).ok
