@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import select
+import signal
+import sys
 import threading
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +125,111 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self.thread.join()
+
+
+# -- forked children (benchmarks/faults.py) ---------------------------------------------------------
+
+#: how a forked child reports to its parent: one JSON object per call
+Send = Callable[[dict[str, Any]], None]
+
+@dataclass
+class Outcome:
+    code: int  # exit status; -9 when SIGKILLed
+    killed: bool  # by the parent's timer
+    hung: bool  # killed by the watchdog
+    messages: list[dict[str, Any]]
+    seconds: float
+    opened: float | None = None  # seconds until the writer said "open"
+
+
+def run_child(body: Callable[[Send], None], timeout: float, kill_after: float | None = None,
+              on_message: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
+    """Run ``body`` in a forked child; it reports through ``send``. SIGKILL it after
+    ``kill_after`` seconds; ``timeout`` seconds without a message is a hang (killed)."""
+    from layerscope import LayerscopeError
+
+    if threading.active_count() != 1:
+        raise RuntimeError("the campaign forks only from a process without threads")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 70
+        try:
+            os.close(read)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            warnings.simplefilter("ignore")
+
+            def send(message: dict[str, Any]) -> None:
+                os.write(write, (json.dumps(message) + "\n").encode())
+
+            try:
+                body(send)
+                code = 0
+            except LayerscopeError as exc:
+                send({"k": "typed", "error": f"{type(exc).__name__}: {exc}"[:1500]})
+                code = 3
+            except BaseException as exc:
+                text = "".join(traceback.format_exception(exc))
+                send({"k": "untyped", "error": text[-1500:]})
+                code = 4
+        finally:
+            os._exit(code)
+    os.close(write)
+    pidfd = os.pidfd_open(pid)
+    start = last = time.monotonic()
+    killed = hung = False
+    opened = None
+    messages: list[dict[str, Any]] = []
+    buffer = b""
+    watching = [pidfd, read]
+    while pidfd in watching:
+        now = time.monotonic()
+        until = last + timeout
+        if kill_after is not None and not killed:
+            until = min(until, start + kill_after)
+        ready, _, _ = select.select(watching, [], [], max(0.0, until - now))
+        if read in ready:
+            data = os.read(read, 1 << 16)
+            if not data:
+                watching.remove(read)
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                message = json.loads(line)
+                messages.append(message)
+                last = time.monotonic()
+                if message.get("k") == "open":
+                    opened = last - start
+                if on_message is not None:
+                    on_message(message)
+        if pidfd in ready:
+            watching.remove(pidfd)
+            continue
+        now = time.monotonic()
+        if kill_after is not None and not killed and now >= start + kill_after:
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+        elif now >= last + timeout and not hung:
+            os.kill(pid, signal.SIGKILL)
+            hung = True
+    _, status = os.waitpid(pid, 0)
+    seconds = time.monotonic() - start
+    while read in watching:  # what the child wrote just before it ended
+        data = os.read(read, 1 << 16)
+        if not data:
+            break
+        buffer += data
+    for line in buffer.split(b"\n"):
+        if line.strip():
+            try:
+                messages.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut by the kill
+    os.close(read)
+    os.close(pidfd)
+    code = os.waitstatus_to_exitcode(status)
+    return Outcome(code, killed and code == -signal.SIGKILL, hung, messages, seconds, opened)
