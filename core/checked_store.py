@@ -104,7 +104,9 @@ class CheckedStore(WrapperStore[Any]):
     # -- reads -------------------------------------------------------------------------------
 
     async def get(self, key: str, prototype: Any, byte_range: ByteRequest | None = None) -> Any:
-        name, _, file = key.rpartition("/")
+        # variable names hold no "/": what follows the first one is the chunk file, whatever
+        # separator the metadata claims (a damaged "/" must not hide a chunk as fill values)
+        name, _, file = key.partition("/")
         layout = self.layouts.get(name)
         if layout is None or file == "zarr.json":
             return await self._store.get(key, prototype, byte_range)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import layerscope
@@ -158,3 +159,25 @@ def test_not_a_store(tmp_path, capsys):
             layerscope.open_trace(target)
         assert main(["verify", str(target)]) == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_damaged_chunk_key_separator_is_not_read_as_fill_values(tmp_path):
+    """One byte of the root's consolidated metadata ('.' to '/' in the chunk key separator)
+    sent reads to chunk files that do not exist, which read as fill values without a word."""
+    import json
+
+    from ..core.test_writer import make_recorder
+
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path)
+    recorder.begin_pass(2)
+    recorder.put("a", "output", np.ones((2, 3), np.float32), ("batch", "hidden"))
+    recorder.end_pass()
+    recorder.close()
+    root = path / "zarr.json"
+    doc = json.loads(root.read_text())
+    encoding = doc["consolidated_metadata"]["metadata"]["a@output"]["chunk_key_encoding"]
+    encoding["configuration"]["separator"] = "/"
+    root.write_text(json.dumps(doc))
+    with pytest.raises(layerscope.DamagedStoreError, match="chunk_key_encoding"):
+        layerscope.open_trace(path)["a@output"].load()
