@@ -55,7 +55,9 @@ class Pass:
     site_of: SiteOf
     frames: list[Frame] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
-    seen: set[int] = field(default_factory=set)
+    #: attention maps stored this pass, by id; held, so that no later array can reuse an id
+    #: (an output mistaken for a map handed back would be dropped)
+    seen: dict[int, Any] = field(default_factory=dict)
 
 
 class ModuleEngine:
@@ -150,11 +152,11 @@ class ModuleEngine:
         probs = frame.probs if recorder.selection.wants("attention", site) else None
         if recorder.selection.wants("output", site):
             for path, value in arrays(out):
-                if id(value) in current.seen or (probs is not None and value is probs):
+                if current.seen.get(id(value)) is value or (probs is not None and value is probs):
                     continue  # attention weights handed back: stored once, as attention
                 self._take(current, module, site, part_kind("output", path), value)
         if probs is not None:
-            current.seen.add(id(probs))
+            current.seen[id(probs)] = probs
             self._take(current, module, site, "attention", probs)
         return out
 
