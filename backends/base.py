@@ -30,13 +30,17 @@ One capture, in order (all on the thread that runs the model unless said otherwi
     4. For each forward pass of the model (called by the user, or by ``run`` for
        ``layerscope.capture``), the hooks call, in this order:
 
-       - ``recorder.begin_pass(batch_size, token_ids=None)`` when the top-level call starts:
-         ``batch_size`` is the number of samples; ``token_ids`` a NumPy ``(batch, token)``
-         integer array where the input is token ids (it becomes the ``token_id`` coordinate).
+       - ``recorder.begin_pass(batch_size, token_ids=None, decoder_token_ids=None)`` when the
+         top-level call starts: ``batch_size`` is the number of samples; ``token_ids`` a NumPy
+         ``(batch, token)`` integer array where the input is token ids (it becomes the
+         ``token_id`` coordinate); ``decoder_token_ids`` the decoder's input ids of an
+         encoder-decoder model (``decoder_token_id`` on the ``decoder_token`` axis).
          If ``recorder.in_pass`` is still true (a pass whose forward raised where the backend
          could not see it), call ``recorder.abort_pass()`` first.
-       - ``recorder.put(site, kind, tensor, roles, module_type, to_numpy, snapshot)`` for each
-         captured tensor, any number of times, in execution order (see *Tensors* below).
+       - ``recorder.put(site, kind, tensor, roles, module_type, to_numpy, snapshot, attrs)``
+         for each captured tensor (``attrs``: more variable attributes, e.g.
+         ``{"attention": "self"}`` or ``"cross"`` on an attention map), any number of
+         times, in execution order (see *Tensors* below).
          The ``selection`` handed to ``attach`` (also ``recorder.selection``) says whether a
          kind is taken at a site, ``selection.wants(kind, site)``, and
          ``selection.matches(site)`` decides which sites get hooks at all.
@@ -62,6 +66,11 @@ Tensors
       :func:`~layerscope.core.naming.default_roles`): a wrong known role is worse than none.
       :func:`~layerscope.core.naming.hidden_size_of` and
       :func:`~layerscope.core.naming.feature_role` tell ``hidden`` from ``neuron``.
+    - Encoder-decoder models: the token, query and key axes of a tensor on the decoder's side
+      are named ``decoder_token``, ``decoder_query``, ``decoder_key``
+      (:func:`~layerscope.core.naming.decoder_side`); cross-attention is
+      (``batch``, ``head``, ``decoder_query``, ``key``). The recorder adds the ``stack``
+      attribute (``encoder`` / ``decoder``) from the site's path.
     - ``put`` returns at once: the tensor waits in the writer's queue while the model runs on.
       If the framework may change it in place later (an in-place ReLU, a reused buffer), pass
       ``snapshot``: ``snapshot(tensor, alloc)`` runs inside ``put``, on the model's thread, and

@@ -21,6 +21,9 @@ BATCH = "batch"
 TOKEN_TEXT = "token_text"
 TOKEN_ID = "token_id"
 INPUT_TEXT = "input_text"
+#: the decoder's tokens of an encoder-decoder model, on the ``decoder_token`` axis
+DECODER_TOKEN_TEXT = "decoder_token_text"
+DECODER_TOKEN_ID = "decoder_token_id"
 
 #: Group attribute: ``{"<site>@<kind>": reason}`` for each tensor a backend offered but the
 #: recorder did not store, e.g. a position or rotary embedding without a batch axis.

@@ -60,6 +60,49 @@ def layer_index(site: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# -- encoder-decoder models ---------------------------------------------------------------------
+
+STACKS = ("encoder", "decoder")
+
+#: Axes that index a decoder's positions in an encoder-decoder model carry this prefix
+#: (``decoder_token``, ``decoder_query``, ``decoder_key``): the encoder's positions keep the
+#: plain names, so cross-attention is (batch, head, decoder_query, key) and each of its
+#: axes is labeled by its own tokens. The ``roles`` attribute holds the plain role.
+DECODER_PREFIX = "decoder_"
+_TOKEN_ROLES = ("token", "query", "key")
+
+
+def stack_of(site: str) -> str | None:
+    """``encoder`` or ``decoder`` where a dotted segment of ``site`` names the stack
+    (``decoder.block.1``, ``model.encoder.layers.0``); None for models without stacks."""
+    for segment in site.split("."):
+        if segment.lower() in STACKS:
+            return segment.lower()
+    return None
+
+
+def plain_role(axis: str) -> str:
+    """The role of an axis a backend named: ``decoder_query`` plays ``query``."""
+    rest = axis[len(DECODER_PREFIX):] if axis.startswith(DECODER_PREFIX) else ""
+    return rest if rest in _TOKEN_ROLES else axis
+
+
+def decoder_side(roles: tuple[str, ...]) -> tuple[str, ...]:
+    """``roles`` of a tensor on the decoder's side of an encoder-decoder model: its token,
+    query and key axes renamed to the decoder's (a cross-attention's key stays the
+    encoder's: rename its query alone)."""
+    return tuple(DECODER_PREFIX + r if r in _TOKEN_ROLES else r for r in roles)
+
+
+def token_axis_of(dim: str) -> str | None:
+    """The token axis whose labels (``<axis>_text``, ``<axis>_id``) label a stored dim:
+    ``token`` for ``token``/``query``/``key`` (and their ``_<size>`` variants),
+    ``decoder_token`` for the decoder's; None for other dims."""
+    name = _SIZE_SUFFIX.sub("", dim)
+    prefix = DECODER_PREFIX if name.startswith(DECODER_PREFIX) else ""
+    return f"{prefix}token" if name[len(prefix):] in _TOKEN_ROLES else None
+
+
 class DimRegistry:
     """Keeps one size per dimension name so every variable fits in one xarray Dataset.
 
@@ -109,8 +152,8 @@ def roles_of(var: Any) -> tuple[str, ...]:
     dims = tuple(str(d) for d in var.dims)
     roles = var.attrs.get("roles")
     if isinstance(roles, (list, tuple)) and len(roles) == len(dims):
-        return tuple(str(r) for r in roles)
-    return tuple(_SIZE_SUFFIX.sub("", d) for d in dims)
+        return tuple(plain_role(str(r)) for r in roles)
+    return tuple(plain_role(_SIZE_SUFFIX.sub("", d)) for d in dims)
 
 
 def hidden_size_of(model: Any) -> int | None:

@@ -14,6 +14,8 @@ from .checked_store import CheckedStore
 from .errors import LayerscopeError, StoreError
 from .format import (
     BATCH,
+    DECODER_TOKEN_ID,
+    DECODER_TOKEN_TEXT,
     INPUT_TEXT,
     STATUS_ABORTED,
     STATUS_COMPLETE,
@@ -25,7 +27,7 @@ from .naming import is_capture
 from .userwarn import warn_user
 from .validate import check_claims, damaged, read_root
 
-LABELS = (BATCH, TOKEN_ID, TOKEN_TEXT, INPUT_TEXT)
+LABELS = (BATCH, TOKEN_ID, TOKEN_TEXT, DECODER_TOKEN_ID, DECODER_TOKEN_TEXT, INPUT_TEXT)
 
 
 @contextmanager
@@ -115,7 +117,7 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
     labels = [name for name in LABELS if name in ds.variables]
     ds = ds.set_coords(labels)
     for dim in ds.dims:
-        if str(dim).startswith("token") and dim not in ds.coords:
+        if str(dim).startswith(("token", "decoder_token")) and dim not in ds.coords:
             ds = ds.assign_coords({dim: np.arange(ds.sizes[dim])})
     ds.attrs = attrs
     return ds

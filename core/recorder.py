@@ -7,13 +7,15 @@ A backend calls :meth:`Recorder.begin_pass` when the model's forward starts,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .errors import CaptureError
 from .format import (
+    DECODER_TOKEN_ID,
+    DECODER_TOKEN_TEXT,
     INPUT_TEXT,
     SKIPPED,
     STATUS_ABORTED,
@@ -22,7 +24,7 @@ from .format import (
     TOKEN_TEXT,
     skipped_sites,
 )
-from .naming import layer_index, variable_name
+from .naming import layer_index, stack_of, variable_name
 from .selection import Selection
 from .writer import Snapshot, ToNumpy, TraceWriter, _as_numpy
 
@@ -59,7 +61,8 @@ class Recorder:
         """Label the next pass with the input strings it was made from."""
         self._texts = [str(t) for t in texts]
 
-    def begin_pass(self, batch_size: int, token_ids: Any = None) -> None:
+    def begin_pass(self, batch_size: int, token_ids: Any = None,
+                   decoder_token_ids: Any = None) -> None:
         self.writer.begin_batch(batch_size)
         self._calls.clear()
         texts, self._texts = self._texts, None
@@ -70,7 +73,10 @@ class Recorder:
                 )
             self.writer.put(INPUT_TEXT, np.asarray(texts, dtype=str), ("batch",), {})
         if token_ids is not None:
-            self._put_tokens(np.asarray(token_ids))
+            self._put_tokens(np.asarray(token_ids), TOKEN_ID, TOKEN_TEXT, "token")
+        if decoder_token_ids is not None:
+            self._put_tokens(np.asarray(decoder_token_ids), DECODER_TOKEN_ID,
+                             DECODER_TOKEN_TEXT, "decoder_token")
 
     def end_pass(self) -> None:
         self.writer.end_batch()
@@ -81,20 +87,21 @@ class Recorder:
     def abort_pass(self) -> None:
         self.writer.discard_batch()
 
-    def _put_tokens(self, ids: np.ndarray) -> None:
+    def _put_tokens(self, ids: np.ndarray, id_name: str, text_name: str, axis: str) -> None:
         if ids.ndim != 2:
             return
-        self.writer.put(TOKEN_ID, ids.astype(np.int64), ("batch", "token"), {})
+        self.writer.put(id_name, ids.astype(np.int64), ("batch", axis), {})
         if self.decode_tokens is not None:
             texts = np.asarray([self.decode_tokens(row.tolist()) for row in ids], dtype=str)
-            self.writer.put(TOKEN_TEXT, texts, ("batch", "token"), {})
+            self.writer.put(text_name, texts, ("batch", axis), {})
 
     # -- captured tensors --------------------------------------------------------------------
 
     def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
             module_type: str = "", to_numpy: ToNumpy = _as_numpy,
-            snapshot: Snapshot | None = None) -> None:
-        """Queue one captured tensor whose first axis is the batch."""
+            snapshot: Snapshot | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+        """Queue one captured tensor whose first axis is the batch. ``attrs``: more variable
+        attributes the backend knows (``attention``: ``self`` or ``cross``)."""
         batch = self.writer.batch_size
         if batch is None:
             return  # a call outside any traced pass (the backend's own bookkeeping)
@@ -111,14 +118,18 @@ class Recorder:
         call_index = self._calls.get(key, 0)
         self._calls[key] = call_index + 1
         name = variable_name(site, kind if call_index == 0 else f"{kind}.call{call_index}")
-        attrs: dict[str, Any] = {
+        labels: dict[str, Any] = {
             "site": site, "kind": kind, "module_type": module_type,
             "framework": self.framework, "call_index": call_index,
         }
         layer = layer_index(site)
         if layer is not None:
-            attrs["layer"] = layer
-        self.writer.put(name, tensor, roles, attrs, to_numpy, snapshot)
+            labels["layer"] = layer
+        stack = stack_of(site)
+        if stack is not None:
+            labels["stack"] = stack
+        labels.update(attrs or {})
+        self.writer.put(name, tensor, roles, labels, to_numpy, snapshot)
 
     def _record_skipped(self) -> None:
         """Write the skipped sites to the group attributes (published with the next commits)."""

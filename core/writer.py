@@ -29,7 +29,7 @@ from .format import BATCH, STATUS_WRITING, StoreOptions
 from .hostpool import HostPool
 from .lock import adopt_lock
 from .manifest import MANIFEST_DIR, write_manifest
-from .naming import DimRegistry
+from .naming import DimRegistry, plain_role
 
 ToNumpy = Callable[[Any], np.ndarray]
 #: (host shape, numpy dtype) -> an empty array in memory the writer owns and reuses
@@ -312,7 +312,8 @@ class TraceWriter:
         var = self.variables.get(name)
         if var is None:
             dims = self.dims.resolve(roles, shape)
-            attrs = {**attrs, "roles": list(roles), "order": len(self.variables)}
+            attrs = {**attrs, "roles": [plain_role(r) for r in roles],
+                     "order": len(self.variables)}
             var = _Variable(name, dims, shape[1:], attrs)
             self.variables[name] = var
         elif var.trailing != shape[1:]:
