@@ -65,7 +65,27 @@ def recompute_probabilities(query: torch.Tensor, key: torch.Tensor, attn_mask: A
             weights.masked_fill_(~attn_mask, float("-inf"))
         else:
             weights.add_(attn_mask)
-    return _SOFTMAX(weights, dim=-1, out=weights)
+    # a query whose every key is masked (left padding) gets zeros from SDPA's own softmax, not NaN
+    unattended = torch.isneginf(weights).all(-1, keepdim=True) \
+        if is_causal or attn_mask is not None else None
+    probabilities = _SOFTMAX(weights, dim=-1, out=weights)
+    if unattended is not None:
+        probabilities.masked_fill_(unattended, 0.0)
+    return probabilities
+
+
+def unpacked_gqa(module: nn.Module, query: torch.Tensor,
+                 probabilities: torch.Tensor) -> torch.Tensor:
+    """Probabilities of a one-token query whose heads transformers packed onto the key/value
+    heads before SDPA (grouped-query attention: (batch, kv_heads, groups, dim)) back as
+    (batch, head, 1, key); any other probabilities unchanged."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    if not (isinstance(groups, int) and groups > 1 and isinstance(heads, int)):
+        return probabilities
+    if probabilities.dim() != 4 or query.size(-3) * groups != heads or query.size(-2) != groups:
+        return probabilities  # queries with all their heads: not packed
+    return probabilities.reshape(probabilities.size(0), heads, 1, probabilities.size(-1))
 
 
 @dataclass
@@ -127,10 +147,11 @@ class AttentionTap:
         names = ("value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         bound = dict(zip(names, args, strict=False)) | kwargs
         with torch.no_grad():
-            current.recomputed = recompute_probabilities(
+            probabilities = recompute_probabilities(
                 query, key, bound.get("attn_mask"), bool(bound.get("is_causal", False)),
                 bound.get("scale"), bool(bound.get("enable_gqa", False)),
             )
+            current.recomputed = unpacked_gqa(self._stack[-1], query, probabilities)
 
     def _softmaxed(self, result: Any, dim: Any) -> None:
         current = self._current()

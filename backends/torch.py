@@ -31,6 +31,7 @@ from ._attention import (
 )
 from ._structure import leaves, part_kind
 from ._torch_dims import is_elementwise, roles_for
+from ._torch_vocab import is_logits, vocabulary_modules, with_vocabulary_last
 from .base import Backend
 
 # The host copy is made at hook time (safe against later in-place ops such as
@@ -103,12 +104,13 @@ class _Capture:
         self.selection = selection
         self.recorder = recorder
         self.hidden_size = hidden_size_of(model)
+        self.vocabulary = vocabulary_modules(model)  # lm heads: their last axis is no feature
         self.attention = AttentionTap()
         self.handles: list[Any] = []
         # weak: holding the maps until the pass ends would keep torch from reusing their memory
         self._seen_attention: dict[int, weakref.ref[torch.Tensor]] = {}
-        # channels-first roles given this pass, by tensor: a container or an activation passing
-        # a convolution's map on keeps its roles
+        # channels-first and vocabulary roles given this pass, by tensor: a container or an
+        # activation passing a convolution's map (or a head's logits) on keeps its roles
         self._channels_first: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...]]] = {}
 
     # -- passes ------------------------------------------------------------------------------
@@ -143,7 +145,11 @@ class _Capture:
                 and source.shape == tensor.shape:
             inherited = self._inherited(source)
         roles = roles_for(module, kind, tensor, self.hidden_size, inherited)
-        if "channel" in roles and kind != "attention":
+        vocabulary = inherited is None and kind != "attention" and (
+            is_logits(kind) or (id(module) in self.vocabulary and kind.startswith("output")))
+        if vocabulary:
+            roles = with_vocabulary_last(roles)
+        if ("channel" in roles or vocabulary) and kind != "attention":
             self._channels_first[id(tensor)] = (weakref.ref(tensor), roles)
         tensor, roles = move_batch_first(tensor, roles, torch.permute)
         self.recorder.put(site, kind, tensor, roles, type(module).__name__, to_numpy, snapshot)
