@@ -19,11 +19,10 @@ from .attention import (
     attention_grid,
     attention_heatmap,
     attention_variables,
-    head_summary,
-    head_summary_figure,
     head_view,
     select_attention,
 )
+from .attention_summary import head_summary, head_summary_figure
 from .hidden import (
     Stream,
     Unembedding,

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from layerscope.core.errors import LayerscopeError
-from layerscope.core.format import TOKEN_TEXT
 from layerscope.core.naming import is_capture, parse_variable_name, roles_of
 
 #: Token strings treated as padding (dropped from pictures) and as special tokens (summaries).
@@ -219,14 +218,6 @@ def as_str(values: Any) -> np.ndarray:
 def escape(text: str) -> str:
     """Token strings as matplotlib text: '$' would start mathtext."""
     return text.replace("$", r"\$")
-
-
-def token_labels(ds: Any, sample: int, size: int, token_dim: str = "token") -> list[str]:
-    """The token strings of one sample (positions as text when the trace has none)."""
-    if TOKEN_TEXT in ds.variables and ds[TOKEN_TEXT].sizes.get("token") == size:
-        row = ds[TOKEN_TEXT].isel(batch=sample).values
-        return [str(t) for t in row]
-    return [str(i) for i in range(size)]
 
 
 def real_length(labels: Sequence[str]) -> int:

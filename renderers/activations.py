@@ -10,7 +10,6 @@ import numpy as np
 from ._common import (
     PAD_TOKENS,
     RenderError,
-    as_str,
     captures,
     check_index,
     check_range,
@@ -23,8 +22,8 @@ from ._common import (
     new_figure,
     real_length,
     require_dims,
-    token_labels,
 )
+from ._families import axis_labels, choose, color_range, describe, sample_texts, write_value
 
 CONV_ROLES = ("batch", "channel", "height", "width")
 MLP_ROLES = ("batch", "token", "neuron")
@@ -52,22 +51,18 @@ def mlp_variables(ds: Any) -> list[str]:
 
 
 def _pick(ds: Any, candidates: list[str], variable: str | None, layer: int | None,
-          what: str, roles: tuple[str, ...]) -> str:
+          what: str, roles: tuple[str, ...], stack: str | None = None) -> str:
     if variable is not None:
         require_dims(get_variable(ds, variable), variable, *roles)
         return variable
     if not candidates:
         raise RenderError(f"this trace holds no {what} (outputs with dims {roles}); "
                           "capture the layers that produce them, or pass --variable NAME")
-    if layer is None:  # the outermost (block-level) one, the earliest among equals
-        return min(candidates, key=lambda n: (str(ds[n].attrs.get("site", n)).count("."),
-                                              ds[n].attrs.get("order", 0)))
-    matching = [n for n in candidates if ds[n].attrs.get("layer") == layer]
-    if not matching:
-        layers = sorted({ds[n].attrs["layer"] for n in candidates if "layer" in ds[n].attrs})
-        raise RenderError(f"no {what} at layer {layer}; layers with one: {layers}")
-    # the outermost site of that layer: the block's own output, not an inner projection
-    return min(matching, key=lambda n: str(ds[n].attrs.get("site", n)).count("."))
+    # a layer number both stacks of an encoder-decoder share is refused, not guessed
+    matching = choose(ds, candidates, what, layer, stack)
+    # the outermost site (the block's own output, not an inner projection), earliest first
+    return min(matching, key=lambda n: (str(ds[n].attrs.get("site", n)).count("."),
+                                        ds[n].attrs.get("order", 0)))
 
 
 def _input_image(ds: Any, sample: int, image: str | None) -> np.ndarray | None:
@@ -128,7 +123,11 @@ def channel_grid(ds: Any, variable: str | None = None, sample: int = 0,
         if picture is not None:  # opaque where the channel fires, the image shows elsewhere
             span = float(values.max() - values.min()) or 1.0
             alpha = 0.1 + 0.8 * (values - values.min()) / span
-        ax.imshow(values, cmap="inferno", alpha=alpha, extent=extent, interpolation="nearest")
+        # a pooled 1x1 map (or a constant one) would get a zero-width norm and draw black
+        vmin, vmax = color_range(values)
+        ax.imshow(values, cmap="inferno", alpha=alpha, extent=extent, vmin=vmin, vmax=vmax,
+                  interpolation="nearest")
+        write_value(ax, values, extent)
         ax.set_title(f"channel {channels[index]}", fontsize=8)
     over = " over the input image" if picture is not None else ""
     fig.suptitle(f"{escape(name)}, sample {sample}: {chosen_by}{over}", fontsize=9)
@@ -137,16 +136,16 @@ def channel_grid(ds: Any, variable: str | None = None, sample: int = 0,
 
 def neuron_heatmap(ds: Any, variable: str | None = None, sample: int = 0,
                    layer: int | None = None, neurons: list[int] | None = None,
-                   max_neurons: int = 64) -> Any:
+                   max_neurons: int = 64, stack: str | None = None) -> Any:
     """Neurons (rows) x tokens (columns) of one MLP activation for one sample. By default the
     ``max_neurons`` neurons with the largest |activation| on this sample."""
     check_range(max_neurons, "max_neurons", 1)
-    name = _pick(ds, mlp_variables(ds), variable, layer, "MLP activation", MLP_ROLES)
+    name = _pick(ds, mlp_variables(ds), variable, layer, "MLP activation", MLP_ROLES, stack)
     da = ds[name]
     dims = require_dims(da, name, *MLP_ROLES)
     check_sample(ds, da, sample)
     size = int(da.sizes[dims["token"]])
-    labels = token_labels(ds, sample, size)
+    labels = axis_labels(ds, dims["token"], sample, size)
     real = real_length(labels)
     one = da.isel({dims["batch"]: sample, dims["token"]: slice(0, real)})
     one = one.transpose(dims["neuron"], dims["token"])
@@ -162,18 +161,20 @@ def neuron_heatmap(ds: Any, variable: str | None = None, sample: int = 0,
     bound = float(np.abs(shown).max()) or 1.0
     fig = new_figure(2.5 + 0.3 * min(real, 64), 1.5 + 0.16 * len(neurons))
     ax = fig.add_subplot()
+    extent = (-0.5, real - 0.5, len(neurons) - 0.5, -0.5)
     image = ax.imshow(shown, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
-                      interpolation="nearest")
+                      extent=extent, interpolation="nearest")
+    write_value(ax, shown, extent)
     label_ticks(ax, labels[:real], "x")
     ax.set_yticks(range(len(neurons)), [str(n) for n in neurons], fontsize=6)
     ax.set_ylabel("neuron")
-    ax.set_title(f"{escape(name)}, sample {sample}: {chosen_by}", fontsize=9)
+    ax.set_title(f"{escape(name)} ({describe(da)}), sample {sample}: {chosen_by}", fontsize=9)
     fig.colorbar(image, ax=ax, label="activation")
     return fig
 
 
 def top_tokens(ds: Any, variable: str | None = None, layer: int | None = None,
-               k: int = 5) -> Any:
+               k: int = 5, stack: str | None = None) -> Any:
     """For every neuron, the ``k`` (sample, position) pairs where it fires most, across the
     whole trace (padding excluded). Streams the variable one batch chunk at a time.
 
@@ -182,7 +183,7 @@ def top_tokens(ds: Any, variable: str | None = None, layer: int | None = None,
     import xarray as xr
 
     check_range(k, "k", 1)
-    name = _pick(ds, mlp_variables(ds), variable, layer, "MLP activation", MLP_ROLES)
+    name = _pick(ds, mlp_variables(ds), variable, layer, "MLP activation", MLP_ROLES, stack)
     da = ds[name]
     dims = require_dims(da, name, *MLP_ROLES)
     da = da.transpose(dims["batch"], dims["token"], dims["neuron"])
@@ -190,12 +191,13 @@ def top_tokens(ds: Any, variable: str | None = None, layer: int | None = None,
     best_value = np.full((width, 0), -np.inf)
     best_flat = np.zeros((width, 0), dtype=np.int64)
     chunk = da.chunksizes.get(dims["batch"], (1,))[0] if da.chunks else 1
-    has_text = "token_text" in ds.variables
+    token_dim = dims["token"]
+    has_text = sample_texts(ds, token_dim, slice(0, 0)) is not None
     for start in range(0, samples, int(chunk)):
         stop = min(samples, start + int(chunk))
         block = np.asarray(da.isel({dims["batch"]: slice(start, stop)}).values, np.float64)
-        if has_text:
-            text = as_str(ds["token_text"].isel(batch=slice(start, stop)).values)
+        text = sample_texts(ds, token_dim, slice(start, stop)) if has_text else None
+        if text is not None and text.shape == block.shape[:2]:
             block[np.isin(text, list(PAD_TOKENS))] = -np.inf
         flat = block.reshape(-1, width).T  # (neuron, rows)
         offsets = start * tokens + np.arange(flat.shape[1])
@@ -208,7 +210,7 @@ def top_tokens(ds: Any, variable: str | None = None, layer: int | None = None,
         best_flat = np.take_along_axis(best_flat, keep, 1)
     sample_index, position = np.divmod(best_flat, tokens)
     if has_text:
-        words = _token_texts(ds, sample_index, position)
+        words = _token_texts(ds, token_dim, sample_index, position)
     else:
         words = position.astype(str)
     return xr.Dataset(
@@ -219,21 +221,23 @@ def top_tokens(ds: Any, variable: str | None = None, layer: int | None = None,
     )
 
 
-def _token_texts(ds: Any, samples: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def _token_texts(ds: Any, token_dim: str, samples: np.ndarray,
+                 positions: np.ndarray) -> np.ndarray:
     out = np.empty(samples.shape, dtype=object)
     for sample in np.unique(samples):
-        row = as_str(ds["token_text"].isel(batch=int(sample)).values)
+        row = np.asarray(axis_labels(ds, token_dim, int(sample), int(ds.sizes[token_dim])))
         mask = samples == sample
         out[mask] = row[positions[mask]]
     return out.astype(str)
 
 
 def top_tokens_figure(ds: Any, variable: str | None = None, layer: int | None = None,
-                      k: int = 5, neurons: list[int] | None = None, count: int = 16) -> Any:
+                      k: int = 5, neurons: list[int] | None = None, count: int = 16,
+                      stack: str | None = None) -> Any:
     """A table of the top tokens per neuron (rows: the ``count`` neurons with the largest
     maximum over the trace, unless ``neurons`` names them), colored by activation."""
     check_range(count, "count", 1)
-    table = top_tokens(ds, variable, layer, k)
+    table = top_tokens(ds, variable, layer, k, stack)
     if neurons is None:
         neurons = np.argsort(-table["value"].values[:, 0])[:count].tolist()
     values = table["value"].values[neurons]
@@ -241,7 +245,8 @@ def top_tokens_figure(ds: Any, variable: str | None = None, layer: int | None = 
     fig = new_figure(1.6 * values.shape[1] + 1.5, 0.32 * len(neurons) + 1.2)
     ax = fig.add_subplot()
     finite = np.where(np.isfinite(values), values, np.nan)
-    ax.imshow(finite, cmap="Oranges", aspect="auto")
+    vmin, vmax = color_range(finite)
+    ax.imshow(finite, cmap="Oranges", vmin=vmin, vmax=vmax, aspect="auto")
     for row in range(values.shape[0]):
         for col in range(values.shape[1]):
             ax.text(col, row, f"{escape(words[row, col])} ({values[row, col]:.2f})",

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from layerscope.core.naming import roles_of
+
 from ._common import (
     PAD_TOKENS,
     RenderError,
-    as_str,
     captures,
     check_range,
     check_sample,
@@ -29,8 +30,8 @@ from ._common import (
     label_ticks,
     new_figure,
     real_length,
-    token_labels,
 )
+from ._families import axis_labels, choose, color_range, sample_texts, stacks_in, write_value
 
 STREAM_ROLES = ("batch", "token", "hidden")
 
@@ -43,26 +44,37 @@ class Stream:
     labels: tuple[str, ...]
     hidden_dim: str
     token_dim: str
+    stack: str | None = None
+
+    def described(self) -> str:
+        """`` of the decoder`` where the stream is one stack's, else nothing."""
+        return f" of the {self.stack}" if self.stack else ""
 
 
 def _is_stream(ds: Any, name: str) -> bool:
     da = ds[name]
     if kind_of(name, da) != "output" or da.attrs.get("call_index", 0) != 0:
         return False
-    roles = tuple(da.attrs.get("roles") or ())
-    if roles and roles != STREAM_ROLES:
-        return False
-    return da.ndim == 3 and all(dim_of(da, r) for r in STREAM_ROLES)
+    return da.ndim == 3 and roles_of(da) == STREAM_ROLES
 
 
-def block_outputs(ds: Any, include_embeddings: bool = True) -> Stream:
-    """The variables holding the residual stream, in layer order."""
+def block_outputs(ds: Any, include_embeddings: bool = True, stack: str | None = None) -> Stream:
+    """The variables holding the residual stream, in layer order: of ``stack`` (``encoder``
+    or ``decoder``) in an encoder-decoder trace, where each stack has its own stream and
+    not naming one is refused."""
     names = [n for n in captures(ds) if _is_stream(ds, n)]
+    blocks = [n for n in names if ds[n].attrs.get("layer") is not None]
+    stacks = stacks_in(ds, blocks)
+    if stack is not None:
+        blocks = choose(ds, blocks, "block output", None, stack)
+    elif len(stacks) > 1:
+        raise RenderError(
+            f"this trace has {len(stacks)} stacks ({', '.join(stacks)}), each with its own "
+            f"hidden states; pass --stack {' or --stack '.join(stacks)}"
+        )
     by_layer: dict[int, str] = {}
-    for name in names:
+    for name in blocks:
         layer = ds[name].attrs.get("layer")
-        if layer is None:
-            continue
         site = str(ds[name].attrs.get("site", name.split("@")[0]))
         current = by_layer.get(int(layer))
         if current is None or _depth(site) < _depth(str(ds[current].attrs.get("site", current))):
@@ -86,7 +98,7 @@ def block_outputs(ds: Any, include_embeddings: bool = True) -> Stream:
             labels.insert(0, "embed")
     first = ds[chosen[-1]]
     return Stream(tuple(chosen), tuple(labels), str(dim_of(first, "hidden")),
-                  str(dim_of(first, "token")))
+                  str(dim_of(first, "token")), stack)
 
 
 def _depth(site: str) -> int:
@@ -94,12 +106,14 @@ def _depth(site: str) -> int:
 
 
 def _embedding_output(ds: Any, names: list[str], first_block: str) -> str | None:
-    first_order = ds[first_block].attrs.get("order", 0)
-    width = ds[first_block].sizes[dim_of(ds[first_block], "hidden")]
+    block = ds[first_block]
+    first_order = block.attrs.get("order", 0)
+    width = block.sizes[dim_of(block, "hidden")]
+    token = dim_of(block, "token")  # a decoder's embedding is along the decoder's tokens
     before = [
         n for n in names
         if ds[n].attrs.get("layer") is None and ds[n].attrs.get("order", 0) < first_order
-        and ds[n].sizes[dim_of(ds[n], "hidden")] == width
+        and ds[n].sizes[dim_of(ds[n], "hidden")] == width and dim_of(ds[n], "token") == token
     ]
     if not before:
         return None
@@ -113,7 +127,7 @@ def _sample_stack(ds: Any, stream: Stream, sample: int) -> tuple[np.ndarray, lis
     first = ds[stream.names[0]]
     check_sample(ds, first, sample)
     size = int(first.sizes[stream.token_dim])
-    labels = token_labels(ds, sample, size)
+    labels = axis_labels(ds, stream.token_dim, sample, size)
     real = real_length(labels)
     steps = []
     for name in stream.names:
@@ -124,18 +138,22 @@ def _sample_stack(ds: Any, stream: Stream, sample: int) -> tuple[np.ndarray, lis
     return np.stack(steps), labels[:real]
 
 
-def hidden_norms(ds: Any, sample: int = 0) -> Any:
+def hidden_norms(ds: Any, sample: int = 0, stack: str | None = None) -> Any:
     """L2 norm of the hidden state of each token (rows) after each layer (columns)."""
-    stream = block_outputs(ds)
+    stream = block_outputs(ds, stack=stack)
     stack, labels = _sample_stack(ds, stream, sample)
     norms = np.linalg.norm(stack, axis=2).T  # (tokens, steps)
     fig = new_figure(1.0 + 0.6 * len(stream.names) + 1.5, 1.5 + 0.22 * min(len(labels), 64))
     ax = fig.add_subplot()
-    image = ax.imshow(norms, cmap="cividis", aspect="auto", interpolation="nearest")
+    vmin, vmax = color_range(norms)
+    image = ax.imshow(norms, cmap="cividis", vmin=vmin, vmax=vmax, aspect="auto",
+                      interpolation="nearest")
+    write_value(ax, norms)
     ax.set_xticks(range(len(stream.labels)), list(stream.labels))
     ax.set_xlabel("layer")
     label_ticks(ax, labels, "y")
-    ax.set_title(f"hidden-state norm per token and layer, sample {sample}", fontsize=9)
+    ax.set_title(f"hidden-state norm per token and layer{stream.described()}, sample {sample}",
+                 fontsize=9)
     fig.colorbar(image, ax=ax, label="L2 norm")
     return fig
 
@@ -161,8 +179,9 @@ def fit_pca(ds: Any, stream: Stream, components: int = 2) -> tuple[np.ndarray, n
             values = block.transpose(batch_dim, stream.token_dim, stream.hidden_dim).values
             rows = np.asarray(values, np.float64).reshape(-1, width)
             keep = np.isfinite(rows).all(axis=1)
-            if "token_text" in ds.variables:  # padding would pull the axes towards itself
-                text = as_str(ds["token_text"].isel(batch=slice(start, start + step)).values)
+            # padding would pull the axes towards itself
+            text = sample_texts(ds, stream.token_dim, slice(start, start + step))
+            if text is not None and text.size == len(rows):
                 keep &= ~np.isin(text, list(PAD_TOKENS)).reshape(-1)
             rows = rows[keep]
             total += rows.sum(axis=0)
@@ -182,9 +201,9 @@ def _batch_step(da: Any, batch_dim: str) -> int:
     return int(chunks[0]) if chunks else 1
 
 
-def hidden_trajectory(ds: Any, sample: int = 0) -> Any:
+def hidden_trajectory(ds: Any, sample: int = 0, stack: str | None = None) -> Any:
     """Each token's path through the layers in the plane of the first two principal axes."""
-    stream = block_outputs(ds)
+    stream = block_outputs(ds, stack=stack)
     mean, axes = fit_pca(ds, stream)
     stack, labels = _sample_stack(ds, stream, sample)
     points = (stack - mean) @ axes  # (steps, tokens, 2)
@@ -203,8 +222,8 @@ def hidden_trajectory(ds: Any, sample: int = 0) -> Any:
                     textcoords="offset points")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    ax.set_title(f"token trajectories across layers ({stream.labels[0]} -> "
-                 f"{stream.labels[-1]}), labelled at the last layer, sample {sample}",
+    ax.set_title(f"token trajectories across layers{stream.described()} ({stream.labels[0]} "
+                 f"-> {stream.labels[-1]}), labelled at the last layer, sample {sample}",
                  fontsize=9)
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -218,12 +237,13 @@ def hidden_trajectory(ds: Any, sample: int = 0) -> Any:
 # -- layer-to-layer similarity ----------------------------------------------------------
 
 
-def layer_similarity(ds: Any, sample: int = 0, method: str = "cka") -> tuple[np.ndarray, Stream]:
+def layer_similarity(ds: Any, sample: int = 0, method: str = "cka",
+                     stack: str | None = None) -> tuple[np.ndarray, Stream]:
     """(steps x steps) similarity of the residual stream between layers, over the tokens of
     one sample: linear CKA, or the mean cosine of the same token at the two layers."""
     if method not in ("cka", "cosine"):
         raise RenderError(f"unknown similarity {method!r}; use 'cka' or 'cosine'")
-    stream = block_outputs(ds)
+    stream = block_outputs(ds, stack=stack)
     stack, _ = _sample_stack(ds, stream, sample)
     steps = len(stack)
     out = np.ones((steps, steps))
@@ -245,18 +265,21 @@ def _cka(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0
 
 
-def similarity_figure(ds: Any, sample: int = 0, method: str = "cka") -> Any:
-    matrix, stream = layer_similarity(ds, sample, method)
+def similarity_figure(ds: Any, sample: int = 0, method: str = "cka",
+                      stack: str | None = None) -> Any:
+    matrix, stream = layer_similarity(ds, sample, method, stack)
     fig = new_figure(0.45 * len(stream.labels) + 2.5, 0.45 * len(stream.labels) + 2.0)
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
+    vmin, vmax = color_range(matrix, low=min(0.0, float(np.nanmin(matrix))), high=1.0)
+    image = ax.imshow(matrix, cmap="viridis", vmin=vmin, vmax=vmax)
+    write_value(ax, matrix)
     ticks = range(len(stream.labels))
     ax.set_xticks(ticks, list(stream.labels))
     ax.set_yticks(ticks, list(stream.labels))
     ax.set_xlabel("layer")
     ax.set_ylabel("layer")
-    ax.set_title(f"layer-to-layer similarity ({'linear CKA' if method == 'cka' else 'cosine'}),"
-                 f" sample {sample}", fontsize=9)
+    ax.set_title(f"layer-to-layer similarity{stream.described()} "
+                 f"({'linear CKA' if method == 'cka' else 'cosine'}), sample {sample}", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
     return fig
 
@@ -297,14 +320,15 @@ class Unembedding:
         return cls(matrix, vocab)
 
 
-def logit_lens_table(ds: Any, unembedding: Unembedding, sample: int = 0, top: int = 5) -> Any:
+def logit_lens_table(ds: Any, unembedding: Unembedding, sample: int = 0, top: int = 5,
+                     stack: str | None = None) -> Any:
     """Top-``top`` tokens and their probabilities for every layer and position of a sample:
     an xarray Dataset with ``token_top`` (str) and ``probability`` (layer, token, rank)."""
     import xarray as xr
 
     check_range(top, "top", 1)
 
-    stream = block_outputs(ds)
+    stream = block_outputs(ds, stack=stack)
     stack, labels = _sample_stack(ds, stream, sample)
     if stack.shape[2] != unembedding.matrix.shape[1]:
         raise RenderError(
@@ -328,10 +352,11 @@ def logit_lens_table(ds: Any, unembedding: Unembedding, sample: int = 0, top: in
     )
 
 
-def logit_lens(ds: Any, unembedding: Unembedding, sample: int = 0) -> Any:
+def logit_lens(ds: Any, unembedding: Unembedding, sample: int = 0,
+               stack: str | None = None) -> Any:
     """A grid of the top-1 token per layer (columns) and position (rows), colored by its
     probability; the input tokens label the rows."""
-    table = logit_lens_table(ds, unembedding, sample, top=1)
+    table = logit_lens_table(ds, unembedding, sample, top=1, stack=stack)
     words = table["token_top"].values[:, :, 0].T  # (tokens, layers)
     probs = table["probability"].values[:, :, 0].T
     labels = [str(t) for t in table["token_text"].values]

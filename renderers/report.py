@@ -28,9 +28,9 @@ from .attention import (
     attention_grid,
     attention_heatmap,
     attention_variables,
-    head_summary_figure,
     head_view,
 )
+from .attention_summary import head_summary_figure
 from .hidden import (
     Unembedding,
     block_outputs,

@@ -128,13 +128,22 @@ def histogram(da: Any, bins: int = 50, value_range: tuple[float, float] | None =
 
 
 def default_variables(ds: Any, limit: int = 24) -> list[str]:
-    """The residual stream when there is one, else the first ``limit`` numeric captures."""
+    """The residual stream when there is one (each stack's, encoder first, in an
+    encoder-decoder trace), else the first ``limit`` numeric captures."""
+    from layerscope.core.naming import STACKS
+
     from .hidden import block_outputs
 
-    try:
-        return list(block_outputs(ds).names)
-    except RenderError:
-        return _numeric(ds, None)[:limit]
+    for stacks in ((None,), STACKS):
+        streams = []
+        for stack in stacks:
+            try:
+                streams += list(block_outputs(ds, stack=stack).names)
+            except RenderError:
+                continue
+        if streams:
+            return streams
+    return _numeric(ds, None)[:limit]
 
 
 def distributions(ds: Any, names: Sequence[str] | None = None, bins: int = 50) -> Any:

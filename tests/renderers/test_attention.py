@@ -86,7 +86,7 @@ def test_grid_has_layers_by_heads_panels(ds):
     images = [ax for ax in fig.axes if ax.images]
     assert len(images) == 6 * 12
     assert images[0].get_title() == "head 0"
-    assert images[12].get_ylabel() == "layer 1"
+    assert images[12].get_ylabel() == "encoder 1"  # BERT's blocks sit under encoder.
     n = len(_tokens(ds, 1))
     expected = ds["encoder.layer.5.attention.self@attention"].values[1, 11, :n, :n]
     np.testing.assert_array_equal(images[-1].images[0].get_array(), expected)
@@ -97,7 +97,7 @@ def test_head_view_draws_one_line_per_visible_weight(ds):
     ax = fig.axes[0]
     tokens = _tokens(ds, 0)
     texts = [t.get_text() for t in ax.texts]
-    assert texts == [t for tok in tokens for t in (tok, tok)]
+    assert texts == tokens + tokens  # queries on the left, then keys on the right
     weights = ds["encoder.layer.2.attention.self@attention"].values[0, [0, 3]]
     n = len(tokens)
     visible = int((weights[:, :n, :n] >= 0.02).sum())
@@ -107,8 +107,9 @@ def test_head_view_draws_one_line_per_visible_weight(ds):
 def test_head_summary_matches_numpy(ds):
     summary = head_summary(ds)
     assert summary.entropy.shape == (6, 12)
-    layer, head = 2, 7
-    weights = ds["encoder.layer.2.attention.self@attention"].values
+    assert list(summary["label"].values) == [f"encoder {i}" for i in range(6)]
+    name, head = "encoder.layer.2.attention.self@attention", 7
+    weights = ds[name].values
     entropy, distance, special, rows = 0.0, 0.0, 0.0, 0
     for sample in range(ds.sizes["batch"]):
         tokens = _tokens(ds, sample)
@@ -120,9 +121,9 @@ def test_head_summary_matches_numpy(ds):
         mask = np.array([t in ("[CLS]", "[SEP]") for t in tokens])
         special += float(a[:, mask].sum())
         rows += n
-    assert summary.entropy.sel(layer=layer, head=head) == pytest.approx(entropy / rows)
-    assert summary.distance.sel(layer=layer, head=head) == pytest.approx(distance / rows)
-    assert summary.special.sel(layer=layer, head=head) == pytest.approx(special / rows)
+    assert summary.entropy.sel(variable=name, head=head) == pytest.approx(entropy / rows)
+    assert summary.distance.sel(variable=name, head=head) == pytest.approx(distance / rows)
+    assert summary.special.sel(variable=name, head=head) == pytest.approx(special / rows)
 
 
 @pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml"),
