@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .format import skipped_sites
+from .naming import token_axis_of
 from .reader import open_trace
 
 
@@ -19,6 +20,17 @@ class VariableSummary:
     dtype: str
     raw_bytes: int
     stored_bytes: int | None  # None when the store is not a local folder
+    stack: str | None = None  # encoder / decoder, in encoder-decoder models
+    layer: int | None = None  # the block within its stack
+    attention: str | None = None  # self / cross, for attention maps
+
+    @property
+    def place(self) -> str:
+        """Where the variable sits, compactly: ``3``, ``encoder 0``, ``decoder 1 cross``."""
+        parts = [self.stack or "", "" if self.layer is None else str(self.layer)]
+        if self.stack == "decoder" and self.attention:  # an encoder only attends to itself
+            parts.append(self.attention)
+        return " ".join(p for p in parts if p) or "-"
 
 
 @dataclass(frozen=True)
@@ -61,11 +73,27 @@ def summarize(path: Any) -> TraceSummary:
     for name in ds.data_vars:
         var = ds[name]
         stored = _folder_bytes(local / str(name)) if local is not None else None
+        dims = tuple(str(d) for d in var.dims)
+        layer = var.attrs.get("layer")
         variables.append(VariableSummary(
-            str(name), tuple(str(d) for d in var.dims), tuple(var.shape), str(var.dtype),
-            int(var.size * var.dtype.itemsize), stored,
+            str(name), dims, tuple(var.shape), str(var.dtype),
+            int(var.size * var.dtype.itemsize), stored, var.attrs.get("stack") or None,
+            int(layer) if layer is not None else None, _attention_type(var.attrs, dims),
         ))
     return TraceSummary(str(path), dict(ds.attrs), variables)
+
+
+def _attention_type(attrs: dict[str, Any], dims: tuple[str, ...]) -> str | None:
+    """``self`` / ``cross`` of an attention map: its attribute, else told by its last two
+    axes (queries and keys labeled by different token axes attend across stacks)."""
+    if attrs.get("attention") in ("self", "cross"):
+        return str(attrs["attention"])
+    if str(attrs.get("kind", "")).split(".")[0] != "attention" or len(dims) < 2:
+        return None
+    query, key = (token_axis_of(d) for d in dims[-2:])
+    if query is None or key is None:
+        return None
+    return "cross" if query != key else "self" if attrs.get("stack") else None
 
 
 def human_bytes(count: float | None) -> str:
@@ -94,13 +122,15 @@ def format_summary(summary: TraceSummary) -> str:
         "",
     ]
     width = max((len(v.name) for v in summary.variables), default=8)
-    lines.append(f"{'variable':<{width}}  {'dims':<40} {'shape':<22} {'dtype':<8} "
-                 f"{'stored':>9} {'raw':>9}")
+    place = max((len(v.place) for v in summary.variables), default=5)
+    lines.append(f"{'variable':<{width}}  {'layer':<{place}}  {'dims':<40} {'shape':<22} "
+                 f"{'dtype':<8} {'stored':>9} {'raw':>9}")
     for v in summary.variables:
         dims = "(" + ", ".join(v.dims) + ")"
         shape = "(" + ", ".join(str(n) for n in v.shape) + ")"
-        lines.append(f"{v.name:<{width}}  {dims:<40} {shape:<22} {v.dtype:<8} "
-                     f"{human_bytes(v.stored_bytes):>9} {human_bytes(v.raw_bytes):>9}")
+        lines.append(f"{v.name:<{width}}  {v.place:<{place}}  {dims:<40} {shape:<22} "
+                     f"{v.dtype:<8} {human_bytes(v.stored_bytes):>9} "
+                     f"{human_bytes(v.raw_bytes):>9}")
     skipped = summary.skipped
     if skipped:
         lines += ["", f"not captured ({len(skipped)})"]

@@ -95,8 +95,8 @@ def describe(da: Any, fallback_layer: int | None = None) -> str:
 
 
 def stacks_in(ds: Any, names: Sequence[str]) -> list[str]:
-    found = {stack_attr(ds[n]) for n in names} - {None}
-    return [s for s in STACKS if s in found] + sorted(found - set(STACKS))  # type: ignore[arg-type]
+    found = {s for n in names if (s := stack_attr(ds[n])) is not None}
+    return [s for s in STACKS if s in found] + sorted(found - set(STACKS))
 
 
 def choose(ds: Any, names: Sequence[str], what: str, layer: int | None = None,

@@ -141,8 +141,8 @@ def _sample_stack(ds: Any, stream: Stream, sample: int) -> tuple[np.ndarray, lis
 def hidden_norms(ds: Any, sample: int = 0, stack: str | None = None) -> Any:
     """L2 norm of the hidden state of each token (rows) after each layer (columns)."""
     stream = block_outputs(ds, stack=stack)
-    stack, labels = _sample_stack(ds, stream, sample)
-    norms = np.linalg.norm(stack, axis=2).T  # (tokens, steps)
+    states, labels = _sample_stack(ds, stream, sample)
+    norms = np.linalg.norm(states, axis=2).T  # (tokens, steps)
     fig = new_figure(1.0 + 0.6 * len(stream.names) + 1.5, 1.5 + 0.22 * min(len(labels), 64))
     ax = fig.add_subplot()
     vmin, vmax = color_range(norms)
@@ -205,8 +205,8 @@ def hidden_trajectory(ds: Any, sample: int = 0, stack: str | None = None) -> Any
     """Each token's path through the layers in the plane of the first two principal axes."""
     stream = block_outputs(ds, stack=stack)
     mean, axes = fit_pca(ds, stream)
-    stack, labels = _sample_stack(ds, stream, sample)
-    points = (stack - mean) @ axes  # (steps, tokens, 2)
+    states, labels = _sample_stack(ds, stream, sample)
+    points = (states - mean) @ axes  # (steps, tokens, 2)
     fig = new_figure(7.5, 6.0)
     ax = fig.add_subplot()
     from matplotlib import colormaps
@@ -244,14 +244,14 @@ def layer_similarity(ds: Any, sample: int = 0, method: str = "cka",
     if method not in ("cka", "cosine"):
         raise RenderError(f"unknown similarity {method!r}; use 'cka' or 'cosine'")
     stream = block_outputs(ds, stack=stack)
-    stack, _ = _sample_stack(ds, stream, sample)
-    steps = len(stack)
+    states, _ = _sample_stack(ds, stream, sample)
+    steps = len(states)
     out = np.ones((steps, steps))
     if method == "cosine":
-        unit = stack / np.maximum(np.linalg.norm(stack, axis=2, keepdims=True), 1e-12)
-        out = np.einsum("ith,jth->ij", unit, unit) / stack.shape[1]
+        unit = states / np.maximum(np.linalg.norm(states, axis=2, keepdims=True), 1e-12)
+        out = np.einsum("ith,jth->ij", unit, unit) / states.shape[1]
     else:
-        centered = stack - stack.mean(axis=1, keepdims=True)
+        centered = states - states.mean(axis=1, keepdims=True)
         grams = np.einsum("ith,iuh->itu", centered, centered)  # token x token per layer
         for i in range(steps):
             for j in range(steps):
@@ -329,14 +329,14 @@ def logit_lens_table(ds: Any, unembedding: Unembedding, sample: int = 0, top: in
     check_range(top, "top", 1)
 
     stream = block_outputs(ds, stack=stack)
-    stack, labels = _sample_stack(ds, stream, sample)
-    if stack.shape[2] != unembedding.matrix.shape[1]:
+    states, labels = _sample_stack(ds, stream, sample)
+    if states.shape[2] != unembedding.matrix.shape[1]:
         raise RenderError(
             f"the unembedding expects width {unembedding.matrix.shape[1]}, the hidden states "
-            f"have {stack.shape[2]}; pass the matrix of this model"
+            f"have {states.shape[2]}; pass the matrix of this model"
         )
     weights = np.asarray(unembedding.matrix, dtype=np.float64)
-    logits = stack @ weights.T
+    logits = states @ weights.T
     if unembedding.bias is not None:
         logits += unembedding.bias
     logits -= logits.max(axis=2, keepdims=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope.core import open_trace
+from layerscope.core.naming import STACKS
 
 from ._args import DPI_RANGE, MAX_BINS, MAX_CELLS, MAX_TOP_K, index, integer
 
@@ -29,6 +30,9 @@ def register(subparsers: Any) -> None:
     pick = att.add_mutually_exclusive_group()
     pick.add_argument("--variable", help="an attention variable by name (<site>@attention)")
     pick.add_argument("--layer", type=index, help="the attention of block N (attrs 'layer')")
+    _stack(att, "attention maps")
+    att.add_argument("--attention", choices=("self", "cross"),
+                     help="self- or cross-attention, where a decoder layer has both")
     att.add_argument("--head", type=index, nargs="+", default=[0],
                      help="head index (heatmap: the first given; heads view: all given)")
     _window(att)
@@ -36,6 +40,7 @@ def register(subparsers: Any) -> None:
 
     hid = _common(kinds.add_parser("hidden", help="hidden states of the residual stream"))
     hid.add_argument("--view", choices=HIDDEN_VIEWS, default="norms")
+    _stack(hid, "hidden states")
     hid.add_argument("--similarity", choices=("cka", "cosine"), default="cka",
                      help="measure of the similarity view (default: linear CKA)")
     hid.add_argument("--unembedding", metavar="NPY",
@@ -50,6 +55,7 @@ def register(subparsers: Any) -> None:
     pick = act.add_mutually_exclusive_group()
     pick.add_argument("--variable", help="the activation variable by name")
     pick.add_argument("--layer", type=index, help="MLP activation of block N")
+    _stack(act, "MLP activations")
     act.add_argument("--channels", type=index, nargs="+", help="channels to draw (channels view)")
     act.add_argument("--neurons", type=index, nargs="+", help="neurons to draw")
     act.add_argument("--image", help="variable holding the input image (channels view)")
@@ -75,6 +81,14 @@ def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"resolution of PNG output, {DPI_RANGE[0]}..{DPI_RANGE[1]} "
                              "(default 100)")
     return parser
+
+
+def _stack(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--stack", choices=STACKS,
+        help=f"{what} of one stack of an encoder-decoder model (attrs 'stack'); required "
+             "with --layer there, since each stack numbers its layers from 0",
+    )
 
 
 def _window(parser: argparse.ArgumentParser) -> None:
@@ -131,21 +145,23 @@ def _run_attention(args: argparse.Namespace) -> int:
     _check_output(args.output)
     ds = _open(args)
     view = args.view
+    family = {"stack": args.stack, "attention": args.attention}
     if view == "heatmap":
         fig = r.attention_heatmap(ds, args.layer, args.head[0], args.sample, args.variable,
-                                  _options(args))
+                                  _options(args), **family)
     elif view == "grid":
         options = _options(args)
         if args.max_cells == 512:  # small panels: pool harder unless asked
             options = r.ViewOptions(window=options.window, max_cells=64)
-        fig = r.attention_grid(ds, args.sample, options)
+        fig = r.attention_grid(ds, args.sample, options, **family)
     elif view == "heads":
         options = _options(args)
         if args.max_cells == 512:
             options = r.ViewOptions(window=options.window, max_cells=64)
-        fig = r.head_view(ds, args.layer, args.sample, args.head, args.variable, options)
+        fig = r.head_view(ds, args.layer, args.sample, args.head, args.variable, options,
+                          **family)
     else:
-        fig = r.head_summary_figure(ds)
+        fig = r.head_summary_figure(ds, **family)
     return _finish(fig, args.output, args.dpi)
 
 
@@ -155,18 +171,19 @@ def _run_hidden(args: argparse.Namespace) -> int:
     _check_output(args.output)
     ds = _open(args)
     if args.view == "norms":
-        fig = r.hidden_norms(ds, args.sample)
+        fig = r.hidden_norms(ds, args.sample, args.stack)
     elif args.view == "trajectory":
-        fig = r.hidden_trajectory(ds, args.sample)
+        fig = r.hidden_trajectory(ds, args.sample, args.stack)
     elif args.view == "similarity":
-        fig = r.similarity_figure(ds, args.sample, args.similarity)
+        fig = r.similarity_figure(ds, args.sample, args.similarity, args.stack)
     else:
         if not (args.unembedding and args.vocab):
             raise r.RenderError(
                 "the logit lens needs the model's unembedding: pass --unembedding MATRIX.npy "
                 "(vocab x hidden, e.g. the tied word embeddings) and --vocab VOCAB.txt"
             )
-        fig = r.logit_lens(ds, r.Unembedding.load(args.unembedding, args.vocab), args.sample)
+        fig = r.logit_lens(ds, r.Unembedding.load(args.unembedding, args.vocab), args.sample,
+                           args.stack)
     return _finish(fig, args.output, args.dpi)
 
 
@@ -176,13 +193,15 @@ def _run_activations(args: argparse.Namespace) -> int:
     _check_output(args.output)
     ds = _open(args)
     if args.view == "channels":
-        if args.layer is not None:
+        if args.layer is not None or args.stack is not None:
             raise r.RenderError("the channels view picks a convolution by --variable NAME")
         fig = r.channel_grid(ds, args.variable, args.sample, args.channels, args.image)
     elif args.view == "neurons":
-        fig = r.neuron_heatmap(ds, args.variable, args.sample, args.layer, args.neurons)
+        fig = r.neuron_heatmap(ds, args.variable, args.sample, args.layer, args.neurons,
+                               stack=args.stack)
     else:
-        fig = r.top_tokens_figure(ds, args.variable, args.layer, args.top_k, args.neurons)
+        fig = r.top_tokens_figure(ds, args.variable, args.layer, args.top_k, args.neurons,
+                                  stack=args.stack)
     return _finish(fig, args.output, args.dpi)
 
 
