@@ -1,4 +1,4 @@
-"""``layerscope trace MODEL -o OUT.zarr``: run a model on texts and write a trace."""
+"""``layerscope trace MODEL -o OUT.zarr``: run a model on texts or images and write a trace."""
 
 from __future__ import annotations
 
@@ -6,32 +6,51 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from layerscope._hf_architectures import folder_architecture
+from layerscope._trace_inputs import check_request, model_inputs, read_request
 from layerscope.api import capture
 from layerscope.backends import detect
 from layerscope.core import LayerscopeError, Selection, StoreOptions
 from layerscope.core.info import human_bytes, summarize
-from layerscope.loading import FRAMEWORKS, load
+from layerscope.loading import FRAMEWORKS, load, model_folder
 
 from ._args import MAX_BATCH_SIZE, MAX_TOKENS, integer
 
-DEMO_TEXTS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Attention lets every token look at every other token.",
-    "Zarr stores chunked, compressed arrays on disk.",
-    "A picture of the inside of a network helps you trust it.",
-)
+DESCRIPTION = """MODEL is 'minilm' (the packaged all-MiniLM-L6-v2), a Hugging Face model folder, or
+module:factory (a function returning a model, (model, tokenizer), or a dict with 'model'
+and 'inputs').
+
+A folder is loaded as the class its config.json names, head included (in PyTorch):
+  causal LMs (Llama, GPT-2)  read --text; the trace holds the logits
+  encoder-decoders (T5, BART) read --text in the encoder; the decoder reads --target-text
+                             (one per text) shifted right behind its start token, as in
+                             training, so decoder position i predicts target token i;
+                             without --target-text the decoder reads the input text itself
+  encoders (BERT)            read --text
+  vision models (ViT, ResNet) read --image files (PNG/JPEG) through the folder's image
+                             processor; without one, resized to the config's image_size
+                             (224 if none), scaled to 0..1, ImageNet mean/std normalized
+Audio and text+image models are refused: load them in Python (layerscope.capture).
+"""
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "trace", help="run a model on texts and write what happens inside it to a Zarr store",
-        description="MODEL is 'minilm' (the packaged all-MiniLM-L6-v2), a Hugging Face model "
-                    "folder, or module:factory (a function returning a model, or (model, tokenizer)).",
+        "trace", help="run a model on texts or images and write what happens inside it to a "
+                      "Zarr store",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="'minilm', a Hugging Face folder, or module:factory")
     parser.add_argument("-o", "--output", required=True, help="the trace store to write (.zarr)")
     parser.add_argument("--text", action="append", help="an input text (repeatable)")
     parser.add_argument("--text-file", help="a file with one input text per line")
+    parser.add_argument("--target-text", action="append",
+                        help="encoder-decoder models: the decoder's text for the input text at "
+                             "the same place (repeatable, one per text; default: the input "
+                             "text itself)")
+    parser.add_argument("--target-text-file", help="a file with one target text per line")
+    parser.add_argument("--image", action="append",
+                        help="vision models: a PNG or JPEG file (repeatable)")
     parser.add_argument("--capture", action="append",
                         help="glob on module paths, e.g. 'encoder.layer.*' (repeatable; default all)")
     parser.add_argument("--exclude", action="append", default=[], help="glob of paths to skip")
@@ -42,9 +61,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--attn-implementation", choices=("eager", "sdpa"),
                         help="PyTorch attention kernel of a Hugging Face model")
     parser.add_argument("--batch-size", type=integer(1, MAX_BATCH_SIZE), default=8,
-                        help=f"texts per forward pass, 1..{MAX_BATCH_SIZE} (default: %(default)s)")
+                        help=f"texts or images per forward pass, 1..{MAX_BATCH_SIZE} (default: %(default)s)")
     parser.add_argument("--max-length", type=integer(1, MAX_TOKENS),
-                        help=f"truncate texts to this many tokens, 1..{MAX_TOKENS}")
+                        help=f"truncate texts (and target texts) to this many tokens, 1..{MAX_TOKENS}")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing trace")
     mode.add_argument("--append", action="store_true", help="append batches to an existing trace")
@@ -52,32 +71,19 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(run=run)
 
 
-def read_texts(args: argparse.Namespace) -> list[str] | None:
-    texts = list(args.text or [])
-    if args.text_file:
-        path = Path(args.text_file)
-        if not path.is_file():
-            raise LayerscopeError(f"--text-file {path}: no such file")
-        texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not texts:
-            raise LayerscopeError(f"--text-file {path} holds no text")
-    return texts or None
-
-
 def run(args: argparse.Namespace) -> int:
-    texts = read_texts(args)
+    request = read_request(args)
     output = Path(args.output)
     if output.exists() and not (args.overwrite or args.append):
         raise LayerscopeError(f"{output} already exists; pass --overwrite or --append")
     if not output.parent.is_dir():
         raise LayerscopeError(f"cannot write {output}: folder {output.parent} does not exist")
-    loaded = load(args.model, args.framework, args.attn_implementation)
+    folder = model_folder(args.model)
+    architecture = folder_architecture(folder, args.framework) if folder else None
+    check_request(request, architecture, args.framework, folder)  # before weights are read
+    loaded = load(args.model, args.framework, args.attn_implementation, architecture)
     detect(loaded.model)  # something that is not a model is refused before its inputs
-    inputs: Any = texts if texts is not None else loaded.inputs
-    if inputs is None:
-        if loaded.tokenizer is None:
-            raise LayerscopeError("give --text or --text-file (or a factory that returns inputs)")
-        inputs = list(DEMO_TEXTS)
+    inputs = model_inputs(request, loaded, args.batch_size, output, args.append)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     selection = Selection.of(args.capture, kinds, args.exclude)
     mode = "w" if args.overwrite else "a" if args.append else "w-"
