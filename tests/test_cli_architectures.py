@@ -1,0 +1,283 @@
+"""``layerscope trace FOLDER`` loads the class the folder's config.json names, head included,
+and feeds it what that class reads: texts (causal LMs, encoders), texts and target texts
+(encoder-decoders) or images (vision models). A model it cannot feed is refused in one line
+before a store exists.
+
+The folders are tiny random-weight models saved on the fly; text models get the packaged
+MiniLM's tokenizer files, whose vocabulary sizes their embeddings. Folders that are only
+refused hold a config.json alone: the refusal comes before any weight is read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import layerscope
+from layerscope.cli import main
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                   "special_tokens_map.json")
+TEXTS = ["the cat sat on the mat", "hello world"]
+TARGETS = ["a dog ran away fast", "good morning"]
+#: the decoder's first token: T5 starts from its pad token, BART from its end token
+DECODER_START = {"t5": 0, "bart": 102}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _models(vocab: int) -> dict[str, Callable[[], object]]:
+    import transformers as tf
+
+    return {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=101, eos_token_id=102)),
+        "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(
+            vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+            pad_token_id=0, eos_token_id=102, decoder_start_token_id=DECODER_START["t5"])),
+        "bart": lambda: tf.BartForConditionalGeneration(tf.BartConfig(
+            vocab_size=vocab, d_model=16, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+            decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=0, bos_token_id=101,
+            eos_token_id=102, decoder_start_token_id=DECODER_START["bart"])),
+        "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(
+            vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=64)),
+        "vit": lambda: tf.ViTForImageClassification(tf.ViTConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            image_size=32, patch_size=8, num_labels=3)),
+        "resnet": lambda: tf.ResNetForImageClassification(tf.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)),
+    }
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, minilm_folder, minilm_tokenizer) -> Callable[[str], Path]:
+    """``folders(name)``: the saved model folder, built on first use."""
+    import torch
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("folders")
+    models = _models(len(minilm_tokenizer))
+    built: dict[str, Path] = {}
+
+    def folder(name: str) -> Path:
+        if name not in built:
+            torch.manual_seed(0)
+            path = root / name
+            models[name]().save_pretrained(path)
+            if name == "vit":  # vit has an image processor; resnet is left without one
+                tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+            elif name != "resnet":
+                for file in TOKENIZER_FILES:
+                    shutil.copy(minilm_folder / file, path / file)
+            built[name] = path
+        return built[name]
+
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    made = {"png": root / "a.png", "jpeg": root / "b.jpg", "gif": root / "c.gif"}
+    for path, shape in zip(made.values(), [(40, 50, 3), (30, 30, 3), (8, 8, 3)], strict=True):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(path)
+    made["not_an_image"] = root / "d.png"
+    made["not_an_image"].write_text("not pixels\n")
+    return made
+
+
+def trace(folder: Path, out: Path, *args: str) -> Any:
+    assert main(["trace", str(folder), "-o", str(out), "--no-progress", *args]) == 0
+    return layerscope.open_trace(out)
+
+
+def model_class(ds) -> str:
+    return ds.attrs["model"]["class"].rsplit(".", 1)[-1]
+
+
+def shifted_right(ids: np.ndarray, start: int) -> np.ndarray:
+    return np.concatenate([np.full((len(ids), 1), start, ids.dtype), ids[:, :-1]], axis=1)
+
+
+# -- what each kind of folder gets -----------------------------------------------------------
+
+def test_a_causal_lm_is_traced_with_its_head(folders, minilm_tokenizer, tmp_path):
+    ds = trace(folders("llama"), tmp_path / "t.zarr", "--text", TEXTS[0], "--text", TEXTS[1])
+    assert model_class(ds) == "LlamaForCausalLM"
+    ids = minilm_tokenizer(TEXTS, padding=True, return_tensors="np")["input_ids"]
+    assert ds["root@output.logits"].shape == (*ids.shape, len(minilm_tokenizer))
+    np.testing.assert_array_equal(ds["token_id"].values, ids)
+
+
+def test_an_encoder_is_traced_as_the_class_its_config_names(folders, minilm_tokenizer,
+                                                            tmp_path):
+    ds = trace(folders("bert"), tmp_path / "t.zarr", "--text", TEXTS[1])
+    assert model_class(ds) == "BertForMaskedLM"
+    ids = minilm_tokenizer([TEXTS[1]], return_tensors="np")["input_ids"]
+    assert ds["root@output.logits"].shape == (*ids.shape, len(minilm_tokenizer))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("llama", "LlamaForCausalLM"),  # causal LM types get their head
+    ("t5", "T5ForConditionalGeneration"),  # encoder-decoders theirs
+    ("bert", "BertModel"),  # a masked-LM type gets the bare model
+])
+def test_a_config_without_architectures_gets_the_class_of_its_type(folders, tmp_path, name,
+                                                                   expected):
+    folder = tmp_path / name
+    shutil.copytree(folders(name), folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    ds = trace(folder, tmp_path / "t.zarr", "--text", TEXTS[1], "--capture", "root@output")
+    assert model_class(ds) == expected
+
+
+@pytest.mark.parametrize("name, expected", [("t5", "T5ForConditionalGeneration"),
+                                            ("bart", "BartForConditionalGeneration")])
+def test_an_encoder_decoder_reads_the_target_texts(folders, minilm_tokenizer, tmp_path, name,
+                                                   expected):
+    args = [a for text, target in zip(TEXTS, TARGETS, strict=True)
+            for a in ("--text", text, "--target-text", target)]
+    ds = trace(folders(name), tmp_path / "t.zarr", *args)
+    assert model_class(ds) == expected
+    targets = minilm_tokenizer(text_target=TARGETS, padding=True, return_tensors="np")
+    # the decoder reads each target shifted right behind its start token: position i's
+    # logits predict target token i
+    np.testing.assert_array_equal(ds["decoder_token_id"].values,
+                                  shifted_right(targets["input_ids"], DECODER_START[name]))
+    assert ds["root@output.logits"].shape == (*targets["input_ids"].shape,
+                                              len(minilm_tokenizer))
+    encoded = minilm_tokenizer(TEXTS, padding=True, return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(ds["token_id"].values, encoded)
+    assert list(ds["input_text"].values) == TEXTS
+
+
+def test_without_target_text_the_decoder_reads_the_input_text(folders, minilm_tokenizer,
+                                                             tmp_path):
+    ds = trace(folders("t5"), tmp_path / "t.zarr", "--text", TEXTS[0], "--text", TEXTS[1],
+               "--batch-size", "1")
+    own = minilm_tokenizer(text_target=TEXTS, padding=True, return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(ds["decoder_token_id"].values,
+                                  shifted_right(own, DECODER_START["t5"]))
+    assert ds.attrs["committed_batches"] == 2
+
+
+def test_a_vision_model_reads_images_through_its_image_processor(folders, images, tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    folder = folders("vit")
+    projection = "vit.embeddings.patch_embeddings.projection@input"
+    ds = trace(folder, tmp_path / "t.zarr", "--image", str(images["png"]), "--image",
+               str(images["jpeg"]), "--batch-size", "1", "--capture", "root@output",
+               "--capture", projection)
+    assert model_class(ds) == "ViTForImageClassification"
+    assert ds["root@output.logits"].shape == (2, 3)
+    assert ds.attrs["committed_batches"] == 2
+    opened = [Image.open(images[k]).convert("RGB") for k in ("png", "jpeg")]
+    expected = AutoImageProcessor.from_pretrained(folder)(images=opened,
+                                                          return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(ds[projection].values, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_vision_folder_without_image_processor_gets_the_documented_preprocessing(
+        folders, images, tmp_path):
+    from PIL import Image
+
+    conv = "resnet.embedder.embedder.convolution@input"
+    ds = trace(folders("resnet"), tmp_path / "t.zarr", "--image", str(images["png"]),
+               "--capture", "root@output", "--capture", conv)
+    assert model_class(ds) == "ResNetForImageClassification"
+    assert ds["root@output.logits"].shape == (1, 3)
+    # no image_size in a ResNet config: 224 x 224, bilinear, 0..1, ImageNet mean and std
+    image = Image.open(images["png"]).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+    scaled = np.asarray(image, np.float32) / 255
+    expected = ((scaled - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(ds[conv].values, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- what is refused, before a store exists --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory, images) -> dict[str, Path]:
+    """Folders holding a config.json only, and a factory file."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("configs")
+    made = {
+        "llama": tf.LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
+        "t5": tf.T5Config(d_model=16, num_layers=1, decoder_start_token_id=0),
+        "t5_without_start": tf.T5Config(d_model=16, num_layers=1),
+        "vit": tf.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
+        "wav2vec2": tf.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1),
+        "clip": tf.CLIPConfig(),
+    }
+    folders = {}
+    for name, config in made.items():
+        config.architectures = [_class_name(name)]
+        config.save_pretrained(root / name)
+        folders[name] = root / name
+    for name, doc in {"unknown": {"model_type": "no_such_model", "architectures": ["NoSuch"]},
+                      "remote_code": {"model_type": "mine", "auto_map": {"AutoModel": "m.M"}}
+                      }.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(doc))
+        folders[name] = root / name
+    (root / "factory.py").write_text("import torch\ndef make():\n"
+                                     "    return torch.nn.Linear(2, 2)\n")
+    folders["factory"] = root / "factory.py"
+    return {**folders, **{f"image_{k}": v for k, v in images.items()}}
+
+
+def _class_name(name: str) -> str:
+    return {"llama": "LlamaForCausalLM", "t5": "T5ForConditionalGeneration",
+            "t5_without_start": "T5ForConditionalGeneration",
+            "vit": "ViTForImageClassification", "wav2vec2": "Wav2Vec2ForCTC",
+            "clip": "CLIPModel"}[name]
+
+
+REFUSED = [
+    ("wav2vec2", ["--text", "x"], "audio model"),
+    ("clip", ["--text", "x"], "text together with images"),
+    ("unknown", ["--text", "x"], "unknown architecture"),
+    ("remote_code", ["--text", "x"], "auto_map"),
+    ("llama", ["--image", "{image_png}"], "--image is for vision models"),
+    ("llama", ["--text", "x", "--target-text", "y"], "--target-text is for encoder-decoder"),
+    ("t5", ["--text", "a", "--text", "b", "--target-text", "y"], "one --target-text per"),
+    ("t5", ["--target-text", "y"], "--target-text needs --text"),
+    ("t5_without_start", ["--text", "x"], "decoder_start_token_id"),
+    ("vit", [], "give --image FILE"),
+    ("vit", ["--text", "x", "--image", "{image_png}"], "reads no text"),
+    ("vit", ["--image", "{image_not_an_image}"], "not an image"),
+    ("vit", ["--image", "{image_gif}"], "give PNG or JPEG"),
+    ("vit", ["--image", "{image_png}.missing"], "no such file"),
+    ("vit", ["--image", "{image_png}", "--framework", "tensorflow"], "text models only"),
+    ("factory", ["--image", "{image_png}"], "apply to Hugging Face folders"),
+]
+
+
+@pytest.mark.parametrize("name, args, message", REFUSED,
+                         ids=[f"{n}-{m}" for n, _, m in REFUSED])
+def test_what_the_cli_cannot_feed_is_refused_before_a_store_exists(configs, tmp_path, capsys,
+                                                                   name, args, message):
+    model = f"{configs[name]}:make" if name == "factory" else str(configs[name])
+    out = tmp_path / "out.zarr"
+    code = main(["trace", model, "-o", str(out), "--no-progress",
+                 *(a.format(**configs) for a in args)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("layerscope trace: error:"), err
+    assert message in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
