@@ -20,17 +20,18 @@ DESCRIPTION = """MODEL is 'minilm' (the packaged all-MiniLM-L6-v2), a Hugging Fa
 module:factory (a function returning a model, (model, tokenizer), or a dict with 'model'
 and 'inputs').
 
-A folder is loaded as the class its config.json names, head included (in PyTorch):
-  causal LMs (Llama, GPT-2)  read --text; the trace holds the logits
-  encoder-decoders (T5, BART) read --text in the encoder; the decoder reads --target-text
-                             (one per text) shifted right behind its start token, as in
-                             training, so decoder position i predicts target token i;
-                             without --target-text the decoder reads the input text itself
-  encoders (BERT)            read --text
-  vision models (ViT, ResNet) read --image files (PNG/JPEG) through the folder's image
-                             processor; without one, resized to the config's image_size
-                             (224 if none), scaled to 0..1, ImageNet mean/std normalized
-Audio and text+image models are refused: load them in Python (layerscope.capture).
+A Hugging Face folder is loaded (in PyTorch) as the class its config.json names, head
+included, and reads:
+  causal LMs, encoders (Llama, BERT)  --text / --text-file (demo sentences without either)
+  encoder-decoders (T5, BART)         --text in the encoder; the decoder reads --target-text
+                                      (one per text) shifted right behind its start token,
+                                      as in training: decoder position i predicts target
+                                      token i. Default target: the input text itself
+  vision models (ViT, ResNet)         --image PNG/JPEG files, through the folder's image
+                                      processor; without one resized to the config's
+                                      image_size (224 if none), scaled to 0..1 and
+                                      normalized with the ImageNet mean and std
+Audio and text-and-image models are refused: load them in Python (layerscope.capture).
 """
 
 
