@@ -1,6 +1,8 @@
 """layerscope.backends: framework adapters, picked from the model object.
 
-Built-in backends load lazily: importing this package imports no framework. Third parties
+Built-in backends load lazily: importing this package imports no framework. The Keras 3
+backend is registered as ``tensorflow`` (its first framework) and also answers to ``keras`` and
+to its own name, ``keras/<backend>``, the backend Keras runs on in this process. Third parties
 register more under the entry point group ``layerscope.backends`` (the contract, and how to
 register: :mod:`layerscope.backends.base`; the conformance suite: :mod:`layerscope.testing`).
 """
@@ -36,11 +38,28 @@ BUILTIN: dict[str, tuple[str, str, tuple[str, ...]]] = {
                    ("keras", "tensorflow", "tf_keras", "keras_hub")),
     "jax": ("layerscope.backends.jax", "jax", ("flax", "jax", "jaxlib")),
 }
+#: other names of a built-in backend
+ALIASES = {"keras": "tensorflow", "keras/tensorflow": "tensorflow", "keras/jax": "tensorflow",
+           "keras/torch": "tensorflow"}
+#: built-ins ``detect`` asks before the others: on Keras's PyTorch backend a Keras model is
+#: also a ``torch.nn.Module`` whose submodules hide its layers
+_DETECT_FIRST = ("tensorflow",)
 _loaded: dict[str, Backend] = {}
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called ``name``; raises with the extra to install when it cannot load."""
+    """The backend called ``name`` (or one of its :data:`ALIASES`); raises with the extra to
+    install when it cannot load."""
+    backend = _get(ALIASES.get(name, name))
+    if name.startswith("keras/") and backend.name != name:
+        raise BackendError(
+            f"backend {name!r}: Keras runs on {backend.name!r} in this process; Keras picks "
+            "its backend once, from KERAS_BACKEND set before keras is imported"
+        )
+    return backend
+
+
+def _get(name: str) -> Backend:
     if name in _loaded:
         return _loaded[name]
     if name in BUILTIN:
@@ -96,7 +115,9 @@ def detect(model: Any) -> Backend:
     """Pick the backend whose framework defined ``model``, importing only that framework."""
     roots = set(class_mro_modules(model))
     loaded = set(sys.modules)
-    for name in available():
+    names = available()
+    for name in [n for n in _DETECT_FIRST if n in names] + [n for n in names
+                                                            if n not in _DETECT_FIRST]:
         if name in BUILTIN and not (roots | loaded) & set(BUILTIN[name][2]):
             continue  # that framework is not even imported: it cannot have made this model
         try:
@@ -114,5 +135,5 @@ def detect(model: Any) -> Backend:
     )
 
 
-__all__ = ["BUILTIN", "GROUP", "Backend", "FolderLoader", "TokenizerAdapter", "available",
+__all__ = ["ALIASES", "BUILTIN", "GROUP", "Backend", "FolderLoader", "TokenizerAdapter", "available",
            "detect", "folder_loader", "get_backend", "tokenizer_adapter"]

@@ -39,8 +39,11 @@ def _attribute_names(layer: Any) -> dict[int, str]:
         if isinstance(child, keras.layers.Layer):
             names.setdefault(id(child), name)
 
-    for attr, value in vars(layer).items():
-        if attr in _INTERNAL_ATTRS or attr.startswith("_self_"):
+    own = vars(layer)
+    # On PyTorch, Keras layers are torch modules: an attribute holding a layer lives in
+    # torch's ``_modules`` registry under the attribute's name, not in ``vars``.
+    for attr, value in {**own.get("_modules", {}), **own}.items():
+        if attr in _INTERNAL_ATTRS or attr.startswith("_self_") or attr == "_modules":
             continue
         clean = attr.lstrip("_") or attr
         if isinstance(value, keras.layers.Layer):
@@ -94,10 +97,6 @@ def site_of(path: str) -> str:
     return path or ROOT_SITE
 
 
-def is_attention_layer(layer: Any) -> bool:
-    return isinstance(layer, keras.layers.MultiHeadAttention)
-
-
 def _channels_first(layer: Any) -> bool:
     data_format = getattr(layer, "data_format", None)
     if data_format is None:
@@ -105,8 +104,24 @@ def _channels_first(layer: Any) -> bool:
     return data_format == "channels_first"
 
 
+#: where a layer sits relative to an attention layer: not inside one,
+#: inside one, a sublayer that sees its (batch, head, query, key) scores, or a projection
+#: with (batch, token, head, head size) outputs
+OUTSIDE, INSIDE, SCORES, PROJECTION = "outside", "inside", "scores", "projection"
+
+
+def place_in_attention(sublayer: Any, scores: set[int]) -> str:
+    """The place of ``sublayer`` of an attention layer (``scores``: ids of the layers that see
+    the score map)."""
+    if id(sublayer) in scores:
+        return SCORES
+    if isinstance(sublayer, keras.layers.EinsumDense) or "Rotary" in type(sublayer).__name__:
+        return PROJECTION  # the query/key/value projections and the rotary embedding
+    return INSIDE
+
+
 def roles_for(layer: Any, kind: str, shape: tuple[int, ...], hidden_size: int | None,
-              in_attention: bool) -> tuple[str, ...]:
+              place: str = OUTSIDE) -> tuple[str, ...]:
     """Role names for each axis of a tensor taken as ``kind`` at ``layer`` (batch first)."""
     ndim = len(shape)
     if ndim == 0:
@@ -115,12 +130,14 @@ def roles_for(layer: Any, kind: str, shape: tuple[int, ...], hidden_size: int | 
         return ("batch", "head", "query", "key") if ndim == 4 else default_roles(ndim)
     if ndim == 1:
         return ("batch",)
-    if in_attention and ndim == 4:
-        # inside MultiHeadAttention: projections are (batch, token, head, head size) and the
-        # softmax / dropout sublayers see the (batch, head, query, key) score map
-        if isinstance(layer, keras.layers.EinsumDense):
+    if place != OUTSIDE and ndim == 4:
+        # inside an attention layer: projections are (batch, token, head, head size), the
+        # softmax sees the (batch, head, query, key) score map; anything else is not guessed
+        if place == PROJECTION:
             return ("batch", "token", "head", "axis3")
-        return ("batch", "head", "query", "key")
+        if place == SCORES:
+            return ("batch", "head", "query", "key")
+        return default_roles(ndim)
     if ndim == 2:
         return ("batch", feature_role(shape[-1], hidden_size))
     if ndim == 3:

@@ -1,16 +1,22 @@
-"""TensorFlow / Keras 3 backend: wrappers on the ``call`` of every selected layer.
+"""Keras 3 backend, on TensorFlow, JAX or PyTorch: wrappers on the ``call`` of every selected
+layer. Registered as ``tensorflow`` (also reachable as ``keras``); a trace records its
+framework as ``keras/<backend>`` (``keras/tensorflow``, ``keras/jax``, ``keras/torch``).
 
 Keras 3 has no forward hooks. While attached, each selected layer gets an instance attribute
 ``call`` that runs the layer's own ``call`` and hands its outputs (and inputs, on request) to
-the recorder; ``MultiHeadAttention`` layers also get a ``_compute_attention`` wrapper that
-yields their softmax probabilities. Every wrapper is removed on exit, whatever happened.
+the recorder; attention layers (``MultiHeadAttention`` and keras-hub's own) also get a
+``_compute_attention`` wrapper that yields their softmax probabilities. Every wrapper is removed
+on exit, whatever happened.
 
-Eager calls (``model(x)``) record tensors as they appear. In a graph (``tf.function``,
-``model.predict``) tensors are symbolic: the wrappers only collect them while the graph is
-traced, and the model's top-level call appends one ``tf.py_function`` that receives their
-values when the graph runs and records the whole pass. ``model.predict`` / ``evaluate`` /
-``fit`` functions traced before the block are set aside for the block (so they are traced again
-with the wrappers, without XLA, which cannot run Python) and put back afterwards.
+Eager calls (``model(x)``, on every backend) record tensors as they appear. On TensorFlow, in
+a graph (``tf.function``, ``model.predict``) tensors are symbolic: the wrappers only collect
+them while the graph is traced, and the model's top-level call appends one ``tf.py_function``
+that receives their values when the graph runs and records the whole pass (``_keras_graph``).
+``model.predict`` / ``evaluate`` / ``fit`` functions traced before the block are set aside for
+the block (so they are traced again with the wrappers, without XLA, which cannot run Python)
+and put back afterwards; on JAX that makes them run eagerly, so their values can be recorded.
+A layer run under ``jax.jit`` by the user's own code yields tracers, not values: it is skipped
+with a warning.
 """
 
 from __future__ import annotations
@@ -25,74 +31,42 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from layerscope.core import BackendError, Recorder, Selection, SiteInfo
+from layerscope.core import Recorder, Selection, SiteInfo
 from layerscope.core.naming import hidden_size_of
 from layerscope.core.userwarn import warn_user
 
-from ._keras_attention import tapped_compute_attention
+from . import _keras_runtime as runtime
+from ._keras_attention import (
+    HubAttentionTap,
+    attention_kind,
+    is_attention_layer,
+    is_multi_head_attention,
+    scores_layers,
+    tapped_compute_attention,
+)
 from ._keras_text import KerasHubTokenizer, adapt_tokenizer, load_hf_folder
 from ._keras_tree import (
-    is_attention_layer,
+    OUTSIDE,
     named_layers,
+    place_in_attention,
     roles_for,
     site_of,
 )
 from ._structure import leaves, part_kind
 from .base import Backend
 
-_UNSTORABLE = (tf.string, tf.variant, tf.resource)
 _TOKEN_KEYS = ("token_ids", "input_ids")
 # Functions Keras traces once and caches; set aside while attached so they retrace.
 _STEP_FUNCTIONS = ("predict_function", "test_function", "train_function")
 
-
-class _Held:
-    """An eager tensor queued for the writer, with the byte size its memory budget counts."""
-
-    __slots__ = ("nbytes", "shape", "tensor")
-
-    def __init__(self, tensor: Any) -> None:
-        self.tensor = tensor
-        self.shape = tuple(int(n) for n in tensor.shape)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * tensor.dtype.size
-
-
-def to_numpy(value: Any) -> np.ndarray:
-    """A host copy of an eager tensor, dtype kept (bfloat16 widened to float32, exactly)."""
-    if isinstance(value, _Held):
-        value = value.tensor
-    array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
-    array = np.asarray(array)
-    if array.dtype.name == "bfloat16":
-        array = array.astype(np.float32)
-    return array
-
-
-def _is_tensor(value: Any) -> bool:
-    """A dense TF tensor or NumPy array with storable values (functional models receive
-    NumPy inputs as they are); no KerasTensor, ragged, sparse or string tensors."""
-    if isinstance(value, np.ndarray):
-        return value.dtype.kind in "biuf" or value.dtype.name == "bfloat16"
-    if not isinstance(value, (tf.Tensor, tf.Variable)) or isinstance(value, keras.KerasTensor):
-        return False
-    return value.dtype not in _UNSTORABLE
-
-
-def _is_integer(value: Any) -> bool:
-    if isinstance(value, np.ndarray):
-        return value.dtype.kind in "iu"
-    return bool(value.dtype.is_integer)
-
-
-def _rank(value: Any) -> int | None:
-    return value.ndim if isinstance(value, np.ndarray) else value.shape.rank
+to_numpy = runtime.to_numpy
 
 
 def _tensors(value: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """(path, tensor) for every tensor in a possibly nested structure, in its own order."""
-    return leaves(value, _is_tensor)
+    """(path, tensor) for every tensor in a possibly nested structure, in its own order;
+    JAX tracers included, so that they can be reported."""
+    return leaves(value, lambda v: runtime.is_value(v) or runtime.is_tracer(v))
 
 
 try:  # Keras computes output shapes by tracing ``call`` into a scratch graph it throws away
@@ -106,7 +80,7 @@ def _symbolic(args: Any) -> bool:
     """A call that computes no values: Keras building a functional graph from KerasTensors,
     or tracing ``call`` into a scratch graph to infer output shapes."""
     return in_symbolic_scope() or any(isinstance(v, keras.KerasTensor)
-                                      for v in tf.nest.flatten(args))
+                                      for v in keras.tree.flatten(args))
 
 
 def _batch_probe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -114,12 +88,13 @@ def _batch_probe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, An
     ids = None
     first = None
     for path, tensor in _tensors((args, kwargs)):
-        rank = _rank(tensor)
+        rank = runtime.rank(tensor)
         if ids is None and path and path[-1] in _TOKEN_KEYS and rank == 2:
             ids = tensor
         if first is None and rank is not None and rank >= 1:
             first = tensor
-    if ids is None and first is not None and _rank(first) == 2 and _is_integer(first):
+    if (ids is None and first is not None and runtime.rank(first) == 2
+            and runtime.is_integer(first)):
         ids = first
     return (ids if ids is not None else first), ids
 
@@ -141,15 +116,6 @@ class _Patch:
             object.__delattr__(self.obj, self.attr)
 
 
-class _GraphPass:
-    """Tensors collected while one top-level call is traced into a graph."""
-
-    def __init__(self, graph: Any) -> None:
-        self.graph = graph
-        self.metas: list[tuple[str, str, Any, bool]] = []
-        self.tensors: list[Any] = []
-
-
 class _Capture:
     """The wrappers of one ``attach`` block and the state they share."""
 
@@ -161,41 +127,52 @@ class _Capture:
         self.active = False
         self.patches: list[_Patch] = []
         self.saved: dict[str, Any] = {}
-        self.graphs: list[_GraphPass] = []
+        self.graphs: list[Any] = []  # _keras_graph.GraphPass of the calls being traced
         self.depth = 0
         self.lock = threading.Lock()
         # id -> the scores tensor itself: holding it keeps the id from being reused by
         # another tensor before the pass ends
         self.attention_ids: dict[int, Any] = {}
+        # id(attention layer) -> "self" / "cross" for the call in progress
+        self.attention_kinds: dict[int, str | None] = {}
         self._warned: set[str] = set()
 
     # -- taking tensors ----------------------------------------------------------------------
 
-    def take(self, site: str, kind: str, layer: Any, tensor: Any, in_attention: bool) -> None:
-        if not self.active or not _is_tensor(tensor) or _rank(tensor) == 0 or in_symbolic_scope():
+    def take(self, site: str, kind: str, layer: Any, tensor: Any, place: str,
+             attrs: Mapping[str, Any] | None = None) -> None:
+        if not self.active or in_symbolic_scope():
             return
-        if tf.executing_eagerly():
+        if runtime.is_tracer(tensor):
+            self._warn(site, f"{site}@{kind} runs under jax.jit, where it has no values; call "
+                             "the model eagerly (model(x)) to capture it")
+            return
+        if not runtime.is_value(tensor) or runtime.rank(tensor) == 0:
+            return
+        if runtime.eager():
             if self.depth:
-                self.put(site, kind, layer, tensor, in_attention)
+                self.put(site, kind, layer, tensor, place, attrs)
             return
-        current = self.graphs[-1] if self.graphs else None
-        if current is None:
+        if not self.graphs:
             return
-        if isinstance(tensor, np.ndarray):
-            tensor = tf.constant(tensor)
-        if tensor.graph is not current.graph:
-            # made inside a loop or branch body: its value never leaves that body
+        if not self.graphs[-1].collect((site, kind, layer, place, attrs), tensor):
             self._warn(site, f"{site}@{kind} runs inside a tf.while_loop / tf.cond body of the "
                              "graph and cannot be captured there; call the model eagerly")
-            return
-        current.metas.append((site, kind, layer, in_attention))
-        current.tensors.append(tensor)
 
-    def put(self, site: str, kind: str, layer: Any, tensor: Any, in_attention: bool) -> None:
+    def put(self, site: str, kind: str, layer: Any, tensor: Any, place: str,
+            attrs: Mapping[str, Any] | None = None) -> None:
         assert self.recorder is not None
-        held = tensor if isinstance(tensor, np.ndarray) else _Held(tensor)
-        roles = roles_for(layer, kind, held.shape, self.hidden_size, in_attention)
-        self.recorder.put(site, kind, held, roles, type(layer).__name__, to_numpy)
+        snapshot = None
+        if isinstance(tensor, np.ndarray):
+            held: Any = tensor
+        elif runtime.keras_backend() == "torch":
+            held, snapshot = tensor, runtime.snapshot_torch
+        else:
+            held = runtime.Held(tensor)
+        shape = tuple(int(n) for n in tensor.shape)
+        roles = roles_for(layer, kind, shape, self.hidden_size, place)
+        self.recorder.put(site, kind, held, roles, type(layer).__name__, to_numpy, snapshot,
+                          attrs=attrs)
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -203,19 +180,20 @@ class _Capture:
             warn_user(f"layerscope: {message}")
 
     def take_inputs(self, site: str, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    in_attention: bool) -> None:
+                    place: str) -> None:
         for path, tensor in _tensors((args, kwargs)):  # path: (0, position) or (1, keyword)
-            self.take(site, part_kind("input", path[1:]), layer, tensor, in_attention)
+            self.take(site, part_kind("input", path[1:]), layer, tensor, place)
 
-    def take_outputs(self, site: str, layer: Any, output: Any, in_attention: bool) -> None:
+    def take_outputs(self, site: str, layer: Any, output: Any, place: str) -> None:
         for path, tensor in _tensors(output):
             if id(tensor) in self.attention_ids:
                 continue  # scores the layer was asked to return: stored as @attention
-            self.take(site, part_kind("output", path), layer, tensor, in_attention)
+            self.take(site, part_kind("output", path), layer, tensor, place)
 
     # -- wrappers ----------------------------------------------------------------------------
 
-    def wrap_layer(self, site: str, layer: Any, in_attention: bool) -> Callable[..., Any]:
+    def wrap_layer(self, site: str, layer: Any, place: str,
+                   attention: bool) -> Callable[..., Any]:
         original = layer.call
         inputs = self.selection.wants("input", site)
         outputs = self.selection.wants("output", site)
@@ -225,10 +203,12 @@ class _Capture:
             if not self.active:
                 return original(*args, **kwargs)
             if inputs:
-                self.take_inputs(site, layer, args, kwargs, in_attention)
+                self.take_inputs(site, layer, args, kwargs, place)
+            if attention:  # the tap of _compute_attention labels the map with it
+                self.attention_kinds[id(layer)] = attention_kind(layer, original, args, kwargs)
             result = original(*args, **kwargs)
             if outputs:
-                self.take_outputs(site, layer, result, in_attention)
+                self.take_outputs(site, layer, result, place)
             return result
 
         return call
@@ -240,10 +220,10 @@ class _Capture:
 
         def body(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if inputs:
-                self.take_inputs(site, layer, args, kwargs, False)
+                self.take_inputs(site, layer, args, kwargs, OUTSIDE)
             result = original(*args, **kwargs)
             if outputs:
-                self.take_outputs(site, layer, result, False)
+                self.take_outputs(site, layer, result, OUTSIDE)
             return result
 
         @functools.wraps(original)
@@ -251,21 +231,33 @@ class _Capture:
             if not self.active or self.depth or _symbolic((args, kwargs)):
                 return original(*args, **kwargs)
             probe, ids = _batch_probe(args, kwargs)
-            if probe is None:
+            if probe is None or runtime.is_tracer(probe):
                 return original(*args, **kwargs)
-            if tf.executing_eagerly():
+            if runtime.eager():
                 return self.eager_pass(body, args, kwargs, probe, ids)
             return self.graph_pass(body, args, kwargs, probe, ids)
 
         return call
 
-    def wrap_attention(self, site: str, layer: Any) -> Callable[..., Any]:
+    def attention_taker(self, site: str, layer: Any) -> Callable[[Any], None]:
         def take(scores: Any) -> None:
-            if self.active and _is_tensor(scores):
+            if self.active and runtime.is_value(scores):
                 self.attention_ids[id(scores)] = scores
-                self.take(site, "attention", layer, scores, True)
+                kind = self.attention_kinds.get(id(layer))
+                self.take(site, "attention", layer, scores, OUTSIDE,
+                          {"attention": kind} if kind else None)
 
-        return tapped_compute_attention(layer, layer._compute_attention, take)
+        return take
+
+    def tap_attention(self, site: str, layer: Any) -> None:
+        take = self.attention_taker(site, layer)
+        if is_multi_head_attention(layer):
+            wrapper = tapped_compute_attention(layer, layer._compute_attention, take)
+            self.patches.append(_Patch(layer, "_compute_attention", wrapper))
+            return
+        tap = HubAttentionTap(layer, take, lambda message: self._warn(site, f"{site}: {message}"))
+        self.patches.append(_Patch(layer, "_masked_softmax", tap.masked_softmax))
+        self.patches.append(_Patch(layer, "_compute_attention", tap.compute_attention))
 
     # -- passes ------------------------------------------------------------------------------
 
@@ -291,7 +283,9 @@ class _Capture:
 
     def graph_pass(self, body: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                    probe: Any, ids: Any) -> Any:
-        current = _GraphPass(tf.compat.v1.get_default_graph())
+        from ._keras_graph import GraphPass  # TensorFlow only
+
+        current = GraphPass()
         self.graphs.append(current)
         self.attention_ids.clear()
         try:
@@ -299,15 +293,11 @@ class _Capture:
         finally:
             self.graphs.pop()
             self.attention_ids.clear()
-        # One op records the pass when the graph runs; tf.function runs every stateful op,
-        # in program order, so passes arrive in the order the model was called.
-        head = [tf.shape(probe)[0]] + ([tf.convert_to_tensor(ids)] if ids is not None else [])
-        replay = functools.partial(self.replay, tuple(current.metas), ids is not None)
-        tf.py_function(replay, head + current.tensors, Tout=[], name="layerscope_record")
+        current.record_when_run(probe, ids, self.replay)
         return result
 
-    def replay(self, metas: tuple[tuple[str, str, Any, bool], ...], has_ids: bool,
-               batch: Any, *values: Any) -> list[Any]:
+    def replay(self, metas: tuple[Any, ...], has_ids: bool, batch: Any, *values: Any
+               ) -> list[Any]:
         """Runs inside the graph: records one pass from the values it was handed."""
         recorder = self.recorder
         if not self.active or recorder is None:
@@ -321,8 +311,8 @@ class _Capture:
                 recorder.abort_pass()
             recorder.begin_pass(int(batch.numpy()), ids)
             try:
-                for (site, kind, layer, in_attention), value in zip(metas, values, strict=True):
-                    self.put(site, kind, layer, value, in_attention)
+                for (site, kind, layer, place, attrs), value in zip(metas, values, strict=True):
+                    self.put(site, kind, layer, value, place, attrs)
             except BaseException:
                 recorder.abort_pass()
                 raise
@@ -333,28 +323,26 @@ class _Capture:
 
     def install(self) -> None:
         model, selection = self.model, self.selection
-        under_attention: set[int] = set()
+        places: dict[int, str] = {}  # id(layer inside an attention layer) -> its place there
         for path, layer in named_layers(model):
-            if is_attention_layer(layer):
-                under_attention.update(id(s) for _, s in named_layers(layer) if s is not layer)
-            if layer is model:
-                continue
+            attention = is_attention_layer(layer)
+            if attention:
+                scores = scores_layers(layer)
+                places.update((id(s), place_in_attention(s, scores))
+                              for _, s in named_layers(layer) if s is not layer)
             site = site_of(path)
             if not selection.matches(site):
                 continue
-            in_attention = id(layer) in under_attention
-            if selection.wants("output", site) or selection.wants("input", site):
-                wrapper = self.wrap_layer(site, layer, in_attention)
+            tapped = attention and selection.wants("attention", site)
+            if layer is not model and (tapped or selection.wants("output", site)
+                                       or selection.wants("input", site)):
+                wrapper = self.wrap_layer(site, layer, places.get(id(layer), OUTSIDE), tapped)
                 self.patches.append(_Patch(layer, "call", wrapper))
-            if selection.wants("attention", site) and is_attention_layer(layer):
-                self.patches.append(_Patch(layer, "_compute_attention",
-                                           self.wrap_attention(site, layer)))
+            if tapped:
+                self.tap_attention(site, layer)
         root = site_of("")
         selected = selection.matches(root)
         self.patches.append(_Patch(model, "call", self.wrap_root(root, model, selected)))
-        if selected and selection.wants("attention", root) and is_attention_layer(model):
-            self.patches.append(_Patch(model, "_compute_attention",
-                                       self.wrap_attention(root, model)))
         self._set_aside_step_functions()
         self.active = True
 
@@ -365,7 +353,7 @@ class _Capture:
                 setattr(self.model, name, None)
         if getattr(self.model, "_jit_compile", None):
             self.saved["_jit_compile"] = self.model._jit_compile
-            self.model._jit_compile = False  # XLA cannot run the recording py_function
+            self.model._jit_compile = False  # XLA / jax.jit cannot hand values to Python
 
     def remove(self) -> None:
         self.active = False
@@ -382,8 +370,10 @@ class _Capture:
                 recorder.abort_pass()
 
 
-class TensorFlowBackend:
-    name = "tensorflow"
+class KerasBackend:
+    """The Keras 3 backend; ``name`` says which backend Keras runs on in this process."""
+
+    name = runtime.framework_name()
     extra = "tensorflow"
 
     def can_handle(self, model: Any) -> bool:
@@ -397,12 +387,6 @@ class TensorFlowBackend:
 
     @contextmanager
     def attach(self, model: Any, selection: Selection, recorder: Recorder) -> Iterator[None]:
-        if keras.backend.backend() != "tensorflow":
-            raise BackendError(
-                f"Keras runs on its {keras.backend.backend()!r} backend; layerscope captures Keras "
-                "models on the TensorFlow backend: set KERAS_BACKEND=tensorflow before importing "
-                "keras"
-            )
         capture = _Capture(model, selection, recorder)
         try:
             capture.install()
@@ -414,7 +398,7 @@ class TensorFlowBackend:
         return to_numpy(tensor)
 
     def framework_version(self) -> str:
-        return f"{tf.__version__} (keras {keras.__version__})"
+        return runtime.framework_version()
 
     def describe(self, model: Any) -> dict[str, Any]:
         cls = type(model)
@@ -425,16 +409,14 @@ class TensorFlowBackend:
         return described
 
     def run(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        def convert(value: Any) -> Any:
-            return tf.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
-
-        args = tuple(convert(a) for a in args)
-        kwargs = {k: convert(v) for k, v in kwargs.items()}
+        args = tuple(runtime.convert_input(a) for a in args)
+        kwargs = {k: runtime.convert_input(v) for k, v in kwargs.items()}
         names = _dict_input_names(model)
-        if not args and kwargs and names is not None:
-            # a functional model with named inputs (keras-hub backbones) takes one dict
-            return model({k: v for k, v in kwargs.items() if k in names}, training=False)
-        return model(*args, **kwargs)
+        with runtime.no_grad():
+            if not args and kwargs and names is not None:
+                # a functional model with named inputs (keras-hub backbones) takes one dict
+                return model({k: v for k, v in kwargs.items() if k in names}, training=False)
+            return model(*args, **kwargs)
 
     def adapt_tokenizer(self, tokenizer: Any, model: Any = None) -> Any:
         """A keras-hub tokenizer/preprocessor turned into what ``capture`` calls; others kept."""
@@ -447,6 +429,10 @@ class TensorFlowBackend:
         return load_hf_folder(folder)
 
 
+#: the name the class had when it served TensorFlow only
+TensorFlowBackend = KerasBackend
+
+
 def _dict_input_names(model: Any) -> set[str] | None:
     structure = getattr(model, "_inputs_struct", None)
     if isinstance(structure, Mapping):
@@ -454,7 +440,7 @@ def _dict_input_names(model: Any) -> set[str] | None:
     return None
 
 
-BACKEND: Backend = TensorFlowBackend()
+BACKEND: Backend = KerasBackend()
 
-__all__ = ["BACKEND", "KerasHubTokenizer", "TensorFlowBackend", "adapt_tokenizer",
-           "load_hf_folder", "to_numpy"]
+__all__ = ["BACKEND", "KerasBackend", "KerasHubTokenizer", "TensorFlowBackend",
+           "adapt_tokenizer", "load_hf_folder", "to_numpy"]

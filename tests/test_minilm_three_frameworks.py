@@ -183,7 +183,7 @@ def test_tiny_cnn_nchw_and_nhwc_agree_after_alignment_by_dim_names(tmp_path):
     first_keras = layerscope.captured_names(b)[0]  # Keras numbers layer names globally
     assert list(b[first_keras].attrs["roles"]) == ["batch", "height", "width", "channel"]
     result = diff(tmp_path / "torch.zarr", tmp_path / "keras.zarr")  # automatic pairing
-    assert result.passed and result.frameworks == ("torch", "tensorflow")
+    assert result.passed and result.frameworks == ("torch", "keras/tensorflow")
     convs = [p for p in result.pairs if "transposed" in p.note]
     assert len(convs) == 4  # two convolutions and two ReLUs, channels-last -> channels-first
     assert all(p.max_abs < 1e-5 for p in result.pairs)

@@ -1,5 +1,6 @@
 """Tiny Keras 3 models for the backend conformance suite: a Sequential MLP and CNN, a
-subclassed transformer (MultiHeadAttention) and a functional RNN (GRU + LSTM)."""
+subclassed transformer (MultiHeadAttention) and a functional RNN (GRU + LSTM). Backend-neutral:
+the same kit runs on whichever backend Keras runs on in the process (``KERAS_BACKEND``)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def _functional_rnn() -> keras.Model:
 
 
 class TensorFlowKit(Kit):
-    framework = "tensorflow"
+    #: the Keras backend's name in this process: keras/tensorflow, keras/jax or keras/torch
+    framework = f"keras/{keras.backend.backend()}"
 
     def build(self, kind: str) -> Case:
         keras.utils.set_random_seed(0)

@@ -36,7 +36,7 @@ def _state(model: Any) -> Any:
 
 def test_detected_without_importing_on_purpose() -> None:
     model = KIT.build("mlp").model
-    assert detect(model).name == "tensorflow"
+    assert detect(model).name == "keras/tensorflow"
     assert layerscope.sites(model)[0].path == "root"
 
 
@@ -271,7 +271,7 @@ def test_minilm_sites_and_dims(keras_minilm, keras_minilm_trace) -> None:
     ds = keras_minilm_trace
     attention = [s.path for s in layerscope.sites(model) if s.is_attention]
     assert attention == [f"transformer_layers.{i}.self_attention_layer" for i in range(6)]
-    assert ds.attrs["committed_batches"] == 3 and ds.attrs["framework"] == "tensorflow"
+    assert ds.attrs["committed_batches"] == 3 and ds.attrs["framework"] == "keras/tensorflow"
     var = ds["transformer_layers.3.self_attention_layer@attention"]
     assert var.dims == ("batch", "head", "query", "key") and var.attrs["layer"] == 3
     assert ds["transformer_layers.0.feedforward_intermediate_dense@output"].dims == (
@@ -364,7 +364,7 @@ def test_minilm_cli_trace(tmp_path) -> None:
                    "--capture", "transformer_layers.0*", "--no-progress"])
     assert status == 0
     ds = layerscope.open_trace(path)
-    assert ds.attrs["framework"] == "tensorflow"
+    assert ds.attrs["framework"] == "keras/tensorflow"
     assert list(ds["input_text"].values) == ["Keras from the command line.", "Second text."]
     assert ds["transformer_layers.0.self_attention_layer@attention"].sizes["batch"] == 2
     assert all(name.startswith("transformer_layers.0") for name in layerscope.captured_names(ds))
@@ -379,23 +379,17 @@ def test_kinds_per_pattern(tmp_path: Path) -> None:
         "attn@attention", "norm@output"]
 
 
-def test_keras_on_another_backend_is_refused(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
+def test_keras_backend_names() -> None:
+    """``tensorflow`` (the registry name), ``keras`` and ``keras/tensorflow`` name one backend;
+    a Keras backend this process does not run is refused with the reason."""
+    from layerscope.backends import get_backend
+    from layerscope.core import BackendError
 
-    script = (
-        "import keras, numpy as np, layerscope\n"
-        "model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])\n"
-        "try:\n"
-        "    layerscope.capture(model, np.ones((2, 3), 'float32'), 'x.zarr')\n"
-        "except layerscope.BackendError as exc:\n"
-        "    print('refused:', exc)\n"
-    )
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert "refused:" in done.stdout and "KERAS_BACKEND=tensorflow" in done.stdout, done.stderr
+    backend = get_backend("tensorflow")
+    assert get_backend("keras") is backend and get_backend("keras/tensorflow") is backend
+    assert backend.framework_version().startswith(f"keras {keras.__version__} on tensorflow")
+    with pytest.raises(BackendError, match="Keras runs on 'keras/tensorflow' in this process"):
+        get_backend("keras/jax")
 
 
 def test_nhwc_maps_line_up_with_a_pytorch_trace_by_name(tmp_path: Path) -> None:
@@ -495,7 +489,7 @@ def test_cli_trace_of_a_keras_factory(tmp_path: Path) -> None:
     path = tmp_path / "factory.zarr"
     assert main(["trace", f"{factory}:make", "-o", str(path), "--no-progress"]) == 0
     ds = layerscope.open_trace(path)
-    assert ds.attrs["framework"] == "tensorflow"
+    assert ds.attrs["framework"] == "keras/tensorflow"
     assert ds["conv@output"].dims == ("batch", "height", "width", "channel")
     np.testing.assert_allclose(ds["gap@output"].values, ds["conv@output"].mean(("height", "width")),
                                rtol=1e-5, atol=1e-6)
