@@ -1,7 +1,7 @@
-"""Vocabulary axes of PyTorch language models: the last axis of the logits.
+"""Vocabulary and label axes of PyTorch models: the last axis of the logits.
 
-A language model's head maps ``hidden`` features onto the vocabulary (a classifier's onto its
-labels). That axis is neither ``hidden`` nor an MLP's ``neuron``, and the format has no role for
+A language model's head maps ``hidden`` features onto the vocabulary, a classifier's onto its
+labels. That axis is neither ``hidden`` nor an MLP's ``neuron``, and the format has no role for
 it, so it gets a neutral name (``axis<i>``) instead of a wrong known one. Found from what the
 model says, never from a size alone where the model says it:
 
@@ -11,6 +11,9 @@ model says, never from a size alone where the model says it:
 - in a model with no ``get_output_embeddings`` (a plain ``torch.nn`` language model), an
   ``nn.Linear`` mapping onto as many outputs as an ``nn.Embedding`` has rows (and not onto its
   width);
+- a Hugging Face task model's linear layer onto ``config.num_labels`` outside its backbone
+  (``base_model``): the classifier of ``...ForImageClassification``,
+  ``...ForSequenceClassification``, ``...ForQuestionAnswering``;
 - any output part named ``logits`` (``output.logits``, ``output.start_logits``).
 """
 
@@ -40,7 +43,18 @@ def vocabulary_modules(model: nn.Module) -> frozenset[int]:
             continue
         if id(module.weight) in tied or (not callable(own) and module.out_features in rows):
             found.add(id(module))
+    found.update(_label_heads(model))
     return frozenset(found)
+
+
+def _label_heads(model: nn.Module) -> set[int]:
+    base = getattr(model, "base_model", None)
+    labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if not isinstance(base, nn.Module) or base is model or not isinstance(labels, int):
+        return set()
+    backbone = {id(m) for m in base.modules()}
+    return {id(m) for m in model.modules() if isinstance(m, nn.Linear)
+            and id(m) not in backbone and m.out_features == labels}
 
 
 def is_logits(kind: str) -> bool:

@@ -1,0 +1,82 @@
+"""An LSTM language model (Embedding -> nn.LSTM -> Linear), batch-first and with a time-major
+LSTM inside: the LSTM's states are (batch, token, hidden) either way, its final states
+(batch, rnn_layer, hidden), the logits (batch, token, <vocabulary>) with no feature role, each
+equal to the layer's own output, at batch 1 and 3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import layerscope
+from layerscope.core.naming import roles_of
+
+from ._zoo import assert_no_image_roles
+
+VOCAB, WIDTH, STATE, LENGTH = 50, 16, 24, 6
+
+
+class LanguageModel(nn.Module):
+    """Token ids (batch, token) in, logits out; ``batch_first=False`` runs a time-major LSTM."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.lstm = nn.LSTM(WIDTH, STATE, num_layers=2, batch_first=batch_first)
+        self.decoder = nn.Linear(STATE, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        if not self.batch_first:
+            x = x.transpose(0, 1)  # (token, batch, width)
+        states, _ = self.lstm(x)
+        if not self.batch_first:
+            states = states.transpose(0, 1)
+        return self.decoder(states)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "time-major"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lstm_language_model(tmp_path, batch, batch_first):
+    torch.manual_seed(0)
+    model = LanguageModel(batch_first).eval()
+    ids = torch.randint(0, VOCAB, (batch, LENGTH), generator=torch.Generator().manual_seed(batch))
+    own: dict[str, object] = {}
+    handles = [getattr(model, name).register_forward_hook(
+        lambda m, a, o, name=name: own.setdefault(name, o)) for name in ("embed", "lstm")]
+    path = tmp_path / "lstm.zarr"
+    try:
+        with layerscope.trace(model, path), torch.no_grad():
+            logits = model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ds = layerscope.open_trace(path)
+
+    assert ds.sizes["batch"] == batch
+    embedded = ds["embed@output"]
+    assert roles_of(embedded) == ("batch", "token", "hidden")
+    np.testing.assert_array_equal(embedded.values, own["embed"].numpy())
+    np.testing.assert_array_equal(ds["token_id"].values, ids.numpy())
+
+    states, (h_n, c_n) = own["lstm"]
+    if not batch_first:
+        states = states.transpose(0, 1)  # stored batch first
+    var = ds["lstm@output"]  # the first element of the tuple is the output itself
+    assert roles_of(var) == ("batch", "token", "hidden") and var.shape == (batch, LENGTH, STATE)
+    np.testing.assert_array_equal(var.values, states.numpy())
+    for part, value in (("1.0", h_n), ("1.1", c_n)):  # (layers, batch, state) stored batch first
+        var = ds[f"lstm@output.{part}"]
+        assert roles_of(var) == ("batch", "rnn_layer", "hidden"), (part, roles_of(var))
+        np.testing.assert_array_equal(var.values, value.transpose(0, 1).numpy(), err_msg=part)
+
+    for name in ("decoder@output", "root@output"):
+        var = ds[name]
+        roles = roles_of(var)
+        assert roles[:2] == ("batch", "token") and roles[2] not in ("hidden", "neuron"), \
+            (name, roles)
+        np.testing.assert_array_equal(var.values, logits.numpy(), err_msg=name)
+    assert_no_image_roles(ds)
