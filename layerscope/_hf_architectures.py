@@ -106,7 +106,10 @@ def _named_class(config: Any) -> Any:
     import transformers
 
     for name in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, str(name), None) if str(name).isidentifier() else None
+        try:
+            cls = getattr(transformers, str(name), None) if str(name).isidentifier() else None
+        except (ImportError, RuntimeError):  # a class whose optional dependency is missing
+            cls = None
         if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
             return cls
     return None

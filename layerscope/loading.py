@@ -115,7 +115,16 @@ def _load_torch_folder(architecture: Architecture, attn_implementation: str | No
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     _keep_model_inputs(tokenizer, model)
+    _pad_with_end_token(tokenizer)
     return Loaded(model, tokenizer, architecture=architecture)
+
+
+def _pad_with_end_token(tokenizer: Any) -> None:
+    """Causal LM tokenizers (Llama, GPT-2) have no pad token, and the texts of a trace are
+    padded to one length: they pad with their end-of-text token, which the attention mask
+    hides from the model."""
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None):
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def _keep_model_inputs(tokenizer: Any, model: Any) -> None:
