@@ -3,9 +3,11 @@ and feeds it what that class reads: texts (causal LMs, encoders), texts and targ
 (encoder-decoders) or images (vision models). A model it cannot feed is refused in one line
 before a store exists.
 
-The folders are tiny random-weight models saved on the fly; text models get the packaged
-MiniLM's tokenizer files, whose vocabulary sizes their embeddings. Folders that are only
-refused hold a config.json alone: the refusal comes before any weight is read."""
+The folders are tiny random-weight models saved on the fly. The Llama folder gets a word-level
+tokenizer without a pad token, as real Llama and GPT-2 tokenizers have none; the other text
+models get the packaged MiniLM's tokenizer files, whose vocabulary sizes their embeddings.
+Folders that are only refused hold a config.json alone: the refusal comes before any weight
+is read."""
 
 from __future__ import annotations
 
@@ -30,14 +32,28 @@ DECODER_START = {"t5": 0, "bart": 102}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _models(vocab: int) -> dict[str, Callable[[], object]]:
+#: the Llama folder's word-level vocabulary: no pad token
+WORDS = ["<unk>", "<s>", "</s>", *sorted({w for text in TEXTS for w in text.split()})]
+
+
+def _word_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _models(vocab: int) -> dict[str, Callable[[], Any]]:
     import transformers as tf
 
     return {
         "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
-            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-            pad_token_id=0, bos_token_id=101, eos_token_id=102)),
+            bos_token_id=WORDS.index("<s>"), eos_token_id=WORDS.index("</s>"))),
         "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(
             vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
             pad_token_id=0, eos_token_id=102, decoder_start_token_id=DECODER_START["t5"])),
@@ -74,6 +90,8 @@ def folders(tmp_path_factory, minilm_folder, minilm_tokenizer) -> Callable[[str]
             models[name]().save_pretrained(path)
             if name == "vit":  # vit has an image processor; resnet is left without one
                 tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+            elif name == "llama":
+                _word_tokenizer().save_pretrained(path)
             elif name != "resnet":
                 for file in TOKENIZER_FILES:
                     shutil.copy(minilm_folder / file, path / file)
@@ -112,12 +130,15 @@ def shifted_right(ids: np.ndarray, start: int) -> np.ndarray:
 
 # -- what each kind of folder gets -----------------------------------------------------------
 
-def test_a_causal_lm_is_traced_with_its_head(folders, minilm_tokenizer, tmp_path):
+def test_a_causal_lm_is_traced_with_its_head(folders, tmp_path):
     ds = trace(folders("llama"), tmp_path / "t.zarr", "--text", TEXTS[0], "--text", TEXTS[1])
     assert model_class(ds) == "LlamaForCausalLM"
-    ids = minilm_tokenizer(TEXTS, padding=True, return_tensors="np")["input_ids"]
-    assert ds["root@output.logits"].shape == (*ids.shape, len(minilm_tokenizer))
-    np.testing.assert_array_equal(ds["token_id"].values, ids)
+    # its tokenizer has no pad token: the shorter text is padded with the end token
+    end = WORDS.index("</s>")
+    ids = [[WORDS.index(w) for w in text.split()] for text in TEXTS]
+    padded = np.array([row + [end] * (len(ids[0]) - len(row)) for row in ids])
+    np.testing.assert_array_equal(ds["token_id"].values, padded)
+    assert ds["root@output.logits"].shape == (*padded.shape, len(WORDS))
 
 
 def test_an_encoder_is_traced_as_the_class_its_config_names(folders, minilm_tokenizer,
@@ -162,6 +183,17 @@ def test_an_encoder_decoder_reads_the_target_texts(folders, minilm_tokenizer, tm
     encoded = minilm_tokenizer(TEXTS, padding=True, return_tensors="np")["input_ids"]
     np.testing.assert_array_equal(ds["token_id"].values, encoded)
     assert list(ds["input_text"].values) == TEXTS
+
+
+def test_appended_targets_are_padded_to_the_stored_decoder_length(folders, minilm_tokenizer,
+                                                                  tmp_path):
+    out = tmp_path / "t.zarr"
+    trace(folders("t5"), out, "--text", TEXTS[0], "--target-text", TARGETS[0])
+    ds = trace(folders("t5"), out, "--append", "--text", TEXTS[1], "--target-text", TARGETS[1])
+    targets = minilm_tokenizer(text_target=TARGETS, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(ds["decoder_token_id"].values,
+                                  shifted_right(targets["input_ids"], DECODER_START["t5"]))
+    assert ds.attrs["committed_batches"] == 2
 
 
 def test_without_target_text_the_decoder_reads_the_input_text(folders, minilm_tokenizer,
