@@ -1,5 +1,7 @@
 """GPT-2: its Conv1D layers are linear layers, so their outputs are (batch, token, feature),
-never a channels-first map; real convolutions still are (batch, channel, width)."""
+never a channels-first map; real convolutions still are (batch, channel, width). Its maps,
+under eager attention and SDPA, equal the eager model's own; the logits' last axis (the
+vocabulary, tied to the token embedding) is no feature axis."""
 
 from __future__ import annotations
 
@@ -18,17 +20,21 @@ LAYERS = 2
 LINEAR = ("c_fc", "c_proj", "c_attn")
 
 
-def _model() -> GPT2LMHeadModel:
+def _model(implementation: str = "eager") -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(n_embd=32, n_layer=LAYERS, n_head=4, vocab_size=64, bos_token_id=1,
-                        eos_token_id=2, attn_implementation="eager")
+                        eos_token_id=2, attn_implementation=implementation)
     return GPT2LMHeadModel(config).eval()
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_conv1d_layers_are_token_by_feature(tmp_path, batch):
-    model = _model()
+def test_conv1d_layers_are_token_by_feature(tmp_path, batch, implementation):
+    model = _model(implementation)
+    assert model.config._attn_implementation == implementation
     ids = torch.randint(3, 64, (batch, 6), generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        reference = _model("eager")(input_ids=ids, output_attentions=True)
     own: dict[str, torch.Tensor] = {}
     handles = [
         module.register_forward_hook(
@@ -38,7 +44,7 @@ def test_conv1d_layers_are_token_by_feature(tmp_path, batch):
     path = tmp_path / "gpt2.zarr"
     try:
         with layerscope.trace(model, path, kinds=["output", "attention"]), torch.no_grad():
-            out = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+            out = model(input_ids=ids, output_hidden_states=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -57,11 +63,16 @@ def test_conv1d_layers_are_token_by_feature(tmp_path, batch):
         assert roles_of(var) == ("batch", "token", "hidden")
         np.testing.assert_array_equal(var.values, out.hidden_states[i + 1].numpy())
 
-    expected = {f"transformer.h.{i}.attn@attention": out.attentions[i] for i in range(LAYERS)}
+    expected = {f"transformer.h.{i}.attn@attention": reference.attentions[i]
+                for i in range(LAYERS)}
     stored = attention_variables(ds)
     assert set(stored) == set(expected)
-    for name, reference in expected.items():
-        assert_is_attention(stored[name], reference, name)
+    for name, probabilities in expected.items():
+        assert_is_attention(stored[name], probabilities, name)
+    for name in ("lm_head@output", "root@output.logits"):
+        roles = roles_of(ds[name])
+        assert roles[:2] == ("batch", "token") and roles[2] not in ("hidden", "neuron"), roles
+        np.testing.assert_array_equal(ds[name].values, out.logits.numpy(), err_msg=name)
     assert_no_image_roles(ds)
 
 
