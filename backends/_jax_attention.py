@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._jax_dims import flax_classes, is_array
+
 _NOT_ATTENTION = ("Output", "Mask", "Bias", "Rotary", "Embedding", "Embed", "Norm", "Pool")
 _SOFTMAX_HOMES = ("jax.nn", "flax.nnx", "flax.linen", "flax.nnx.nn.activations",
                   "flax.linen.activation")
@@ -217,3 +219,39 @@ def _xla_attention_module() -> Any:
         return None
     needed = ("_dot_product_attention_xla", "_dot_product_attention_core", "softmax")
     return functions if all(hasattr(functions, name) for name in needed) else None
+
+
+#: Flax attention classes whose call is ``(inputs_q, inputs_k=None, inputs_v=None, ...)``
+_QKV_CLASSES = ("MultiHeadAttention", "MultiHeadDotProductAttention")
+
+
+def attention_kind(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int,
+                   probs_shape: tuple[int, ...]) -> str | None:
+    """``self`` when an attention module's queries and keys come from the same array,
+    ``cross`` when they come from another one, None when that cannot be told for certain.
+
+    Flax's own attention classes say it by their arguments (no ``inputs_k``, or the same array
+    as ``inputs_q``, is self-attention, whatever the cache does). Another module is
+    self-attention when it receives one (batch, token, feature) float array, and
+    cross-attention when it receives two whose second has as many positions as the map has
+    keys and the first another number; anything else (a bias or a rotary table beside the
+    sequence, equal lengths) stays unsaid.
+    """
+    if isinstance(module, flax_classes(*_QKV_CLASSES)):
+        if type(module).__name__ == "SelfAttention":
+            return "self"
+        query = args[0] if args else kwargs.get("inputs_q")
+        keys = args[1] if len(args) > 1 else kwargs.get("inputs_k", kwargs.get("inputs_kv"))
+        return "self" if keys is None or keys is query else "cross"
+    sequences: list[Any] = []
+    for value in (*args, *kwargs.values()):
+        if is_array(value) and value.ndim == 3 and int(value.shape[0]) == batch and \
+                jnp.issubdtype(value.dtype, jnp.floating) and \
+                not any(value is seen for seen in sequences):
+            sequences.append(value)
+    if len(sequences) == 1:
+        return "self"
+    if len(sequences) == 2 and len(probs_shape) >= 2 and \
+            int(sequences[1].shape[1]) == probs_shape[-1] != int(sequences[0].shape[1]):
+        return "cross"
+    return None

@@ -1,13 +1,28 @@
 """Arrays, dimension roles and batch discovery for the JAX backend.
 
-Flax lays images out channels-last (NHWC), so a 4-d activation of a convolution is
-(batch, height, width, channel); sequences are (batch, token, feature) unless a recurrent
-layer runs time-major. Attention probabilities from Flax are (batch, head, query, key).
+Flax lays images out channels-last (NHWC), so a map of a convolution is
+(batch, height, width, channel), stored in that order with those names so it lines up by
+name with a channels-first map. Roles come from what a module is, never from rank alone:
+
+- ``channel`` and the spatial axes for Flax's convolutions at their rank, for Flax's batch,
+  group and instance norms at rank 4 and 5, for a map passed on unchanged or through a norm,
+  dropout or pointwise linear layer (also with an activation between), and for the 4-d or
+  5-d output of another module whose last axis has the channel count of the map last made
+  inside it (or, failing that, beside it in the enclosing module): a CNN block, a pooling or
+  activation module;
+- per-head projections (``LinearGeneral`` with two output features inside an attention
+  module) are (batch, token, head, axis3);
+- 2-d and 3-d arrays are (batch, feature) and (batch, token, feature);
+- anything else gets neutral names (``batch``, ``axis1``, ...). Sequences are batch first
+  unless a recurrent layer runs time-major. Attention probabilities from Flax are
+  (batch, head, query, key).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -17,15 +32,62 @@ from layerscope.core.naming import default_roles, feature_role
 
 from ._structure import leaves
 
-#: Module class names (prefixes) whose 3- to 5-d outputs are channels-last images.
-_IMAGE_MODULES = (
-    "Conv", "ConvTranspose", "ConvLocal", "BatchNorm", "GroupNorm", "InstanceNorm", "Pool",
-    "MaxPool", "AvgPool", "Upsample", "Dropout2d",
-)
 _SPATIAL = {3: ("width",), 4: ("height", "width"), 5: ("depth", "height", "width")}
 _RECURRENT = ("RNN", "Bidirectional", "GRU", "LSTM")
-#: Modules whose 4-d outputs are (batch, token, head, feature) projections, not images.
-_NOT_IMAGE = ("Linear", "Dense", "Einsum", "Embed")
+#: Flax classes (``flax.nnx`` and ``flax.linen`` names) by what they do to a layout
+_CONVOLUTIONS = ("Conv", "ConvTranspose", "ConvLocal")
+_IMAGE_NORMS = ("BatchNorm", "GroupNorm", "InstanceNorm")  # channels-last at rank 4 and 5
+_SAME_LAYOUT = (*_IMAGE_NORMS, "LayerNorm", "RMSNorm", "Dropout")
+_LINEAR = ("Linear", "Dense")
+_GENERAL = ("LinearGeneral", "DenseGeneral")
+_OTHER_FLAX = ("Einsum", "Embed", "LoRA", "LoRALinear")
+_FLAX_HOMES = ("flax.nnx", "flax.linen")
+
+
+_classes: dict[tuple[str, ...], tuple[type, ...]] = {}
+
+
+def flax_classes(*names: str) -> tuple[type, ...]:
+    """The Flax NNX and Linen classes of these names that are loaded (nothing is imported)."""
+    cached = _classes.get(names)
+    if cached is not None:
+        return cached
+    found = []
+    for home in _FLAX_HOMES:
+        module = sys.modules.get(home)
+        for name in names:
+            cls = getattr(module, name, None) if module is not None else None
+            if isinstance(cls, type):
+                found.append(cls)
+    if all(home in sys.modules for home in _FLAX_HOMES):  # later imports add nothing
+        _classes[names] = tuple(found)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What is known around an array besides its module and shape."""
+
+    #: the roles this very array was given earlier in the pass (returned unchanged)
+    inherited: tuple[str, ...] | None = None
+    #: the roles of the module's first array argument, where known, and its shape
+    input_roles: tuple[str, ...] | None = None
+    input_shape: tuple[int, ...] | None = None
+    #: (rank, channels) of the channels-last map last made inside the module, else beside it
+    image: tuple[int, int] | None = None
+    #: the module is called by an attention module
+    in_attention: bool = False
+
+
+def image_roles(ndim: int) -> tuple[str, ...]:
+    return ("batch", *_SPATIAL[ndim], "channel")
+
+
+def image_layout(roles: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(rank, channels) when ``roles`` are a channels-last map's, else None."""
+    if len(shape) in _SPATIAL and roles == image_roles(len(shape)):
+        return len(shape), int(shape[-1])
+    return None
 
 
 def is_array(value: Any) -> bool:
@@ -71,8 +133,8 @@ def batch_of(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[int | No
     return (int(first.shape[0]) if first is not None else None), None
 
 
-def roles_for(module: Any, kind: str, shape: tuple[int, ...],
-              hidden_size: int | None) -> tuple[str, ...]:
+def roles_for(module: Any, kind: str, shape: tuple[int, ...], hidden_size: int | None,
+              context: Context | None = None) -> tuple[str, ...]:
     """Role names for each axis of an array of ``shape`` taken as ``kind`` at ``module``
     (a Flax module, or None for a named scope of a plain function)."""
     ndim = len(shape)
@@ -80,18 +142,18 @@ def roles_for(module: Any, kind: str, shape: tuple[int, ...],
         return ()
     if kind.startswith("attention"):
         return ("batch", "head", "query", "key")[-ndim:] if ndim >= 3 else default_roles(ndim)
+    context = context or Context()
+    if context.inherited is not None and len(context.inherited) == ndim:
+        return context.inherited
     name = type(module).__name__ if module is not None else ""
     if ndim == 3 and kind.startswith("output") and name.startswith(_RECURRENT):
         if getattr(module, "time_major", False):
             return ("token", "batch", "hidden")
         return ("batch", "token", "hidden")
-    if ndim in _SPATIAL and name.startswith(_IMAGE_MODULES):
-        return ("batch", *_SPATIAL[ndim], "channel")
-    if ndim == 4 and module is not None and not name.startswith(_NOT_IMAGE) \
-            and "Attention" not in name:
-        return ("batch", "height", "width", "channel")  # a block of a channels-last CNN
-    if ndim == 4 and name.startswith(_NOT_IMAGE):
-        return ("batch", "token", "head", "axis3")  # per-head projections (LinearGeneral)
+    if module is not None:
+        known = _module_roles(module, kind, shape, hidden_size, context)
+        if known is not None:
+            return known
     if ndim == 1:
         return ("batch",)
     if ndim == 2:
@@ -99,3 +161,48 @@ def roles_for(module: Any, kind: str, shape: tuple[int, ...],
     if ndim == 3:
         return ("batch", "token", feature_role(shape[-1], hidden_size))
     return default_roles(ndim)
+
+
+def _module_roles(module: Any, kind: str, shape: tuple[int, ...], hidden_size: int | None,
+                  context: Context) -> tuple[str, ...] | None:
+    """Roles that follow from what ``module`` is; None: the plain rank rules apply."""
+    ndim = len(shape)
+    if isinstance(module, flax_classes(*_CONVOLUTIONS)):
+        kernel = getattr(module, "kernel_size", None)
+        spatial = 1 if isinstance(kernel, int) else len(kernel) if kernel is not None else None
+        if ndim in _SPATIAL and (spatial is None or ndim == spatial + 2):
+            return image_roles(ndim)
+        return default_roles(ndim)  # an unbatched or otherwise unusual call
+    if not kind.startswith("output"):
+        return None
+    input_roles = context.input_roles
+    fits_input = input_roles is not None and len(input_roles) == ndim
+    if isinstance(module, flax_classes(*_SAME_LAYOUT)):
+        if fits_input:
+            return input_roles
+        if ndim in (4, 5) and (isinstance(module, flax_classes(*_IMAGE_NORMS))
+                               or context.image == (ndim, shape[-1])):
+            return image_roles(ndim)
+        return default_roles(ndim) if ndim >= 4 else None
+    if isinstance(module, flax_classes(*_LINEAR)):
+        if fits_input and input_roles is not None and input_roles[-1] == "channel":
+            return input_roles  # pointwise over a map's channels: a 1x1 convolution
+        shape_in = context.input_shape
+        if ndim in (4, 5) and shape_in is not None and \
+                context.image == (len(shape_in), shape_in[-1]):
+            return image_roles(ndim)  # the same, over an activation of that map
+        if ndim >= 4:
+            return (*default_roles(ndim)[:-1], feature_role(shape[-1], hidden_size))
+        return None
+    if isinstance(module, flax_classes(*_GENERAL)):
+        out = getattr(module, "out_features", None)
+        if ndim == 4 and context.in_attention and context.input_shape is not None and \
+                len(context.input_shape) == 3 and \
+                isinstance(out, tuple) and len(out) == 2:
+            return ("batch", "token", "head", "axis3")  # query / key / value per head
+        return default_roles(ndim) if ndim >= 4 else None
+    if isinstance(module, flax_classes(*_OTHER_FLAX)):
+        return default_roles(ndim) if ndim >= 4 else None
+    if ndim in (4, 5) and context.image == (ndim, shape[-1]):
+        return image_roles(ndim)  # a CNN block, a pooling or activation module
+    return default_roles(ndim) if ndim >= 4 else None

@@ -13,6 +13,7 @@ per-step or per-example values without the batch axis first, so it is left alone
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,8 @@ from jax.extend import core as jex_core
 from layerscope.core import Selection
 from layerscope.core.naming import ROOT_SITE, move_batch_first
 
-from ._jax_attention import current_scopes, is_attention_name, is_attention_scope
-from ._jax_dims import arrays, batch_of, is_array, roles_for
+from ._jax_attention import attention_kind, current_scopes, is_attention_name, is_attention_scope
+from ._jax_dims import Context, arrays, batch_of, image_layout, is_array, roles_for
 from ._jax_runtime import Item, Outbound, Sink, uncaptured
 from ._structure import part_kind
 
@@ -44,6 +45,8 @@ class Frame:
     site: str
     attention: bool
     probs: Any = None
+    #: (rank, channels) of the channels-last map last made inside this module's call
+    image: tuple[int, int] | None = None
 
 
 @dataclass
@@ -58,6 +61,20 @@ class Pass:
     #: attention maps stored this pass, by id; held, so that no later array can reuse an id
     #: (an output mistaken for a map handed back would be dropped)
     seen: dict[int, Any] = field(default_factory=dict)
+    #: roles given to arrays this pass, by id, with a weak reference to the array (an id
+    #: freed and reused by a new array must not hand its roles on)
+    layouts: dict[int, tuple[Callable[[], Any], tuple[str, ...]]] = field(default_factory=dict)
+
+    def roles_of(self, value: Any) -> tuple[str, ...] | None:
+        entry = self.layouts.get(id(value))
+        return entry[1] if entry is not None and entry[0]() is value else None
+
+    def remember(self, value: Any, roles: tuple[str, ...]) -> None:
+        try:
+            ref: Callable[[], Any] = weakref.ref(value)
+        except TypeError:
+            ref = lambda: value  # noqa: E731  (an array type without weak references)
+        self.layouts[id(value)] = (ref, roles)
 
 
 class ModuleEngine:
@@ -139,14 +156,20 @@ class ModuleEngine:
         selected = self.selection.matches(site)
         if recorder.selection.wants("input", site):
             for path, value in arrays((args, kwargs)):  # path: (0, position) or (1, keyword)
-                self._take(current, module, site, part_kind("input", path[1:]), value)
+                if is_array(value) and value.ndim > 0:
+                    kind = part_kind("input", path[1:])
+                    roles = current.roles_of(value) or roles_for(
+                        module, kind, tuple(value.shape), self.hidden_size)
+                    self._take(current, module, site, kind, value, roles)
         frame = Frame(module, site, is_attention_name(type(module).__name__))
         depth = len(current.frames)
+        parent = current.frames[-1] if current.frames else None
         current.frames.append(frame)
         try:
             out = call(*args, **kwargs)
         finally:
             del current.frames[depth:]
+        labels = self._label(current, frame, parent, args, kwargs, out)
         if not selected:
             return out
         probs = frame.probs if recorder.selection.wants("attention", site) else None
@@ -154,18 +177,51 @@ class ModuleEngine:
             for path, value in arrays(out):
                 if current.seen.get(id(value)) is value or (probs is not None and value is probs):
                     continue  # attention weights handed back: stored once, as attention
-                self._take(current, module, site, part_kind("output", path), value)
+                if is_array(value) and value.ndim > 0:
+                    self._take(current, module, site, part_kind("output", path), value,
+                               labels[id(value)])
         if probs is not None:
             current.seen[id(probs)] = probs
-            self._take(current, module, site, "attention", probs)
+            roles = roles_for(module, "attention", tuple(probs.shape), self.hidden_size)
+            which = attention_kind(module, args, kwargs, current.batch, tuple(probs.shape))
+            self._take(current, module, site, "attention", probs, roles,
+                       {"attention": which} if which is not None else None)
         return out
 
-    def _take(self, current: Pass, module: Any, site: str, kind: str, value: Any) -> None:
-        if not is_array(value) or value.ndim == 0:
-            return
-        roles = roles_for(module, kind, tuple(value.shape), self.hidden_size)
+    def _label(self, current: Pass, frame: Frame, parent: Frame | None,
+               args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+               ) -> dict[int, tuple[str, ...]]:
+        """Roles for every array a module call returned, by id, whether or not it is taken:
+        the modules called after it inherit from them (a norm after a convolution)."""
+        first = next((v for _, v in arrays((args, kwargs)) if v.ndim > 0), None)
+        context = Context(
+            input_roles=current.roles_of(first) if first is not None else None,
+            input_shape=tuple(first.shape) if first is not None else None,
+            image=frame.image or (parent.image if parent is not None else None),
+            in_attention=parent is not None and parent.attention,
+        )
+        labels: dict[int, tuple[str, ...]] = {}
+        for path, value in arrays(out):
+            if value.ndim == 0:
+                continue
+            here = Context(current.roles_of(value), context.input_roles, context.input_shape,
+                           context.image, context.in_attention)
+            shape = tuple(value.shape)
+            roles = roles_for(frame.module, part_kind("output", path), shape, self.hidden_size,
+                              here)
+            labels[id(value)] = roles
+            current.remember(value, roles)
+            image = image_layout(roles, shape)
+            if image is not None:  # every enclosing call has now made this map
+                frame.image = image
+                for outer in current.frames:
+                    outer.image = image
+        return labels
+
+    def _take(self, current: Pass, module: Any, site: str, kind: str, value: Any,
+              roles: tuple[str, ...], attrs: dict[str, Any] | None = None) -> None:
         value, roles = move_batch_first(value, roles)
-        item = Item(site, kind, value, roles, type(module).__name__)
+        item = Item(site, kind, value, roles, type(module).__name__, attrs)
         if current.traced:
             current.items.append(item)
         else:

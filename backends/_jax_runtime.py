@@ -70,6 +70,12 @@ class Item:
     value: Any
     roles: tuple[str, ...]
     module_type: str
+    #: more variable attributes (``attention``: ``self`` / ``cross``)
+    attrs: dict[str, Any] | None = None
+
+
+#: what a compiled pass fixes about each value: site, kind, roles, module type, attributes
+Meta = tuple[str, str, tuple[str, ...], str, tuple[tuple[str, Any], ...]]
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class Outbound:
     key: int
     batch: int
     has_ids: bool
-    meta: tuple[tuple[str, str, tuple[str, ...], str], ...]  # site, kind, roles, module type
+    meta: tuple[Meta, ...]
 
     def deliver(self, arrays: tuple[Any, ...] | list[Any]) -> None:
         """On the host, once per executed pass."""
@@ -88,7 +94,8 @@ class Outbound:
         if sink is None:
             return  # the trace block has ended; the compiled function still hands values out
         ids, values = (arrays[0], arrays[1:]) if self.has_ids else (None, arrays)
-        sink.deliver(self.batch, ids, [Item(s, k, a, r, t) for (s, k, r, t), a
+        sink.deliver(self.batch, ids, [Item(s, k, a, r, t, dict(attrs) or None)
+                                       for (s, k, r, t, attrs), a
                                        in zip(self.meta, values, strict=True)])
 
 
@@ -112,7 +119,7 @@ class Sink:
 
     def put(self, item: Item) -> None:
         self.recorder.put(item.site, item.kind, item.value, item.roles, item.module_type,
-                          to_numpy)
+                          to_numpy, attrs=item.attrs)
 
     def end(self) -> None:
         if self.recorder.in_pass:
@@ -126,7 +133,8 @@ class Sink:
 
     def outbound(self, batch: int, token_ids: Any, items: list[Item]) -> tuple[Outbound, list[Any]]:
         """Inside a traced function: this pass's values and where each goes on the host."""
-        meta = tuple((i.site, i.kind, i.roles, i.module_type) for i in items)
+        meta = tuple((i.site, i.kind, i.roles, i.module_type,
+                      tuple(sorted((i.attrs or {}).items()))) for i in items)
         operands = ([token_ids] if token_ids is not None else []) + [i.value for i in items]
         return Outbound(self.key, batch, token_ids is not None, meta), operands
 
