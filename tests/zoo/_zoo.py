@@ -36,3 +36,70 @@ def assert_no_image_roles(ds: Any) -> None:
     wrong = {name: roles_of(var) for name, var in captures(ds).items()
              if IMAGE_ROLES & set(roles_of(var))}
     assert not wrong, wrong
+
+
+def assert_lines_up(var: Any, reference: Any, roles: tuple[str, ...], name: str,
+                    exact: bool = True) -> None:
+    """``var`` holds ``reference``, whose axes play ``roles``, in whatever order its axes were
+    stored (a channels-last map against a channels-first reference): the same roles, and
+    the same values once lined up by role (bit for bit unless ``exact`` is False)."""
+    stored = roles_of(var)
+    assert sorted(stored) == sorted(roles), (name, stored, roles)
+    lined_up = np.transpose(np.asarray(var.values), [stored.index(role) for role in roles])
+    if exact:
+        np.testing.assert_array_equal(lined_up, np.asarray(reference), err_msg=name)
+    else:
+        np.testing.assert_allclose(lined_up, np.asarray(reference), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+
+
+def assert_same_variables(ds: Any, reference: Any) -> None:
+    """Two traces of one model (run eagerly and compiled) hold the same variables, with the
+    same dims, roles and attributes (the execution order aside)."""
+    ours, theirs = captures(ds), captures(reference)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for name, var in ours.items():
+        other = theirs[name]
+        assert var.dims == other.dims, (name, var.dims, other.dims)
+        assert var.shape == other.shape, (name, var.shape, other.shape)
+        assert roles_of(var) == roles_of(other), name
+        labels = {k: v for k, v in var.attrs.items() if k != "order"}
+        assert labels == {k: v for k, v in other.attrs.items() if k != "order"}, name
+
+
+def assert_no_channel_on_tokens(ds: Any) -> None:
+    """No variable mixes token axes with image axes."""
+    tokens = {"token", "query", "key"}
+    wrong = {name: roles_of(var) for name, var in captures(ds).items()
+             if tokens & set(roles_of(var)) and IMAGE_ROLES & set(roles_of(var))}
+    assert not wrong, wrong
+
+
+#: how a Flax NNX model is called inside a trace at each batch size: as it is, and compiled,
+#: under nnx.jit (the model passed in) or jax.jit (the model closed over); the compiled trace
+#: is checked against the eager one (one compiled mode per batch size keeps the zoo fast)
+NNX_MODES = {1: ("eager", "nnx.jit"), 3: ("eager", "jax.jit")}
+
+
+def trace_nnx(model: Any, args: tuple[Any, ...], path: Any, mode: str, **options: Any) -> Any:
+    """Trace one call of the Flax NNX ``model`` on ``args`` run as ``mode`` says; the
+    opened trace and what the model returned."""
+    import jax
+    from flax import nnx
+
+    import layerscope
+
+    if mode == "eager":
+        call = model
+    elif mode == "nnx.jit":
+        compiled = nnx.jit(lambda m, *a: m(*a))
+
+        def call(*a: Any) -> Any:
+            return compiled(model, *a)
+    elif mode == "jax.jit":
+        call = jax.jit(lambda *a: model(*a))
+    else:
+        raise ValueError(mode)
+    with layerscope.trace(model, path, **options):
+        out = jax.block_until_ready(call(*args))
+    return layerscope.open_trace(path), out
