@@ -4,6 +4,8 @@ Outputs (a tensor, a tuple, a dict or a Hugging Face ``ModelOutput``) become one
 tensor; inputs on request; attention probabilities from attention modules, taken from their
 returned weights (eager attention) or recomputed from the query and key handed to
 ``torch.nn.functional.scaled_dot_product_attention`` (fused attention returns no weights).
+A ``torch.compile``d model is traced through the module it wraps, run eagerly while attached
+(``_torch_compile``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from ._attention import (
     multihead_weights,
 )
 from ._structure import leaves, part_kind
+from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
+from ._torch_seq2seq import Seq2Seq
 from ._torch_vocab import is_logits, vocabulary_modules, with_vocabulary_last
 from .base import Backend
 
@@ -106,6 +110,7 @@ class _Capture:
         self.hidden_size = hidden_size_of(model)
         self.vocabulary = vocabulary_modules(model)  # lm heads: their last axis is no feature
         self.attention = AttentionTap()
+        self.seq2seq = Seq2Seq(model)  # encoder/decoder sides, self/cross attention
         self.handles: list[Any] = []
         # weak: holding the maps until the pass ends would keep torch from reusing their memory
         self._seen_attention: dict[int, weakref.ref[torch.Tensor]] = {}
@@ -125,13 +130,15 @@ class _Capture:
         self._seen_attention.clear()
         self._channels_first.clear()
         ids = token_ids.detach().cpu().numpy() if token_ids is not None else None
-        self.recorder.begin_pass(batch, ids)
+        ids, decoder_ids = self.seq2seq.begin(args, kwargs, ids)
+        self.recorder.begin_pass(batch, ids, decoder_ids)
 
     def end(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.recorder.in_pass:
             self.recorder.end_pass()
         self._seen_attention.clear()
         self._channels_first.clear()
+        self.seq2seq.end()
 
     # -- sites -------------------------------------------------------------------------------
 
@@ -151,8 +158,10 @@ class _Capture:
             roles = with_vocabulary_last(roles)
         if ("channel" in roles or vocabulary) and kind != "attention":
             self._channels_first[id(tensor)] = (weakref.ref(tensor), roles)
+        roles, attrs = self.seq2seq.label(site, kind, module, tensor, source, roles)
         tensor, roles = move_batch_first(tensor, roles, torch.permute)
-        self.recorder.put(site, kind, tensor, roles, type(module).__name__, to_numpy, snapshot)
+        self.recorder.put(site, kind, tensor, roles, type(module).__name__, to_numpy, snapshot,
+                          attrs)
 
     def _inherited(self, tensor: torch.Tensor) -> tuple[str, ...] | None:
         known = self._channels_first.get(id(tensor))
@@ -211,6 +220,7 @@ class _Capture:
                     self.outputs(s, m, a, k, o, att, out),
                     with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
+        self.handles.extend(self.seq2seq.install(model))  # after the hooks above: see install
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -254,15 +264,16 @@ class TorchBackend:
     def sites(self, model: nn.Module) -> list[SiteInfo]:
         return [
             SiteInfo(_site(path), type(module).__name__, is_attention_module(module))
-            for path, module in model.named_modules()
+            for path, module in uncompiled(model).named_modules()
         ]
 
     @contextmanager
     def attach(self, model: nn.Module, selection: Selection, recorder: Recorder) -> Iterator[None]:
-        capture = _Capture(model, selection, recorder)
+        eager = eager_while_attached(model)  # a compiled model: hooks on its module, run eagerly
+        capture = _Capture(uncompiled(model), selection, recorder)
         try:
             capture.install()
-            with capture.attention.patched(selection.wants("attention")):
+            with eager, capture.attention.patched(selection.wants("attention")):
                 yield
         finally:
             capture.remove()
@@ -274,6 +285,7 @@ class TorchBackend:
         return str(torch.__version__)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
+        model = uncompiled(model)
         config = getattr(model, "config", None)
         name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
         described: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}

@@ -12,6 +12,7 @@ from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
 import layerscope
 from layerscope.core.naming import parse_variable_name, roles_of
 
+from ._seq2seq import Sites, assert_encoder_decoder_trace, run_reference, trace
 from ._zoo import assert_is_attention, assert_no_image_roles, attention_variables, captures
 
 LAYERS = 2
@@ -19,7 +20,8 @@ LAYERS = 2
 
 def _config() -> T5Config:
     return T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=LAYERS,
-                    num_decoder_layers=LAYERS, num_heads=4, attn_implementation="eager")
+                    num_decoder_layers=LAYERS, num_heads=4, decoder_start_token_id=0,
+                    attn_implementation="eager")
 
 
 def _inputs(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,3 +121,56 @@ def test_bias_returned_alone_in_attention_shape_is_not_attention(tmp_path):
     ds = layerscope.open_trace(path)
     assert not attention_variables(ds)
     assert roles_of(ds["root@output.1"]) == ("batch", "axis1", "axis2", "axis3")
+
+
+SITES = Sites(
+    encoder_self="encoder.block.{i}.layer.0.SelfAttention",
+    decoder_self="decoder.block.{i}.layer.0.SelfAttention",
+    cross="decoder.block.{i}.layer.1.EncDecAttention",
+    encoder_layer="encoder.block.{i}",
+    decoder_layer="decoder.block.{i}",
+    cross_key_value=("decoder.block.{i}.layer.1.EncDecAttention.k",
+                     "decoder.block.{i}.layer.1.EncDecAttention.v"),
+)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_encoder_decoder_axes_by_stack(tmp_path, monkeypatch, batch, implementation):
+    """Self and cross attention named and marked by stack, held to the model's own maps under
+    eager attention and recomputed under SDPA; a source and a target of different lengths."""
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(_config()).eval()
+    ids, mask = _inputs(batch, 7, seed=batch)
+    decoder_ids = torch.randint(3, 64, (batch, 5), generator=torch.Generator().manual_seed(9))
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids}
+    reference = run_reference(model, inputs)
+
+    ds, out, fused = trace(model, inputs, tmp_path / "t5.zarr", implementation, monkeypatch)
+    assert fused == (3 * LAYERS if implementation == "sdpa" else 0)
+    assert_encoder_decoder_trace(ds, out, reference, SITES, LAYERS, source=7, target=5,
+                                 exact=implementation == "eager", token_ids=ids,
+                                 decoder_token_ids=decoder_ids)
+
+
+def test_decoder_ids_the_model_builds_from_labels(tmp_path):
+    """Called with ``labels`` alone, T5 shifts them right into its decoder's input: those ids
+    label the decoder's positions."""
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(_config()).eval()
+    ids, mask = _inputs(3, 7, seed=3)
+    labels = torch.randint(3, 64, (3, 5), generator=torch.Generator().manual_seed(9))
+    seen: list[torch.Tensor] = []
+    handle = model.decoder.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["input_ids"].clone()), with_kwargs=True)
+    path = tmp_path / "t5-labels.zarr"
+    try:
+        with layerscope.trace(model, path), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, labels=labels)
+    finally:
+        handle.remove()
+    ds = layerscope.open_trace(path)
+    assert len(seen) == 1 and not torch.equal(seen[0], labels)
+    np.testing.assert_array_equal(ds["decoder_token_id"].values, seen[0].numpy())
+    np.testing.assert_array_equal(ds["token_id"].values, ids.numpy())
+    assert ds["decoder.block.0@output"].dims == ("batch", "decoder_token", "hidden")

@@ -1,0 +1,75 @@
+"""Encoder-decoder structure in the torch backend without Hugging Face: ``torch.nn.Transformer``
+(an ``encoder`` and a ``decoder`` stack of ``nn.MultiheadAttention``), with a source and a
+target of the same length, so only structure can tell the decoder's axes from the encoder's;
+and what an attention call's arguments say about self and cross attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+import layerscope
+from layerscope.backends._torch_seq2seq import attention_call
+from layerscope.core.naming import roles_of
+
+
+def test_nn_transformer_axes_by_stack_at_equal_lengths(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=2,
+                           dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    source, target = torch.randn(3, 6, 16), torch.randn(3, 6, 16)
+    path = tmp_path / "transformer.zarr"
+    with layerscope.trace(model, path), torch.no_grad():
+        out = model(source, target)
+    ds = layerscope.open_trace(path)
+
+    for i in range(2):
+        site = f"decoder.layers.{i}"
+        own = ds[f"{site}.self_attn@attention"]
+        assert own.dims == ("batch", "head", "decoder_query", "decoder_key")
+        assert (own.attrs["attention"], own.attrs["stack"], own.attrs["layer"]) == \
+            ("self", "decoder", i)
+        cross = ds[f"{site}.multihead_attn@attention"]
+        assert cross.dims == ("batch", "head", "decoder_query", "key")
+        assert (cross.attrs["attention"], cross.attrs["stack"]) == ("cross", "decoder")
+        assert roles_of(cross) == ("batch", "head", "query", "key")
+        np.testing.assert_allclose(cross.values.sum(-1), 1.0, rtol=0, atol=1e-5)
+        assert ds[f"{site}@output"].dims == ("batch", "decoder_token", "hidden")
+    memory = ds["encoder@output"]
+    assert memory.dims == ("batch", "token", "hidden")
+    with torch.no_grad():
+        np.testing.assert_array_equal(memory.values, model.encoder(source).numpy())
+    np.testing.assert_array_equal(ds["root@output"].values, out.numpy())
+    assert ds["root@output"].dims == ("batch", "decoder_token", "hidden")
+
+
+class _Context(nn.Module):
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _Rotary(nn.Module):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...],
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden_states
+
+
+class _Hf(nn.Module):
+    def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden_states
+
+
+def test_self_or_cross_from_the_arguments_never_the_shapes():
+    x, other = torch.rand(2, 4, 8), torch.rand(2, 4, 8)  # same shape: no clue there
+    positions = (torch.rand(2, 4, 8), torch.rand(2, 4, 8))
+    assert attention_call(_Hf(), (x,), {"key_value_states": other})[0] == "cross"
+    assert attention_call(_Hf(), (x,), {"key_value_states": None})[0] == "self"
+    assert attention_call(_Hf(), (x, other), {})[0] == "cross"
+    assert attention_call(_Rotary(), (x, positions), {"attention_mask": None})[0] == "self"
+    assert attention_call(_Context(), (x, other), {})[0] is None  # a second input: unsaid
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    assert attention_call(mha, (x, x, x), {})[0] == "self"
+    assert attention_call(mha, (x, other, other), {})[0] == "cross"
+    assert attention_call(mha, (x,), {"key": other, "value": other})[0] == "cross"
