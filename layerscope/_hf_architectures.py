@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ class Architecture:
 def folder_architecture(folder: Path, framework: str) -> Architecture | None:
     """:func:`read_architecture` where transformers is installed. Without it, None for a
     framework whose own loader reads the folder (keras-hub), an error for PyTorch."""
+    # never reach for a hub: the folder is all (set before transformers is imported, which
+    # reads it once)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if importlib.util.find_spec("transformers") is None:
         if framework == "torch":
             raise LayerscopeError(
