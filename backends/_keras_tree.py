@@ -43,9 +43,11 @@ def _attribute_names(layer: Any) -> dict[int, str]:
     # On PyTorch, Keras layers are torch modules: an attribute holding a layer lives in
     # torch's ``_modules`` registry under the attribute's name, not in ``vars``.
     for attr, value in {**own.get("_modules", {}), **own}.items():
-        if attr in _INTERNAL_ATTRS or attr.startswith("_self_") or attr == "_modules":
+        if attr in _INTERNAL_ATTRS or attr == "_modules":
             continue
         clean = attr.lstrip("_") or attr
+        if attr.startswith("_self_") and not isinstance(value, keras.layers.Layer):
+            continue  # TensorFlow's tracking containers; ``_self_attention_layer`` is a child
         if isinstance(value, keras.layers.Layer):
             claim(value, clean)
         elif isinstance(value, (list, tuple)):

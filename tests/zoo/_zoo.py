@@ -103,3 +103,61 @@ def trace_nnx(model: Any, args: tuple[Any, ...], path: Any, mode: str, **options
     with layerscope.trace(model, path, **options):
         out = jax.block_until_ready(call(*args))
     return layerscope.open_trace(path), out
+
+
+
+# -- Keras 3 (any backend): the framework's own values, from an untraced run ---------------
+
+TOKEN_HIDDEN = ("batch", "token", "hidden")
+TOKEN_NEURON = ("batch", "token", "neuron")
+KERAS_IMAGE = ("batch", "height", "width", "channel")  # Keras' NHWC, as stored
+
+
+def keras_layers(model: Any) -> dict[str, Any]:
+    """site -> layer for every layer of a Keras model (the paths ``layerscope.sites`` lists)."""
+    from layerscope.backends._keras_tree import named_layers, site_of
+
+    return {site_of(path): layer for path, layer in named_layers(model)}
+
+
+class KerasSpy:
+    """``with KerasSpy(layers, method) as seen:`` every call of ``layer.<method>`` (replaced
+    by an instance attribute over the class's method) appends what it returns (the first
+    element of a tuple) to ``seen[site]``, as NumPy. Used on a run outside any trace: what
+    the layers return by themselves."""
+
+    def __init__(self, layers: dict[str, Any], method: str = "call") -> None:
+        self.layers, self.method = layers, method
+        self.seen: dict[str, list[Any]] = {site: [] for site in layers}
+
+    def _spy(self, site: str, original: Any) -> Any:
+        import keras
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            first = result[0] if isinstance(result, tuple) else result
+            self.seen[site].append(keras.ops.convert_to_numpy(first))
+            return result
+
+        return wrapper
+
+    def __enter__(self) -> dict[str, list[Any]]:
+        for site, layer in self.layers.items():
+            assert self.method not in vars(layer), f"{site}.{self.method} is already replaced"
+            object.__setattr__(layer, self.method, self._spy(site, getattr(layer, self.method)))
+        return self.seen
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer in self.layers.values():
+            if self.method in vars(layer):
+                object.__delattr__(layer, self.method)
+
+
+def keras_attention_sites(ds: Any) -> dict[str, Any]:
+    """site -> attention variable of a trace."""
+    return {name.split("@")[0]: var for name, var in attention_variables(ds).items()}
+
+
+def assert_same(var: Any, reference: Any, name: str) -> None:
+    """Bit for bit: nothing was converted between the layer and the store."""
+    np.testing.assert_array_equal(var.values, np.asarray(reference), err_msg=name)
