@@ -141,7 +141,9 @@ def roles_for(module: Any, kind: str, shape: tuple[int, ...], hidden_size: int |
     if ndim == 0:
         return ()
     if kind.startswith("attention"):
-        return ("batch", "head", "query", "key")[-ndim:] if ndim >= 3 else default_roles(ndim)
+        if ndim == 3:  # a single head: the first axis is still the batch
+            return ("batch", "query", "key")
+        return ("batch", "head", "query", "key") if ndim == 4 else default_roles(ndim)
     context = context or Context()
     if context.inherited is not None and len(context.inherited) == ndim:
         return context.inherited
