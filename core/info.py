@@ -122,7 +122,7 @@ def format_summary(summary: TraceSummary) -> str:
         "",
     ]
     width = max((len(v.name) for v in summary.variables), default=8)
-    place = max((len(v.place) for v in summary.variables), default=5)
+    place = max([len("layer")] + [len(v.place) for v in summary.variables])
     lines.append(f"{'variable':<{width}}  {'layer':<{place}}  {'dims':<40} {'shape':<22} "
                  f"{'dtype':<8} {'stored':>9} {'raw':>9}")
     for v in summary.variables:

@@ -60,9 +60,17 @@ def _pick(ds: Any, candidates: list[str], variable: str | None, layer: int | Non
                           "capture the layers that produce them, or pass --variable NAME")
     # a layer number both stacks of an encoder-decoder share is refused, not guessed
     matching = choose(ds, candidates, what, layer, stack)
-    # the outermost site (the block's own output, not an inner projection), earliest first
-    return min(matching, key=lambda n: (str(ds[n].attrs.get("site", n)).count("."),
-                                        ds[n].attrs.get("order", 0)))
+    return min(matching, key=lambda n: _preference(ds[n], roles))
+
+
+def _preference(da: Any, roles: tuple[str, ...]) -> tuple[int, int, int]:
+    """Sort key of candidates: the widest neuron axis first (an MLP's inner layer is its
+    block's widest (token, neuron) output, wider than the attention projections GPT-2's
+    c_attn or Llama's k_proj also give), then the outermost site (the block's own output, not
+    an inner projection), then the earliest."""
+    width = int(da.sizes[dim_of(da, "neuron")]) if "neuron" in roles else 0
+    depth = str(da.attrs.get("site", da.name)).count(".")
+    return (-width, depth, int(da.attrs.get("order", 0)))
 
 
 def _input_image(ds: Any, sample: int, image: str | None) -> np.ndarray | None:
