@@ -14,7 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ._common import RenderError, captures, check_range, png_bytes
+from layerscope.core.naming import STACKS
+
+from ._common import RenderError, captures, check_range, dim_of, png_bytes
+from ._families import attention_type
 from .activations import (
     MLP_ROLES,
     _pick,
@@ -29,6 +32,7 @@ from .attention import (
     attention_heatmap,
     attention_variables,
     head_view,
+    select_attention,
 )
 from .attention_summary import head_summary_figure
 from .hidden import (
@@ -49,6 +53,10 @@ class ReportOptions:
     sample: int = 0
     layer: int | None = None
     head: int = 0
+    #: the one-head and head views' map in an encoder-decoder trace: the stack and
+    #: self / cross-attention of ``layer``
+    stack: str | None = None
+    attention: str | None = None
     unembedding: Unembedding | None = None
     image_format: str = "png"  # "png" (base64) or "svg" (inline vector)
     trace: str = "TRACE"
@@ -65,6 +73,10 @@ class ReportOptions:
         check_range(self.head, "head", 0)
         if self.layer is not None:
             check_range(self.layer, "layer", 0)
+        if self.stack not in (None, *STACKS):
+            raise RenderError(f"stack must be one of {', '.join(STACKS)}, not {self.stack!r}")
+        if self.attention not in (None, "self", "cross"):
+            raise RenderError(f"attention must be 'self' or 'cross', not {self.attention!r}")
         check_range(self.max_distributions, "max_distributions", 1)
         check_range(self.max_samples, "max_samples", 1)
         check_range(self.stats_budget_bytes, "stats_budget_bytes", 0)
@@ -119,40 +131,80 @@ def _attention(ds: Any, o: ReportOptions) -> Section:
         return section
     t, s = o.trace, o.sample
     layer = f" --layer {o.layer}" if o.layer is not None else ""
+    layer += f" --stack {o.stack}" if o.stack else ""
+    layer += f" --attention {o.attention}" if o.attention else ""
     _add(section, f"One head (head {o.head})",
          f"layerscope render attention {t}{layer} --head {o.head} --sample {s} -o head.png",
-         lambda: attention_heatmap(ds, o.layer, o.head, s), o)
+         lambda: attention_heatmap(ds, o.layer, o.head, s, stack=o.stack,
+                                   attention=o.attention), o)
+    cross = [n for n in attention_variables(ds) if attention_type(ds[n]) == "cross"]
+    if cross:  # decoder tokens x encoder tokens: what an encoder-decoder model reads
+        _add(section, f"Cross-attention (head {o.head}): {cross[0]}",
+             f"layerscope render attention {t} --variable {cross[0]} --head {o.head} "
+             f"--sample {s} -o cross.png",
+             lambda: attention_heatmap(ds, None, o.head, s, cross[0]), o)
     _add(section, "Layers x heads", f"layerscope render attention {t} --view grid --sample {s} "
          "-o grid.png", lambda: attention_grid(ds, s), o)
-    _add(section, "Head view", f"layerscope render attention {t} --view heads{layer} --head 0 1 "
-         f"2 --sample {s} -o heads.png", lambda: head_view(ds, o.layer, s, [0, 1, 2]), o)
+    heads = _first_heads(ds, o)
+    _add(section, "Head view", f"layerscope render attention {t} --view heads{layer} --head "
+         f"{' '.join(map(str, heads))} --sample {s} -o heads.png",
+         lambda: head_view(ds, o.layer, s, heads, stack=o.stack, attention=o.attention), o)
     _add(section, "Per-head summaries", f"layerscope render attention {t} --view summary "
          "-o summary.png", lambda: head_summary_figure(ds), o)
     return section
 
 
+def _first_heads(ds: Any, o: ReportOptions, count: int = 3) -> list[int]:
+    """The first ``count`` heads of the head view's map (as many as it has)."""
+    try:
+        name = select_attention(ds, o.layer, None, o.stack, o.attention)
+    except RenderError:
+        return list(range(count))  # the head view says why it cannot draw
+    return list(range(min(count, int(ds[name].sizes[dim_of(ds[name], "head")]))))
+
+
 def _hidden(ds: Any, o: ReportOptions) -> Section:
     section = Section("hidden", "Hidden states")
-    t, s = o.trace, o.sample
     try:
         block_outputs(ds)
+        streams: list[str | None] = [None]
     except RenderError as exc:
-        section.skipped.append(str(exc))
-        return section
-    _add(section, "Norms", f"layerscope render hidden {t} --view norms --sample {s} -o norms.png",
-         lambda: hidden_norms(ds, s), o)
-    _add(section, "Trajectories (PCA)", f"layerscope render hidden {t} --view trajectory "
-         f"--sample {s} -o trajectory.png", lambda: hidden_trajectory(ds, s), o)
-    _add(section, "Layer-to-layer similarity", f"layerscope render hidden {t} --view similarity "
-         f"--sample {s} -o similarity.png", lambda: similarity_figure(ds, s), o)
-    unembedding = o.unembedding
-    if unembedding is not None:
-        _add(section, "Logit lens", f"layerscope render hidden {t} --view logit-lens --unembedding"
-             f" W.npy --vocab vocab.txt --sample {s} -o lens.png",
-             lambda: logit_lens(ds, unembedding, s), o)
-    else:
+        # an encoder-decoder model: each stack's residual stream on its own
+        streams = [stack for stack in STACKS if _has_stream(ds, stack)]
+        if not streams:
+            section.skipped.append(str(exc))
+            return section
+    for stack in streams:
+        _stream_views(section, ds, o, stack)
+    if o.unembedding is None:
         section.skipped.append("logit lens: no unembedding given (--unembedding / --vocab)")
     return section
+
+
+def _has_stream(ds: Any, stack: str) -> bool:
+    try:
+        block_outputs(ds, stack=stack)
+    except RenderError:
+        return False
+    return True
+
+
+def _stream_views(section: Section, ds: Any, o: ReportOptions, stack: str | None) -> None:
+    t, s = o.trace, o.sample
+    of = f" ({stack})" if stack else ""
+    pick = f" --stack {stack}" if stack else ""
+    _add(section, f"Norms{of}", f"layerscope render hidden {t} --view norms{pick} --sample {s} "
+         "-o norms.png", lambda: hidden_norms(ds, s, stack), o)
+    _add(section, f"Trajectories (PCA){of}", f"layerscope render hidden {t} --view trajectory"
+         f"{pick} --sample {s} -o trajectory.png", lambda: hidden_trajectory(ds, s, stack), o)
+    _add(section, f"Layer-to-layer similarity{of}", f"layerscope render hidden {t} --view "
+         f"similarity{pick} --sample {s} -o similarity.png",
+         lambda: similarity_figure(ds, s, stack=stack), o)
+    unembedding = o.unembedding
+    if unembedding is not None:
+        _add(section, f"Logit lens{of}", f"layerscope render hidden {t} --view logit-lens"
+             f"{pick} --unembedding W.npy --vocab vocab.txt --sample {s} -o lens.png",
+             lambda: logit_lens(ds, unembedding, s, stack), o)
 
 
 def _activations(ds: Any, o: ReportOptions) -> Section:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope.core import open_trace
+from layerscope.core.naming import STACKS
 
 from ._args import index, integer
 
@@ -20,6 +21,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="HTML file to write")
     parser.add_argument("--sample", type=index, default=0, help="sample to draw (default 0)")
     parser.add_argument("--layer", type=index, help="attention layer of the one-head view")
+    parser.add_argument("--stack", choices=STACKS,
+                        help="the stack of --layer in an encoder-decoder trace")
+    parser.add_argument("--attention", choices=("self", "cross"),
+                        help="self- or cross-attention of a decoder's --layer")
     parser.add_argument("--head", type=index, default=0, help="head of the one-head view")
     parser.add_argument("--unembedding", metavar="NPY",
                         help="logit lens: a (vocab x hidden) matrix saved with numpy.save")
@@ -55,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
                           f"samples (0..{samples - 1})")
     unembedding = Unembedding.load(args.unembedding, args.vocab) if args.unembedding else None
     options = ReportOptions(sample=args.sample, layer=args.layer, head=args.head,
+                            stack=args.stack, attention=args.attention,
                             unembedding=unembedding, trace=str(args.trace),
                             image_format="svg" if args.svg else "png",
                             max_samples=args.max_samples)

@@ -12,12 +12,14 @@ from layerscope.cli import main
 from layerscope.core.info import format_summary, summarize
 from layerscope.renderers import (
     RenderError,
+    ReportOptions,
     attention_grid,
     attention_heatmap,
     head_summary,
     head_view,
     hidden_norms,
     neuron_heatmap,
+    report_html,
     select_attention,
     top_tokens,
 )
@@ -157,3 +159,15 @@ def test_info_names_stack_layer_and_kind(s2s_path):
     row = next(line for line in format_summary(summary).splitlines()
                if line.startswith("decoder.block.1.cross_attn@attention"))
     assert "decoder 1 cross" in row and "(batch, head, decoder_query, key)" in row
+
+
+def test_report_draws_each_stack_and_the_cross_attention(s2s):
+    page = report_html(s2s, ReportOptions(layer=1, stack="decoder", attention="cross",
+                                          trace="s2s.zarr"))
+    for caption in ("Norms (encoder)", "Norms (decoder)", "Layer-to-layer similarity (decoder)",
+                    "Cross-attention (head 0): decoder.block.0.cross_attn@attention"):
+        assert f"<figcaption>{caption}</figcaption>" in page
+    assert "layerscope render hidden s2s.zarr --view norms --stack decoder --sample 0" in page
+    assert ("layerscope render attention s2s.zarr --layer 1 --stack decoder --attention cross "
+            "--head 0 --sample 0 -o head.png") in page
+    assert 'class="skip"' not in page.split("<h2", 3)[1]  # nothing in Attention left out
