@@ -4,6 +4,8 @@ Outputs (a tensor, a tuple, a dict or a Hugging Face ``ModelOutput``) become one
 tensor; inputs on request; attention probabilities from attention modules, taken from their
 returned weights (eager attention) or recomputed from the query and key handed to
 ``torch.nn.functional.scaled_dot_product_attention`` (fused attention returns no weights).
+A ``torch.compile``d model is traced through the module it wraps, run eagerly while attached
+(``_torch_compile``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ._attention import (
     multihead_weights,
 )
 from ._structure import leaves, part_kind
+from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
 from ._torch_seq2seq import Seq2Seq
 from ._torch_vocab import is_logits, vocabulary_modules, with_vocabulary_last
@@ -261,15 +264,16 @@ class TorchBackend:
     def sites(self, model: nn.Module) -> list[SiteInfo]:
         return [
             SiteInfo(_site(path), type(module).__name__, is_attention_module(module))
-            for path, module in model.named_modules()
+            for path, module in uncompiled(model).named_modules()
         ]
 
     @contextmanager
     def attach(self, model: nn.Module, selection: Selection, recorder: Recorder) -> Iterator[None]:
-        capture = _Capture(model, selection, recorder)
+        eager = eager_while_attached(model)  # a compiled model: hooks on its module, run eagerly
+        capture = _Capture(uncompiled(model), selection, recorder)
         try:
             capture.install()
-            with capture.attention.patched(selection.wants("attention")):
+            with eager, capture.attention.patched(selection.wants("attention")):
                 yield
         finally:
             capture.remove()
@@ -281,6 +285,7 @@ class TorchBackend:
         return str(torch.__version__)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
+        model = uncompiled(model)
         config = getattr(model, "config", None)
         name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
         described: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
