@@ -197,10 +197,10 @@ def _module_roles(module: Any, kind: str, shape: tuple[int, ...], hidden_size: i
             return (*default_roles(ndim)[:-1], feature_role(shape[-1], hidden_size))
         return None
     if isinstance(module, flax_classes(*_GENERAL)):
-        out = getattr(module, "out_features", None)
+        out = getattr(module, "out_features", getattr(module, "features", None))  # NNX, Linen
         if ndim == 4 and context.in_attention and context.input_shape is not None and \
                 len(context.input_shape) == 3 and \
-                isinstance(out, tuple) and len(out) == 2:
+                isinstance(out, (tuple, list)) and len(out) == 2:
             return ("batch", "token", "head", "axis3")  # query / key / value per head
         return default_roles(ndim) if ndim >= 4 else None
     if isinstance(module, flax_classes(*_OTHER_FLAX)):

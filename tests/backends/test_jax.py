@@ -328,6 +328,8 @@ def test_linen_scope_paths_and_values(linen_model: tuple[LinenModel, Any], mode:
     names = layerscope.captured_names(ds)
     assert "layers_0.Dense_0@output" in names and "attn.query@output" in names
     assert ds["attn@attention"].dims == ("batch", "head", "query", "key")
+    assert ds["attn@attention"].attrs["attention"] == "self"
+    assert ds["attn.query@output"].attrs["roles"] == ["batch", "token", "head", "axis3"]
     for seed in range(2):
         reference = linen_reference(model, variables, features(seed))
         rows = slice(2 * seed, 2 * seed + 2)
