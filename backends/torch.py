@@ -34,6 +34,7 @@ from ._attention import (
 from ._structure import leaves, part_kind
 from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
+from ._torch_moe import Routers
 from ._torch_seq2seq import Seq2Seq
 from ._torch_vocab import is_logits, vocabulary_modules, with_vocabulary_last
 from .base import Backend
@@ -111,6 +112,7 @@ class _Capture:
         self.vocabulary = vocabulary_modules(model)  # lm heads: their last axis is no feature
         self.attention = AttentionTap()
         self.seq2seq = Seq2Seq(model)  # encoder/decoder sides, self/cross attention
+        self.routers = Routers(model)  # mixture-of-experts routers' (batch·token) rows
         self.handles: list[Any] = []
         # weak: holding the maps until the pass ends would keep torch from reusing their memory
         self._seen_attention: dict[int, weakref.ref[torch.Tensor]] = {}
@@ -131,6 +133,7 @@ class _Capture:
         self._channels_first.clear()
         ids = token_ids.detach().cpu().numpy() if token_ids is not None else None
         ids, decoder_ids = self.seq2seq.begin(args, kwargs, ids)
+        self.routers.begin(batch)
         self.recorder.begin_pass(batch, ids, decoder_ids)
 
     def end(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -146,6 +149,10 @@ class _Capture:
             source: Any = None) -> None:
         """``source``: the first input of the call whose output ``tensor`` is."""
         if tensor.is_sparse or tensor.is_quantized or tensor.dim() == 0:
+            return
+        rows = self.routers.unflatten(module, kind, tensor, source)
+        if rows is not None:  # a router's (batch·token, ...) rows, back on (batch, token)
+            self.recorder.put(site, kind, *rows, type(module).__name__, to_numpy, snapshot)
             return
         inherited = self._inherited(tensor)
         if inherited is None and isinstance(source, torch.Tensor) and is_elementwise(module) \
@@ -221,6 +228,7 @@ class _Capture:
                     with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
         self.handles.extend(self.seq2seq.install(model))  # after the hooks above: see install
+        self.handles.extend(self.routers.install())
 
     def remove(self) -> None:
         for handle in self.handles:
