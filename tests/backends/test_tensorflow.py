@@ -524,3 +524,44 @@ def test_layer_inside_a_graph_loop_is_skipped_with_a_warning(tmp_path: Path) -> 
     eager = layerscope.capture(model, x, tmp_path / "eager.zarr", capture=["step"])
     assert layerscope.captured_names(eager) == ["step@output", "step@output.call1",
                                                 "step@output.call2"]
+
+
+def test_self_and_cross_attention_are_labeled(tmp_path: Path) -> None:
+    """keras-hub's TransformerDecoder with an encoder sequence: its self-attention gets the
+    decoder's states as query, key and value, its cross-attention the encoder's as key and
+    value; each map says which it is, and equals the scores the layer returns when asked
+    on the same arguments."""
+    import keras_hub
+
+    keras.utils.set_random_seed(6)
+    decoder = keras_hub.layers.TransformerDecoder(intermediate_dim=16, num_heads=2)
+    rng = np.random.default_rng(8)
+    states = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    encoded = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    decoder(states, encoded)  # build
+    path = tmp_path / "decoder.zarr"
+    with layerscope.trace(decoder, path):
+        decoder(states, encoded)
+    ds = layerscope.open_trace(path)
+
+    layers = {"self_attention_layer": decoder._self_attention_layer,
+              "cross_attention_layer": decoder._cross_attention_layer}
+    calls: dict[str, Any] = {}
+    for site, layer in layers.items():
+        def record(*args: Any, _site: str = site, _call: Any = layer.call, **kwargs: Any) -> Any:
+            calls[_site] = (args, kwargs)
+            return _call(*args, **kwargs)
+
+        object.__setattr__(layer, "call", record)
+    try:
+        decoder(states, encoded)
+    finally:
+        for layer in layers.values():
+            object.__delattr__(layer, "call")
+    for site, expected in (("self_attention_layer", "self"), ("cross_attention_layer", "cross")):
+        var = ds[f"{site}@attention"]
+        assert var.attrs["attention"] == expected, site
+        args, kwargs = calls[site]
+        _, scores = layers[site](*args, **{**kwargs, "return_attention_scores": True})
+        np.testing.assert_array_equal(var.values, scores.numpy(), err_msg=site)
+    assert ds["cross_attention_layer@attention"].shape == (2, 2, 5, 3)

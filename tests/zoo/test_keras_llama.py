@@ -68,20 +68,24 @@ def test_llama_maps_and_hidden_states(tmp_path: Path, batch: int,
     layers = keras_layers(model)
     blocks = [f"transformer_layers.{i}" for i in range(LAYERS)]
     gates = [f"{b}.feedforward_gate_dense" for b in blocks]
-    # the reference run takes the layer's explicit path on every backend: the probabilities
-    # its own softmax returns
+    with KerasSpy({s: layers[s] for s in [*blocks, *gates, "token_embedding"]}) as own:
+        model(inputs)  # untraced: what the layers return by themselves
+    # the layer's explicit path, on every backend: the probabilities its own softmax returns
     monkeypatch.setattr(llama_attention, "fused_attention_op_available", lambda: False)
-    with KerasSpy({s: layers[s] for s in attention}, "_masked_softmax") as own_maps, \
-            KerasSpy({s: layers[s] for s in [*blocks, *gates, "token_embedding"]}) as own:
+    with KerasSpy({s: layers[s] for s in attention}, "_masked_softmax") as own_maps:
         model(inputs)
     monkeypatch.undo()
+    # on TensorFlow the traced run took that path too; on JAX and PyTorch it took the fused
+    # kernel (the map recomputed), so deeper layers see states rounded differently
+    explicit = keras.backend.backend() == "tensorflow"
 
     causal = np.triu(np.ones((TOKENS, TOKENS), bool), 1)
     for site in sorted(attention):
         var = ds[f"{site}@attention"]
         assert var.shape == (batch, HEADS, TOKENS, TOKENS)
         assert_is_attention(var, own_maps[site][0], site)
-        assert_same(var, own_maps[site][0], site)
+        if explicit or site == min(attention):  # the first layer sees the same states
+            assert_same(var, own_maps[site][0], site)
         assert var.attrs["attention"] == "self"
         assert np.all(var.values[..., causal] == 0), site
         padded_keys = np.broadcast_to(~inputs["padding_mask"][:, None, None, :], var.shape)
