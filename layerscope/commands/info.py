@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "path": summary.path, "attrs": summary.attrs,
-            "variables": [v.__dict__ for v in summary.variables],
+            "variables": [{**v.__dict__, "place": v.place} for v in summary.variables],
             "skipped": summary.skipped,
         }, indent=2, default=list))
     else:

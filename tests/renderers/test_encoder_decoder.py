@@ -161,6 +161,17 @@ def test_info_names_stack_layer_and_kind(s2s_path):
     assert "decoder 1 cross" in row and "(batch, head, decoder_query, key)" in row
 
 
+def test_info_json_names_stack_layer_and_kind(s2s_path, capsys):
+    import json
+
+    assert main(["info", str(s2s_path), "--json"]) == 0
+    by_name = {v["name"]: v for v in json.loads(capsys.readouterr().out)["variables"]}
+    cross = by_name["decoder.block.0.cross_attn@attention"]
+    assert (cross["stack"], cross["layer"], cross["attention"]) == ("decoder", 0, "cross")
+    assert cross["place"] == "decoder 0 cross"
+    assert by_name["encoder.block.0.mlp@output"]["attention"] is None
+
+
 def test_report_draws_each_stack_and_the_cross_attention(s2s):
     page = report_html(s2s, ReportOptions(layer=1, stack="decoder", attention="cross",
                                           trace="s2s.zarr"))
