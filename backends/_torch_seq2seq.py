@@ -64,6 +64,9 @@ _ROOT_ARGUMENTS = {
     DECODER: ("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds",
               "decoder_position_ids", "labels", "tgt"),
 }
+#: root arguments that are (batch, token) grids of ids or flags when they are 2-d integers
+_TOKEN_GRIDS = ("input_ids", "attention_mask", "token_type_ids", "position_ids",
+                "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "labels")
 #: parts of a Hugging Face seq2seq output whose first name says the side
 _OUTPUT_PARTS = {
     "encoder_last_hidden_state": ENCODER, "encoder_hidden_states": ENCODER,
@@ -202,6 +205,8 @@ class Seq2Seq:
         # per attention module: (kind, query side, key side) of its latest call
         self._calls: dict[int, tuple[str | None, str | None, str | None]] = {}
         self._cross_sites: list[str] = []  # cross-attention calls running now
+        # the root's 2-d id and mask arguments: (batch, token), not (batch, feature)
+        self._token_grids: dict[int, weakref.ref[torch.Tensor]] = {}
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -227,12 +232,14 @@ class Seq2Seq:
         """A pass starts: the encoder's and the decoder's token ids of the root call (the
         decoder's only where the call holds them, or the model builds them from ``labels``
         with its own method); ``token_ids`` unchanged for other models."""
-        self._known.clear()
-        self._calls.clear()
-        self._cross_sites.clear()
+        self.end()
+        bound = bound_arguments(_forward_of(self.model), (self.model, *args), kwargs) or {}
+        for name in _TOKEN_GRIDS:
+            grid = bound.get(name)
+            if isinstance(grid, torch.Tensor) and _ids(grid) is not None:
+                self._token_grids[id(grid)] = weakref.ref(grid)
         if not self.active:
             return token_ids, None
-        bound = bound_arguments(_forward_of(self.model), (self.model, *args), kwargs) or {}
         for side, names in _ROOT_ARGUMENTS.items():
             for name in names:
                 self._remember(_tensors(bound.get(name)), side)
@@ -253,6 +260,7 @@ class Seq2Seq:
         self._known.clear()
         self._calls.clear()
         self._cross_sites.clear()
+        self._token_grids.clear()
 
     def _stack_entered(self, module: nn.Module, args: tuple[Any, ...],
                        kwargs: dict[str, Any], side: str) -> None:
@@ -295,6 +303,9 @@ class Seq2Seq:
             if not self.active:
                 return roles, attrs
             return side_roles(roles, (query_side, key_side)), attrs
+        grid = self._token_grids.get(id(tensor))
+        if grid is not None and grid() is tensor and tensor.dim() == 2:
+            roles = ("batch", "token")
         if not self.active:
             return roles, {}
         side = self.side(site, kind, module, tensor, source)

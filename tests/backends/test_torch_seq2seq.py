@@ -73,3 +73,29 @@ def test_self_or_cross_from_the_arguments_never_the_shapes():
     assert attention_call(mha, (x, x, x), {})[0] == "self"
     assert attention_call(mha, (x, other, other), {})[0] == "cross"
     assert attention_call(mha, (x,), {"key": other, "value": other})[0] == "cross"
+
+
+def test_id_and_mask_inputs_are_token_grids(tmp_path):
+    """The 2-d integer ids and masks a call is handed are (batch, token), the decoder's
+    (batch, decoder_token); never (batch, feature)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                      num_decoder_layers=1, num_heads=4, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    ids, decoder_ids = torch.randint(3, 64, (3, 7)), torch.randint(3, 64, (3, 5))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    path = tmp_path / "inputs.zarr"
+    with layerscope.trace(model, path, capture=["root", "encoder", "decoder"],
+                          kinds=["input"]), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    ds = layerscope.open_trace(path)
+    for name, value, dims in (
+            ("root@input.input_ids", ids, ("batch", "token")),
+            ("root@input.attention_mask", mask, ("batch", "token")),
+            ("root@input.decoder_input_ids", decoder_ids, ("batch", "decoder_token")),
+            ("encoder@input.input_ids", ids, ("batch", "token")),
+            ("decoder@input.input_ids", decoder_ids, ("batch", "decoder_token"))):
+        assert ds[name].dims == dims, (name, ds[name].dims)
+        np.testing.assert_array_equal(ds[name].values, value.numpy())
