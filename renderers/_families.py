@@ -38,11 +38,6 @@ def axis_labels(ds: Any, dim: str, sample: int, size: int) -> list[str]:
     return [str(i) for i in range(size)]
 
 
-def has_texts(ds: Any, dim: str) -> bool:
-    name = text_of(dim)
-    return name is not None and name in ds.variables
-
-
 def sample_texts(ds: Any, dim: str, batch: slice) -> np.ndarray | None:
     """The token strings along ``dim`` of a slice of samples, or None without texts."""
     name = text_of(dim)
