@@ -99,3 +99,37 @@ def test_id_and_mask_inputs_are_token_grids(tmp_path):
             ("decoder@input.input_ids", decoder_ids, ("batch", "decoder_token"))):
         assert ds[name].dims == dims, (name, ds[name].dims)
         np.testing.assert_array_equal(ds[name].values, value.numpy())
+
+
+def test_attention_of_encoder_only_and_decoder_only_models_is_self(tmp_path):
+    """BERT (its self-attention takes an unused encoder_hidden_states), GPT-2 and Llama (rotary
+    position embeddings beside the hidden states): every map is marked self, plain dims."""
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2Model,
+        LlamaConfig,
+        LlamaModel,
+    )
+
+    torch.manual_seed(0)
+    models = {
+        "bert": BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32)),
+        "gpt2": GPT2Model(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2)),
+        "llama": LlamaModel(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1)),
+    }
+    ids = torch.randint(3, 64, (2, 6))
+    for name, model in models.items():
+        path = tmp_path / f"{name}.zarr"
+        with layerscope.trace(model.eval(), path, kinds=["attention"]), torch.no_grad():
+            model(input_ids=ids)
+        maps = list(layerscope.open_trace(path).data_vars.values())
+        maps = [var for var in maps if str(var.name).endswith("@attention")]
+        assert len(maps) == 2, name
+        for var in maps:
+            assert var.attrs["attention"] == "self", (name, var.name)
+            assert var.dims == ("batch", "head", "query", "key"), (name, var.dims)
