@@ -23,7 +23,15 @@ from ._common import (
     real_length,
     require_dims,
 )
-from ._families import axis_labels, choose, color_range, describe, sample_texts, write_value
+from ._families import (
+    axis_labels,
+    choose,
+    color_range,
+    describe,
+    is_degenerate,
+    sample_texts,
+    write_value,
+)
 
 CONV_ROLES = ("batch", "channel", "height", "width")
 MLP_ROLES = ("batch", "token", "neuron")
@@ -111,6 +119,7 @@ def channel_grid(ds: Any, variable: str | None = None, sample: int = 0,
         chosen_by = f"channels {channels}"
         channels = [check_index(c, total, "channel", name) for c in channels]
     maps = np.asarray(one.isel({dims["channel"]: channels}).values)
+    shared = color_range(maps)
     picture = _input_image(ds, sample, image)
     cols = min(4, len(channels))
     rows = int(np.ceil(len(channels) / cols))
@@ -131,8 +140,9 @@ def channel_grid(ds: Any, variable: str | None = None, sample: int = 0,
         if picture is not None:  # opaque where the channel fires, the image shows elsewhere
             span = float(values.max() - values.min()) or 1.0
             alpha = 0.1 + 0.8 * (values - values.min()) / span
-        # a pooled 1x1 map (or a constant one) would get a zero-width norm and draw black
-        vmin, vmax = color_range(values)
+        # a pooled 1x1 (or constant) map has no range of its own: it is colored on the
+        # range of all the maps drawn, so that its color compares with theirs
+        vmin, vmax = shared if is_degenerate(values) else color_range(values)
         ax.imshow(values, cmap="inferno", alpha=alpha, extent=extent, vmin=vmin, vmax=vmax,
                   interpolation="nearest")
         write_value(ax, values, extent)

@@ -100,7 +100,7 @@ def degenerate_trace(path: Path | str) -> Path:
                  ("batch", "token", "hidden"))
     recorder.put("layers.0.mlp", "output", np.full((1, 1, 6), 2.0, np.float32),
                  ("batch", "token", "neuron"))
-    recorder.put("pool", "output", np.full((1, 3, 1, 1), 0.25, np.float32),
+    recorder.put("pool", "output", np.array([0.25, 0.5, 1.0], np.float32).reshape(1, 3, 1, 1),
                  ("batch", "channel", "height", "width"))
     recorder.end_pass()
     recorder.close()

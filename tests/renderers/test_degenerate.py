@@ -39,7 +39,6 @@ def _written(ax):
     (lambda ds: hidden_norms(ds), "1"),  # |(0.5, 0.5, 0.5, 0.5)| at every layer
     (lambda ds: similarity_figure(ds, method="cosine"), "1"),
     (lambda ds: neuron_heatmap(ds, neurons=[0]), "2"),
-    (lambda ds: channel_grid(ds, "pool@output"), "0.25"),
 ])
 def test_every_panel_has_a_range_and_its_value(tiny, draw, value):
     panels = _value_panels(draw(tiny))
@@ -58,3 +57,17 @@ def test_the_head_summary_of_a_single_token_has_ranges_and_values(tiny):
         data = np.asarray(image.get_array(), dtype=np.float64)
         finite = data[np.isfinite(data)]
         assert f"{finite[0]:.3g}" in _written(ax)
+
+
+def test_pooled_channel_maps_share_one_range_and_show_their_values(tiny):
+    """1x1 maps have no range of their own: colored on the range of all drawn, so that a
+    larger value reads brighter, each with its value written."""
+    fig = channel_grid(tiny, "pool@output")
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.images}
+    assert sorted(panels) == ["channel 0", "channel 1", "channel 2"]
+    for channel, value in enumerate((0.25, 0.5, 1.0)):
+        ax = panels[f"channel {channel}"]
+        image = ax.images[0]
+        assert (image.norm.vmin, image.norm.vmax) == (0.25, 1.0)
+        assert float(image.get_array()[0, 0]) == value
+        assert f"{value:.3g}" in _written(ax)
