@@ -46,19 +46,21 @@ def test_nn_transformer_axes_by_stack_at_equal_lengths(tmp_path):
 
 class _Context(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return x
+        return x + context.mean(1, keepdim=True)
 
 
 class _Rotary(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...],
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return hidden_states
+        cos, sin = position_embeddings
+        return hidden_states * cos + sin
 
 
 class _Hf(nn.Module):
     def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return hidden_states
+        attended = hidden_states if key_value_states is None else key_value_states
+        return hidden_states + attended.mean(1, keepdim=True)
 
 
 def test_self_or_cross_from_the_arguments_never_the_shapes():
