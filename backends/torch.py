@@ -35,6 +35,7 @@ from ._structure import leaves, part_kind
 from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
 from ._torch_moe import Routers
+from ._torch_rnn import TimeMajorIds
 from ._torch_seq2seq import Seq2Seq
 from ._torch_vocab import is_logits, vocabulary_modules, with_vocabulary_last
 from .base import Backend
@@ -209,6 +210,7 @@ class _Capture:
     def install(self) -> None:
         model, selection = self.model, self.selection
         self.handles.append(model.register_forward_pre_hook(self.begin, with_kwargs=True))
+        self.handles.extend(TimeMajorIds().install(model))  # (token, batch) ids: refused
         for path, module in model.named_modules():
             site = _site(path)
             if not selection.matches(site):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import layerscope
+from layerscope.core.errors import CaptureError
 from layerscope.core.naming import roles_of
 
 from ._zoo import assert_no_image_roles
@@ -80,3 +81,30 @@ def test_lstm_language_model(tmp_path, batch, batch_first):
             (name, roles)
         np.testing.assert_array_equal(var.values, logits.numpy(), err_msg=name)
     assert_no_image_roles(ds)
+
+
+class TimeMajorLanguageModel(nn.Module):
+    """PyTorch's word language model: ids (token, batch) straight into a time-major LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.lstm = nn.LSTM(WIDTH, STATE)
+        self.head = nn.Linear(STATE, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embed(ids))[0])
+
+
+def test_time_major_ids_are_refused_not_stored_as_samples(tmp_path):
+    """Ids (token, batch) would be read as LENGTH samples of 3 tokens: the pass stops with an
+    error that says so, and nothing is committed."""
+    model = TimeMajorLanguageModel().eval()
+    ids = torch.randint(0, VOCAB, (LENGTH, 3), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "time-major.zarr"
+    with pytest.raises(CaptureError, match=r"time-major RNN 'lstm' as \(token, batch\)"):
+        with layerscope.trace(model, path), torch.no_grad():
+            model(ids)
+    with pytest.warns(UserWarning, match="aborted"):
+        ds = layerscope.open_trace(path)
+    assert ds.attrs["status"] == "aborted" and ds.attrs["committed_samples"] == 0
