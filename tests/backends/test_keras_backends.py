@@ -1,8 +1,10 @@
 """Keras 3 on its JAX and PyTorch backends. Keras picks its backend once per process
 (``KERAS_BACKEND`` before ``import keras``), so each runs in a subprocess of its own: the
 conformance suite (tests/backends/test_conformance_tensorflow.py, whose kit is
-backend-neutral), and the keras-hub BERT and Llama zoo tests at batch 3. The BERT trace must
-have the same variables, dims, roles and labels on every backend as on TensorFlow here."""
+backend-neutral), tests/backends/test_keras_any_backend.py (predict, bfloat16, to_numpy), and
+the keras-hub BERT and Llama zoo tests at batch 3 (Llama's fused attention is recomputed
+there). The BERT trace must have the same variables, dims, roles and labels on every backend
+as on TensorFlow here."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..zoo.test_keras_bert import LAYOUT_OUT, layout, trace_bert
 ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("jax", "torch")
 TESTS = ["tests/backends/test_conformance_tensorflow.py",
+         "tests/backends/test_keras_any_backend.py",
          "tests/zoo/test_keras_bert.py::test_bert_maps_and_hidden_states[3]",
          "tests/zoo/test_keras_llama.py::test_llama_maps_and_hidden_states[3]"]
 
