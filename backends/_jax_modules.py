@@ -23,8 +23,9 @@ from jax.extend import core as jex_core
 from layerscope.core import Selection
 from layerscope.core.naming import ROOT_SITE, move_batch_first
 
+from . import _jax_seq2seq as seq2seq
 from ._jax_attention import attention_kind, current_scopes, is_attention_name, is_attention_scope
-from ._jax_dims import Context, arrays, batch_of, image_layout, is_array, roles_for
+from ._jax_dims import Context, arrays, batch_of, flax_classes, image_layout, is_array, roles_for
 from ._jax_runtime import Item, Outbound, Sink, uncaptured
 from ._structure import part_kind
 
@@ -81,11 +82,13 @@ class ModuleEngine:
     """Runs passes over module calls reported by the NNX or Linen wrappers."""
 
     def __init__(self, selection: Selection, sink: Sink, hidden_size: int | None,
-                 send: Send | None = None) -> None:
+                 send: Send | None = None, encoder_decoder: bool = False) -> None:
         self.selection = selection
         self.sink = sink
         self.send = send  # values out of a traced pass as outputs, when it can; else a callback
         self.hidden_size = hidden_size
+        #: the model has an encoder and a decoder stack: token axes are named for their side
+        self.encoder_decoder = encoder_decoder
         self.eager_state = trace_state()
         self.current: Pass | None = None
 
@@ -101,12 +104,13 @@ class ModuleEngine:
             return call(*args, **kwargs)  # no array in: nothing to label as a batch
         state = trace_state()
         current = Pass(state != self.eager_state, state, batch, token_ids, site_of)
+        decoder_ids = self._decoder_ids(current, kwargs)
         self.current = current
         try:
             if current.traced:
                 out = self._frame(current, module, ROOT_SITE, call, args, kwargs)
             else:
-                self.sink.begin(batch, token_ids)
+                self.sink.begin(batch, token_ids, decoder_ids)
                 with uncaptured():
                     out = self._frame(current, module, ROOT_SITE, call, args, kwargs)
         except BaseException:
@@ -118,10 +122,23 @@ class ModuleEngine:
         if not current.traced:
             self.sink.end()
         elif current.items:
-            outbound, operands = self.sink.outbound(batch, token_ids, current.items)
+            outbound, operands = self.sink.outbound(batch, token_ids, current.items,
+                                                    decoder_ids)
             if self.send is None or not self.send(module, outbound, operands):
                 self.sink.callback(outbound, operands)
         return out
+
+    def _decoder_ids(self, current: Pass, kwargs: dict[str, Any]) -> Any:
+        """An encoder-decoder model's decoder token ids, by keyword; the sides of both."""
+        if not self.encoder_decoder:
+            return None
+        if current.token_ids is not None:
+            current.remember(current.token_ids, ("batch", "token"))
+        found = next((kwargs[k] for k in seq2seq.DECODER_ID_ARGUMENTS
+                      if is_array(kwargs.get(k)) and kwargs[k].ndim == 2), None)
+        if found is not None:
+            current.remember(found, ("batch", "decoder_token"))
+        return found
 
     def child(self, module: Any, call: Callable[..., Any], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
@@ -158,10 +175,13 @@ class ModuleEngine:
             for path, value in arrays((args, kwargs)):  # path: (0, position) or (1, keyword)
                 if is_array(value) and value.ndim > 0:
                     kind = part_kind("input", path[1:])
-                    roles = current.roles_of(value) or roles_for(
-                        module, kind, tuple(value.shape), self.hidden_size)
+                    roles = current.roles_of(value) or self._sided(
+                        roles_for(module, kind, tuple(value.shape), self.hidden_size),
+                        seq2seq.stack_of(site))
                     self._take(current, module, site, kind, value, roles)
         frame = Frame(module, site, is_attention_name(type(module).__name__))
+        if self.encoder_decoder and frame.attention:
+            self._mark_cross_inputs(current, module, site, args, kwargs)
         depth = len(current.frames)
         parent = current.frames[-1] if current.frames else None
         current.frames.append(frame)
@@ -184,6 +204,10 @@ class ModuleEngine:
             current.seen[id(probs)] = probs
             roles = roles_for(module, "attention", tuple(probs.shape), self.hidden_size)
             which = attention_kind(module, args, kwargs, current.batch, tuple(probs.shape))
+            if self.encoder_decoder:
+                queries = next((v for _, v in arrays((args, kwargs)) if v.ndim > 0), None)
+                side = seq2seq.side_of(current.roles_of(queries)) or seq2seq.stack_of(site)
+                roles = seq2seq.attention_roles(roles, side, which)
             self._take(current, module, site, "attention", probs, roles,
                        {"attention": which} if which is not None else None)
         return out
@@ -204,11 +228,15 @@ class ModuleEngine:
         for path, value in arrays(out):
             if value.ndim == 0:
                 continue
-            here = Context(current.roles_of(value), context.input_roles, context.input_shape,
+            inherited = current.roles_of(value)
+            here = Context(inherited, context.input_roles, context.input_shape,
                            context.image, context.in_attention)
             shape = tuple(value.shape)
             roles = roles_for(frame.module, part_kind("output", path), shape, self.hidden_size,
                               here)
+            if inherited is None and self.encoder_decoder:
+                roles = seq2seq.named(roles, seq2seq.output_side(
+                    frame.module, frame.site, seq2seq.side_of(context.input_roles)))
             labels[id(value)] = roles
             current.remember(value, roles)
             image = image_layout(roles, shape)
@@ -217,6 +245,28 @@ class ModuleEngine:
                 for outer in current.frames:
                     outer.image = image
         return labels
+
+    def _sided(self, roles: tuple[str, ...], side: str | None) -> tuple[str, ...]:
+        return seq2seq.named(roles, side) if self.encoder_decoder else roles
+
+    def _mark_cross_inputs(self, current: Pass, module: Any, site: str,
+                           args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The keys and values handed to a Flax cross-attention index the other side's
+        positions than its queries (also when nothing else says whose they are)."""
+        if not isinstance(module, flax_classes("MultiHeadAttention",
+                                               "MultiHeadDotProductAttention")):
+            return
+        if attention_kind(module, args, kwargs, current.batch, ()) != "cross":
+            return
+        queries = args[0] if args else kwargs.get("inputs_q")
+        side = seq2seq.side_of(current.roles_of(queries)) or seq2seq.stack_of(site)
+        keys: list[Any] = [args[i] if len(args) > i else kwargs.get(name)
+                           for i, name in ((1, "inputs_k"), (2, "inputs_v"))]
+        keys.append(kwargs.get("inputs_kv"))
+        for value in keys:
+            if is_array(value) and value.ndim >= 2 and current.roles_of(value) is None:
+                plain = roles_for(None, "output", tuple(value.shape), self.hidden_size)
+                current.remember(value, seq2seq.named(plain, seq2seq.other(side)))
 
     def _take(self, current: Pass, module: Any, site: str, kind: str, value: Any,
               roles: tuple[str, ...], attrs: dict[str, Any] | None = None) -> None:

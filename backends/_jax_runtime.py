@@ -87,16 +87,19 @@ class Outbound:
     batch: int
     has_ids: bool
     meta: tuple[Meta, ...]
+    has_decoder_ids: bool = False  # an encoder-decoder model's decoder ids follow the ids
 
     def deliver(self, arrays: tuple[Any, ...] | list[Any]) -> None:
         """On the host, once per executed pass."""
         sink = _active.get(self.key)
         if sink is None:
             return  # the trace block has ended; the compiled function still hands values out
-        ids, values = (arrays[0], arrays[1:]) if self.has_ids else (None, arrays)
+        values = list(arrays)
+        ids = values.pop(0) if self.has_ids else None
+        decoder_ids = values.pop(0) if self.has_decoder_ids else None
         sink.deliver(self.batch, ids, [Item(s, k, a, r, t, dict(attrs) or None)
                                        for (s, k, r, t, attrs), a
-                                       in zip(self.meta, values, strict=True)])
+                                       in zip(self.meta, values, strict=True)], decoder_ids)
 
 
 class Sink:
@@ -109,13 +112,10 @@ class Sink:
 
     # -- eager -------------------------------------------------------------------------------
 
-    def begin(self, batch: int, token_ids: Any) -> None:
+    def begin(self, batch: int, token_ids: Any, decoder_ids: Any = None) -> None:
         jax.effects_barrier()  # compiled passes called earlier are recorded first, in order
         self.raise_errors()
-        if self.recorder.in_pass:
-            self.recorder.abort_pass()
-        ids = to_numpy(token_ids) if token_ids is not None else None
-        self.recorder.begin_pass(batch, ids)
+        self.begin_compiled(batch, token_ids, decoder_ids)
 
     def put(self, item: Item) -> None:
         self.recorder.put(item.site, item.kind, item.value, item.roles, item.module_type,
@@ -131,12 +131,15 @@ class Sink:
 
     # -- compiled ----------------------------------------------------------------------------
 
-    def outbound(self, batch: int, token_ids: Any, items: list[Item]) -> tuple[Outbound, list[Any]]:
+    def outbound(self, batch: int, token_ids: Any, items: list[Item], decoder_ids: Any = None
+                 ) -> tuple[Outbound, list[Any]]:
         """Inside a traced function: this pass's values and where each goes on the host."""
         meta = tuple((i.site, i.kind, i.roles, i.module_type,
                       tuple(sorted((i.attrs or {}).items()))) for i in items)
-        operands = ([token_ids] if token_ids is not None else []) + [i.value for i in items]
-        return Outbound(self.key, batch, token_ids is not None, meta), operands
+        ids = [a for a in (token_ids, decoder_ids) if a is not None]
+        operands = ids + [i.value for i in items]
+        return Outbound(self.key, batch, token_ids is not None, meta,
+                        decoder_ids is not None), operands
 
     @staticmethod
     def callback(outbound: Outbound, operands: list[Any]) -> None:
@@ -147,9 +150,10 @@ class Sink:
         """Inside a traced function: send this pass's values out through a host callback."""
         self.callback(*self.outbound(batch, token_ids, items))
 
-    def deliver(self, batch: int, token_ids: Any, items: list[Item]) -> None:
+    def deliver(self, batch: int, token_ids: Any, items: list[Item],
+                decoder_ids: Any = None) -> None:
         try:
-            self.begin_compiled(batch, token_ids)
+            self.begin_compiled(batch, token_ids, decoder_ids)
             for item in items:
                 self.put(item)
             self.recorder.end_pass()
@@ -160,11 +164,14 @@ class Sink:
             except BaseException:
                 pass
 
-    def begin_compiled(self, batch: int, token_ids: Any) -> None:
+    def begin_compiled(self, batch: int, token_ids: Any, decoder_ids: Any = None) -> None:
         if self.recorder.in_pass:
             self.recorder.abort_pass()
         ids = to_numpy(token_ids) if token_ids is not None else None
-        self.recorder.begin_pass(batch, ids)
+        if decoder_ids is None:
+            self.recorder.begin_pass(batch, ids)
+        else:
+            self.recorder.begin_pass(batch, ids, decoder_token_ids=to_numpy(decoder_ids))
 
     def wait(self) -> None:
         """Let every queued compiled pass reach the recorder (also those of a function

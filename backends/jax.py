@@ -40,6 +40,7 @@ from ._jax_dims import to_numpy
 from ._jax_modules import ModuleEngine
 from ._jax_runtime import Sink, activated, capture_key
 from ._jax_scopes import FunctionCapture
+from ._jax_seq2seq import is_encoder_decoder
 from .base import Backend, class_mro_modules
 
 _OTHER_FRAMEWORKS = {"torch", "tensorflow", "keras", "tf_keras", "keras_hub"}
@@ -274,7 +275,9 @@ class JaxBackend:
                     _functions.pop(id(model), None)
             else:
                 send = _jax_outbox.send if kind == "nnx" else None
-                engine = ModuleEngine(selection, sink, hidden_size_of(model), send)
+                modules = nnx_modules(model) if kind == "nnx" else linen_modules(model)
+                engine = ModuleEngine(selection, sink, hidden_size_of(model), send,
+                                      is_encoder_decoder(site for site, _ in modules))
                 with ExitStack() as stack:
                     if kind == "nnx":
                         stack.enter_context(_jax_outbox.installed(model))

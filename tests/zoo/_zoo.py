@@ -81,9 +81,10 @@ def assert_no_channel_on_tokens(ds: Any) -> None:
 NNX_MODES = {1: ("eager", "nnx.jit"), 3: ("eager", "jax.jit")}
 
 
-def trace_nnx(model: Any, args: tuple[Any, ...], path: Any, mode: str, **options: Any) -> Any:
-    """Trace one call of the Flax NNX ``model`` on ``args`` run as ``mode`` says; the
-    opened trace and what the model returned."""
+def trace_nnx(model: Any, args: tuple[Any, ...], path: Any, mode: str,
+              kwargs: dict[str, Any] | None = None, **options: Any) -> Any:
+    """Trace one call of the Flax NNX ``model`` on ``args`` (and keyword ``kwargs``) run as
+    ``mode`` says; the opened trace and what the model returned."""
     import jax
     from flax import nnx
 
@@ -92,16 +93,16 @@ def trace_nnx(model: Any, args: tuple[Any, ...], path: Any, mode: str, **options
     if mode == "eager":
         call = model
     elif mode == "nnx.jit":
-        compiled = nnx.jit(lambda m, *a: m(*a))
+        compiled = nnx.jit(lambda m, *a, **k: m(*a, **k))
 
-        def call(*a: Any) -> Any:
-            return compiled(model, *a)
+        def call(*a: Any, **k: Any) -> Any:
+            return compiled(model, *a, **k)
     elif mode == "jax.jit":
-        call = jax.jit(lambda *a: model(*a))
+        call = jax.jit(lambda *a, **k: model(*a, **k))
     else:
         raise ValueError(mode)
     with layerscope.trace(model, path, **options):
-        out = jax.block_until_ready(call(*args))
+        out = jax.block_until_ready(call(*args, **(kwargs or {})))
     return layerscope.open_trace(path), out
 
 
