@@ -641,3 +641,24 @@ def test_attention_kind_from_the_arguments() -> None:
     assert attention_kind(custom, (x, same_length), {}, 3, (3, 2, 5, 5)) is None
     bias = np.zeros((3, 5, 5), np.float32)  # a bias beside the sequence: not a second input
     assert attention_kind(custom, (x, bias), {}, 3, (3, 2, 5, 5)) is None
+
+
+def test_encoder_decoder_sides_are_named_or_left_neutral() -> None:
+    from layerscope.backends import _jax_seq2seq as seq2seq
+
+    assert seq2seq.is_encoder_decoder(["embed", "encoder.layers.0", "decoder.layers.0"])
+    assert not seq2seq.is_encoder_decoder(["embeddings", "encoder.layer.0", "pooler"])  # BERT
+    plain = ("batch", "token", "hidden")
+    assert seq2seq.named(plain, "decoder") == ("batch", "decoder_token", "hidden")
+    assert seq2seq.named(plain, "encoder") == plain
+    assert seq2seq.named(plain, None) == ("batch", "axis1", "hidden")  # unknown: no side
+    assert seq2seq.side_of(("batch", "decoder_token", "hidden")) == "decoder"
+    assert seq2seq.side_of(plain) == "encoder" and seq2seq.side_of(("batch", "hidden")) is None
+    attention = ("batch", "head", "query", "key")
+    assert seq2seq.attention_roles(attention, "decoder", "cross") == \
+        ("batch", "head", "decoder_query", "key")
+    assert seq2seq.attention_roles(attention, "decoder", "self") == \
+        ("batch", "head", "decoder_query", "decoder_key")
+    assert seq2seq.attention_roles(attention, "encoder", "self") == attention
+    assert seq2seq.attention_roles(attention, "decoder", None) == \
+        ("batch", "head", "decoder_query", "axis3")
