@@ -274,9 +274,9 @@ def head_view(ds: Any, layer: int | None = None, sample: int = 0, heads: list[in
     ax.axis("off")
     ax.legend(loc="lower center", fontsize=7, ncol=min(4, len(chosen)), frameon=False,
               bbox_to_anchor=(0.5, -0.08))
-    ax.set_title(f"{escape(name)}, {describe(ds[name])}, sample {sample}\n"
+    ax.set_title(f"{escape(name)}\n{describe(ds[name])}, sample {sample}, {window.span()}\n"
                  f"{axis_title('query', window.query)} (left) -> "
-                 f"{axis_title('key', window.key)} (right), {window.span()}", fontsize=9)
+                 f"{axis_title('key', window.key)} (right)", fontsize=8)
     return fig
 
 
