@@ -135,3 +135,44 @@ def test_attention_of_encoder_only_and_decoder_only_models_is_self(tmp_path):
         for var in maps:
             assert var.attrs["attention"] == "self", (name, var.name)
             assert var.dims == ("batch", "head", "query", "key"), (name, var.dims)
+
+
+def test_bert_to_bert_decoder_whose_stack_holds_an_encoder_named_module(tmp_path):
+    """EncoderDecoderModel with a BERT decoder: the decoder's layers sit under
+    ``decoder.bert.encoder``; they are the decoder's, and its cross-attention keys (and key
+    and value projections) the encoder's; maps equal the model's own."""
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+    def bert(**extra: object) -> BertConfig:
+        return BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=32, **extra)
+
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(
+        bert(), bert(is_decoder=True, add_cross_attention=True))
+    torch.manual_seed(0)
+    model = EncoderDecoderModel(config=config).eval()
+    model.set_attn_implementation("eager")  # its maps are the references
+    ids, decoder_ids = torch.randint(3, 64, (2, 7)), torch.randint(3, 64, (2, 5))
+    path = tmp_path / "bert2bert.zarr"
+    with layerscope.trace(model, path), torch.no_grad():
+        out = model(input_ids=ids, decoder_input_ids=decoder_ids, output_attentions=True)
+    ds = layerscope.open_trace(path)
+
+    layer = "decoder.bert.encoder.layer.0"
+    for site, reference, dims, kind in (
+            ("encoder.encoder.layer.0.attention.self", out.encoder_attentions[0],
+             ("batch", "head", "query", "key"), "self"),
+            (f"{layer}.attention.self", out.decoder_attentions[0],
+             ("batch", "head", "decoder_query", "decoder_key"), "self"),
+            (f"{layer}.crossattention.self", out.cross_attentions[0],
+             ("batch", "head", "decoder_query", "key"), "cross")):
+        var = ds[f"{site}@attention"]
+        assert var.dims == dims and var.attrs["attention"] == kind, (site, var.dims)
+        np.testing.assert_array_equal(var.values, reference.numpy())
+    assert ds[f"{layer}@output"].attrs["stack"] == "decoder"
+    assert ds[f"{layer}@output"].dims == ("batch", "decoder_token", "hidden")
+    for projection in ("key", "value"):
+        assert ds[f"{layer}.crossattention.self.{projection}@output"].dims == \
+            ("batch", "token", "hidden")
+    assert ds["root@output.logits"].dims[:2] == ("batch", "decoder_token")
+    np.testing.assert_array_equal(ds["decoder_token_id"].values, decoder_ids.numpy())
