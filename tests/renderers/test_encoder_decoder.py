@@ -182,3 +182,18 @@ def test_report_draws_each_stack_and_the_cross_attention(s2s):
     assert ("layerscope render attention s2s.zarr --layer 1 --stack decoder --attention cross "
             "--head 0 --sample 0 -o head.png") in page
     assert 'class="skip"' not in page.split("<h2", 3)[1]  # nothing in Attention left out
+
+
+def test_a_cross_attention_map_reads_only_itself_and_both_token_labels(s2s_path):
+    import os
+
+    from zarr.storage import LocalStore
+
+    from .counting import CountingStore
+
+    store = CountingStore(LocalStore(os.fspath(s2s_path), read_only=True))
+    ds = layerscope.open_trace(store)
+    store.reset()
+    attention_heatmap(ds, layer=0, stack="decoder", attention="cross", sample=1)
+    assert set(store.chunk_reads()) == {"decoder.block.0.cross_attn@attention", "token_text",
+                                        "decoder_token_text"}
