@@ -18,6 +18,7 @@ import numpy as np
 
 from layerscope.core.writer import Alloc
 
+
 def keras_backend() -> str:
     """The backend this process's Keras runs on."""
     return str(keras.backend.backend())
