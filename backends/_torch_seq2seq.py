@@ -150,28 +150,40 @@ def attention_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
-    """A Hugging Face ``config.is_encoder_decoder`` model, or one with both an ``encoder`` and
-    a ``decoder`` stack."""
+    """A Hugging Face ``config.is_encoder_decoder`` model, or one with an ``encoder`` and a
+    ``decoder`` stack that both hold attention (a word language model whose embedding is
+    called ``encoder`` and whose output layer ``decoder`` is not one)."""
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) is True:
         return True
-    return set(stack_roots(model).values()) == set(STACKS)
+    with_attention = {stack for root, stack in _stack_modules(model)
+                      if any(is_attention_module(m) for m in root.modules())}
+    return with_attention == set(STACKS)
+
+
+def _stack_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Each stack's top module (``model.encoder``, ``decoder``) and its stack."""
+    found = []
+    for path, module in model.named_modules():
+        segments = path.split(".")
+        if segments[-1].lower() in STACKS and stack_of(".".join(segments[:-1])) is None:
+            found.append((module, segments[-1].lower()))
+    return found
 
 
 def stack_roots(model: nn.Module) -> dict[int, str]:
     """``id`` of each stack's top module (``model.encoder``, ``decoder``) -> its stack."""
-    roots: dict[int, str] = {}
-    for path, module in model.named_modules():
-        segments = path.split(".")
-        if segments[-1].lower() in STACKS and stack_of(".".join(segments[:-1])) is None:
-            roots[id(module)] = segments[-1].lower()
-    return roots
+    return {id(module): stack for module, stack in _stack_modules(model)}
+
+
 
 
 def side_roles(roles: tuple[str, ...], sides: Iterable[str | None]) -> tuple[str, ...]:
     """``roles`` with each token axis named for its side: the decoder's prefixed, the
     encoder's plain, an unknown side's neutral (``axis<i>``)."""
-    neutral = default_roles(len(roles))
+    # never "batch" for a first axis whose side is unknown (a time-major tensor): the batch
+    # axis is named once
+    neutral = ("axis0", *default_roles(len(roles))[1:])
     side_of_axis = iter(sides)
     named = []
     for i, role in enumerate(roles):

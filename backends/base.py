@@ -69,8 +69,9 @@ Tensors
     - Encoder-decoder models: the token, query and key axes of a tensor on the decoder's side
       are named ``decoder_token``, ``decoder_query``, ``decoder_key``
       (:func:`~layerscope.core.naming.decoder_side`); cross-attention is
-      (``batch``, ``head``, ``decoder_query``, ``key``). The recorder adds the ``stack``
-      attribute (``encoder`` / ``decoder``) from the site's path.
+      (``batch``, ``head``, ``decoder_query``, ``key``). Set ``recorder.encoder_decoder``
+      in ``attach`` for such a model: the recorder then adds the ``stack`` attribute
+      (``encoder`` / ``decoder``) from each site's path.
     - ``put`` returns at once: the tensor waits in the writer's queue while the model runs on.
       If the framework may change it in place later (an in-place ReLU, a reused buffer), pass
       ``snapshot``: ``snapshot(tensor, alloc)`` runs inside ``put``, on the model's thread, and

@@ -113,6 +113,7 @@ class _Capture:
         self.vocabulary = vocabulary_modules(model)  # lm heads: their last axis is no feature
         self.attention = AttentionTap()
         self.seq2seq = Seq2Seq(model)  # encoder/decoder sides, self/cross attention
+        recorder.encoder_decoder = self.seq2seq.active
         self.routers = Routers(model)  # mixture-of-experts routers' (batch·token) rows
         self.handles: list[Any] = []
         # weak: holding the maps until the pass ends would keep torch from reusing their memory
@@ -319,13 +320,17 @@ class TorchBackend:
 
     def load_folder(self, folder: Path, attn_implementation: str | None = None
                     ) -> tuple[Any, Any]:
-        """A Hugging Face folder through transformers' ``AutoModel`` / ``AutoTokenizer``."""
-        from transformers import AutoModel, AutoTokenizer
+        """A Hugging Face folder as the class its ``config.json`` names (head included, see
+        :func:`layerscope._hf_architectures.read_architecture`), with its ``AutoTokenizer``."""
+        from transformers import AutoTokenizer
         from transformers.utils import logging
+
+        from layerscope._hf_architectures import read_architecture
 
         logging.disable_progress_bar()  # one progress bar (over batches) is enough
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModel.from_pretrained(str(folder), **kwargs).eval()
+        model_class = read_architecture(folder).model_class()
+        model = model_class.from_pretrained(str(folder), **kwargs).eval()
         return model, AutoTokenizer.from_pretrained(str(folder))
 
 

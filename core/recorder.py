@@ -40,6 +40,9 @@ class Recorder:
         self.selection = selection
         self.framework = framework
         self.decode_tokens = decode_tokens
+        #: set by a backend that traces an encoder-decoder model: each variable then records
+        #: the stack its site's path names (elsewhere a module called ``decoder`` is no stack)
+        self.encoder_decoder = False
         self._calls: dict[tuple[str, str], int] = {}
         self._texts: list[str] | None = None
         # site@kind -> why it is not captured; a store appended to keeps its earlier record
@@ -125,7 +128,7 @@ class Recorder:
         layer = layer_index(site)
         if layer is not None:
             labels["layer"] = layer
-        stack = stack_of(site)
+        stack = stack_of(site) if self.encoder_decoder else None
         if stack is not None:
             labels["stack"] = stack
         labels.update(attrs or {})

@@ -33,6 +33,7 @@ def test_a_seq2seq_pass_is_stored_with_both_token_axes(tmp_path):
     path = tmp_path / "s2s.zarr"
     recorder = make_recorder(path)
     recorder.decode_tokens = lambda ids: [f"t{i}" for i in ids]
+    recorder.encoder_decoder = True
     batch, source, target = 2, 7, 5
     recorder.begin_pass(batch, token_ids=np.arange(batch * source).reshape(batch, source),
                         decoder_token_ids=np.arange(batch * target).reshape(batch, target))
@@ -63,3 +64,15 @@ def test_a_seq2seq_pass_is_stored_with_both_token_axes(tmp_path):
     assert ds["token_text"].values[1, 0] == "t7"
     assert list(ds["decoder_token"].values) == list(range(target))
     assert "decoder_token_text" in ds.coords
+
+
+def test_only_an_encoder_decoder_model_records_stacks(tmp_path):
+    """A module called ``decoder`` in another model (a word language model's output layer)
+    is no stack."""
+    path = tmp_path / "lm.zarr"
+    recorder = make_recorder(path)
+    recorder.begin_pass(1)
+    recorder.put("decoder", "output", np.zeros((1, 3, 4), np.float32), ("batch", "token", "axis2"))
+    recorder.end_pass()
+    recorder.close()
+    assert "stack" not in layerscope.open_trace(path)["decoder@output"].attrs

@@ -79,6 +79,8 @@ def test_lstm_language_model(tmp_path, batch, batch_first):
         roles = roles_of(var)
         assert roles[:2] == ("batch", "token") and roles[2] not in ("hidden", "neuron"), \
             (name, roles)
+        # an output layer called decoder in a model without an encoder stack is no stack
+        assert var.dims[1] == "token" and "stack" not in var.attrs, (name, var.dims)
         np.testing.assert_array_equal(var.values, logits.numpy(), err_msg=name)
     assert_no_image_roles(ds)
 
@@ -108,3 +110,30 @@ def test_time_major_ids_are_refused_not_stored_as_samples(tmp_path):
     with pytest.warns(UserWarning, match="aborted"):
         ds = layerscope.open_trace(path)
     assert ds.attrs["status"] == "aborted" and ds.attrs["committed_samples"] == 0
+
+
+class WordLanguageModel(nn.Module):
+    """PyTorch's word language model names its embedding ``encoder`` and its output layer
+    ``decoder``: no encoder-decoder model for all that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(VOCAB, WIDTH)
+        self.rnn = nn.LSTM(WIDTH, STATE, batch_first=True)
+        self.decoder = nn.Linear(STATE, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.rnn(self.encoder(ids))[0])
+
+
+def test_modules_called_encoder_and_decoder_are_no_stacks(tmp_path):
+    model = WordLanguageModel().eval()
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "word-lm.zarr"
+    with layerscope.trace(model, path), torch.no_grad():
+        model(ids)
+    ds = layerscope.open_trace(path)
+    for name in ("encoder@output", "rnn@output", "decoder@output"):
+        var = ds[name]
+        assert var.dims[:2] == ("batch", "token") and "stack" not in var.attrs, (name, var.dims)
+    assert "decoder_token_id" not in ds.variables
