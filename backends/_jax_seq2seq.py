@@ -27,6 +27,7 @@ from typing import Any
 
 from layerscope.core.naming import DECODER_PREFIX, STACKS, default_roles, stack_of
 
+from ._jax_attention import is_attention_name
 from ._jax_dims import flax_classes
 
 ENCODER, DECODER = STACKS
@@ -41,9 +42,15 @@ _POSITIONWISE = (
 )
 
 
-def is_encoder_decoder(sites: Iterable[str]) -> bool:
-    stacks = {stack_of(site) for site in sites}
-    return ENCODER in stacks and DECODER in stacks
+def is_encoder_decoder(model: Any, modules: Iterable[tuple[str, Any]]) -> bool:
+    """A model whose config says so (``is_encoder_decoder``), or whose ``encoder`` and
+    ``decoder`` stacks both hold attention (a language model whose embedding is called
+    ``encoder`` and whose output layer ``decoder`` is not one)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True:
+        return True
+    with_attention = {stack_of(site) for site, module in modules
+                      if is_attention_name(type(module).__name__)}
+    return ENCODER in with_attention and DECODER in with_attention
 
 
 def side_of(roles: tuple[str, ...] | None) -> str | None:
@@ -59,9 +66,14 @@ def other(side: str | None) -> str | None:
     return {ENCODER: DECODER, DECODER: ENCODER}.get(side) if side is not None else None
 
 
+def _neutral(ndim: int) -> tuple[str, ...]:
+    # never "batch" for a first axis of unknown side (a time-major array): batch is named once
+    return ("axis0", *default_roles(ndim)[1:])
+
+
 def named(roles: tuple[str, ...], side: str | None) -> tuple[str, ...]:
     """Plain ``roles`` with their token axes named for ``side``; neutral when unknown."""
-    neutral = default_roles(len(roles))
+    neutral = _neutral(len(roles))
     out = []
     for index, role in enumerate(roles):
         if role not in _TOKEN_ROLES or side == ENCODER:
@@ -78,7 +90,7 @@ def attention_roles(roles: tuple[str, ...], query_side: str | None,
     """(batch, head, query, key) named for the queries' side and for self or cross."""
     key_side = query_side if kind == "self" else other(query_side) if kind == "cross" else None
     sides = {"query": query_side, "key": key_side}
-    neutral = default_roles(len(roles))
+    neutral = _neutral(len(roles))
     out = []
     for index, role in enumerate(roles):
         side = sides.get(role, ENCODER)

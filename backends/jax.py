@@ -276,8 +276,10 @@ class JaxBackend:
             else:
                 send = _jax_outbox.send if kind == "nnx" else None
                 modules = nnx_modules(model) if kind == "nnx" else linen_modules(model)
+                encoder_decoder = is_encoder_decoder(model, modules)
+                recorder.encoder_decoder = encoder_decoder  # variables record their stack
                 engine = ModuleEngine(selection, sink, hidden_size_of(model), send,
-                                      is_encoder_decoder(site for site, _ in modules))
+                                      encoder_decoder)
                 with ExitStack() as stack:
                     if kind == "nnx":
                         stack.enter_context(_jax_outbox.installed(model))

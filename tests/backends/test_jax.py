@@ -646,19 +646,28 @@ def test_attention_kind_from_the_arguments() -> None:
 def test_encoder_decoder_sides_are_named_or_left_neutral() -> None:
     from layerscope.backends import _jax_seq2seq as seq2seq
 
-    assert seq2seq.is_encoder_decoder(["embed", "encoder.layers.0", "decoder.layers.0"])
-    assert not seq2seq.is_encoder_decoder(["embeddings", "encoder.layer.0", "pooler"])  # BERT
+    attention = nnx.eval_shape(lambda: nnx.MultiHeadAttention(
+        num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0)))
+    linear = nnx.eval_shape(lambda: nnx.Linear(8, 8, rngs=nnx.Rngs(0)))
+    both = [("encoder.layers.0.attention", attention), ("decoder.layers.0.attention", attention)]
+    assert seq2seq.is_encoder_decoder(None, both)
+    assert not seq2seq.is_encoder_decoder(None, both[:1])  # BERT: an encoder alone
+    # a language model whose embedding is called encoder and whose output layer decoder
+    assert not seq2seq.is_encoder_decoder(None, [("encoder", linear), ("decoder", linear),
+                                                 ("layers.0.attention", attention)])
     plain = ("batch", "token", "hidden")
     assert seq2seq.named(plain, "decoder") == ("batch", "decoder_token", "hidden")
     assert seq2seq.named(plain, "encoder") == plain
     assert seq2seq.named(plain, None) == ("batch", "axis1", "hidden")  # unknown: no side
+    time_major = ("token", "batch", "hidden")
+    assert seq2seq.named(time_major, None) == ("axis0", "batch", "hidden")  # batch named once
     assert seq2seq.side_of(("batch", "decoder_token", "hidden")) == "decoder"
     assert seq2seq.side_of(plain) == "encoder" and seq2seq.side_of(("batch", "hidden")) is None
-    attention = ("batch", "head", "query", "key")
-    assert seq2seq.attention_roles(attention, "decoder", "cross") == \
+    roles = ("batch", "head", "query", "key")
+    assert seq2seq.attention_roles(roles, "decoder", "cross") == \
         ("batch", "head", "decoder_query", "key")
-    assert seq2seq.attention_roles(attention, "decoder", "self") == \
+    assert seq2seq.attention_roles(roles, "decoder", "self") == \
         ("batch", "head", "decoder_query", "decoder_key")
-    assert seq2seq.attention_roles(attention, "encoder", "self") == attention
-    assert seq2seq.attention_roles(attention, "decoder", None) == \
+    assert seq2seq.attention_roles(roles, "encoder", "self") == roles
+    assert seq2seq.attention_roles(roles, "decoder", None) == \
         ("batch", "head", "decoder_query", "axis3")

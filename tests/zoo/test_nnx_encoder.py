@@ -119,6 +119,7 @@ def test_encoder_maps_and_states_in_every_mode(model: Any, batch: int, tmp_path:
         for name, var in captures(ds).items():  # per-head projections keep their head axis
             if name.endswith((".query@output", ".key@output", ".value@output")):
                 assert roles_of(var) == ("batch", "token", "head", "axis3"), name
+        assert "stack" not in ds["encoder.layer.0@output"].attrs  # an encoder alone: no stacks
         assert_no_image_roles(ds)
         if eager is None:
             eager = ds

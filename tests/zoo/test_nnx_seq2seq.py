@@ -141,6 +141,8 @@ def test_encoder_and_decoder_positions_are_named_apart(model: Seq2Seq, batch: in
             for part in ("key", "value"):  # projections of the encoder's states
                 assert axes(ds[f"{cross}.{part}@output"])[:2] == ("batch", "token"), part
             assert axes(ds[f"{cross}@output"]) == decoder_token
+        assert ds["decoder.layers.1@output"].attrs["stack"] == "decoder"
+        assert ds["encoder.layers.1@output"].attrs["stack"] == "encoder"
         assert axes(ds["lm_head@output"]) == ("batch", "decoder_token", "neuron")
         assert roles_of(ds["lm_head@output"]) == ("batch", "token", "neuron")  # plain roles
         np.testing.assert_array_equal(ds["root@output"].values, np.asarray(out))
