@@ -270,7 +270,11 @@ class TorchBackend:
 
     def can_handle(self, model: Any) -> bool:
         module = sys.modules.get("torch.nn")
-        return module is not None and isinstance(model, module.Module)
+        if module is None or not isinstance(model, module.Module):
+            return False
+        # on Keras's PyTorch backend a Keras model is a torch Module too: it is Keras's
+        keras_layer = getattr(sys.modules.get("keras.layers"), "Layer", None)
+        return keras_layer is None or not isinstance(model, keras_layer)
 
     def sites(self, model: nn.Module) -> list[SiteInfo]:
         return [

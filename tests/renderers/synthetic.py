@@ -53,6 +53,7 @@ def seq2seq_trace(path: Path | str, batch: int = 2, layers: int = 2) -> Path:
     group, _ = open_group_for_writing(path, "w", attrs)
     recorder = Recorder(TraceWriter(group, StoreOptions(mode="w")), Selection(), "numpy",
                         lambda ids: [f"e{i}" if i < 100 else f"d{i - 100}" for i in ids])
+    recorder.encoder_decoder = True
     rng = np.random.default_rng(0)
 
     def maps(queries: int, keys: int) -> np.ndarray:

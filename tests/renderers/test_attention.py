@@ -86,7 +86,8 @@ def test_grid_has_layers_by_heads_panels(ds):
     images = [ax for ax in fig.axes if ax.images]
     assert len(images) == 6 * 12
     assert images[0].get_title() == "head 0"
-    assert images[12].get_ylabel() == "encoder 1"  # BERT's blocks sit under encoder.
+    # an encoder-only model has no stacks: its blocks are plain layers
+    assert images[12].get_ylabel() == "layer 1"
     n = len(_tokens(ds, 1))
     expected = ds["encoder.layer.5.attention.self@attention"].values[1, 11, :n, :n]
     np.testing.assert_array_equal(images[-1].images[0].get_array(), expected)
@@ -107,7 +108,7 @@ def test_head_view_draws_one_line_per_visible_weight(ds):
 def test_head_summary_matches_numpy(ds):
     summary = head_summary(ds)
     assert summary.entropy.shape == (6, 12)
-    assert list(summary["label"].values) == [f"encoder {i}" for i in range(6)]
+    assert list(summary["label"].values) == [f"layer {i}" for i in range(6)]
     name, head = "encoder.layer.2.attention.self@attention", 7
     weights = ds[name].values
     entropy, distance, special, rows = 0.0, 0.0, 0.0, 0
