@@ -47,8 +47,12 @@ def roles_for(module: nn.Module, kind: str, tensor: torch.Tensor, hidden_size: i
     the channels-first roles this very tensor (or, for an elementwise module, its input)
     was given at another site, if any."""
     ndim = tensor.dim()
-    if kind == "attention":
-        return ("batch", "head", "query", "key")[-ndim:] if ndim >= 3 else default_roles(ndim)
+    if kind == "attention":  # (batch, query, key): heads averaged (nn.MultiheadAttention)
+        return {4: ("batch", "head", "query", "key"),
+                3: ("batch", "query", "key")}.get(ndim) or default_roles(ndim)
+    if isinstance(module, nn.MultiheadAttention) and kind == "output.1":
+        # the weights it returns: per head, or averaged over heads (the default)
+        return roles_for(module, "attention", tensor, hidden_size)
     if isinstance(module, nn.RNNBase) and kind.startswith("output"):
         return _rnn_roles(module, kind, ndim)
     if inherited is not None and len(inherited) == ndim:

@@ -104,7 +104,8 @@ def test_time_major_ids_are_refused_not_stored_as_samples(tmp_path):
     model = TimeMajorLanguageModel().eval()
     ids = torch.randint(0, VOCAB, (LENGTH, 3), generator=torch.Generator().manual_seed(0))
     path = tmp_path / "time-major.zarr"
-    with pytest.raises(CaptureError, match=r"time-major RNN 'lstm' as \(token, batch\)"):
+    refusal = r"time-major layer 'lstm' \(batch_first=False\) as \(token, batch\)"
+    with pytest.raises(CaptureError, match=refusal):
         with layerscope.trace(model, path), torch.no_grad():
             model(ids)
     with pytest.warns(UserWarning, match="aborted"):
@@ -137,3 +138,35 @@ def test_modules_called_encoder_and_decoder_are_no_stacks(tmp_path):
         var = ds[name]
         assert var.dims[:2] == ("batch", "token") and "stack" not in var.attrs, (name, var.dims)
     assert "decoder_token_id" not in ds.variables
+
+
+class TimeMajorAttention(nn.Module):
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(WIDTH, 2, batch_first=batch_first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x)[0]
+
+
+def test_time_major_attention_input_is_refused_and_batch_first_weights_are_attention(tmp_path):
+    """nn.MultiheadAttention handed (token, batch, width) by the root is refused like the RNN;
+    batch-first, the head-averaged weights it returns are (batch, query, key), not states."""
+    model = TimeMajorAttention(batch_first=False).eval()
+    with pytest.raises(CaptureError, match=r"time-major layer 'attn'"):
+        with layerscope.trace(model, tmp_path / "tm.zarr"), torch.no_grad():
+            model(torch.rand(LENGTH, 3, WIDTH))
+
+    model = TimeMajorAttention(batch_first=True).eval()
+    x = torch.rand(3, LENGTH, WIDTH)
+    path = tmp_path / "bf.zarr"
+    with layerscope.trace(model, path), torch.no_grad():
+        model(x)
+    with torch.no_grad():
+        _, averaged = model.attn(x, x, x)
+        _, per_head = model.attn(x, x, x, average_attn_weights=False)
+    ds = layerscope.open_trace(path)
+    assert roles_of(ds["attn@output.1"]) == ("batch", "query", "key")
+    np.testing.assert_array_equal(ds["attn@output.1"].values, averaged.numpy())
+    assert roles_of(ds["attn@attention"]) == ("batch", "head", "query", "key")
+    np.testing.assert_allclose(ds["attn@attention"].values, per_head.numpy(), rtol=0, atol=1e-6)
