@@ -114,3 +114,23 @@ def test_bert_maps_and_hidden_states(tmp_path: Path, batch: int) -> None:
     assert_no_channel_on_tokens(ds)
     if batch == 3 and os.environ.get(LAYOUT_OUT):
         Path(os.environ[LAYOUT_OUT]).write_text(json.dumps(layout(ds)))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="tf.function exists on Keras's TensorFlow backend only")
+def test_bert_inside_tf_function_traces_as_eager(tmp_path: Path) -> None:
+    """The backbone called inside a ``tf.function`` graph: the same variables, dims and roles
+    as the eager trace, and the values the eager run recorded."""
+    import tensorflow as tf
+
+    _, eager, inputs = trace_bert(tmp_path / "eager.zarr", 3)
+    model = make_bert()
+    step = tf.function(lambda batch: model(batch))
+    path = tmp_path / "graph.zarr"
+    with layerscope.trace(model, path):
+        step({name: tf.constant(value) for name, value in inputs.items()})
+    graph = layerscope.open_trace(path)
+    assert layout(graph) == layout(eager)
+    for name, var in captures(eager).items():
+        np.testing.assert_allclose(graph[name].values, var.values, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
