@@ -8,7 +8,9 @@ the experts as features). A router is known by what it declares, ``num_experts``
 ``top_k`` beside a (num_experts, hidden) weight; its rows are put back as (batch, token) only
 where they are, by memory, the row-major flattening of a (batch, token, hidden) input: the
 router's own input, or its parent module's input viewed as rows. The experts' axis is
-``expert``; the top-k axis stays neutral.
+``expert``; the top-k axis stays neutral. The experts beside the router (transformers fuses
+them into one module: no expert's own output exists as a tensor) return their weighted mix
+one row per token: put back as (batch, token, hidden) by the same rule.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Routers:
                 if is_router(child):
                     parents[id(child)] = module
         self._parents = parents
+        # the router's siblings (the experts): id -> the MoE block they sit in
+        self._siblings = {id(child): parent for parent in parents.values()
+                          for child in parent.children() if not is_router(child)}
         # parent -> its running call's (batch, token, hidden) input, described (not held: the
         # router runs inside that call, while the input is alive)
         self._inputs: dict[int, _Grid] = {}
@@ -73,14 +78,28 @@ class Routers:
         known = self._rows.get(id(tensor))
         if known is not None and known[0]() is tensor:
             return self._reshaped(tensor, known[1], known[2])
-        if not kind.startswith("output") or not is_router(module) or tensor.dim() != 2:
+        if not kind.startswith("output") or tensor.dim() != 2:
             return None
+        if not is_router(module):
+            return self._mixed_rows(module, tensor, source)
         shape = self._token_shape(module, source)
         if shape is None or tensor.shape[0] != shape[0] * shape[1]:
             return None
         last = EXPERT if tensor.shape[-1] == module.num_experts else "axis2"
         self._rows[id(tensor)] = (weakref.ref(tensor), shape, last)
         return self._reshaped(tensor, shape, last)
+
+    def _mixed_rows(self, module: nn.Module, tensor: torch.Tensor, source: Any
+                    ) -> tuple[torch.Tensor, tuple[str, ...]] | None:
+        """The experts' output beside a router (their weighted mix, one row per token) as
+        (batch, token, hidden), where the rows they were handed are the MoE block's input."""
+        parent = self._siblings.get(id(module))
+        grid = self._inputs.get(id(parent)) if parent is not None else None
+        if (grid is None or not isinstance(source, torch.Tensor) or grid.shape[0] != self._batch
+                or not _same_rows(source, grid) or tensor.shape[0] != source.shape[0]):
+            return None
+        last = "hidden" if tensor.shape[-1] == grid.shape[2] else "axis2"
+        return self._reshaped(tensor, (grid.shape[0], grid.shape[1]), last)
 
     def _token_shape(self, module: nn.Module, source: Any) -> tuple[int, int] | None:
         """(batch, token) whose row-major flattening the router's input rows are."""

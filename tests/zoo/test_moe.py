@@ -1,7 +1,9 @@
 """Mixture-of-experts (Mixtral, Qwen2-MoE): the router flattens batch and token into rows; its
 logits are stored back on (batch, token, expert), its top-k weights and indices on
-(batch, token, <neutral>), equal to the router's own outputs; what the experts compute on the
-flattened rows has no batch axis and is skipped, with the reason, never stored as if batched."""
+(batch, token, <neutral>), equal to the router's own outputs; the experts' mix (one row per
+token: transformers fuses the experts, so no expert's own output exists) goes back on
+(batch, token, hidden); what the modules inside the experts compute on the flattened rows
+has no batch axis and is skipped, with the reason, never stored as if batched."""
 
 from __future__ import annotations
 
@@ -34,8 +36,12 @@ def test_router_rows_back_on_batch_and_token(tmp_path, family, batch, length):
     model = _model(family)
     ids = torch.randint(3, 64, (batch, length), generator=torch.Generator().manual_seed(batch))
     own: dict[int, tuple[torch.Tensor, ...]] = {}
+    mixed: dict[int, torch.Tensor] = {}
     handles = [layer.mlp.gate.register_forward_hook(
         lambda m, a, o, i=i: own.setdefault(i, tuple(t.clone() for t in o)))
+        for i, layer in enumerate(model.model.layers)]
+    handles += [layer.mlp.experts.register_forward_hook(
+        lambda m, a, o, i=i: mixed.setdefault(i, o.clone()))
         for i, layer in enumerate(model.model.layers)]
     path = tmp_path / f"{family}.zarr"
     try:
@@ -63,9 +69,14 @@ def test_router_rows_back_on_batch_and_token(tmp_path, family, batch, length):
             assert roles_of(var)[2] not in ("expert", "hidden", "neuron"), var.dims
             np.testing.assert_array_equal(var.values, value.view(batch, length, TOP_K).numpy())
 
+        var = ds[f"model.layers.{i}.mlp.experts@output"]
+        assert roles_of(var) == ("batch", "token", "hidden"), var.dims
+        np.testing.assert_array_equal(var.values, mixed[i].view(batch, length, -1).numpy())
+
     skipped = ds.attrs.get("skipped", {})
-    experts = "model.layers.0.mlp.experts@output"
-    if length > 1:  # (batch·token, hidden) rows: no batch axis, so not stored, and said why
-        assert experts not in ds.data_vars
-        assert "no leading batch axis" in skipped[experts], skipped
+    if family == "qwen2_moe" and length > 1:
+        # inside the shared expert: (batch·token, neuron) rows, no batch axis: said why
+        inner = "model.layers.0.mlp.shared_expert.up_proj@output"
+        assert inner not in ds.data_vars
+        assert "no leading batch axis" in skipped[inner], skipped
     np.testing.assert_array_equal(ds["root@output.logits"].values, out.logits.numpy())
