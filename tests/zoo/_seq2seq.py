@@ -35,6 +35,18 @@ class Sites:
     cross_key_value: tuple[str, ...] = field(default_factory=tuple)
 
 
+#: BART and Whisper (transformers' BART-style encoder-decoders) name their modules alike
+BART_STYLE_SITES = Sites(
+    encoder_self="model.encoder.layers.{i}.self_attn",
+    decoder_self="model.decoder.layers.{i}.self_attn",
+    cross="model.decoder.layers.{i}.encoder_attn",
+    encoder_layer="model.encoder.layers.{i}",
+    decoder_layer="model.decoder.layers.{i}",
+    cross_key_value=("model.decoder.layers.{i}.encoder_attn.k_proj",
+                     "model.decoder.layers.{i}.encoder_attn.v_proj"),
+)
+
+
 def run_reference(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
     """The model's own attentions and hidden states, under eager attention."""
     model.set_attn_implementation("eager")

@@ -162,3 +162,8 @@ def keras_attention_sites(ds: Any) -> dict[str, Any]:
 def assert_same(var: Any, reference: Any, name: str) -> None:
     """Bit for bit: nothing was converted between the layer and the store."""
     np.testing.assert_array_equal(var.values, np.asarray(reference), err_msg=name)
+
+
+def assert_close_compiled(actual: Any, desired: Any, err_msg: str = "") -> None:
+    """A compiled forward may fuse and reorder float operations."""
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-5, err_msg=err_msg)

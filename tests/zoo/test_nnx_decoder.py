@@ -20,6 +20,7 @@ from layerscope.core.naming import roles_of
 
 from ._zoo import (
     NNX_MODES,
+    assert_close_compiled,
     assert_is_attention,
     assert_no_image_roles,
     assert_same_variables,
@@ -164,7 +165,7 @@ def test_decoder_causal_maps_and_states(model: CausalLM, batch: int, tmp_path: P
             upper = np.triu(np.ones((LENGTH, LENGTH), bool), 1)
             assert float(np.abs(var.values[..., upper]).max()) == 0.0  # causal: no future key
 
-        compare = np.testing.assert_array_equal if mode == "eager" else _close
+        compare = np.testing.assert_array_equal if mode == "eager" else assert_close_compiled
         for site, reference in states.items():
             var = ds[f"{site}@output"]
             feature = "hidden" if reference.shape[-1] == 16 else "neuron"
@@ -186,7 +187,3 @@ def test_decoder_causal_maps_and_states(model: CausalLM, batch: int, tmp_path: P
         else:
             assert_same_variables(ds, eager)
 
-
-def _close(actual: Any, desired: Any, err_msg: str = "") -> None:
-    """A compiled forward may fuse and reorder float operations."""
-    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-5, err_msg=err_msg)

@@ -22,6 +22,7 @@ from layerscope.core.naming import roles_of
 
 from ._zoo import (
     NNX_MODES,
+    assert_close_compiled,
     assert_is_attention,
     assert_no_image_roles,
     assert_same_variables,
@@ -109,7 +110,7 @@ def test_encoder_maps_and_states_in_every_mode(model: Any, batch: int, tmp_path:
             feature = "hidden" if reference.shape[-1] == WIDTH else "neuron"
             expected = ("batch", feature) if reference.ndim == 2 else ("batch", "token", feature)
             assert roles_of(var) == expected, (mode, site, roles_of(var))
-            compare = np.testing.assert_array_equal if exact else _close
+            compare = np.testing.assert_array_equal if exact else assert_close_compiled
             compare(var.values, np.asarray(reference), err_msg=f"{mode}: {site}")
         assert roles_of(ds["encoder.layer.0.intermediate@output"])[-1] == "neuron"
         assert roles_of(ds["pooler@output"]) == ("batch", "hidden")
@@ -126,7 +127,3 @@ def test_encoder_maps_and_states_in_every_mode(model: Any, batch: int, tmp_path:
         else:
             assert_same_variables(ds, eager)
 
-
-def _close(actual: Any, desired: Any, err_msg: str = "") -> None:
-    """A compiled forward may fuse and reorder float operations."""
-    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-5, err_msg=err_msg)

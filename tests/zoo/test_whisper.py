@@ -11,20 +11,12 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from layerscope.core.naming import roles_of
 
-from ._seq2seq import Sites, assert_encoder_decoder_trace, run_reference, trace
+from ._seq2seq import BART_STYLE_SITES, assert_encoder_decoder_trace, run_reference, trace
 
 LAYERS = 2
 MELS, FRAMES = 8, 16  # the encoder sees FRAMES // 2 positions after its strided convolution
 SOURCE, TARGET = FRAMES // 2, 5
-SITES = Sites(
-    encoder_self="model.encoder.layers.{i}.self_attn",
-    decoder_self="model.decoder.layers.{i}.self_attn",
-    cross="model.decoder.layers.{i}.encoder_attn",
-    encoder_layer="model.encoder.layers.{i}",
-    decoder_layer="model.decoder.layers.{i}",
-    cross_key_value=("model.decoder.layers.{i}.encoder_attn.k_proj",
-                     "model.decoder.layers.{i}.encoder_attn.v_proj"),
-)
+SITES = BART_STYLE_SITES
 
 
 def _model() -> WhisperForConditionalGeneration:
