@@ -40,8 +40,9 @@ class Architecture:
 
 
 def folder_architecture(folder: Path, framework: str) -> Architecture | None:
-    """:func:`read_architecture` where transformers is installed. Without it, None for a
-    framework whose own loader reads the folder (keras-hub), an error for PyTorch."""
+    """:func:`read_architecture` where transformers is installed. Without it, or where
+    transformers cannot read the folder, None for a framework whose own loader reads the
+    folder (keras-hub), an error for PyTorch."""
     # never reach for a hub: the folder is all (set before transformers is imported, which
     # reads it once)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,7 +53,12 @@ def folder_architecture(folder: Path, framework: str) -> Architecture | None:
                 "pip install 'layerscope[torch]'"
             )
         return None
-    return read_architecture(folder)
+    if framework == "torch":
+        return read_architecture(folder)
+    try:
+        return read_architecture(folder)
+    except LayerscopeError:  # the framework's own loader reads the folder, and says why not
+        return None
 
 
 def read_architecture(folder: Path) -> Architecture:
