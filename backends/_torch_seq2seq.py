@@ -217,6 +217,9 @@ class Seq2Seq:
         # per attention module: (kind, query side, key side) of its latest call
         self._calls: dict[int, tuple[str | None, str | None, str | None]] = {}
         self._cross_sites: list[str] = []  # cross-attention calls running now
+        # called with the decoder's ids where the root call did not hold them
+        self.on_decoder_ids: Callable[[Any], None] | None = None
+        self._decoder_ids_known = False
         # the root's 2-d id and mask arguments: (batch, token), not (batch, feature)
         self._token_grids: dict[int, weakref.ref[torch.Tensor]] = {}
 
@@ -266,6 +269,7 @@ class Seq2Seq:
                     decoder_ids = _ids(build(labels=labels))
             except Exception:  # noqa: BLE001 - the forward meets the same error and raises it
                 decoder_ids = None
+        self._decoder_ids_known = decoder_ids is not None
         return encoder_ids, decoder_ids
 
     def end(self) -> None:
@@ -280,6 +284,12 @@ class Seq2Seq:
             return
         bound = bound_arguments(_forward_of(module), (module, *args), kwargs) or {}
         self._remember(_tensors(bound.get("encoder_hidden_states")), ENCODER)
+        ids = _ids(bound.get("input_ids"))
+        if not self._decoder_ids_known and ids is not None and self.on_decoder_ids is not None:
+            # ids the model built itself (BART from input_ids, Whisper from labels): what
+            # the decoder reads labels its positions
+            self._decoder_ids_known = True
+            self.on_decoder_ids(ids)
 
     def _attention_entered(self, module: nn.Module, args: tuple[Any, ...],
                            kwargs: dict[str, Any]) -> None:

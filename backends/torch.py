@@ -114,6 +114,7 @@ class _Capture:
         self.attention = AttentionTap()
         self.seq2seq = Seq2Seq(model)  # encoder/decoder sides, self/cross attention
         recorder.encoder_decoder = self.seq2seq.active
+        self.seq2seq.on_decoder_ids = recorder.put_decoder_tokens
         self.routers = Routers(model)  # mixture-of-experts routers' (batch·token) rows
         self.handles: list[Any] = []
         # weak: holding the maps until the pass ends would keep torch from reusing their memory

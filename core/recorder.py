@@ -90,6 +90,14 @@ class Recorder:
     def abort_pass(self) -> None:
         self.writer.discard_batch()
 
+    def put_decoder_tokens(self, token_ids: Any) -> None:
+        """Label the decoder's positions of the pass under way with ``token_ids`` (batch,
+        decoder_token), where the backend sees them only once the model built them; at most
+        once per pass, instead of ``begin_pass(decoder_token_ids=...)``."""
+        if self.writer.batch_size is not None:
+            self._put_tokens(np.asarray(token_ids), DECODER_TOKEN_ID, DECODER_TOKEN_TEXT,
+                             "decoder_token")
+
     def _put_tokens(self, ids: np.ndarray, id_name: str, text_name: str, axis: str) -> None:
         if ids.ndim != 2:
             return

@@ -41,3 +41,24 @@ def test_bart_attentions_and_states_by_stack(tmp_path, monkeypatch, batch, imple
                                  exact=implementation == "eager", token_ids=ids,
                                  decoder_token_ids=decoder_ids)
     torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=1e-5)
+
+
+def test_decoder_ids_the_model_builds_label_the_decoder_tokens(tmp_path):
+    """Without decoder_input_ids, BART builds them from input_ids (shifted right): the ids its
+    decoder reads label the decoder's positions."""
+    import numpy as np
+    from transformers.models.bart.modeling_bart import shift_tokens_right
+
+    import layerscope
+
+    model = _model()
+    ids = torch.randint(3, 64, (2, SOURCE), generator=torch.Generator().manual_seed(5))
+    path = tmp_path / "bart-built.zarr"
+    with layerscope.trace(model, path), torch.no_grad():
+        model(input_ids=ids)
+    ds = layerscope.open_trace(path)
+    built = shift_tokens_right(ids, model.config.pad_token_id,
+                               model.config.decoder_start_token_id)
+    np.testing.assert_array_equal(ds["decoder_token_id"].values, built.numpy())
+    assert ds["decoder_token_id"].dims == ("batch", "decoder_token")
+    assert ds["model.decoder.layers.0@output"].dims[:2] == ("batch", "decoder_token")

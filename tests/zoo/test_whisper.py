@@ -56,3 +56,23 @@ def test_whisper_attentions_and_states_by_stack(tmp_path, monkeypatch, batch, im
         assert roles_of(var) == ("batch", "channel", "width"), (site, var.dims)
         assert var.attrs["stack"] == "encoder"
         np.testing.assert_array_equal(var.values, value.numpy(), err_msg=site)
+
+
+def test_decoder_ids_built_from_labels_label_the_decoder_tokens(tmp_path):
+    """Given only labels, Whisper shifts them right behind its start token: the ids its
+    decoder reads label the decoder's positions."""
+    import layerscope
+
+    model = _model()
+    generator = torch.Generator().manual_seed(4)
+    features = torch.randn(2, MELS, FRAMES, generator=generator)
+    labels = torch.randint(3, 64, (2, TARGET), generator=generator)
+    path = tmp_path / "whisper-labels.zarr"
+    with layerscope.trace(model, path), torch.no_grad():
+        model(input_features=features, labels=labels)
+    ds = layerscope.open_trace(path)
+    expected = torch.cat([torch.full((2, 1), model.config.decoder_start_token_id), labels[:, :-1]],
+                         dim=1)
+    np.testing.assert_array_equal(ds["decoder_token_id"].values, expected.numpy())
+    assert roles_of(ds["decoder_token_id"]) == ("batch", "token")
+    assert ds["decoder_token_id"].dims == ("batch", "decoder_token")
