@@ -34,6 +34,7 @@ from ._attention import (
 from ._structure import leaves, part_kind
 from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
+from ._torch_generate import GenerateWrapper
 from ._torch_moe import Routers
 from ._torch_rnn import TimeMajorIds
 from ._torch_seq2seq import Seq2Seq
@@ -287,9 +288,11 @@ class TorchBackend:
     def attach(self, model: nn.Module, selection: Selection, recorder: Recorder) -> Iterator[None]:
         eager = eager_while_attached(model)  # a compiled model: hooks on its module, run eagerly
         capture = _Capture(uncompiled(model), selection, recorder)
+        generate = GenerateWrapper(uncompiled(model), capture)  # one sequence, one sample
         try:
             capture.install()
-            with eager, capture.attention.patched(selection.wants("attention")):
+            with eager, capture.attention.patched(selection.wants("attention")), \
+                    generate.installed():
                 yield
         finally:
             capture.remove()

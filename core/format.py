@@ -21,6 +21,10 @@ BATCH = "batch"
 TOKEN_TEXT = "token_text"
 TOKEN_ID = "token_id"
 INPUT_TEXT = "input_text"
+#: a traced ``generate()``: the step that made each position (0: the prompt, k: the k-th
+#: generated token) and whether it is a real token (False: padding)
+TOKEN_STEP = "token_step"
+TOKEN_MASK = "token_mask"
 #: the decoder's tokens of an encoder-decoder model, on the ``decoder_token`` axis
 DECODER_TOKEN_TEXT = "decoder_token_text"
 DECODER_TOKEN_ID = "decoder_token_id"

@@ -21,13 +21,16 @@ from .format import (
     STATUS_COMPLETE,
     STATUS_WRITING,
     TOKEN_ID,
+    TOKEN_MASK,
+    TOKEN_STEP,
     TOKEN_TEXT,
 )
 from .naming import is_capture
 from .userwarn import warn_user
 from .validate import check_claims, damaged, read_root
 
-LABELS = (BATCH, TOKEN_ID, TOKEN_TEXT, DECODER_TOKEN_ID, DECODER_TOKEN_TEXT, INPUT_TEXT)
+LABELS = (BATCH, TOKEN_ID, TOKEN_TEXT, TOKEN_STEP, TOKEN_MASK, DECODER_TOKEN_ID, DECODER_TOKEN_TEXT,
+          INPUT_TEXT)
 
 
 @contextmanager

@@ -21,6 +21,8 @@ from .format import (
     STATUS_ABORTED,
     STATUS_COMPLETE,
     TOKEN_ID,
+    TOKEN_MASK,
+    TOKEN_STEP,
     TOKEN_TEXT,
     skipped_sites,
 )
@@ -97,6 +99,12 @@ class Recorder:
         if self.writer.batch_size is not None:
             self._put_tokens(np.asarray(token_ids), DECODER_TOKEN_ID, DECODER_TOKEN_TEXT,
                              "decoder_token")
+
+    def put_token_labels(self, steps: np.ndarray, mask: np.ndarray) -> None:
+        """Label the ``token`` axis of a pass made from ``generate()``: ``steps`` (batch, token)
+        the step that made each position, ``mask`` whether it holds a real token."""
+        self.writer.put(TOKEN_STEP, steps.astype(np.int64), ("batch", "token"), {})
+        self.writer.put(TOKEN_MASK, mask.astype(bool), ("batch", "token"), {})
 
     def _put_tokens(self, ids: np.ndarray, id_name: str, text_name: str, axis: str) -> None:
         if ids.ndim != 2:
