@@ -55,8 +55,11 @@ class _Put:
     value: Any  # host NumPy copy, or the tensor as it came (no batch axis: the recorder skips)
     roles: tuple[str, ...]
     module_type: str
-    to_numpy: ToNumpy
     attrs: dict[str, Any]
+
+
+def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
 
 
 @dataclass
@@ -107,12 +110,12 @@ class StepCollector:
         if step is None or to_numpy is None:
             return
         if tensor.dim() >= 1 and tensor.shape[0] == self._batch:
-            value = to_numpy(snapshot(tensor) if snapshot is not None else tensor)
-            value = np.array(value, copy=True)  # the model may reuse the memory later
+            # copied now, into memory of its own: the model may reuse the tensor's later
+            value = to_numpy(snapshot(tensor, _new_array)) if snapshot is not None else \
+                np.array(to_numpy(tensor), copy=True)
         else:
             value = tensor  # no batch axis: the recorder records it as skipped
-        step.puts.append(_Put(site, kind, value, tuple(roles), module_type, to_numpy,
-                              dict(attrs or {})))
+        step.puts.append(_Put(site, kind, value, tuple(roles), module_type, dict(attrs or {})))
 
     def end_pass(self) -> None:
         if self._current is not None:
@@ -201,7 +204,7 @@ class GenerateWrapper:
         def generate(*args: Any, **kwargs: Any) -> Any:
             return self.run(original, args, kwargs)
 
-        self.model.generate = generate  # type: ignore[method-assign]
+        self.model.generate = generate  # type: ignore[method-assign,assignment]  # instance only
         try:
             yield
         finally:

@@ -1,0 +1,226 @@
+"""``model.generate(...)`` inside a trace: one generated sequence is one sample, and what is
+stored for it equals one eager forward pass over the final sequences (the mask generate()
+used, the position ids it built from it), for Llama (grouped-query attention, rotary
+positions), GPT-2 and Mistral with a sliding window shorter than the sequences, under eager
+attention and SDPA, greedy and sampled, on a batch of left-padded prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+import layerscope
+from layerscope.core.errors import CaptureError
+from layerscope.core.naming import roles_of
+
+from ._zoo import ATTENTION_ROLES
+
+PROMPT = 6
+NEW_TOKENS = 5
+WINDOW = 4  # Mistral's sliding window: shorter than the prompt, and than prompt + new tokens
+PADDING = (0, 2, 1)  # left padding of each prompt in the batch of 3
+ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable[[str], nn.Module]
+    attention: str  # site of layer {i}'s attention module
+    layer: str  # site of layer {i}, whose output is the next hidden state
+    norm: str  # the final norm: the last hidden state
+    window: int | None = None
+
+
+def _llama(implementation: str) -> nn.Module:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation=implementation,
+    )).eval()
+
+
+def _gpt2(implementation: str) -> nn.Module:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=1, eos_token_id=2,
+        attn_implementation=implementation,
+    )).eval()
+
+
+def _mistral(implementation: str) -> nn.Module:
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(
+        vocab_size=72, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW,
+        attn_implementation=implementation,
+    )).eval()
+
+
+FAMILIES = {
+    "llama": Family(_llama, "model.layers.{}.self_attn", "model.layers.{}", "model.norm"),
+    "gpt2": Family(_gpt2, "transformer.h.{}.attn", "transformer.h.{}", "transformer.ln_f"),
+    "mistral": Family(_mistral, "model.layers.{}.self_attn", "model.layers.{}", "model.norm",
+                      window=WINDOW),
+}
+
+
+def prompts(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 3 prompts, left-padded (the padding ids are arbitrary: masked out)."""
+    ids = torch.randint(3, vocab, (len(PADDING), PROMPT), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    for row, padding in enumerate(PADDING):
+        mask[row, :padding] = 0
+    return ids, mask
+
+
+def generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, sampled: bool,
+             **kwargs: Any) -> torch.Tensor:
+    torch.manual_seed(11)  # the same draws, traced or not
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                              do_sample=sampled, pad_token_id=0, **kwargs)
+
+
+def reference_pass(model: nn.Module, sequences: torch.Tensor, prompt_mask: torch.Tensor) -> Any:
+    """One eager forward pass over the final sequences, as generate() fed them: every generated
+    token attended, positions counted from each prompt's first real token."""
+    generated = sequences.shape[1] - prompt_mask.shape[1]
+    mask = torch.cat([prompt_mask, torch.ones(len(prompt_mask), generated,
+                                              dtype=prompt_mask.dtype)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=sequences, attention_mask=mask, position_ids=positions,
+                     output_attentions=True, output_hidden_states=True)
+
+
+def trace_generate(tmp_path: Path, family: Family, implementation: str, sampled: bool
+                   ) -> tuple[Any, torch.Tensor, torch.Tensor, Any]:
+    model = family.build(implementation)
+    assert model.config._attn_implementation == implementation
+    ids, mask = prompts(model.config.vocab_size)
+    untraced = generate(model, ids, mask, sampled)
+    path = tmp_path / "generate.zarr"
+    with layerscope.trace(model, path, kinds=["output", "attention"]):
+        sequences = generate(model, ids, mask, sampled)
+    # tracing changes nothing the model does
+    np.testing.assert_array_equal(sequences.numpy(), untraced.numpy())
+    reference = reference_pass(family.build("eager"), sequences, mask)
+    return layerscope.open_trace(path), sequences, mask, reference
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_generate_equals_one_pass_over_the_sequences(tmp_path, name, implementation, sampled):
+    family = FAMILIES[name]
+    ds, sequences, prompt_mask, reference = trace_generate(tmp_path, family, implementation,
+                                                           sampled)
+    batch, length = sequences.shape
+    fed = length - 1  # the last generated token is never fed back to the model
+    assert ds.sizes["batch"] == batch and ds.sizes["token"] == PROMPT + NEW_TOKENS
+
+    # labels: the tokens generate() returned, the step that made each, which are real
+    ids = ds["token_id"].values
+    np.testing.assert_array_equal(ids[:, :length], sequences.numpy())
+    steps = ds["token_step"].values
+    np.testing.assert_array_equal(steps[:, :PROMPT], 0)
+    np.testing.assert_array_equal(steps[:, PROMPT:], np.arange(1, NEW_TOKENS + 1)[None]
+                                  .repeat(batch, 0))
+    token_mask = ds["token_mask"].values
+    np.testing.assert_array_equal(token_mask[:, :PROMPT], prompt_mask.numpy().astype(bool))
+    real = token_mask[:, :fed]  # (batch, position) of real tokens the model computed
+
+    # hidden states: embeddings through the final norm, each at every real position fed
+    layers = len(reference.attentions)
+    assert len(reference.hidden_states) == layers + 1
+    sites = [family.layer.format(i) for i in range(layers - 1)] + [family.norm]
+    for site, expected in zip(sites, reference.hidden_states[1:], strict=True):
+        var = ds[f"{site}@output"]
+        assert roles_of(var) == ("batch", "token", "hidden"), (site, roles_of(var))
+        values = var.values
+        np.testing.assert_allclose(values[:, :fed][real], expected.numpy()[:, :fed][real],
+                                   rtol=0, atol=ATOL, err_msg=site)
+        assert np.isnan(values[:, fed:]).all(), f"{site}: a position never fed holds values"
+        assert "never fed" in var.attrs["filled"], var.attrs
+
+    # attention: the full causal map, each decode step one row, keys at their positions
+    for i, expected in enumerate(reference.attentions):
+        name_ = f"{family.attention.format(i)}@attention"
+        var = ds[name_]
+        assert roles_of(var) == ATTENTION_ROLES, (name_, roles_of(var))
+        values, expected = var.values, expected.numpy()
+        assert values.shape[-2:] == (PROMPT + NEW_TOKENS,) * 2
+        rows = np.broadcast_to(real[:, None, :], values[:, :, :fed].shape[:-1])
+        np.testing.assert_allclose(values[:, :, :fed, :length][rows],
+                                   expected[:, :, :fed][rows], rtol=0, atol=ATOL, err_msg=name_)
+        np.testing.assert_allclose(values[:, :, :fed].sum(-1)[rows], 1.0, rtol=0, atol=ATOL)
+        assert np.isnan(values[:, :, fed:]).all(), name_
+        if family.window is not None:  # keys the sliding window dropped are not attended
+            query, key = np.arange(fed)[:, None], np.arange(values.shape[-1])[None]
+            outside = np.broadcast_to(query - key >= family.window, values[:, :, :fed].shape)
+            assert outside.any() and not values[:, :, :fed][outside].any(), name_
+
+    # logits: generate() computes them at the last position of each step only
+    logits = ds["lm_head@output"].values
+    computed = slice(PROMPT - 1, fed)
+    np.testing.assert_allclose(logits[:, computed], reference.logits.numpy()[:, computed],
+                               rtol=0, atol=ATOL)
+    assert np.isnan(logits[:, :PROMPT - 1]).all() and np.isnan(logits[:, fed:]).all()
+    assert "prompt positions 0-4" in ds["lm_head@output"].attrs["filled"]
+
+
+def test_generation_that_ends_keeps_each_sequence_length(tmp_path):
+    """A sequence that made its end-of-sequence token is padded by generate() afterwards:
+    those positions are marked unreal; the stored length stays prompt + max_new_tokens even
+    when every sequence ended early, so repeated calls with the same settings append."""
+    family = FAMILIES["llama"]
+    model = family.build("eager")
+    ids, mask = prompts(model.config.vocab_size)
+    free = generate(model, ids, mask, sampled=False)
+    eos = int(free[0, PROMPT + 1])  # what sample 0 makes second ends it there
+    path = tmp_path / "ended.zarr"
+    with layerscope.trace(model, path, kinds=["output", "attention"]):
+        first = generate(model, ids, mask, sampled=False, eos_token_id=eos)
+        second = generate(model, ids, mask, sampled=False, eos_token_id=eos)
+    ds = layerscope.open_trace(path)
+    assert ds.sizes["batch"] == 6 and ds.sizes["token"] == PROMPT + NEW_TOKENS
+    np.testing.assert_array_equal(first.numpy(), second.numpy())
+    token_mask = ds["token_mask"].values
+    for row, sequence in enumerate(first.numpy()):
+        generated = sequence[PROMPT:].tolist()
+        made = generated.index(eos) + 1 if eos in generated else NEW_TOKENS
+        np.testing.assert_array_equal(token_mask[row, PROMPT:PROMPT + made], True)
+        np.testing.assert_array_equal(token_mask[row, PROMPT + made:], False)
+    assert not token_mask[0, PROMPT + 2:].any()  # sample 0 ended at its second token
+    reference = reference_pass(family.build("eager"), first, mask)
+    fed = first.shape[1] - 1
+    real = token_mask[:3, :fed]
+    values = ds["model.norm@output"].values[:3]
+    np.testing.assert_allclose(values[:, :fed][real],
+                               reference.hidden_states[-1].numpy()[:, :fed][real],
+                               rtol=0, atol=ATOL)
+
+
+def test_beam_search_is_refused_and_nothing_is_stored(tmp_path):
+    model = FAMILIES["gpt2"].build("eager")
+    ids, mask = prompts(model.config.vocab_size)
+    path = tmp_path / "beams.zarr"
+    with pytest.raises(CaptureError, match="Greedy decoding and sampling"), \
+            layerscope.trace(model, path):
+        generate(model, ids, mask, sampled=False, num_beams=2)
+    assert "generate" not in vars(model)  # the wrapper is gone with the block
