@@ -42,6 +42,7 @@ from torch import nn
 
 from layerscope.core import Recorder, Selection
 from layerscope.core.errors import CaptureError
+from layerscope.core.format import TOKEN_ID
 from layerscope.core.naming import variable_name
 from layerscope.core.writer import Snapshot, ToNumpy
 
@@ -234,11 +235,15 @@ def _record(recorder: Recorder, collector: StepCollector, request: _Request,
     labels = token_labels(sequences, request.prompt_ids.shape[1], request.prompt_mask,
                           request.total_length, request.pad_token_id, request.eos_token_ids)
     computed = collector.steps[-1].start + collector.steps[-1].length
-    recorder.begin_pass(int(sequences.shape[0]), token_ids=labels.ids)
+    _check_length(recorder, labels.length, request.prompt_ids.shape[1])
     try:
+        recorder.begin_pass(int(sequences.shape[0]), token_ids=labels.ids)
         recorder.put_token_labels(labels.steps, labels.mask)
+        unstored: set[tuple[str, str]] = set()
         for (site, kind, call), parts in _by_variable(collector.steps).items():
             first = parts[0][1]
+            if (site, kind) in unstored:
+                continue  # an earlier call was not stored: the recorder would misnumber this
             if not isinstance(first.value, np.ndarray):
                 recorder.put(site, kind, first.value, first.roles, first.module_type)
                 continue
@@ -248,12 +253,26 @@ def _record(recorder: Recorder, collector: StepCollector, request: _Request,
             if isinstance(result, str):
                 recorder.skipped[variable_name(site, f"{kind}.call{call}" if call else kind)] = \
                     result
+                unstored.add((site, kind))
                 continue
             _put(recorder, site, kind, first, result)
     except BaseException:
-        recorder.abort_pass()
+        if recorder.in_pass:
+            recorder.abort_pass()
         raise
     recorder.end_pass()
+
+
+def _check_length(recorder: Recorder, length: int, prompt_length: int) -> None:
+    """A store holds sequences of one length: say so in generation's own terms."""
+    stored = recorder.writer.variables.get(TOKEN_ID)
+    if stored is not None and stored.trailing != (length,):
+        raise CaptureError(
+            f"this generate() call made sequences of {length} positions (a prompt of "
+            f"{prompt_length} + max_new_tokens {length - prompt_length}), but the store holds "
+            f"sequences of {stored.trailing[0]}: a store keeps one length. Use the same prompt "
+            "length (tokenizer(..., padding='max_length', max_length=N)) and max_new_tokens "
+            "for every call, or write each to a new store")
 
 
 def _put(recorder: Recorder, site: str, kind: str, first: _Put, result: Assembled) -> None:

@@ -92,8 +92,8 @@ def generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, sampled: b
              **kwargs: Any) -> torch.Tensor:
     torch.manual_seed(11)  # the same draws, traced or not
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                              do_sample=sampled, pad_token_id=0, **kwargs)
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=sampled,
+                              pad_token_id=0, **{"max_new_tokens": NEW_TOKENS, **kwargs})
 
 
 def reference_pass(model: nn.Module, sequences: torch.Tensor, prompt_mask: torch.Tensor) -> Any:
@@ -224,3 +224,18 @@ def test_beam_search_is_refused_and_nothing_is_stored(tmp_path):
             layerscope.trace(model, path):
         generate(model, ids, mask, sampled=False, num_beams=2)
     assert "generate" not in vars(model)  # the wrapper is gone with the block
+
+
+def test_another_length_in_the_same_store_is_refused_clearly(tmp_path):
+    """A store keeps one sequence length: a second call with another max_new_tokens says so
+    in generation's terms, and the first call's batch stays stored."""
+    model = FAMILIES["llama"].build("eager")
+    ids, mask = prompts(model.config.vocab_size)
+    path = tmp_path / "lengths.zarr"
+    with layerscope.trace(model, path, kinds=["output"]):
+        generate(model, ids, mask, sampled=False)
+        with pytest.raises(CaptureError, match="a store keeps one length"):
+            generate(model, ids, mask, sampled=False, max_new_tokens=NEW_TOKENS + 2)
+        generate(model, ids, mask, sampled=True)  # the trace goes on after the refusal
+    ds = layerscope.open_trace(path)
+    assert ds.sizes["batch"] == 2 * len(PADDING) and ds.sizes["token"] == PROMPT + NEW_TOKENS
