@@ -25,8 +25,16 @@ says which and why. The coordinates ``token_step`` (0 for the prompt, k for the 
 token) and ``token_mask`` (False for padding: left padding of the prompt and the pad tokens
 ``generate`` appends to a finished sequence) label the ``token`` axis.
 
-Greedy decoding and sampling are supported; beam search, assisted decoding and
-encoder-decoder models are refused before anything runs.
+An encoder-decoder model's encoder runs once, called by ``generate`` itself rather than through
+the model's forward: that call is a step of its own, stored as it is on ``token``; the decoder's
+steps are assembled on ``decoder_token`` / ``decoder_query`` / ``decoder_key`` by the same rules
+(cross-attention: one row per step over the encoder's positions), labeled by
+``decoder_token_step`` and ``decoder_token_mask``. A value on the encoder's positions only that a
+decoder step hands on (the encoder's last hidden state in every step's output) is stored once
+when every step gave the same.
+
+Greedy decoding and sampling are supported; beam search and assisted decoding are refused
+before anything runs.
 """
 
 from __future__ import annotations
@@ -42,11 +50,12 @@ from torch import nn
 
 from layerscope.core import Recorder, Selection
 from layerscope.core.errors import CaptureError
-from layerscope.core.format import TOKEN_ID
+from layerscope.core.format import DECODER_TOKEN_ID, TOKEN_ID
 from layerscope.core.naming import variable_name
 from layerscope.core.writer import Snapshot, ToNumpy
 
 from ._torch_generate_assembly import Assembled, assemble, token_labels
+from ._torch_generate_request import GenerateRequest, read_request, sequences_of
 
 
 @dataclass
@@ -67,6 +76,7 @@ def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 class _Step:
     start: int  # absolute position of the first token fed to this step
     length: int  # tokens fed to this step
+    encoder: bool = False  # an encoder-decoder model's encoder pass, run once before the steps
     puts: list[_Put] = field(default_factory=list)
 
 
@@ -93,16 +103,25 @@ class StepCollector:
 
     def begin_pass(self, batch_size: int, token_ids: Any = None,
                    decoder_token_ids: Any = None) -> None:
-        if token_ids is None or np.ndim(token_ids) != 2:
-            raise CaptureError("generate() inside a trace needs input_ids: the steps are placed "
-                               "by the tokens fed to each")
+        fed = decoder_token_ids if self.encoder_decoder else token_ids
+        if fed is None or np.ndim(fed) != 2:
+            raise CaptureError(
+                "generate() inside a trace needs the tokens of each step ("
+                + ("decoder_input_ids" if self.encoder_decoder else "input_ids")
+                + "): the steps are placed by them")
+        self._begin(batch_size, _Step(self._fed, int(np.shape(fed)[1])))
+        self._fed += int(np.shape(fed)[1])
+
+    def begin_encoder(self, batch_size: int, length: int) -> None:
+        """The encoder pass of an encoder-decoder model, which generate() runs on its own."""
+        self._begin(batch_size, _Step(0, length, encoder=True))
+
+    def _begin(self, batch_size: int, step: _Step) -> None:
         if self._batch is not None and batch_size != self._batch:
             raise CaptureError(f"a generate() step has {batch_size} samples, the prompt had "
                                f"{self._batch}")
         self._batch = batch_size
-        length = int(np.shape(token_ids)[1])
-        self._current = _Step(self._fed, length)
-        self._fed += length
+        self._current = step
 
     def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
             module_type: str = "", to_numpy: ToNumpy | None = None,
@@ -125,66 +144,6 @@ class StepCollector:
 
     def abort_pass(self) -> None:
         self._current = None
-
-
-@dataclass(frozen=True)
-class _Request:
-    """What one ``generate`` call was asked to do, as far as the stored shape depends on it."""
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    total_length: int | None  # prompt + max_new_tokens, where known
-    pad_token_id: int
-    eos_token_ids: tuple[int, ...]
-
-
-def _refuse_unsupported(model: nn.Module, config: Any, kwargs: dict[str, Any]) -> None:
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise CaptureError(
-            "generate() of an encoder-decoder model is not traced yet; trace its forward "
-            "passes (model(input_ids=..., decoder_input_ids=...)) or generate outside the trace")
-    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-    if int(beams) > 1:
-        raise CaptureError(
-            f"generate(num_beams={beams}) cannot be traced: beam search reorders and drops "
-            "hypotheses between steps. Greedy decoding and sampling (do_sample=True) work")
-    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
-        raise CaptureError(
-            "assisted generation cannot be traced: its steps verify several tokens at once. "
-            "Greedy decoding and sampling (do_sample=True) work")
-
-
-def _request(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Request:
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    _refuse_unsupported(model, config, kwargs)
-    ids = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-        raise CaptureError("generate() inside a trace needs the prompt as input_ids, "
-                           "(batch, token) integers")
-    mask = kwargs.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-
-    def setting(name: str) -> Any:
-        value = kwargs.get(name)
-        return getattr(config, name, None) if value is None else value
-
-    new_tokens, max_length = setting("max_new_tokens"), setting("max_length")
-    total = ids.shape[1] + int(new_tokens) if new_tokens is not None else \
-        int(max_length) if kwargs.get("max_length") is not None else None
-    eos = setting("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos.tolist() if isinstance(eos, torch.Tensor) else eos)) \
-        if isinstance(eos, (list, tuple, torch.Tensor)) else ((int(eos),) if eos is not None
-                                                              else ())
-    pad = setting("pad_token_id")
-    pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
-    return _Request(ids.detach().cpu(), mask.detach().cpu(), total, pad_id, eos_ids)
-
-
-def _sequences(output: Any) -> torch.Tensor:
-    sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
-    if not isinstance(sequences, torch.Tensor):
-        raise CaptureError("generate() returned no sequences to label the trace with")
-    return sequences.detach().cpu()
 
 
 class GenerateWrapper:
@@ -216,29 +175,71 @@ class GenerateWrapper:
         recorder = self.capture.recorder
         if recorder.in_pass:
             recorder.abort_pass()  # a forward before this one raised where no hook saw it
-        request = _request(self.model, args, kwargs)
+        request = read_request(self.model, args, kwargs)
         collector = StepCollector(recorder)
         self.capture.recorder = collector
         try:
-            output = original(*args, **kwargs)
+            with self._encoder_pass(collector):
+                output = original(*args, **kwargs)
         finally:
             self.capture.recorder = recorder
-        _record(recorder, collector, request, _sequences(output))
+        _record(recorder, collector, request, sequences_of(output))
         return output
 
+    @contextmanager
+    def _encoder_pass(self, collector: StepCollector) -> Iterator[None]:
+        """An encoder-decoder model's encoder, which generate() calls by itself (not through
+        the model's forward), as a step of its own."""
+        get_encoder = getattr(self.model, "get_encoder", None)
+        encoder = get_encoder() if collector.encoder_decoder and callable(get_encoder) else None
+        if not isinstance(encoder, nn.Module):
+            yield
+            return
 
-def _record(recorder: Recorder, collector: StepCollector, request: _Request,
+        def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            first = next((t for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"),
+                                      *args) if isinstance(t, torch.Tensor)), None)
+            if first is not None and first.dim() >= 2 and not collector.in_pass:
+                collector.begin_encoder(int(first.shape[0]), int(first.shape[1]))
+
+        def end(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            collector.end_pass()
+
+        handles = [encoder.register_forward_pre_hook(begin, with_kwargs=True, prepend=True),
+                   encoder.register_forward_hook(end, with_kwargs=True)]  # after the capture's
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _record(recorder: Recorder, collector: StepCollector, request: GenerateRequest,
             sequences: torch.Tensor) -> None:
-    """The collected steps as one pass over the final sequences."""
-    if not collector.steps:
+    """The collected steps as one pass over the final sequences (an encoder-decoder model's:
+    the prompt on ``token``, the decoder's sequences on ``decoder_token``)."""
+    decoding = [step for step in collector.steps if not step.encoder]
+    if not decoding:
         return
-    labels = token_labels(sequences, request.prompt_ids.shape[1], request.prompt_mask,
-                          request.total_length, request.pad_token_id, request.eos_token_ids)
-    computed = collector.steps[-1].start + collector.steps[-1].length
-    _check_length(recorder, labels.length, request.prompt_ids.shape[1])
+    seq2seq = collector.encoder_decoder
+    batch = int(sequences.shape[0])
+    # the decoder's prompt: its start token(s), all real
+    prompt_length = decoding[0].length if seq2seq else int(request.prompt_ids.shape[1])
+    prompt_mask = torch.ones(batch, prompt_length) if seq2seq else request.prompt_mask
+    labels = token_labels(sequences, prompt_length, prompt_mask,
+                          request.total_length(prompt_length), request.pad_token_id,
+                          request.eos_token_ids)
+    fed = decoding[-1].start + decoding[-1].length
+    axis = "decoder_token" if seq2seq else "token"
+    _check_length(recorder, labels.length, prompt_length, axis)
     try:
-        recorder.begin_pass(int(sequences.shape[0]), token_ids=labels.ids)
-        recorder.put_token_labels(labels.steps, labels.mask)
+        if seq2seq:
+            recorder.begin_pass(batch, token_ids=request.prompt_ids.numpy(),
+                                decoder_token_ids=labels.ids)
+            recorder.put_token_labels("token", mask=request.prompt_mask.numpy())
+        else:
+            recorder.begin_pass(batch, token_ids=labels.ids)
+        recorder.put_token_labels(axis, labels.steps, labels.mask)
         unstored: set[tuple[str, str]] = set()
         for (site, kind, call), parts in _by_variable(collector.steps).items():
             first = parts[0][1]
@@ -248,8 +249,8 @@ def _record(recorder: Recorder, collector: StepCollector, request: _Request,
                 recorder.put(site, kind, first.value, first.roles, first.module_type)
                 continue
             result = assemble([(step.start, step.length, put.value, put.roles)
-                               for step, put in parts], labels.length, computed,
-                              request.prompt_ids.shape[1])
+                               for step, put in parts], labels.length, fed, prompt_length,
+                              prefix="decoder_" if seq2seq else "")
             if isinstance(result, str):
                 recorder.skipped[variable_name(site, f"{kind}.call{call}" if call else kind)] = \
                     result
@@ -263,9 +264,9 @@ def _record(recorder: Recorder, collector: StepCollector, request: _Request,
     recorder.end_pass()
 
 
-def _check_length(recorder: Recorder, length: int, prompt_length: int) -> None:
+def _check_length(recorder: Recorder, length: int, prompt_length: int, axis: str) -> None:
     """A store holds sequences of one length: say so in generation's own terms."""
-    stored = recorder.writer.variables.get(TOKEN_ID)
+    stored = recorder.writer.variables.get(TOKEN_ID if axis == "token" else DECODER_TOKEN_ID)
     if stored is not None and stored.trailing != (length,):
         raise CaptureError(
             f"this generate() call made sequences of {length} positions (a prompt of "

@@ -61,14 +61,20 @@ def token_labels(sequences: torch.Tensor, prompt_length: int, prompt_mask: torch
     return TokenLabels(ids, steps, mask)
 
 
-def assemble(parts: list[Part], length: int, fed: int,
-             prompt_length: int) -> Assembled | str:
+def assemble(parts: list[Part], length: int, fed: int, prompt_length: int,
+             prefix: str = "") -> Assembled | str:
     """One variable's steps placed at their absolute positions on axes of ``length``; a string
     says why it cannot be (stored in the trace's ``skipped`` record instead). ``fed``: the
-    tokens fed to the model over all steps."""
+    tokens fed to the model over all steps; ``prefix``: ``decoder_`` where the generated
+    positions are an encoder-decoder model's decoder axes (``decoder_token``, ...)."""
     roles = parts[0][3]
-    positional = [axis for axis, role in enumerate(roles) if role in (*_QUERY_ROLES, _KEY_ROLE)]
-    if not positional:
+    query_roles = tuple(prefix + role for role in _QUERY_ROLES)
+    key_role = prefix + _KEY_ROLE
+    positional = [axis for axis, role in enumerate(roles) if role in (*query_roles, key_role)]
+    if not positional:  # the encoder's pass, or values on the encoder's positions only
+        first = parts[0][2]
+        if all(np.array_equal(value, first, equal_nan=True) for _, _, value, _ in parts[1:]):
+            return Assembled(first, "")
         return ("one value per generate() step and no token axis to place it on; trace a "
                 "forward pass to store it")
     shape = list(parts[0][2].shape)
@@ -82,11 +88,11 @@ def assemble(parts: list[Part], length: int, fed: int,
     dtype = parts[0][2].dtype
     floating = np.issubdtype(dtype, np.floating)
     values = np.full(shape, np.nan if floating else 0, dtype=dtype)
-    queries = [axis for axis in positional if roles[axis] in _QUERY_ROLES]
-    keys = [axis for axis in positional if roles[axis] == _KEY_ROLE]
+    queries = [axis for axis in positional if roles[axis] in query_roles]
+    keys = [axis for axis in positional if roles[axis] == key_role]
     covered = np.zeros(length, dtype=bool)
     for start, count, value, _ in parts:
-        placed = _placement(value, positional, roles, start + count, length)
+        placed = _placement(value, positional, keys, start + count, length)
         if isinstance(placed, str):
             return placed
         source, target = placed
@@ -101,17 +107,17 @@ def assemble(parts: list[Part], length: int, fed: int,
                                      floating))
 
 
-def _placement(value: np.ndarray, positional: list[int], roles: tuple[str, ...], end: int,
+def _placement(value: np.ndarray, positional: list[int], keys: list[int], end: int,
                length: int) -> tuple[list[np.ndarray], list[np.ndarray]] | str:
     """(source, target) indices per axis of one step's value."""
     source = [np.arange(n) for n in value.shape]
     target = [np.arange(n) for n in value.shape]
     for axis in positional:
         count = value.shape[axis]
-        if roles[axis] == _KEY_ROLE and count > end:
+        if axis in keys and count > end:
             first = 0  # a preallocated (static) cache: its slots are the absolute positions
         elif count > end:
-            return (f"its {roles[axis]} axis ({count}) is longer than the {end} tokens fed "
+            return (f"its axis {axis} ({count} positions) is longer than the {end} tokens fed "
                     "so far in generate()")
         else:
             first = end - count  # the last positions: the step's own, or a window's keys

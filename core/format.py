@@ -28,6 +28,8 @@ TOKEN_MASK = "token_mask"
 #: the decoder's tokens of an encoder-decoder model, on the ``decoder_token`` axis
 DECODER_TOKEN_TEXT = "decoder_token_text"
 DECODER_TOKEN_ID = "decoder_token_id"
+DECODER_TOKEN_STEP = "decoder_token_step"
+DECODER_TOKEN_MASK = "decoder_token_mask"
 
 #: Group attribute: ``{"<site>@<kind>": reason}`` for each tensor a backend offered but the
 #: recorder did not store, e.g. a position or rotary embedding without a batch axis.

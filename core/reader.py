@@ -15,6 +15,8 @@ from .errors import LayerscopeError, StoreError
 from .format import (
     BATCH,
     DECODER_TOKEN_ID,
+    DECODER_TOKEN_MASK,
+    DECODER_TOKEN_STEP,
     DECODER_TOKEN_TEXT,
     INPUT_TEXT,
     STATUS_ABORTED,
@@ -30,7 +32,7 @@ from .userwarn import warn_user
 from .validate import check_claims, damaged, read_root
 
 LABELS = (BATCH, TOKEN_ID, TOKEN_TEXT, TOKEN_STEP, TOKEN_MASK, DECODER_TOKEN_ID, DECODER_TOKEN_TEXT,
-          INPUT_TEXT)
+          DECODER_TOKEN_STEP, DECODER_TOKEN_MASK, INPUT_TEXT)
 
 
 @contextmanager

@@ -15,6 +15,8 @@ import numpy as np
 from .errors import CaptureError
 from .format import (
     DECODER_TOKEN_ID,
+    DECODER_TOKEN_MASK,
+    DECODER_TOKEN_STEP,
     DECODER_TOKEN_TEXT,
     INPUT_TEXT,
     SKIPPED,
@@ -100,11 +102,17 @@ class Recorder:
             self._put_tokens(np.asarray(token_ids), DECODER_TOKEN_ID, DECODER_TOKEN_TEXT,
                              "decoder_token")
 
-    def put_token_labels(self, steps: np.ndarray, mask: np.ndarray) -> None:
-        """Label the ``token`` axis of a pass made from ``generate()``: ``steps`` (batch, token)
-        the step that made each position, ``mask`` whether it holds a real token."""
-        self.writer.put(TOKEN_STEP, steps.astype(np.int64), ("batch", "token"), {})
-        self.writer.put(TOKEN_MASK, mask.astype(bool), ("batch", "token"), {})
+    def put_token_labels(self, axis: str, steps: np.ndarray | None = None,
+                         mask: np.ndarray | None = None) -> None:
+        """Label ``axis`` (``token`` or ``decoder_token``) of a pass made from ``generate()``:
+        ``steps`` (batch, position) the step that made each position (0: the prompt),
+        ``mask`` whether it holds a real token."""
+        names = {"token": (TOKEN_STEP, TOKEN_MASK),
+                 "decoder_token": (DECODER_TOKEN_STEP, DECODER_TOKEN_MASK)}[axis]
+        if steps is not None:
+            self.writer.put(names[0], steps.astype(np.int64), ("batch", axis), {})
+        if mask is not None:
+            self.writer.put(names[1], mask.astype(bool), ("batch", axis), {})
 
     def _put_tokens(self, ids: np.ndarray, id_name: str, text_name: str, axis: str) -> None:
         if ids.ndim != 2:
