@@ -239,3 +239,29 @@ def test_another_length_in_the_same_store_is_refused_clearly(tmp_path):
         generate(model, ids, mask, sampled=True)  # the trace goes on after the refusal
     ds = layerscope.open_trace(path)
     assert ds.sizes["batch"] == 2 * len(PADDING) and ds.sizes["token"] == PROMPT + NEW_TOKENS
+
+
+def test_a_generation_that_raises_stores_nothing_and_the_trace_goes_on(tmp_path):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class FailsOnThirdStep(StoppingCriteria):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("stopped by the test")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    model = FAMILIES["llama"].build("sdpa")
+    ids, mask = prompts(model.config.vocab_size)
+    path = tmp_path / "raised.zarr"
+    with layerscope.trace(model, path, kinds=["output"]):
+        with pytest.raises(RuntimeError, match="stopped by the test"):
+            generate(model, ids, mask, sampled=False,
+                     stopping_criteria=StoppingCriteriaList([FailsOnThirdStep()]))
+        expected = generate(model, ids, mask, sampled=False)
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["status"] == "complete" and ds.sizes["batch"] == len(PADDING)
+    np.testing.assert_array_equal(ds["token_id"].values, expected.numpy())
