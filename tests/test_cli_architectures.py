@@ -313,3 +313,68 @@ def test_what_the_cli_cannot_feed_is_refused_before_a_store_exists(configs, tmp_
     assert len(err.splitlines()) == 1 and err.startswith("layerscope trace: error:"), err
     assert message in err, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# -- --generate N ------------------------------------------------------------------------------
+
+def test_generate_traces_each_continued_text_as_one_sample(folders, tmp_path):
+    """Greedy generation of 3 tokens for two texts of different lengths: the prompts are
+    left-padded to one length, and the stored tokens are what the model generates untraced."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = folders("llama")
+    ds = trace(folder, tmp_path / "g.zarr", "--generate", "3", "--text", TEXTS[0],
+               "--text", TEXTS[1])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
+    prompts = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(folder).generate(
+            **prompts, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    prompt = prompts["input_ids"].shape[1]
+    np.testing.assert_array_equal(ds["token_id"].values, expected.numpy())
+    np.testing.assert_array_equal(ds["token_step"].values[0], [0] * prompt + [1, 2, 3])
+    np.testing.assert_array_equal(ds["token_mask"].values[:, :prompt],
+                                  prompts["attention_mask"].numpy().astype(bool))
+    assert list(ds["input_text"].values) == TEXTS
+    assert ds["root@output.logits"].sizes["token"] == prompt + 3
+
+
+def test_generate_with_an_encoder_decoder_fills_the_decoder_tokens(folders, tmp_path):
+    """The texts in the encoder (right-padded), the generated tokens on decoder_token."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = folders("t5")
+    ds = trace(folder, tmp_path / "g.zarr", "--generate", "2", "--text", TEXTS[0],
+               "--text", TEXTS[1])
+    prompts = AutoTokenizer.from_pretrained(folder)(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = AutoModelForSeq2SeqLM.from_pretrained(folder).generate(
+            input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+            max_new_tokens=2, do_sample=False)
+    np.testing.assert_array_equal(ds["token_id"].values, prompts["input_ids"].numpy())
+    np.testing.assert_array_equal(ds["token_mask"].values,
+                                  prompts["attention_mask"].numpy().astype(bool))
+    assert ds.sizes["decoder_token"] == 3  # the start token and 2 generated
+    np.testing.assert_array_equal(ds["decoder_token_id"].values[:, :expected.shape[1]],
+                                  expected.numpy())
+    np.testing.assert_array_equal(ds["decoder_token_id"].values[:, 0], DECODER_START["t5"])
+    np.testing.assert_array_equal(ds["decoder_token_step"].values[0], [0, 1, 2])
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("bert", ["--text", TEXTS[0]], "cannot generate text"),
+    ("t5", ["--text", TEXTS[0], "--target-text", TARGETS[0]], "drop --target-text"),
+    ("llama", ["--text", TEXTS[0], "--framework", "tensorflow"], "drop --framework"),
+])
+def test_generate_refuses_what_it_cannot_continue(folders, tmp_path, capsys, name, args,
+                                                  message):
+    out = tmp_path / "out.zarr"
+    code = main(["trace", str(folders(name)), "-o", str(out), "--no-progress",
+                 "--generate", "2", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()

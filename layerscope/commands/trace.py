@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope._hf_architectures import folder_architecture
+from layerscope._trace_generate import check_generate_request, trace_generation
 from layerscope._trace_inputs import check_request, model_inputs, read_request
 from layerscope.api import capture
 from layerscope.backends import detect
@@ -32,6 +33,10 @@ included, and reads:
                                       image_size (224 if none), scaled to 0..1 and
                                       normalized with the ImageNet mean and std
 Audio and text-and-image models are refused: load them in Python (layerscope.capture).
+
+--generate N continues each text by N tokens (greedy) and traces the prompt pass and every
+decoding step: one generated sequence is one sample (token_step says which step made each
+position; an encoder-decoder's generated tokens are on decoder_token).
 """
 
 
@@ -63,6 +68,9 @@ def register(subparsers: Any) -> None:
                         help="PyTorch attention kernel of a Hugging Face model")
     parser.add_argument("--batch-size", type=integer(1, MAX_BATCH_SIZE), default=8,
                         help=f"texts or images per forward pass, 1..{MAX_BATCH_SIZE} (default: %(default)s)")
+    parser.add_argument("--generate", type=integer(1, MAX_TOKENS), metavar="N",
+                        help="causal LMs and encoder-decoders (PyTorch): generate N tokens "
+                             "(greedy) for each text and trace every step")
     parser.add_argument("--max-length", type=integer(1, MAX_TOKENS),
                         help=f"truncate texts (and target texts) to this many tokens, 1..{MAX_TOKENS}")
     mode = parser.add_mutually_exclusive_group()
@@ -81,16 +89,23 @@ def run(args: argparse.Namespace) -> int:
         raise LayerscopeError(f"cannot write {output}: folder {output.parent} does not exist")
     folder = model_folder(args.model)
     architecture = folder_architecture(folder, args.framework) if folder else None
+    if args.generate:
+        check_generate_request(request, args.framework)
     check_request(request, architecture, args.framework, folder)  # before weights are read
     loaded = load(args.model, args.framework, args.attn_implementation, architecture)
     detect(loaded.model)  # something that is not a model is refused before its inputs
-    inputs = model_inputs(request, loaded, args.batch_size, output, args.append)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     selection = Selection.of(args.capture, kinds, args.exclude)
     mode = "w" if args.overwrite else "a" if args.append else "w-"
-    capture(loaded.model, inputs, args.output, selection, tokenizer=loaded.tokenizer,
-            batch_size=args.batch_size, max_length=args.max_length, progress=not args.no_progress,
-            options=StoreOptions(mode=mode))
+    if args.generate:
+        trace_generation(loaded, request.texts, args.output, selection,
+                         new_tokens=args.generate, batch_size=args.batch_size,
+                         max_length=args.max_length, mode=mode, progress=not args.no_progress)
+    else:
+        inputs = model_inputs(request, loaded, args.batch_size, output, args.append)
+        capture(loaded.model, inputs, args.output, selection, tokenizer=loaded.tokenizer,
+                batch_size=args.batch_size, max_length=args.max_length,
+                progress=not args.no_progress, options=StoreOptions(mode=mode))
     summary = summarize(args.output)
     print(f"wrote {args.output}: {len(summary.variables)} variables, "
           f"{summary.attrs.get('committed_samples')} samples, "
