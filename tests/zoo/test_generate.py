@@ -108,15 +108,15 @@ def reference_pass(model: nn.Module, sequences: torch.Tensor, prompt_mask: torch
                      output_attentions=True, output_hidden_states=True)
 
 
-def trace_generate(tmp_path: Path, family: Family, implementation: str, sampled: bool
-                   ) -> tuple[Any, torch.Tensor, torch.Tensor, Any]:
+def trace_generate(tmp_path: Path, family: Family, implementation: str, sampled: bool,
+                   **kwargs: Any) -> tuple[Any, torch.Tensor, torch.Tensor, Any]:
     model = family.build(implementation)
     assert model.config._attn_implementation == implementation
     ids, mask = prompts(model.config.vocab_size)
-    untraced = generate(model, ids, mask, sampled)
+    untraced = generate(model, ids, mask, sampled, **kwargs)
     path = tmp_path / "generate.zarr"
     with layerscope.trace(model, path, kinds=["output", "attention"]):
-        sequences = generate(model, ids, mask, sampled)
+        sequences = generate(model, ids, mask, sampled, **kwargs)
     # tracing changes nothing the model does
     np.testing.assert_array_equal(sequences.numpy(), untraced.numpy())
     reference = reference_pass(family.build("eager"), sequences, mask)
@@ -128,8 +128,19 @@ def trace_generate(tmp_path: Path, family: Family, implementation: str, sampled:
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_generate_equals_one_pass_over_the_sequences(tmp_path, name, implementation, sampled):
     family = FAMILIES[name]
-    ds, sequences, prompt_mask, reference = trace_generate(tmp_path, family, implementation,
-                                                           sampled)
+    check_against_one_pass(family, *trace_generate(tmp_path, family, implementation, sampled))
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_static_cache_places_its_preallocated_keys_by_position(tmp_path, implementation):
+    """A static cache hands every step keys for all its slots, later ones masked."""
+    family = FAMILIES["llama"]
+    check_against_one_pass(family, *trace_generate(tmp_path, family, implementation, False,
+                                                   cache_implementation="static"))
+
+
+def check_against_one_pass(family: Family, ds: Any, sequences: torch.Tensor,
+                           prompt_mask: torch.Tensor, reference: Any) -> None:
     batch, length = sequences.shape
     fed = length - 1  # the last generated token is never fed back to the model
     assert ds.sizes["batch"] == batch and ds.sizes["token"] == PROMPT + NEW_TOKENS
