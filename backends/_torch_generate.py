@@ -230,6 +230,11 @@ def _record(recorder: Recorder, collector: StepCollector, request: GenerateReque
                           request.total_length(prompt_length), request.pad_token_id,
                           request.eos_token_ids)
     fed = decoding[-1].start + decoding[-1].length
+    if fed != sequences.shape[1] - 1:  # every token but the last generated one is fed once
+        raise CaptureError(
+            f"generate() fed the model {fed} tokens for sequences of {sequences.shape[1]}: it "
+            "was given a cache holding part of them already, and positions computed outside "
+            "the trace cannot be placed; trace generate() from an empty cache")
     axis = "decoder_token" if seq2seq else "token"
     _check_length(recorder, labels.length, prompt_length, axis)
     try:

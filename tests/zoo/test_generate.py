@@ -276,3 +276,20 @@ def test_a_generation_that_raises_stores_nothing_and_the_trace_goes_on(tmp_path)
     ds = layerscope.open_trace(path)
     assert ds.attrs["status"] == "complete" and ds.sizes["batch"] == len(PADDING)
     np.testing.assert_array_equal(ds["token_id"].values, expected.numpy())
+
+
+def test_a_cache_filled_before_the_trace_is_refused(tmp_path):
+    """Positions the model computed before generate() (a prefilled cache) cannot be placed:
+    refused, nothing stored."""
+    from transformers import DynamicCache
+
+    model = FAMILIES["llama"].build("sdpa")
+    ids, mask = prompts(model.config.vocab_size)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :4], attention_mask=mask[:, :4], cache=cache, use_cache=True)
+    path = tmp_path / "prefilled.zarr"
+    with layerscope.trace(model, path):
+        with pytest.raises(CaptureError, match="from an empty cache"):
+            generate(model, ids, mask, sampled=False, cache=cache)
+    assert layerscope.open_trace(path).attrs["committed_samples"] == 0
