@@ -35,25 +35,30 @@ class HostPool:
         self.pooled = 0  # of which in buffers this pool made
         self.free: defaultdict[int, list[np.ndarray]] = defaultdict(list)
         self.free_bytes = 0
-        self.cond = threading.Condition()
+        # Held with ``with self.lock``, never ``with self.cond``: the C lock's own enter and
+        # exit leave no gap between taking the lock and the block that gives it back, where
+        # Condition's Python-level ones do, and a KeyboardInterrupt landing in that gap would
+        # leave the lock taken and every writer thread waiting for it (tests/faults).
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
         self.broken = False
 
     def acquire(self, nbytes: int) -> None:
-        with self.cond:
+        with self.lock:
             # A single item larger than the budget still passes once nothing else waits.
             while self.pending and self.pending + nbytes > self.limit and not self.broken:
                 self.cond.wait()
             self.pending += nbytes
 
     def release(self, nbytes: int) -> None:
-        with self.cond:
+        with self.lock:
             self.pending -= nbytes
             self.cond.notify_all()
 
     def take(self, nbytes: int) -> np.ndarray:
         """A page-aligned uint8 buffer of ``nbytes``, counted against the budget."""
         self.acquire(nbytes)
-        with self.cond:
+        with self.lock:
             self.pooled += nbytes
             spare = self.free.get(nbytes)
             if spare:
@@ -63,7 +68,7 @@ class HostPool:
         try:
             return page_aligned(nbytes)
         except BaseException:  # out of memory: the bytes were never taken
-            with self.cond:
+            with self.lock:
                 self.pooled -= nbytes
             self.release(nbytes)
             raise
@@ -71,7 +76,7 @@ class HostPool:
     def give(self, buffer: np.ndarray) -> None:
         """Return a buffer from :meth:`take`; it is reused by the next take of its size."""
         nbytes = buffer.nbytes
-        with self.cond:
+        with self.lock:
             self.pending -= nbytes
             self.pooled -= nbytes
             if self.pooled + self.free_bytes + nbytes <= self.limit:
@@ -80,12 +85,12 @@ class HostPool:
             self.cond.notify_all()
 
     def clear(self) -> None:
-        with self.cond:
+        with self.lock:
             self.free.clear()
             self.free_bytes = 0
 
     def break_(self) -> None:
-        with self.cond:
+        with self.lock:
             self.broken = True
             self.cond.notify_all()
 

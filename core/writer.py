@@ -124,7 +124,9 @@ class TraceWriter:
         self._where = _store_name(group)
         self._pool = HostPool(options.max_pending_bytes or AUTO_BUDGET_MAX)
         self._sizing_budget = options.max_pending_bytes is None  # until batch 1 ends
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # SimpleQueue: its put is one C call, so a KeyboardInterrupt cannot land while the
+        # caller holds a lock the workers need (queue.Queue takes a Python-level Condition)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._files = local_chunk_files(group.store, options.direct_io, options.durable)
         self._unpublished: list[_Batch] = []  # committed, manifest not yet written
         self._synced: set[str] = set()  # folders with new files, flushed at a durable commit
@@ -242,7 +244,7 @@ class TraceWriter:
         self._current = None
         if batch is None:
             return
-        with self._drained:
+        with self._state_lock:  # the C lock, not the Condition: see HostPool.lock
             batch.size = -1  # workers skip what is still queued for it
             # wait only for writes already under way: workers keep this count, never the
             # caller, so an interrupt in the caller (Ctrl-C anywhere in put) cannot leave it
