@@ -138,7 +138,10 @@ class _Capture:
         ids = token_ids.detach().cpu().numpy() if token_ids is not None else None
         ids, decoder_ids = self.seq2seq.begin(args, kwargs, ids)
         self.routers.begin(batch)
-        self.recorder.begin_pass(batch, ids, decoder_ids)
+        self.recorder.begin_pass(batch, ids, decoder_ids,
+                                 attention_mask=_mask(kwargs.get("attention_mask")),
+                                 decoder_attention_mask=_mask(
+                                     kwargs.get("decoder_attention_mask")))
 
     def end(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.recorder.in_pass:
@@ -343,3 +346,8 @@ class TorchBackend:
 
 
 BACKEND: Backend = TorchBackend()
+
+
+def _mask(value: Any) -> Any:
+    """An attention mask the root call was given, as NumPy (the recorder checks its shape)."""
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else None

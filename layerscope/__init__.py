@@ -25,11 +25,12 @@ from layerscope.core import (  # noqa: E402
     open_trace,
 )
 from layerscope.core.diff import diff  # noqa: E402
+from layerscope.core.samples import masked, sample  # noqa: E402
 from layerscope.core.verify import VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "BackendError", "CaptureError", "ChunkError", "Compression", "DamagedStoreError",
     "LayerscopeError", "SchemaError", "Selection", "StoreError", "StoreLockedError", "StoreOptions",
     "Trace", "VerifyReport", "WriterError", "__version__", "captured_names", "capture", "diff",
-    "open_trace", "sites", "trace", "verify",
+    "masked", "open_trace", "sample", "sites", "trace", "verify",
 ]

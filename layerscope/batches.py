@@ -74,7 +74,7 @@ def _encode(tokenizer: Any, texts: Sequence[str], target: bool, **kwargs: Any) -
 def _padded_length(tokenizer: Any, texts: Sequence[str], max_length: int | None,
                    pad_to: int | None, target: bool = False) -> int:
     """One length for every batch (so each appends to the same arrays): the longest text's
-    after truncation, or ``pad_to`` (the length of a store being appended to)."""
+    after truncation, or ``pad_to``."""
     if pad_to:
         return pad_to
     limit = max_length or getattr(tokenizer, "model_max_length", None) or 512

@@ -145,12 +145,13 @@ def test_modes_protect_existing_paths(tmp_path):
         make_recorder(tmp_path / "missing" / "t.zarr")
 
 
-def test_shape_change_between_batches_is_a_clear_error(tmp_path):
+def test_non_token_shape_change_between_batches_is_a_clear_error(tmp_path):
+    """Only token axes may change length between passes (tests/core/test_growth.py)."""
     recorder = make_recorder(tmp_path / "t.zarr")
     write_batches(recorder, 1)
     recorder.begin_pass(4)
-    with pytest.raises(CaptureError, match="pad inputs"):
-        recorder.put("block.0", "output", np.zeros((4, 6, 8), np.float32),
+    with pytest.raises(CaptureError, match="only token axes may change length"):
+        recorder.put("block.0", "output", np.zeros((4, 5, 9), np.float32),
                      ("batch", "token", "hidden"))
     recorder.close(failed=True)
 
