@@ -211,16 +211,25 @@ def grow_rows(array: Any, rows: int) -> None:
         array.resize((rows, *array.shape[1:]))
 
 
-def save_rows(array: Any, rows: int) -> None:
+def set_shape(array: Any, shape: tuple[int, ...]) -> None:
+    """Give ``array`` ``shape`` (a token axis grown), in memory where zarr allows it like
+    :func:`grow_rows`; else with ``Array.resize``, which also rewrites its ``zarr.json``
+    (readers take shapes from the root's consolidated metadata either way)."""
+    if not _set_shape_in_memory(array, tuple(shape)):
+        array.resize(tuple(shape))
+
+
+def save_rows(array: Any, rows: int, trailing: tuple[int, ...] | None = None) -> None:
     """Write ``array``'s own ``zarr.json`` with ``rows`` rows (the committed ones, at close).
 
     The fallback's ``Array.resize`` deletes chunks that lie wholly past ``rows``: rows nobody
     committed, which no reader trusts and an append overwrites.
     """
-    if _set_rows_in_memory(array, rows):
+    shape = (rows, *(trailing if trailing is not None else array.shape[1:]))
+    if _set_shape_in_memory(array, shape):
         array.resize(array.shape)  # the same shape: writes zarr.json, deletes nothing
     else:
-        array.resize((rows, *array.shape[1:]))
+        array.resize(shape)
 
 
 def _set_rows_in_memory(array: Any, rows: int) -> bool:
@@ -228,13 +237,24 @@ def _set_rows_in_memory(array: Any, rows: int) -> bool:
     False where this zarr does not allow it (nothing was changed that matters then)."""
     if not PRIVATE_API:
         return False
+    metadata: Any = getattr(_async_array(array), "metadata", None)
+    if metadata is None:
+        return False
+    return _set_shape_in_memory(array, (rows, *metadata.shape[1:]))
+
+
+def _set_shape_in_memory(array: Any, shape: tuple[int, ...]) -> bool:
+    """Replace the frozen metadata of ``array``'s ``AsyncArray`` with one of ``shape``;
+    False where this zarr does not allow it."""
+    if not PRIVATE_API:
+        return False
     inner = _async_array(array)
     metadata: Any = getattr(inner, "metadata", None)
     update_shape = getattr(metadata, "update_shape", None)
     if update_shape is None or not dataclasses.is_dataclass(inner):
         return False
-    object.__setattr__(inner, "metadata", update_shape((rows, *metadata.shape[1:])))
-    return bool(array.shape[0] == rows)
+    object.__setattr__(inner, "metadata", update_shape(shape))
+    return bool(tuple(array.shape) == shape)
 
 
 def fast_paths(array: Any) -> dict[str, bool]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import DamagedStoreError
 from .manifest import CHECKSUM_BYTES, Manifest
+from .naming import token_axis_of
 
 BLOSC_HEADER = 16
 
@@ -98,7 +99,9 @@ def index_rows(manifest: Manifest, layouts: dict[str, ArrayLayout], where: str) 
                 "root zarr.json describes: metadata and manifest disagree, the store is damaged; "
                 f"run `layerscope verify {where}`"
             )
-        manifest.rows.setdefault(name, set()).add(index[0])
+        rows = manifest.rows.setdefault(name, {})
+        seen = rows.get(index[0], index[1:])
+        rows[index[0]] = tuple(max(a, b) for a, b in zip(seen, index[1:], strict=True))
 
 
 #: fields of an array's own zarr.json that must equal its copy in the root's consolidated metadata
@@ -120,12 +123,25 @@ def document_problem(own: bytes | None, consolidated: dict[str, Any]) -> str | N
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         return f"has a zarr.json that does not parse ({exc})"
     differs = [key for key in SAME_FIELDS if fields[key] != consolidated.get(key)]
-    if trailing != list(consolidated["shape"][1:]):
+    if not _same_trailing(trailing, consolidated):
         differs.append("shape")
     if differs:
         return ("has a zarr.json that disagrees with the root's consolidated metadata in "
                 + ", ".join(differs))
     return None
+
+
+def _same_trailing(own: list[Any], consolidated: dict[str, Any]) -> bool:
+    """Whether an array's own shape past ``batch`` is its consolidated one. A token axis may
+    differ: an array's own ``zarr.json`` is written when it is created and at a writer's
+    close, while each commit publishes the token axes' committed lengths (:mod:`.growth`)."""
+    shape = list(consolidated["shape"][1:])
+    names = list(consolidated.get("dimension_names") or [])[1:]
+    if len(own) != len(shape) or len(names) != len(shape):
+        return own == shape
+    return all(mine == theirs or (token_axis_of(str(dim)) is not None
+                                  and isinstance(mine, int) and mine >= 0)
+               for mine, theirs, dim in zip(own, shape, names, strict=True))
 
 
 def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,
@@ -138,8 +154,12 @@ def chunk_problem(layout: ArrayLayout, data: np.ndarray | None, file: str,
         if entry is not None:
             return f"is missing (the manifest of batch {entry[2]} lists it)"
         index = layout.chunk_index(file)
+        written = manifest.rows.get(layout.name, {}) if manifest is not None else {}
+        # a chunk past every one written for its rows along some axis is a token axis grown
+        # after them (see .growth): those rows read as fill values there
         if manifest is not None and manifest.sound and index is not None \
-                and index[0] in manifest.rows.get(layout.name, ()):
+                and index[0] in written and all(
+                    i <= top for i, top in zip(index[1:], written[index[0]], strict=True)):
             return ("is missing though the other chunks of its rows were written: the metadata "
                     "claims chunks nobody wrote")
         return None  # never written: reads as the fill value

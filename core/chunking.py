@@ -2,12 +2,16 @@
 
 A chunk aims at ``target_bytes`` (inside the 1-16 MB band) uncompressed. A sample larger than
 ``max_bytes`` is split along ``head`` first, then ``query`` (so one head of a long attention map
-is read without its neighbours), then along the largest remaining axis.
+is read without its neighbours), then along the largest remaining axis. A token axis, which
+later passes may grow (:mod:`.growth`), is chunked at the next power of two of its first
+length (at least 16), so growth adds few chunks and every chunk stays within the band.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .growth import grows, token_chunk
 
 MB = 1 << 20
 
@@ -30,7 +34,8 @@ def chunk_shape(
     Samples per chunk never exceed ``batch_size`` (the first batch appended), so that
     appends of equal batches fill whole chunks and never rewrite a chunk already written.
     """
-    trailing = [max(1, n) for n in shape[1:]]
+    trailing = [token_chunk(n) if grows(dim) else max(1, n)
+                for n, dim in zip(shape[1:], dims[1:], strict=True)]
     preferred = ("head", "query")
     split_order = sorted(
         range(len(trailing)),

@@ -62,15 +62,18 @@ class ChunkWriter:
 
     def covers(self, start: int, data: np.ndarray) -> bool:
         """Whether ``data`` written at row ``start`` fills whole chunks only (and this writer
-        can write them)."""
+        can write them). Along the other axes ``data`` may also end where the array ends,
+        in a chunk that reaches past it (a token axis chunked with room to grow): zarr
+        stores that edge chunk whole, fill values past the end, and so does :meth:`write`."""
         encoder = self.encoder
         if encoder is None or not self.enabled:
             return False
         chunks = encoder.chunks
         if start % chunks[0] or data.shape[0] % chunks[0]:
             return False
-        return all(size % chunk == 0 for size, chunk in zip(data.shape[1:], chunks[1:],
-                                                               strict=True))
+        extent = tuple(int(n) for n in self.array.shape[1:])
+        return all(size % chunk == 0 or size == end for size, chunk, end in
+                   zip(data.shape[1:], chunks[1:], extent, strict=True))
 
     def write(self, start: int, data: np.ndarray, entries: list[Entry] | None = None) -> None:
         """Write ``data`` at row ``start``; only where :meth:`covers` said yes. ``entries``
@@ -82,10 +85,13 @@ class ChunkWriter:
                               "write them with array[...] = data")
         chunks = encoder.chunks
         first = start // chunks[0]
-        counts = [size // chunk for size, chunk in zip(data.shape, chunks, strict=True)]
+        counts = [-(-size // chunk) for size, chunk in zip(data.shape, chunks, strict=True)]
         for index in itertools.product(*(range(n) for n in counts)):
             region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))
-            body = encoder.encode(np.ascontiguousarray(data[region]))
+            block = data[region]
+            if block.shape != chunks:  # an edge chunk: whole, fill values past the end
+                block = _filled(block, chunks, self.array.fill_value)
+            body = encoder.encode(np.ascontiguousarray(block))
             crc = _crc32c(body) if encoder.checksum or entries is not None else 0
             trailer = crc.to_bytes(4, "little") if encoder.checksum else b""
             key = self.prefix + encoder.chunk_key((first + index[0], *index[1:]))
@@ -93,11 +99,14 @@ class ChunkWriter:
             if entries is not None:  # with a trailer or without, the body's crc32c
                 entries.append((key, body.nbytes + len(trailer), crc))
 
-    def keys(self, start: int, stop: int) -> list[str]:
-        """The keys of every chunk holding rows ``start:stop`` (what zarr writes for them)."""
+    def keys(self, start: int, stop: int,
+             trailing: tuple[int, ...] | None = None) -> list[str]:
+        """The keys of every chunk holding rows ``start:stop`` (what zarr writes for them),
+        within the first ``trailing`` positions of the other axes (default: all)."""
         chunks = tuple(int(n) for n in self.array.metadata.chunk_grid.chunk_shape)
-        counts = [-(-int(size) // chunk) for size, chunk in zip(self.array.shape[1:],
-                                                                 chunks[1:], strict=True)]
+        extent = trailing if trailing is not None else self.array.shape[1:]
+        counts = [-(-int(size) // chunk) for size, chunk in zip(extent, chunks[1:],
+                                                                 strict=True)]
         rows = range(start // chunks[0], (stop - 1) // chunks[0] + 1)
         return [self.prefix + chunk_key(self.array, index)
                 for index in itertools.product(rows, *(range(n) for n in counts))]
@@ -120,6 +129,12 @@ class ChunkWriter:
             return
         assert self.setter is not None  # enabled
         self.setter(key, np.concatenate([body, np.frombuffer(trailer, dtype=np.uint8)]))
+
+
+def _filled(block: np.ndarray, chunks: tuple[int, ...], fill: Any) -> np.ndarray:
+    whole = np.full(chunks, fill, dtype=block.dtype)
+    whole[tuple(slice(0, n) for n in block.shape)] = block
+    return whole
 
 
 def _ends_in_crc32c(array: Any) -> bool:

@@ -22,8 +22,11 @@ TOKEN_TEXT = "token_text"
 TOKEN_ID = "token_id"
 INPUT_TEXT = "input_text"
 #: a traced ``generate()``: the step that made each position (0: the prompt, k: the k-th
-#: generated token) and whether it is a real token (False: padding)
+#: generated token)
 TOKEN_STEP = "token_step"
+#: (batch, token) bool: True where a sample has a real token (its attention mask); False at
+#: padding and past the length of the pass it came in (passes of different lengths share
+#: one store, core/growth.py)
 TOKEN_MASK = "token_mask"
 #: the decoder's tokens of an encoder-decoder model, on the ``decoder_token`` axis
 DECODER_TOKEN_TEXT = "decoder_token_text"

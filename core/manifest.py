@@ -114,8 +114,9 @@ class Manifest:
     ``missing``: committed batches whose file is absent although an earlier one exists (a
     store appended to with checksums after batches written without has none for its first
     batches; that is no damage). ``damaged``: (manifest key, what is wrong) for files that do
-    not parse. ``rows``: array name -> the row-chunk indices listed for it, filled by readers
-    that know the arrays' layouts (:func:`.chunkcheck.index_rows`).
+    not parse. ``rows``: array name -> row-chunk index -> the highest chunk index listed for
+    those rows along each other axis, filled by readers that know the arrays' layouts
+    (:func:`.chunkcheck.index_rows`).
     """
 
     entries: dict[str, tuple[int, int, int]] = field(default_factory=dict)
@@ -123,7 +124,7 @@ class Manifest:
     first: int | None = None  # the first batch with a manifest file
     missing: list[int] = field(default_factory=list)
     damaged: list[tuple[str, str]] = field(default_factory=list)
-    rows: dict[str, set[int]] = field(default_factory=dict)
+    rows: dict[str, dict[int, tuple[int, ...]]] = field(default_factory=dict)
 
     @property
     def sound(self) -> bool:

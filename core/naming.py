@@ -114,18 +114,31 @@ class DimRegistry:
     def __init__(self, known: dict[str, int] | None = None) -> None:
         self.sizes: dict[str, int] = dict(known or {})
 
-    def resolve(self, roles: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, ...]:
+    def resolve(self, roles: tuple[str, ...], shape: tuple[int, ...],
+                lengths: dict[str, int] | None = None) -> tuple[str, ...]:
+        """Dim names for a tensor of ``shape``. ``lengths``: the token axes' lengths in the
+        current pass; given, a token axis takes the name whose length in this pass is its
+        own (or that no tensor of the pass has used yet), whatever the stored length, which
+        then grows or is filled (see :mod:`.growth`)."""
         if len(roles) != len(shape):
             raise CaptureError(f"dims {roles} do not match shape {shape}")
         names: list[str] = []
         for role, size in zip(roles, shape, strict=True):
-            names.append(role if role == "batch" else self._free_name(role, size, names))
+            names.append(role if role == "batch" else
+                         self._free_name(role, size, names, lengths))
         return tuple(names)
 
-    def _free_name(self, role: str, size: int, taken: list[str]) -> str:
+    def _free_name(self, role: str, size: int, taken: list[str],
+                   lengths: dict[str, int] | None = None) -> str:
         candidates = [role, f"{role}_{size}", *(f"{role}_{size}_{i}" for i in range(2, 64))]
         for name in candidates:
-            if name not in taken and self.sizes.get(name, size) == size:
+            if name in taken:
+                continue
+            if lengths is not None and token_axis_of(name) is not None:
+                fits = lengths.setdefault(name, size) == size
+            else:
+                fits = self.sizes.get(name, size) == size
+            if fits:
                 self.sizes.setdefault(name, size)
                 return name
         raise CaptureError(f"cannot name a {role!r} axis of size {size}: too many variants")

@@ -53,6 +53,8 @@ class Recorder:
         self.skipped: dict[str, str] = skipped_sites(writer.attrs)
         self._recorded = dict(self.skipped)  # what the store's attributes hold already
         self.passes = 0
+        #: token axis -> (mask coordinate, mask) of the pass under way, stored as it ends
+        self._masks: dict[str, tuple[str, np.ndarray]] = {}
 
     # -- pass boundaries ---------------------------------------------------------------------
 
@@ -69,9 +71,15 @@ class Recorder:
         self._texts = [str(t) for t in texts]
 
     def begin_pass(self, batch_size: int, token_ids: Any = None,
-                   decoder_token_ids: Any = None) -> None:
+                   decoder_token_ids: Any = None, attention_mask: Any = None,
+                   decoder_attention_mask: Any = None) -> None:
+        """A pass of ``batch_size`` samples starts. ``attention_mask`` (and the decoder's):
+        which of ``token_ids`` are real tokens (left or right padding); stored as the
+        ``token_mask`` coordinate, all True where no mask (or one of another shape) is given.
+        Positions past the pass's length, in a store that holds longer passes, are False."""
         self.writer.begin_batch(batch_size)
         self._calls.clear()
+        self._masks = {}
         texts, self._texts = self._texts, None
         if texts is not None:
             if len(texts) != batch_size:
@@ -80,18 +88,22 @@ class Recorder:
                 )
             self.writer.put(INPUT_TEXT, np.asarray(texts, dtype=str), ("batch",), {})
         if token_ids is not None:
-            self._put_tokens(np.asarray(token_ids), TOKEN_ID, TOKEN_TEXT, "token")
+            self._put_tokens(np.asarray(token_ids), attention_mask,
+                             (TOKEN_ID, TOKEN_TEXT, TOKEN_MASK), "token")
         if decoder_token_ids is not None:
-            self._put_tokens(np.asarray(decoder_token_ids), DECODER_TOKEN_ID,
-                             DECODER_TOKEN_TEXT, "decoder_token")
+            self._put_tokens(np.asarray(decoder_token_ids), decoder_attention_mask,
+                             (DECODER_TOKEN_ID, DECODER_TOKEN_TEXT, DECODER_TOKEN_MASK),
+                             "decoder_token")
 
     def end_pass(self) -> None:
+        self._put_masks()
         self.writer.end_batch()
         self.passes += 1
         if self.skipped != self._recorded:
             self._record_skipped()
 
     def abort_pass(self) -> None:
+        self._masks = {}
         self.writer.discard_batch()
 
     def put_decoder_tokens(self, token_ids: Any) -> None:
@@ -99,25 +111,40 @@ class Recorder:
         decoder_token), where the backend sees them only once the model built them; at most
         once per pass, instead of ``begin_pass(decoder_token_ids=...)``."""
         if self.writer.batch_size is not None:
-            self._put_tokens(np.asarray(token_ids), DECODER_TOKEN_ID, DECODER_TOKEN_TEXT,
+            self._put_tokens(np.asarray(token_ids), None,
+                             (DECODER_TOKEN_ID, DECODER_TOKEN_TEXT, DECODER_TOKEN_MASK),
                              "decoder_token")
 
     def put_token_labels(self, axis: str, steps: np.ndarray | None = None,
                          mask: np.ndarray | None = None) -> None:
         """Label ``axis`` (``token`` or ``decoder_token``) of a pass made from ``generate()``:
         ``steps`` (batch, position) the step that made each position (0: the prompt),
-        ``mask`` whether it holds a real token."""
+        ``mask`` whether it holds a real token (it replaces the pass's attention mask)."""
         names = {"token": (TOKEN_STEP, TOKEN_MASK),
                  "decoder_token": (DECODER_TOKEN_STEP, DECODER_TOKEN_MASK)}[axis]
         if steps is not None:
             self.writer.put(names[0], steps.astype(np.int64), ("batch", axis), {})
         if mask is not None:
-            self.writer.put(names[1], mask.astype(bool), ("batch", axis), {})
+            self._masks[axis] = (names[1], mask.astype(bool))
 
-    def _put_tokens(self, ids: np.ndarray, id_name: str, text_name: str, axis: str) -> None:
+    def _put_masks(self) -> None:
+        """Store the pass's token masks, once each, as the pass ends (a backend may replace
+        the one ``begin_pass`` made until then)."""
+        masks, self._masks = self._masks, {}
+        for axis, (name, mask) in masks.items():
+            self.writer.put(name, mask, ("batch", axis),
+                            {"description": "True where the sample has a real token"})
+
+    def _put_tokens(self, ids: np.ndarray, mask: Any, names: tuple[str, str, str],
+                    axis: str) -> None:
+        id_name, text_name, mask_name = names
         if ids.ndim != 2:
             return
         self.writer.put(id_name, ids.astype(np.int64), ("batch", axis), {})
+        real = np.asarray(mask) if mask is not None else None
+        if real is None or real.shape != ids.shape:
+            real = np.ones(ids.shape, dtype=bool)
+        self._masks[axis] = (mask_name, real.astype(bool))
         if self.decode_tokens is not None:
             texts = np.asarray([self.decode_tokens(row.tolist()) for row in ids], dtype=str)
             self.writer.put(text_name, texts, ("batch", axis), {})
@@ -178,6 +205,7 @@ class Recorder:
                     if failed:
                         self.writer.discard_batch()
                     else:
+                        self._put_masks()
                         self.writer.end_batch()
             finally:
                 self.writer.close()

@@ -5,11 +5,13 @@ is queued and the caller returns at once; worker threads copy it to host memory,
 and write it. A byte budget bounds what may wait in the queue, so memory stays flat whatever
 the number of batches. A batch is committed (``committed_batches`` / ``committed_samples`` in
 the group attributes, together with consolidated metadata) only after every chunk of it and
-of all earlier batches is on disk; a reader never trusts rows past that.
+of all earlier batches is on disk; a reader never trusts rows past that. Token axes may take
+a new length in every pass (:mod:`.growth`): longer passes grow them, shorter ones are filled.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -20,12 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from ._zarr_compat import grow_rows, save_rows
+from ._zarr_compat import get_bytes, grow_rows, save_rows, set_shape
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import array_document, publish
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
+from .growth import (
+    check_lengths,
+    committed_shape,
+    fill_value_for,
+    grow_axis,
+    grows,
+    padded,
+)
 from .hostpool import HostPool
 from .lock import adopt_lock
 from .manifest import MANIFEST_DIR, write_manifest
@@ -73,6 +83,8 @@ class _Batch:
     ended: bool = False
     failed: bool = False
     nbytes: int = 0
+    #: the token axes' stored lengths once this batch has been put (published at its commit)
+    lengths: dict[str, int] = field(default_factory=dict)
     #: chunk files written for this batch: key -> (file size, crc32c), for its manifest
     chunks: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -85,6 +97,9 @@ class _Task:
     to_numpy: ToNumpy
     nbytes: int
     buffer: np.ndarray | None = None  # the pool memory ``data`` lives in
+    #: the variable's stored shape per sample when this was put: what its batch fills
+    #: (token axes grown by later passes are theirs: they commit with them)
+    shape: tuple[int, ...] = ()
 
 
 class TraceWriter:
@@ -111,6 +126,8 @@ class TraceWriter:
         self._committed = committed_batches
         self._committed_samples = committed_samples
         self._open: dict[int, _Batch] = {}
+        #: each token axis's length in the current pass (see :mod:`.growth`)
+        self._lengths: dict[str, int] = {}
         self._current: _Batch | None = None
         self._state_lock = threading.Lock()
         self._drained = threading.Condition(self._state_lock)
@@ -131,6 +148,8 @@ class TraceWriter:
         self._unpublished: list[_Batch] = []  # committed, manifest not yet written
         self._synced: set[str] = set()  # folders with new files, flushed at a durable commit
         self._load_existing()
+        #: token axes' lengths as of the last batch committed / published (see .growth)
+        self._committed_lengths = self._published_lengths = self._token_lengths()
         self._invalidated = self._invalidate_uncommitted()
         self.attrs["status"] = STATUS_WRITING
         try:
@@ -166,6 +185,7 @@ class TraceWriter:
         self._batches += 1
         self._rows += size
         self._current = batch
+        self._lengths = {}
         self.put(BATCH, np.arange(batch.start, batch.start + size, dtype=np.int64), ("batch",),
                  {"description": "global sample index across appends"})
 
@@ -188,6 +208,7 @@ class TraceWriter:
             )
         var = self._variable(name, roles, shape, attrs)
         task = self._hold(batch, var, data, to_numpy, snapshot)
+        task.shape = var.trailing
         if self._sizing_budget:
             batch.nbytes += task.nbytes
         with self._state_lock:
@@ -228,6 +249,7 @@ class TraceWriter:
         if batch is None:
             return
         self._current = None
+        batch.lengths = self._token_lengths()
         if self._sizing_budget:
             self._sizing_budget = False
             self._pool.limit = min(max(batch.nbytes, AUTO_BUDGET_MIN), AUTO_BUDGET_MAX)
@@ -271,6 +293,7 @@ class TraceWriter:
         try:
             batch, self._current = self._current, None
             if batch is not None:
+                batch.lengths = self._token_lengths()
                 with self._state_lock:
                     batch.ended = True
         finally:
@@ -297,6 +320,9 @@ class TraceWriter:
             self._failed_step, self._failed_where, self._error = step, where, error
         self._pool.break_()
 
+    def _token_lengths(self) -> dict[str, int]:
+        return {dim: size for dim, size in self.dims.sizes.items() if grows(dim)}
+
     def set_attrs(self, **attrs: Any) -> None:
         """Update group attributes, published together with the committed metadata."""
         with self._publish_lock:
@@ -313,28 +339,44 @@ class TraceWriter:
                   attrs: dict[str, Any]) -> _Variable:
         var = self.variables.get(name)
         if var is None:
-            dims = self.dims.resolve(roles, shape)
+            dims = self.dims.resolve(roles, shape, self._lengths)
+            growth = {d: n for d, n in zip(dims[1:], shape[1:], strict=True)
+                      if grows(d) and n > self.dims.sizes[d]}
+            self._grow(growth)
             attrs = {**attrs, "roles": [plain_role(r) for r in roles],
                      "order": len(self.variables)}
-            var = _Variable(name, dims, shape[1:], attrs)
-            self.variables[name] = var
-        elif var.trailing != shape[1:]:
-            raise CaptureError(
-                f"{name}: shape {shape[1:]} per sample differs from the {var.trailing} already "
-                "stored; pad inputs to one length (e.g. tokenizer(..., padding='max_length', "
-                "max_length=N)) or write to a new store"
-            )
+            # stored at the longest length seen: a shorter tensor is filled
+            trailing = tuple(self.dims.sizes[d] for d in dims[1:])
+            var = _Variable(name, dims, trailing, attrs)
+            with self._create_lock:  # a later growth finds it
+                self.variables[name] = var
+        else:
+            self._grow(check_lengths(name, var.dims, var.trailing, shape, self._lengths))
         return var
+
+    def _grow(self, growth: dict[str, int]) -> None:
+        """Lengthen token axes for a longer pass: every variable with the dim grows with it."""
+        if not growth:
+            return
+        with self._create_lock:  # no array is created, nor metadata published, half-grown
+            for dim, size in growth.items():
+                self.dims.sizes[dim] = size
+                grow_axis(self.variables.values(), dim, size)
 
     def _load_existing(self) -> None:
         """Register the variables of a store being appended to."""
         with warnings.catch_warnings():  # zarr notes the _layerscope folder: not an array
             warnings.filterwarnings("ignore", message="Object at _layerscope is not recognized")
             members = list(self.group.arrays())
+        published = _published_shapes(self.group)
         for name, array in members:
             dims = tuple(array.metadata.dimension_names or ())
             if not dims or dims[0] != "batch":
                 continue
+            trailing = published.get(name)
+            if trailing is not None and trailing != tuple(array.shape[1:]):
+                # a token axis grown since the array's own zarr.json was written (at a close)
+                set_shape(array, (int(array.shape[0]), *trailing))
             for dim, size in zip(dims[1:], array.shape[1:], strict=True):
                 self.dims.sizes.setdefault(dim, size)
             attrs = dict(array.attrs)
@@ -357,14 +399,19 @@ class TraceWriter:
             folder = os.path.join(self._files.root, var.name)
             if array is None or not os.path.isdir(folder):
                 continue
-            rows = int(array.metadata.chunk_grid.chunk_shape[0])
+            chunks = tuple(int(n) for n in array.metadata.chunk_grid.chunk_shape)
+            rows = chunks[0]
+            grid = [-(-int(n) // c) for n, c in zip(array.shape[1:], chunks[1:], strict=True)]
             boundary = False
             for entry in os.scandir(folder):
                 parts = entry.name.split(".")
-                if parts[0] != "c" or len(parts) < 2 or not parts[1].isdigit():
+                if parts[0] != "c" or len(parts) < 2 or not all(p.isdigit() for p in parts[1:]):
                     continue
                 first = int(parts[1]) * rows
-                if first >= committed:
+                # past a token axis's committed length: written by a batch that grew it and
+                # never committed (committed rows there read as fill values)
+                beyond = any(int(p) >= n for p, n in zip(parts[2:], grid, strict=False))
+                if first >= committed or beyond:
                     os.unlink(entry.path)
                 elif first + rows > committed:
                     boundary = True
@@ -392,7 +439,7 @@ class TraceWriter:
             chunks = chunk_shape(shape, var.dims, sample.dtype.itemsize, sample.shape[0],
                                  self.options.chunks)
             kind = sample.dtype.kind
-            fill = float("nan") if kind == "f" else ("" if kind in "UTO" else 0)
+            fill = fill_value_for(sample.dtype)
             dtype: Any = str if kind in "UTO" else sample.dtype
             var.array = self.group.create_array(
                 var.name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
@@ -412,7 +459,9 @@ class TraceWriter:
         """
         for var in self.variables.values():
             if var.array is not None:
-                save_rows(var.array, self._committed_samples)
+                trailing = committed_shape(list(var.array.shape[1:]), list(var.dims[1:]),
+                                           self._published_lengths)
+                save_rows(var.array, self._committed_samples, tuple(trailing))
 
     # -- worker side -------------------------------------------------------------------------
 
@@ -475,6 +524,8 @@ class TraceWriter:
             )
         start, stop = task.batch.start, task.batch.start + task.batch.size
         entries: list[Entry] | None = [] if self.options.checksums else None
+        # a pass shorter than the stored token axes: filled past its own length
+        data = padded(data, task.shape, array.fill_value)
         with var.lock:
             if var.chunk_writer is None:
                 var.chunk_writer = ChunkWriter(array, self._files)
@@ -483,9 +534,11 @@ class TraceWriter:
             if not writer.covers(start, data):
                 if array.shape[0] < stop:  # zarr checks the bounds of what it writes
                     grow_rows(array, max(stop, 2 * array.shape[0]))
-                array[start:stop] = data  # partial chunks: zarr reads, merges and rewrites
+                # partial chunks: zarr reads, merges and rewrites; only the positions this
+                # batch fills (an axis grown since by a later pass is that pass's to commit)
+                array[(slice(start, stop), *(slice(0, n) for n in task.shape))] = data
                 if entries is not None or self.options.durable:
-                    for key in writer.keys(start, stop):  # read back what zarr wrote
+                    for key in writer.keys(start, stop, task.shape):  # read back zarr's
                         entry = writer.read_back(key, self.options.durable)
                         if entry is not None and entries is not None:
                             entries.append(entry)
@@ -530,6 +583,7 @@ class TraceWriter:
         as the store still takes writes."""
         with self._state_lock:
             committed, samples = self._committed, self._committed_samples
+            lengths = self._committed_lengths
             while committed in self._open:
                 batch = self._open[committed]
                 if not batch.ended or batch.pending or batch.failed:
@@ -538,7 +592,9 @@ class TraceWriter:
                 self._unpublished.append(batch)
                 committed += 1
                 samples = batch.start + batch.size
+                lengths = batch.lengths
             self._committed, self._committed_samples = committed, samples
+            self._committed_lengths = lengths
         if self._error is None or final:
             try:
                 self._publish()
@@ -551,6 +607,7 @@ class TraceWriter:
         with self._publish_lock:
             with self._state_lock:
                 committed, samples = self._committed, self._committed_samples
+                lengths = self._committed_lengths
                 if committed == self._published:
                     return
                 batches, self._unpublished = self._unpublished, []
@@ -566,6 +623,7 @@ class TraceWriter:
                                           f"{self._where}/{MANIFEST_DIR}") from exc
                 self._synced.add(MANIFEST_DIR)
             self._published, self._published_samples = committed, samples
+            self._published_lengths = lengths
             self._lock.renew()
             self.attrs.update(committed_batches=committed, committed_samples=samples,
                               status=STATUS_WRITING)
@@ -573,8 +631,8 @@ class TraceWriter:
 
     def _write_root(self) -> None:
         with self._create_lock:  # no array is half-created while its metadata is read
-            documents = {v.name: v.document for v in self.variables.values()
-                         if v.document is not None}
+            documents = {v.name: _cut(v.document, self._published_lengths)
+                         for v in self.variables.values() if v.document is not None}
         synced, self._synced = self._synced, set()
         publish(self.group, self.attrs, documents, self._published_samples,
                 self.options.durable, synced)
@@ -592,6 +650,28 @@ class _StepFailed(Exception):
     def __init__(self, step: str, error: BaseException, where: str) -> None:
         super().__init__(step)
         self.step, self.error, self.where = step, error, where
+
+
+def _cut(document: dict[str, Any], lengths: dict[str, int]) -> dict[str, Any]:
+    """An array's document with its token axes at their committed lengths."""
+    dims = list(document.get("dimension_names") or [])
+    shape = list(document["shape"])
+    if len(dims) != len(shape):
+        return document
+    cut = committed_shape(shape, dims, lengths)
+    return document if cut == shape else {**document, "shape": cut}
+
+
+def _published_shapes(group: Any) -> dict[str, tuple[int, ...]]:
+    """Each array's shape past ``batch`` as the root document's consolidated metadata
+    publishes it (an array's own zarr.json is written at a writer's close only)."""
+    try:
+        raw = get_bytes(group.store, f"{group.path}/zarr.json" if group.path else "zarr.json")
+        metadata = json.loads(raw or b"{}").get("consolidated_metadata") or {}
+        return {name: tuple(int(n) for n in doc["shape"][1:])
+                for name, doc in (metadata.get("metadata") or {}).items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _store_name(group: Any) -> str:
