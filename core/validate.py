@@ -205,6 +205,14 @@ async def _check_claims(store: Any, root: RootDocument, where: str) -> None:
         if not any(found):
             raise damaged(where, f"{rows} committed samples are claimed, but the chunk files of "
                           f"the last rows are absent ({keys[0]} and others)")
+    names = sorted(root.layouts)
+    own = await asyncio.gather(*(store.exists(f"{name}/zarr.json") for name in names))
+    for name, exists in zip(names, own, strict=True):
+        # an array's own zarr.json may be lost (the root holds its metadata), but not the
+        # whole array: a name the store does not hold is a damaged root document
+        if not exists and not await _holds_any(store, f"{name}/"):
+            raise damaged(where, f"the root zarr.json names an array {name!r} of which the "
+                          "store holds no file")
     for layout in root.layouts.values():
         trailing = math.prod(layout.grid[1:]) if layout.batch_axis else math.prod(layout.grid)
         if trailing <= LISTING_THRESHOLD:
@@ -213,6 +221,12 @@ async def _check_claims(store: Any, root: RootDocument, where: str) -> None:
         if present < trailing:
             raise damaged(where, f"array {layout.name} claims shape {list(layout.shape)}, "
                           f"{trailing} chunks per row-chunk, but holds {present} chunk files")
+
+
+async def _holds_any(store: Any, prefix: str) -> bool:
+    async for _ in store.list_prefix(prefix):
+        return True
+    return False
 
 
 def _last_row_chunk(layout: ArrayLayout, rows: int) -> str:

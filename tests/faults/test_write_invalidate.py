@@ -116,7 +116,8 @@ def test_a_boundary_chunk_rewritten_by_a_batch_that_never_committed_still_reads(
     data = bytearray(boundary.read_bytes())  # still checked: a damaged one is refused
     data[10] ^= 0xFF
     boundary.write_bytes(bytes(data))
-    with pytest.raises(layerscope.ChunkError, match="crc32c"):
+    # its own crc32c fails; where the rewrite changed its size, the size check speaks first
+    with pytest.raises(layerscope.ChunkError, match="crc32c|truncated or damaged"):
         _values(path)
 
 
