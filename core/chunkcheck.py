@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import DamagedStoreError
 from .manifest import CHECKSUM_BYTES, Manifest
-from .naming import token_axis_of
+from .naming import growable_axis
 
 BLOSC_HEADER = 16
 
@@ -139,7 +139,7 @@ def _same_trailing(own: list[Any], consolidated: dict[str, Any]) -> bool:
     names = list(consolidated.get("dimension_names") or [])[1:]
     if len(own) != len(shape) or len(names) != len(shape):
         return own == shape
-    return all(mine == theirs or (token_axis_of(str(dim)) is not None
+    return all(mine == theirs or (growable_axis(str(dim))
                                   and isinstance(mine, int) and mine >= 0)
                for mine, theirs, dim in zip(own, shape, names, strict=True))
 

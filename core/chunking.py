@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .growth import grows, token_chunk
+from .growth import is_token_axis, token_chunk
 
 MB = 1 << 20
 
@@ -34,13 +34,13 @@ def chunk_shape(
     Samples per chunk never exceed ``batch_size`` (the first batch appended), so that
     appends of equal batches fill whole chunks and never rewrite a chunk already written.
     """
-    trailing = [token_chunk(n) if grows(dim) else max(1, n)
+    trailing = [token_chunk(n) if is_token_axis(dim) else max(1, n)
                 for n, dim in zip(shape[1:], dims[1:], strict=True)]
     preferred = ("head", "query")
     split_order = sorted(
         range(len(trailing)),
         key=lambda i: (next((k for k, p in enumerate(preferred) if dims[i + 1].startswith(p)),
-                            len(preferred)), -trailing[i]),
+                            len(preferred)), -max(1, shape[i + 1])),
     )
     for axis in split_order:
         while _nbytes(trailing, itemsize) > policy.max_bytes and trailing[axis] > 1:

@@ -1,7 +1,8 @@
 """Token axes that grow: passes of different token lengths append to one store.
 
 A dim whose :func:`.naming.token_axis_of` is not None (``token``, ``query``, ``key``, the
-decoder's, and their ``_<size>`` variants) may take a new length in every pass. The stored
+decoder's, and their ``_<size>`` variants) may take a new length in every pass, and so may an
+axis no backend named (``axis<i>``: it may follow the tokens too). The stored
 length is the longest seen: a longer pass grows every array that has the dim, together (so the
 Dataset stays valid), and a shorter one is filled past its own length, never cut. Every other
 dim keeps the one size it was created with.
@@ -23,7 +24,7 @@ import numpy as np
 from ._zarr_compat import set_shape
 from .commit import array_document
 from .errors import CaptureError
-from .naming import token_axis_of
+from .naming import growable_axis, token_axis_of
 
 #: the smallest chunk along a token axis: a first pass of a few tokens still leaves room for
 #: longer ones without a chunk per handful of positions
@@ -32,7 +33,11 @@ MIN_TOKEN_CHUNK = 16
 
 @functools.lru_cache(maxsize=1024)
 def grows(dim: str) -> bool:
-    """Whether ``dim`` is a token-like axis, whose length may differ from pass to pass."""
+    """Whether ``dim``'s length may differ from pass to pass."""
+    return growable_axis(dim)
+
+
+def is_token_axis(dim: str) -> bool:
     return token_axis_of(dim) is not None
 
 
@@ -88,7 +93,8 @@ def check_lengths(name: str, dims: tuple[str, ...], stored: tuple[int, ...],
         elif size != old:
             raise CaptureError(
                 f"{name}: its {dim} axis has {size} positions where the store holds {old}; "
-                "only token axes may change length between passes: write to a new store"
+                "only token axes (and axes no backend named) may change length between "
+                "passes: write to a new store"
             )
     return growth
 

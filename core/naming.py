@@ -103,6 +103,17 @@ def token_axis_of(dim: str) -> str | None:
     return f"{prefix}token" if name[len(prefix):] in _TOKEN_ROLES else None
 
 
+#: a dim no backend named (:func:`default_roles`), with the suffixes DimRegistry adds
+_UNNAMED = re.compile(r"axis\d+(?:_\d+){0,2}")
+
+
+def growable_axis(dim: str) -> bool:
+    """Whether ``dim`` may take a new length in every pass (see :mod:`.growth`): a token
+    axis, or an axis no backend named, whose meaning is unknown and may follow the tokens
+    (e.g. attention weights returned in a tuple)."""
+    return token_axis_of(dim) is not None or _UNNAMED.fullmatch(dim) is not None
+
+
 class DimRegistry:
     """Keeps one size per dimension name so every variable fits in one xarray Dataset.
 
@@ -134,7 +145,7 @@ class DimRegistry:
         for name in candidates:
             if name in taken:
                 continue
-            if lengths is not None and token_axis_of(name) is not None:
+            if lengths is not None and growable_axis(name):
                 fits = lengths.setdefault(name, size) == size
             else:
                 fits = self.sizes.get(name, size) == size

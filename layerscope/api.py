@@ -202,6 +202,19 @@ def sites(model: Any, backend: str | None = None) -> list[SiteInfo]:
     return _backend_for(model, backend).sites(model)
 
 
+def _stored_token_length(path: str | Path) -> int | None:
+    """The token length of a trace being appended to: shorter new texts are padded to it
+    (tensors whose axes are not named as tokens, e.g. a position bias, keep one length);
+    longer ones grow the store (core/growth.py), never cut."""
+    import warnings
+
+    if not Path(path).exists():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an unfinished store: the append says so
+        return open_trace(path).sizes.get("token")
+
+
 def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = None, *,
             tokenizer: Any = None, batch_size: int = 8, max_length: int | None = None,
             progress: bool = False, **trace_kwargs: Any) -> Any:
@@ -225,9 +238,9 @@ def capture(model: Any, inputs: Any, path: str | Path, capture: CaptureSpec = No
     backend = _backend_for(model, backend_name)
     if tokenizer is not None:
         tokenizer = tokenizer_adapter(backend)(tokenizer, model)  # e.g. keras-hub tokenizers
-    # appending (mode="a") needs no common length: the store's token axes grow for longer
-    # texts and are filled for shorter ones (core/growth.py)
-    calls = plan_calls(inputs, tokenizer, batch_size, max_length)
+    mode = trace_kwargs.get("mode") or (trace_kwargs.get("options") or StoreOptions()).mode
+    pad_to = _stored_token_length(path) if mode == "a" else None
+    calls = plan_calls(inputs, tokenizer, batch_size, max_length, pad_to)
     with trace(model, path, capture, tokenizer=tokenizer, backend=backend.name,
                **trace_kwargs) as active:
         for call in calls.progress(progress):

@@ -40,7 +40,7 @@ class TextPairs:
     The decoder reads each target as in training (what the model does itself when given
     ``labels``): the target's token ids shifted right by one behind
     ``decoder_start_token_id``, so the logits at decoder position i predict target token i.
-    Targets are padded to one length, ``decoder_pad_to`` when appending to a store."""
+    Targets are padded to one length, at least ``decoder_pad_to`` when appending to a store."""
 
     texts: Sequence[str]
     targets: Sequence[str]
@@ -74,13 +74,12 @@ def _encode(tokenizer: Any, texts: Sequence[str], target: bool, **kwargs: Any) -
 def _padded_length(tokenizer: Any, texts: Sequence[str], max_length: int | None,
                    pad_to: int | None, target: bool = False) -> int:
     """One length for every batch (so each appends to the same arrays): the longest text's
-    after truncation, or ``pad_to``."""
-    if pad_to:
-        return pad_to
+    after truncation (``max_length``), at least ``pad_to`` (the length of a store being
+    appended to: a longer text grows the store, never cut to it)."""
     limit = max_length or getattr(tokenizer, "model_max_length", None) or 512
     limit = min(int(limit), 1_000_000)
     encoded = _encode(tokenizer, texts, target, truncation=True, max_length=limit)
-    return max(len(ids) for ids in encoded["input_ids"])
+    return max(pad_to or 0, *(len(ids) for ids in encoded["input_ids"]))
 
 
 def _check(tokenizer: Any, batch_size: int) -> None:

@@ -149,3 +149,65 @@ def test_passes_of_different_lengths_share_one_store(tmp_path, family):
             np.testing.assert_array_equal(one[f"{last}@output"].values,
                                           own[last][number][row][keep])
             np.testing.assert_array_equal(one["token"].values, np.flatnonzero(keep))
+
+
+SHORT = ["a cat", "the dog ran home"]
+LONG = ["a much longer sentence that has many more tokens than any text stored before it, "
+        "so the store must grow to hold it"]
+
+
+def _tokenized_bert(tokenizer: Any) -> Any:
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, attn_implementation="eager")).eval()
+
+
+def test_dynamic_padding_with_a_tokenizer_in_one_trace(tmp_path, minilm_tokenizer):
+    """``tokenizer(..., padding=True)`` per batch: each batch padded to its own longest."""
+    model = _tokenized_bert(minilm_tokenizer)
+    path = tmp_path / "t.zarr"
+    encoded = [minilm_tokenizer(texts, padding=True, return_tensors="pt")
+               for texts in (SHORT, LONG + SHORT[:1])]
+    outputs = []
+    with layerscope.trace(model, path, kinds=["output"]), torch.no_grad():
+        for inputs in encoded:
+            outputs.append(model(**inputs).last_hidden_state.numpy().copy())
+    ds = layerscope.open_trace(path)
+    name = "encoder.layer.1.output@output"
+    stored = ds[name].values
+    row = 0
+    for inputs, output in zip(encoded, outputs, strict=True):
+        for ids, mask, own in zip(inputs["input_ids"], inputs["attention_mask"], output,
+                                  strict=True):
+            width = len(ids)
+            np.testing.assert_array_equal(stored[row, :width], own)
+            assert np.isnan(stored[row, width:]).all()
+            one = layerscope.sample(ds, row)
+            np.testing.assert_array_equal(one["token_id"].values, ids[mask.bool()].numpy())
+            np.testing.assert_array_equal(one[name].values, own[mask.bool().numpy()])
+            row += 1
+    hidden = layerscope.masked(ds)[name].values
+    assert np.isnan(hidden[~ds["token_mask"].values]).all()
+    assert not np.isnan(hidden[ds["token_mask"].values]).any()
+
+
+def test_an_append_with_a_longer_text_grows_the_store(tmp_path, minilm_tokenizer):
+    """``capture(..., mode="a")`` never cuts a text to the stored length."""
+    model = _tokenized_bert(minilm_tokenizer)
+    path = tmp_path / "t.zarr"
+    layerscope.capture(model, SHORT, path, tokenizer=minilm_tokenizer)
+    short = layerscope.open_trace(path).sizes["token"]
+    ds = layerscope.capture(model, LONG, path, tokenizer=minilm_tokenizer,
+                            mode="a")
+    own = minilm_tokenizer(LONG, return_tensors="pt")
+    assert ds.sizes["token"] == own["input_ids"].shape[1] > short
+    np.testing.assert_array_equal(ds["token_id"].values[2], own["input_ids"][0].numpy())
+    with torch.no_grad():
+        expected = model(**own).last_hidden_state[0].numpy()
+    np.testing.assert_array_equal(ds["encoder.layer.1.output@output"].values[2], expected)
+    first = minilm_tokenizer(SHORT, padding=True)["input_ids"]
+    assert (ds["token_id"].values[:2, short:] == -1).all()
+    np.testing.assert_array_equal(ds["token_id"].values[:2, :short], np.asarray(first))
+    assert ds["token_mask"].values[2].all()
+    assert ds.attrs["committed_batches"] == 2
