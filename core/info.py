@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .format import skipped_sites
+from .format import DECODER_TOKEN_MASK, TOKEN_MASK, skipped_sites
 from .naming import token_axis_of
 from .reader import open_trace
 
@@ -38,6 +38,9 @@ class TraceSummary:
     path: str
     attrs: dict[str, Any]
     variables: list[VariableSummary]
+    #: token axis (``token``, ``decoder_token``) -> (fewest, most, stored) tokens per sample,
+    #: from its mask; passes of different lengths share one store (core/growth.py)
+    lengths: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -62,7 +65,7 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def summarize(path: Any) -> TraceSummary:
-    """Describe the trace at ``path`` without reading any array data."""
+    """Describe the trace at ``path``, reading no array data but the token masks."""
     import warnings
 
     with warnings.catch_warnings():
@@ -80,7 +83,18 @@ def summarize(path: Any) -> TraceSummary:
             int(var.size * var.dtype.itemsize), stored, var.attrs.get("stack") or None,
             int(layer) if layer is not None else None, _attention_type(var.attrs, dims),
         ))
-    return TraceSummary(str(path), dict(ds.attrs), variables)
+    return TraceSummary(str(path), dict(ds.attrs), variables, _token_lengths(ds))
+
+
+def _token_lengths(ds: Any) -> dict[str, tuple[int, int, int]]:
+    lengths = {}
+    for axis, name in (("token", TOKEN_MASK), ("decoder_token", DECODER_TOKEN_MASK)):
+        if name not in ds.variables or not ds.sizes.get("batch"):
+            continue
+        mask = ds[name]
+        counts = mask.sum(str(mask.dims[-1])).values  # read chunk by chunk
+        lengths[axis] = (int(counts.min()), int(counts.max()), int(mask.shape[-1]))
+    return lengths
 
 
 def _attention_type(attrs: dict[str, Any], dims: tuple[str, ...]) -> str | None:
@@ -119,6 +133,12 @@ def format_summary(summary: TraceSummary) -> str:
         f"schema {attrs.get('schema_version')}",
         f"size       {human_bytes(summary.stored_bytes)} stored / "
         f"{human_bytes(summary.raw_bytes)} raw, {len(summary.variables)} variables",
+    ]
+    for axis, (fewest, most, stored) in summary.lengths.items():
+        label = "tokens" if axis == "token" else "dec tokens"
+        lines.append(f"{label:<10} {fewest}..{most} per sample (min..max; the {axis} axis "
+                     f"holds {stored}, filled past each sample's own)")
+    lines += [
         "",
     ]
     width = max((len(v.name) for v in summary.variables), default=8)

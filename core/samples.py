@@ -46,22 +46,35 @@ def sample(ds: Any, index: int) -> Any:
     return one.isel(cuts) if cuts else one
 
 
+def real_tokens(da: Any, ds: Any = None) -> Any:
+    """A lazy bool DataArray, True where every token axis of ``da`` is a real token of the
+    sample (from the masks of ``ds``, else of ``da``'s own coordinates); None where no mask
+    applies (a trace without masks, a variable without token axes)."""
+    import xarray as xr
+
+    if BATCH not in da.dims:
+        return None
+    source = ds if ds is not None else da.coords
+    keep = None
+    for dim in da.dims:
+        name = _MASKS.get(token_axis_of(str(dim)) or "")
+        if name is None or name not in source:
+            continue
+        mask = source[name]
+        if int(mask.sizes[mask.dims[-1]]) != int(da.sizes[dim]) \
+                or int(mask.sizes[BATCH]) != int(da.sizes[BATCH]):
+            continue
+        real = xr.DataArray(mask.data, dims=(BATCH, str(dim)))
+        keep = real if keep is None else keep & real
+    return keep
+
+
 def masked(ds: Any) -> Any:
     """``ds`` with NaN in every floating-point variable wherever one of its token axes is
     not a real token of the sample, lazily (nothing is read until values are asked for)."""
-    import xarray as xr
-
     out = ds.copy()
     for name, da in ds.data_vars.items():
-        if da.dtype.kind != "f" or BATCH not in da.dims:
-            continue
-        keep = None
-        for dim in da.dims:
-            mask = mask_name(ds, str(dim))
-            if mask is None:
-                continue
-            real = xr.DataArray(ds[mask].data, dims=(BATCH, str(dim)))
-            keep = real if keep is None else keep & real
+        keep = real_tokens(da, ds) if da.dtype.kind == "f" else None
         if keep is not None:
             out[name] = da.where(keep)
     return out

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from layerscope.core.naming import STACKS, token_axis_of
+from layerscope.core.samples import mask_name
 
-from ._common import RenderError, as_str, dim_of, escape
+from ._common import RenderError, as_str, dim_of, escape, real_length
 
 ATTENTION_TYPES = ("self", "cross")
 
@@ -36,6 +37,25 @@ def axis_labels(ds: Any, dim: str, sample: int, size: int) -> list[str]:
         if int(text.sizes[axis]) == size:
             return [str(t) for t in as_str(text.isel(batch=sample).values)]
     return [str(i) for i in range(size)]
+
+
+def token_span(ds: Any, dim: str, sample: int, labels: Sequence[str]) -> tuple[int, int]:
+    """(start, stop) of one sample's real tokens along ``dim``: from its token mask (left or
+    right padding, a pass shorter than the longest stored), else the positions before the
+    trailing padding tokens of ``labels``."""
+    name = mask_name(ds, dim)
+    if name is not None:
+        real = np.flatnonzero(np.asarray(ds[name].isel(batch=sample).values))
+        if real.size:
+            return int(real[0]), int(real[-1]) + 1
+    return 0, real_length(labels)
+
+
+def real_rows(ds: Any, dim: str, batch: slice) -> np.ndarray | None:
+    """(samples, positions) True at the real tokens along ``dim`` of a slice of samples,
+    None where the trace has no mask for it."""
+    name = mask_name(ds, dim)
+    return None if name is None else np.asarray(ds[name].isel(batch=batch).values, dtype=bool)
 
 
 def sample_texts(ds: Any, dim: str, batch: slice) -> np.ndarray | None:

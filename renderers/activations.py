@@ -20,7 +20,6 @@ from ._common import (
     kind_of,
     label_ticks,
     new_figure,
-    real_length,
     require_dims,
 )
 from ._families import (
@@ -29,7 +28,9 @@ from ._families import (
     color_range,
     describe,
     is_degenerate,
+    real_rows,
     sample_texts,
+    token_span,
     write_value,
 )
 
@@ -164,8 +165,9 @@ def neuron_heatmap(ds: Any, variable: str | None = None, sample: int = 0,
     check_sample(ds, da, sample)
     size = int(da.sizes[dims["token"]])
     labels = axis_labels(ds, dims["token"], sample, size)
-    real = real_length(labels)
-    one = da.isel({dims["batch"]: sample, dims["token"]: slice(0, real)})
+    first, stop = token_span(ds, dims["token"], sample, labels)
+    real = stop - first  # the sample's own tokens: no padding columns
+    one = da.isel({dims["batch"]: sample, dims["token"]: slice(first, stop)})
     one = one.transpose(dims["neuron"], dims["token"])
     total = int(one.sizes[dims["neuron"]])
     values = np.asarray(one.values)
@@ -183,7 +185,7 @@ def neuron_heatmap(ds: Any, variable: str | None = None, sample: int = 0,
     image = ax.imshow(shown, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
                       extent=extent, interpolation="nearest")
     write_value(ax, shown, extent)
-    label_ticks(ax, labels[:real], "x")
+    label_ticks(ax, labels[first:stop], "x")
     ax.set_yticks(range(len(neurons)), [str(n) for n in neurons], fontsize=6)
     ax.set_ylabel("neuron")
     ax.set_title(f"{escape(name)} ({describe(da)}), sample {sample}: {chosen_by}", fontsize=9)
@@ -217,6 +219,9 @@ def top_tokens(ds: Any, variable: str | None = None, layer: int | None = None,
         text = sample_texts(ds, token_dim, slice(start, stop)) if has_text else None
         if text is not None and text.shape == block.shape[:2]:
             block[np.isin(text, list(PAD_TOKENS))] = -np.inf
+        real = real_rows(ds, token_dim, slice(start, stop))
+        if real is not None and real.shape == block.shape[:2]:
+            block[~real] = -np.inf  # padding, and past a shorter pass's length
         flat = block.reshape(-1, width).T  # (neuron, rows)
         offsets = start * tokens + np.arange(flat.shape[1])
         take = min(k, flat.shape[1])

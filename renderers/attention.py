@@ -27,10 +27,17 @@ from ._common import (
     new_figure,
     pool_factor,
     pooled_values,
-    real_length,
     require_dims,
 )
-from ._families import axis_labels, choose, color_range, describe, layer_attr, write_value
+from ._families import (
+    axis_labels,
+    choose,
+    color_range,
+    describe,
+    layer_attr,
+    token_span,
+    write_value,
+)
 
 ATTENTION_ROLES = ("batch", "head", "query", "key")
 WHAT = "attention map"
@@ -111,11 +118,12 @@ class MapWindow:
         return (-0.5, len(self.key_labels) - 0.5, len(self.query_labels) - 0.5, -0.5)
 
 
-def _axis_window(labels: list[str], opts: ViewOptions, dim: str) -> tuple[int, int]:
-    stop = real_length(labels) if opts.trim_padding else len(labels)
-    start = 0
+def _axis_window(labels: list[str], opts: ViewOptions, dim: str,
+                 real: tuple[int, int]) -> tuple[int, int]:
+    """``real``: the sample's own tokens along ``dim`` (:func:`token_span`)."""
+    start, stop = real if opts.trim_padding else (0, len(labels))
     if opts.window is not None:
-        start, stop = max(0, opts.window[0]), min(stop, opts.window[1])
+        start, stop = max(start, opts.window[0]), min(stop, opts.window[1])
         if stop <= start:
             raise RenderError(
                 f"token window {opts.window} is empty on {dim}: it has {stop} positions "
@@ -135,8 +143,10 @@ def narrow_map(ds: Any, name: str, sample: int, opts: ViewOptions) -> MapWindow:
     same_axis = (token_axis_of(q_dim), da.sizes[q_dim]) == (token_axis_of(k_dim), da.sizes[k_dim])
     # a self-attention's keys are its queries: their labels are read once
     k_labels = q_labels if same_axis else axis_labels(ds, k_dim, sample, int(da.sizes[k_dim]))
-    q_start, q_stop = _axis_window(q_labels, opts, q_dim)
-    k_start, k_stop = _axis_window(k_labels, opts, k_dim)
+    q_real = token_span(ds, q_dim, sample, q_labels)
+    k_real = q_real if same_axis else token_span(ds, k_dim, sample, k_labels)
+    q_start, q_stop = _axis_window(q_labels, opts, q_dim, q_real)
+    k_start, k_stop = _axis_window(k_labels, opts, k_dim, k_real)
     da = da.isel({q_dim: slice(q_start, q_stop), k_dim: slice(k_start, k_stop)})
     return MapWindow(da, dims["head"], q_dim, k_dim, q_labels[q_start:q_stop],
                      k_labels[k_start:k_stop], q_start, k_start)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import SPECIAL_TOKENS, dim_of, new_figure, real_length, require_dims
+from ._common import SPECIAL_TOKENS, dim_of, new_figure, require_dims
 from ._families import (
     attention_type,
     axis_labels,
@@ -15,6 +15,7 @@ from ._families import (
     describe,
     layer_attr,
     stack_attr,
+    token_span,
     write_value,
 )
 from .attention import ATTENTION_ROLES, _no_attention, attention_variables
@@ -73,17 +74,18 @@ def _layer_head_stats(ds: Any, name: str, samples: slice | None) -> dict[str, np
         one = da.isel({dims["batch"]: sample})
         q_labels = axis_labels(ds, dims["query"], sample, int(one.sizes[dims["query"]]))
         k_labels = axis_labels(ds, dims["key"], sample, int(one.sizes[dims["key"]]))
-        q_real, k_real = real_length(q_labels), real_length(k_labels)
-        one = one.isel({dims["query"]: slice(0, q_real), dims["key"]: slice(0, k_real)})
+        q0, q1 = token_span(ds, dims["query"], sample, q_labels)
+        k0, k1 = token_span(ds, dims["key"], sample, k_labels)
+        one = one.isel({dims["query"]: slice(q0, q1), dims["key"]: slice(k0, k1)})
         weights = np.asarray(one.transpose(dims["head"], dims["query"], dims["key"]).values,
                              dtype=np.float64)
         safe = np.where(weights > 0, weights, 1.0)
         sums["entropy"] += -(weights * np.log(safe)).sum(axis=2).sum(axis=1)
-        gap = np.abs(np.arange(q_real)[:, None] - np.arange(k_real)[None, :])
+        gap = np.abs(np.arange(q0, q1)[:, None] - np.arange(k0, k1)[None, :])
         sums["distance"] += (weights * gap).sum(axis=2).sum(axis=1)
-        special = np.array([t in SPECIAL_TOKENS for t in k_labels[:k_real]])
+        special = np.array([t in SPECIAL_TOKENS for t in k_labels[k0:k1]], dtype=bool)
         sums["special"] += weights[:, :, special].sum(axis=2).sum(axis=1)
-        rows += q_real
+        rows += q1 - q0
     out = {key: value / max(rows, 1) for key, value in sums.items()}
     if across:
         out["distance"] = np.full(heads, np.nan)

@@ -29,9 +29,17 @@ from ._common import (
     kind_of,
     label_ticks,
     new_figure,
-    real_length,
 )
-from ._families import axis_labels, choose, color_range, sample_texts, stacks_in, write_value
+from ._families import (
+    axis_labels,
+    choose,
+    color_range,
+    real_rows,
+    sample_texts,
+    stacks_in,
+    token_span,
+    write_value,
+)
 
 STREAM_ROLES = ("batch", "token", "hidden")
 
@@ -128,14 +136,14 @@ def _sample_stack(ds: Any, stream: Stream, sample: int) -> tuple[np.ndarray, lis
     check_sample(ds, first, sample)
     size = int(first.sizes[stream.token_dim])
     labels = axis_labels(ds, stream.token_dim, sample, size)
-    real = real_length(labels)
+    start, stop = token_span(ds, stream.token_dim, sample, labels)
     steps = []
     for name in stream.names:
         da = ds[name]
-        one = da.isel({dim_of(da, "batch"): sample, stream.token_dim: slice(0, real)})
+        one = da.isel({dim_of(da, "batch"): sample, stream.token_dim: slice(start, stop)})
         steps.append(np.asarray(one.transpose(stream.token_dim, stream.hidden_dim).values,
                                 dtype=np.float64))
-    return np.stack(steps), labels[:real]
+    return np.stack(steps), labels[start:stop]
 
 
 def hidden_norms(ds: Any, sample: int = 0, stack: str | None = None) -> Any:
@@ -183,6 +191,9 @@ def fit_pca(ds: Any, stream: Stream, components: int = 2) -> tuple[np.ndarray, n
             text = sample_texts(ds, stream.token_dim, slice(start, start + step))
             if text is not None and text.size == len(rows):
                 keep &= ~np.isin(text, list(PAD_TOKENS)).reshape(-1)
+            real = real_rows(ds, stream.token_dim, slice(start, start + step))
+            if real is not None and real.size == len(rows):
+                keep &= real.reshape(-1)
             rows = rows[keep]
             total += rows.sum(axis=0)
             gram += rows.T @ rows

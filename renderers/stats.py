@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from layerscope.core.samples import real_tokens
+
 from ._common import MAX_BINS, RenderError, captures, check_range, escape, get_variable, new_figure
 
 
@@ -50,14 +52,24 @@ class Moments:
         return float(np.sqrt(self.m2 / self.count)) if self.count else float("nan")
 
 
-def chunks_of(da: Any) -> Iterator[np.ndarray]:
-    """The values of ``da`` one stored chunk at a time."""
+def chunks_of(da: Any, ds: Any = None) -> Iterator[np.ndarray]:
+    """The values of ``da`` one stored chunk at a time, only where its token axes hold real
+    tokens of the sample (:func:`layerscope.core.samples.real_tokens`): padding and the fill
+    values past a shorter pass's length are no values of the model's."""
     data = da.data
+    keep = real_tokens(da, ds)
+    real = None if keep is None else keep.broadcast_like(da).transpose(*da.dims).data
     if not hasattr(data, "blocks"):  # an in-memory array: one block
-        yield np.asarray(data)
+        values = np.asarray(data)
+        yield values if real is None else values[np.asarray(real)]
         return
+    if real is not None:
+        import dask.array
+
+        real = dask.array.asarray(real).rechunk(data.chunks)
     for index in np.ndindex(*data.numblocks):
-        yield np.asarray(data.blocks[index].compute())
+        values = np.asarray(data.blocks[index].compute())
+        yield values if real is None else values[np.asarray(real.blocks[index].compute())]
 
 
 def _numeric(ds: Any, names: Sequence[str] | None) -> list[str]:
@@ -76,7 +88,7 @@ def layer_stats(ds: Any, names: Sequence[str] | None = None) -> Any:
     names = _numeric(ds, names)
     for name in names:
         moments = Moments()
-        for block in chunks_of(ds[name]):
+        for block in chunks_of(ds[name], ds):
             moments.add(block)
         rows.append(moments)
     columns: dict[str, Any] = {
