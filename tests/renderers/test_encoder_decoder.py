@@ -195,5 +195,7 @@ def test_a_cross_attention_map_reads_only_itself_and_both_token_labels(s2s_path)
     ds = layerscope.open_trace(store)
     store.reset()
     attention_heatmap(ds, layer=0, stack="decoder", attention="cross", sample=1)
+    # the token masks tell each axis's real tokens (one row of each is read)
     assert set(store.chunk_reads()) == {"decoder.block.0.cross_attn@attention", "token_text",
-                                        "decoder_token_text"}
+                                        "decoder_token_text", "token_mask",
+                                        "decoder_token_mask"}

@@ -66,7 +66,7 @@ def test_one_head_reads_only_that_heads_chunks(small_chunks):
         chunks, (slice(sample, sample + 1), slice(head, head + 1), slice(0, real), slice(0, real))
     )
     reads = store.chunk_reads()
-    assert set(reads) == {ATTENTION, "token_text"}
+    assert set(reads) == {ATTENTION, "token_text", "token_mask"}
     assert reads[ATTENTION] == expected
     assert all(count == 1 for key, count in store.reads.items() if chunk_coords(key))
     on_disk = sum(
@@ -88,7 +88,7 @@ def test_norms_read_only_the_block_outputs_of_that_sample(minilm_trace):
     hidden_norms(ds, sample=sample)
     reads = store.chunk_reads()
     blocks = {"embeddings@output"} | {f"encoder.layer.{i}@output" for i in range(6)}
-    assert set(reads) - {"token_text"} == blocks
+    assert set(reads) - {"token_text", "token_mask"} == blocks
     for name in blocks:
         chunks = ds[name].encoding["chunks"]
         batch_chunk = sample // chunks[0]

@@ -111,7 +111,9 @@ def test_report_statistics_table(report):
     name = "encoder.layer.3@output"
     cells = dict((cells[0], cells) for _, cells in body)[name]
     row = stats.sel(variable=name)
-    assert int(cells[1]) == int(row["count"]) == ds[name].size
+    # every value at a real token (token_mask): padding is no value of the text's
+    real = int(ds["token_mask"].values.sum())
+    assert int(cells[1]) == int(row["count"]) == real * ds.sizes["hidden"]
     assert float(cells[2]) == pytest.approx(float(row["mean"]), rel=1e-3)
     # flagged rows are exactly the variables holding NaN or Inf, checked on every value
     bad = [n for n in stats["variable"].values if not np.isfinite(ds[n].values).all()]
@@ -150,6 +152,8 @@ def test_report_inline_svg(minilm_trace):
 
 
 def test_report_cli(minilm_trace, tmp_path, capsys):
+    import layerscope
+
     out = tmp_path / "report.html"
     assert main(["report", str(minilm_trace), "-o", str(out), "--layer", "1",
                  "--max-samples", "2"]) == 0
@@ -159,7 +163,9 @@ def test_report_cli(minilm_trace, tmp_path, capsys):
     assert "Summaries over the whole trace use samples 0..1 of 3" in "".join(page.text["p"])
     counts = {cells[0]: int(cells[1]) for _, cells in page.rows
               if len(cells) == 8 and cells[0] != "variable"}
-    assert counts["encoder.layer.3@output"] == 2 * 11 * 384  # the first two samples only
+    # the first two samples only, at their real tokens
+    real = int(layerscope.open_trace(minilm_trace)["token_mask"].values[:2].sum())
+    assert counts["encoder.layer.3@output"] == real * 384
     assert main(["report", str(minilm_trace), "-o", str(tmp_path / "r.png")]) == 2
     assert ".html" in capsys.readouterr().err
 
