@@ -113,6 +113,8 @@ def grow_axis(variables: Iterable[Any], dim: str, size: int) -> None:
         if dim not in var.dims[1:]:
             continue
         axis = var.dims.index(dim) - 1
+        if var.trailing[axis] == size:
+            continue
         var.trailing = (*var.trailing[:axis], size, *var.trailing[axis + 1:])
         if var.array is None:
             continue  # created later at the grown size

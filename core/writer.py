@@ -383,6 +383,13 @@ class TraceWriter:
             self.variables[name] = _Variable(name, dims, tuple(array.shape[1:]), attrs,
                                              array.with_config(ARRAY_CONFIG),
                                              array_document(array))
+        # a writer that crashed before its first commit leaves arrays nobody published,
+        # created at the token lengths of their time: one length per dim again, the longest
+        for dim in [d for d in self.dims.sizes if grows(d)]:
+            longest = max(var.trailing[var.dims.index(dim) - 1]
+                          for var in self.variables.values() if dim in var.dims[1:])
+            self.dims.sizes[dim] = longest
+            grow_axis(self.variables.values(), dim, longest)
 
     def _invalidate_uncommitted(self) -> list[Entry]:
         """Make rows past the committed length read as fill values again before anything is
