@@ -102,7 +102,11 @@ class StepCollector:
         return self._batch if self._current is not None else None
 
     def begin_pass(self, batch_size: int, token_ids: Any = None,
-                   decoder_token_ids: Any = None) -> None:
+                   decoder_token_ids: Any = None, attention_mask: Any = None,
+                   decoder_attention_mask: Any = None) -> None:
+        # the steps' attention masks are not kept: the assembled pass labels its positions
+        # with the generation's own mask (Recorder.put_token_labels)
+        del attention_mask, decoder_attention_mask
         fed = decoder_token_ids if self.encoder_decoder else token_ids
         if fed is None or np.ndim(fed) != 2:
             raise CaptureError(
