@@ -50,7 +50,6 @@ from torch import nn
 
 from layerscope.core import Recorder, Selection
 from layerscope.core.errors import CaptureError
-from layerscope.core.format import DECODER_TOKEN_ID, TOKEN_ID
 from layerscope.core.naming import variable_name
 from layerscope.core.writer import Snapshot, ToNumpy
 
@@ -240,7 +239,6 @@ def _record(recorder: Recorder, collector: StepCollector, request: GenerateReque
             "was given a cache holding part of them already, and positions computed outside "
             "the trace cannot be placed; trace generate() from an empty cache")
     axis = "decoder_token" if seq2seq else "token"
-    _check_length(recorder, labels.length, prompt_length, axis)
     try:
         if seq2seq:
             recorder.begin_pass(batch, token_ids=request.prompt_ids.numpy(),
@@ -271,18 +269,6 @@ def _record(recorder: Recorder, collector: StepCollector, request: GenerateReque
             recorder.abort_pass()
         raise
     recorder.end_pass()
-
-
-def _check_length(recorder: Recorder, length: int, prompt_length: int, axis: str) -> None:
-    """A store holds sequences of one length: say so in generation's own terms."""
-    stored = recorder.writer.variables.get(TOKEN_ID if axis == "token" else DECODER_TOKEN_ID)
-    if stored is not None and stored.trailing != (length,):
-        raise CaptureError(
-            f"this generate() call made sequences of {length} positions (a prompt of "
-            f"{prompt_length} + max_new_tokens {length - prompt_length}), but the store holds "
-            f"sequences of {stored.trailing[0]}: a store keeps one length. Use the same prompt "
-            "length (tokenizer(..., padding='max_length', max_length=N)) and max_new_tokens "
-            "for every call, or write each to a new store")
 
 
 def _put(recorder: Recorder, site: str, kind: str, first: _Put, result: Assembled) -> None:

@@ -237,19 +237,30 @@ def test_beam_search_is_refused_and_nothing_is_stored(tmp_path):
     assert "generate" not in vars(model)  # the wrapper is gone with the block
 
 
-def test_another_length_in_the_same_store_is_refused_clearly(tmp_path):
-    """A store keeps one sequence length: a second call with another max_new_tokens says so
-    in generation's terms, and the first call's batch stays stored."""
-    model = FAMILIES["llama"].build("eager")
+def test_a_longer_generation_grows_the_store(tmp_path):
+    """A second call with more new tokens appends: the token axis grows, the first call's
+    sequences are filled beyond their end (and unmasked), the second's are whole."""
+    family = FAMILIES["llama"]
+    model = family.build("eager")
     ids, mask = prompts(model.config.vocab_size)
     path = tmp_path / "lengths.zarr"
     with layerscope.trace(model, path, kinds=["output"]):
         generate(model, ids, mask, sampled=False)
-        with pytest.raises(CaptureError, match="a store keeps one length"):
-            generate(model, ids, mask, sampled=False, max_new_tokens=NEW_TOKENS + 2)
-        generate(model, ids, mask, sampled=True)  # the trace goes on after the refusal
+        longer = generate(model, ids, mask, sampled=False, max_new_tokens=NEW_TOKENS + 2)
     ds = layerscope.open_trace(path)
-    assert ds.sizes["batch"] == 2 * len(PADDING) and ds.sizes["token"] == PROMPT + NEW_TOKENS
+    rows = len(PADDING)
+    assert ds.sizes["batch"] == 2 * rows and ds.sizes["token"] == PROMPT + NEW_TOKENS + 2
+    token_mask = ds["token_mask"].values
+    assert not token_mask[:rows, PROMPT + NEW_TOKENS:].any()
+    np.testing.assert_array_equal(ds["token_id"].values[rows:], longer.numpy())
+    states = ds["model.norm@output"].values
+    assert np.isnan(states[:rows, PROMPT + NEW_TOKENS:]).all()
+    reference = reference_pass(family.build("eager"), longer, mask)
+    fed = longer.shape[1] - 1
+    real = token_mask[rows:, :fed]
+    np.testing.assert_allclose(states[rows:, :fed][real],
+                               reference.hidden_states[-1].numpy()[:, :fed][real],
+                               rtol=0, atol=ATOL)
 
 
 def test_a_generation_that_raises_stores_nothing_and_the_trace_goes_on(tmp_path):
