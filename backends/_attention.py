@@ -46,7 +46,22 @@ def is_attention_module(module: nn.Module) -> bool:
 def recompute_probabilities(query: torch.Tensor, key: torch.Tensor, attn_mask: Any = None,
                             is_causal: bool = False, scale: float | None = None,
                             enable_gqa: bool = False) -> torch.Tensor:
-    """The softmax ``scaled_dot_product_attention`` applies internally, as eager code writes it."""
+    """The softmax ``scaled_dot_product_attention`` applies internally, as eager code writes it,
+    in float32 for half-precision models and outside autocast, so the stored probabilities
+    are as exact as eager attention's (which takes its softmax in float32)."""
+    with torch.autocast(query.device.type, enabled=False):
+        return _probabilities(_float32(query), _float32(key), _float32(attn_mask), is_causal,
+                              scale, enable_gqa)
+
+
+def _float32(tensor: Any) -> Any:
+    if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
+
+
+def _probabilities(query: torch.Tensor, key: torch.Tensor, attn_mask: Any, is_causal: bool,
+                   scale: float | None, enable_gqa: bool) -> torch.Tensor:
     if scale is None:
         scale = query.size(-1) ** -0.5
     if enable_gqa and key.dim() >= 3 and key.size(-3) != query.size(-3):

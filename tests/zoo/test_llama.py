@@ -66,3 +66,30 @@ def test_llama_one_cached_step(tmp_path, batch, implementation):
         assert var.shape == (batch, 4, 1, ids.shape[1] + 1), var.shape
         np.testing.assert_allclose(var.values, reference.attentions[i].numpy(), rtol=0,
                                    atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bfloat16", "autocast"])
+def test_half_precision_maps_are_recomputed_in_float32(tmp_path, autocast):
+    """A bfloat16 model (or float32 under bfloat16 autocast) under SDPA: the recomputed maps
+    are float32 softmaxes (rows sum to 1 within float32's precision, where bfloat16 arithmetic
+    would be off by 1e-3) and equal eager attention within bfloat16's precision."""
+    ids, mask = token_inputs(3, 80)
+    eager = build("eager") if autocast else build("eager").to(torch.bfloat16)
+    model = build("sdpa") if autocast else build("sdpa").to(torch.bfloat16)
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with torch.no_grad(), context:
+        reference = eager(input_ids=ids, attention_mask=mask, output_attentions=True)
+    path = tmp_path / "half.zarr"
+    with layerscope.trace(model, path, kinds=["attention"]), torch.no_grad(), context:
+        model(input_ids=ids, attention_mask=mask)
+    ds = layerscope.open_trace(path)
+    stored = attention_variables(ds)
+    assert len(stored) == LAYERS
+    real = mask.numpy().astype(bool)[:, None, :, None]  # rows of real (not padded) queries
+    for i, (name, var) in enumerate(sorted(stored.items())):
+        values = var.values
+        assert values.dtype == np.float32, values.dtype
+        rows = np.broadcast_to(real, values.shape[:-1] + (1,))[..., 0]
+        np.testing.assert_allclose(values.sum(-1)[rows], 1.0, rtol=0, atol=1e-5, err_msg=name)
+        expected = reference.attentions[i].float().numpy()
+        np.testing.assert_allclose(values[rows], expected[rows], rtol=0, atol=2e-2, err_msg=name)
