@@ -51,6 +51,18 @@ def token_span(ds: Any, dim: str, sample: int, labels: Sequence[str]) -> tuple[i
     return 0, real_length(labels)
 
 
+def generated_from(ds: Any, dim: str, sample: int) -> int | None:
+    """The first position along ``dim`` that generation produced (its ``<axis>_step`` is
+    above 0) in one sample of a traced ``generate()``; None for a trace of forward passes."""
+    axis = token_axis_of(dim)
+    name = f"{axis}_step" if axis else None
+    if name is None or name not in ds.variables or \
+            int(ds[name].sizes[str(ds[name].dims[-1])]) != int(ds.sizes.get(dim, -1)):
+        return None
+    made = np.flatnonzero(np.asarray(ds[name].isel(batch=sample).values) > 0)
+    return int(made[0]) if made.size else None
+
+
 def real_rows(ds: Any, dim: str, batch: slice) -> np.ndarray | None:
     """(samples, positions) True at the real tokens along ``dim`` of a slice of samples,
     None where the trace has no mask for it."""

@@ -34,6 +34,7 @@ from ._families import (
     choose,
     color_range,
     describe,
+    generated_from,
     layer_attr,
     token_span,
     write_value,
@@ -185,12 +186,29 @@ def attention_heatmap(ds: Any, layer: int | None = None, head: int = 0, sample: 
     ax.set_xlabel(axis_title("key", window.key))
     ax.set_ylabel(axis_title("query", window.query))
     notes = [window.span()]
+    if _mark_generated(ax, ds, window, sample):
+        notes.append("generated after the dashed line")
     if q_factor > 1 or k_factor > 1:
         notes.append(f"max-pooled {q_factor}x{k_factor}")
     ax.set_title(f"{escape(name)}\n{describe(ds[name])}, head {head}, sample {sample} "
                  f"({', '.join(notes)})", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8, label="attention")
     return fig
+
+
+def _mark_generated(ax: Any, ds: Any, window: MapWindow, sample: int) -> bool:
+    """A dashed line before the first generated position on each axis that has one in view
+    (a traced ``generate()``): prompt above and left of it, generated text after."""
+    marked = False
+    for dim, start, count, line in ((window.query, window.query_start,
+                                     len(window.query_labels), ax.axhline),
+                                    (window.key, window.key_start, len(window.key_labels),
+                                     ax.axvline)):
+        first = generated_from(ds, dim, sample)
+        if first is not None and start < first < start + count:
+            line(first - start - 0.5, color="white", linestyle="--", linewidth=1.0)
+            marked = True
+    return marked
 
 
 def attention_grid(ds: Any, sample: int = 0, options: ViewOptions | None = None,

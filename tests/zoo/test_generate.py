@@ -304,3 +304,30 @@ def test_a_cache_filled_before_the_trace_is_refused(tmp_path):
         with pytest.raises(CaptureError, match="from an empty cache"):
             generate(model, ids, mask, sampled=False, cache=cache)
     assert layerscope.open_trace(path).attrs["committed_samples"] == 0
+
+
+def test_the_heatmap_marks_where_generation_starts(tmp_path):
+    """The attention heatmap of a traced generate() draws the sample over its own tokens and a
+    dashed line on each axis before the first generated position."""
+    from layerscope.renderers.attention import attention_heatmap
+
+    model = FAMILIES["llama"].build("eager")
+    ids, mask = prompts(model.config.vocab_size)
+    path = tmp_path / "marked.zarr"
+    with layerscope.trace(model, path, kinds=["attention"]):
+        generate(model, ids, mask, sampled=False)
+    ds = layerscope.open_trace(path)
+    sample = 1  # left-padded by PADDING[1]: its own tokens start there
+    fig = attention_heatmap(ds, layer=0, sample=sample)
+    ax = fig.axes[0]
+    first = PROMPT - PADDING[sample]  # generated positions, counted from the sample's start
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert sorted(line.get_xydata()[0].tolist()[0] for line in dashed
+                  if line.get_xydata()[0][0] == line.get_xydata()[1][0]) == [first - 0.5]
+    assert sorted(line.get_xydata()[0].tolist()[1] for line in dashed
+                  if line.get_xydata()[0][1] == line.get_xydata()[1][1]) == [first - 0.5]
+    assert "generated after the dashed line" in ax.get_title()
+    image = ax.get_images()[0]
+    # the sample's own positions: its prompt and every generated token (the last one, never
+    # fed back, is a row of fill)
+    assert image.get_array().shape == (PROMPT + NEW_TOKENS - PADDING[sample],) * 2
