@@ -226,14 +226,45 @@ def test_inputs_and_bfloat16(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds["root@input"].values, np.asarray(x, np.float32))
 
 
-def test_jit_error_in_callback_surfaces(tmp_path: Path) -> None:
-    """A pass the writer refuses (token length changed) is reported when the block ends."""
+def test_jit_error_in_callback_surfaces(tmp_path: Path, monkeypatch: Any) -> None:
+    """A pass the writer refuses inside a jitted computation's host callback is reported when
+    the block ends."""
+    from layerscope.core import CaptureError
+    from layerscope.core.writer import TraceWriter
+
+    original, seen = TraceWriter.put, []
+
+    def refusing_the_second_pass(self: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        if name == "layers.0@output":
+            seen.append(name)
+            if len(seen) == 2:
+                raise CaptureError("the writer refused this pass")
+        original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(TraceWriter, "put", refusing_the_second_pass)
     model = Stack(depth=1)
     step = nnx.jit(lambda m, ids: m(ids))
-    with pytest.raises(layerscope.LayerscopeError, match="per sample differs"):
+    with pytest.raises(layerscope.LayerscopeError, match="the writer refused this pass"):
         with layerscope.trace(model, tmp_path / "err.zarr", capture=["layers.0"]):
-            step(model, token_batch(0, length=5))
-            step(model, token_batch(0, length=6))
+            step(model, token_batch(0))
+            step(model, token_batch(1))
+    assert len(seen) == 2
+
+
+def test_jit_passes_of_different_lengths_grow_the_store(tmp_path: Path) -> None:
+    model = Stack(depth=1)
+    step = nnx.jit(lambda m, ids: m(ids))
+    path = tmp_path / "grow.zarr"
+    with layerscope.trace(model, path, capture=["layers.0"]):
+        step(model, token_batch(0, length=5))
+        step(model, token_batch(1, length=6))
+    ds = layerscope.open_trace(path)
+    assert ds.sizes["token"] == 6 and ds.sizes["batch"] == 6
+    values = ds["layers.0@output"].values
+    assert np.isnan(values[:3, 5:]).all()
+    np.testing.assert_array_equal(ds["token_mask"].values[:3, 5], False)
+    np.testing.assert_array_equal(values[3:], np.asarray(model.layers[0](
+        model.embed(token_batch(1, length=6)))))
 
 
 def test_restored_after_keyboard_interrupt_under_jit(tmp_path: Path) -> None:

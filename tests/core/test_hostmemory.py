@@ -162,7 +162,9 @@ def test_later_batches_reuse_the_first_batches_buffers(tmp_path, monkeypatch):
                                 snapshot=snapshot)
         recorder.end_pass()
     recorder.close()
-    assert len(made) == 3, f"{len(made)} buffers for 12 batches of 3 tensors"
+    # at most one batch's worth (fewer where the writer gave a buffer back before the first
+    # batch's last snapshot): nothing later asks for more
+    assert len(made) <= 3, f"{len(made)} buffers for 12 batches of 3 tensors"
     ds = layerscope.open_trace(tmp_path / "t.zarr")
     np.testing.assert_array_equal(ds["b@output"].values, np.concatenate(written[1::3]))
 
