@@ -144,6 +144,19 @@ def set_bytes(store: Any, key: str, data: bytes) -> None:
         _run_on_own_loop(store.set(key, value))
 
 
+def set_many(store: Any, items: dict[str, bytes]) -> None:
+    """Write every ``key: data`` of ``items`` to ``store`` concurrently (one event-loop run)."""
+    from zarr.buffer import default_buffer_prototype
+
+    buffer = default_buffer_prototype().buffer
+
+    async def write_all() -> None:
+        await asyncio.gather(*(store.set(key, buffer.from_bytes(data))
+                               for key, data in items.items()))
+
+    _run(write_all())
+
+
 def set_bytes_if_not_exists(store: Any, key: str, data: bytes) -> None:
     """Write ``data`` as ``key`` of ``store`` unless the key exists (a conditional create)."""
     from zarr.buffer import default_buffer_prototype
@@ -198,6 +211,25 @@ def _run_on_own_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
     if error:
         raise error[0]
     return result[0]
+
+
+def array_from_document(store: Any, name: str, document: dict[str, Any]) -> Any:
+    """A read-only ``zarr.Array`` of ``store``'s array ``name`` described by ``document``
+    (its consolidated metadata, shape cut to the committed rows), without parsing the
+    metadata of every other array; else opened from its own ``zarr.json`` and cut there."""
+    import zarr
+
+    if PRIVATE_API:
+        try:
+            from zarr.core.array import AsyncArray
+            from zarr.storage import StorePath
+
+            return zarr.Array(AsyncArray(document, StorePath(store, name)))
+        except (ImportError, TypeError, ValueError):
+            pass
+    array = zarr.open_array(store, path=name, mode="r")
+    return array[: int(document["shape"][0])] if array.shape[0] > document["shape"][0] \
+        else array
 
 
 def grow_rows(array: Any, rows: int) -> None:

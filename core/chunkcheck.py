@@ -17,6 +17,7 @@ commits (:func:`past_committed`); it is accepted when its own crc32c holds.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -75,15 +76,20 @@ def layout_of(name: str, doc: dict[str, Any], open_ended: bool = True) -> ArrayL
     inner = codecs[:-1] if checksum else codecs
     body = {("bytes",): "raw", ("bytes", "blosc"): "blosc"}.get(tuple(inner), "other")
     chunks = tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
-    try:
-        itemsize = np.dtype(doc["data_type"]).itemsize if isinstance(doc["data_type"], str) else 0
-    except TypeError:
-        itemsize = 0
+    itemsize = _itemsize(doc["data_type"]) if isinstance(doc["data_type"], str) else 0
     decoded = math.prod(chunks) * itemsize if itemsize else None
     separator = doc["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
     names = doc.get("dimension_names") or []
     return ArrayLayout(name, tuple(doc["shape"]), chunks, str(separator), checksum, body,
                        decoded, bool(names) and names[0] == "batch", open_ended)
+
+
+@functools.lru_cache(maxsize=64)
+def _itemsize(data_type: str) -> int:
+    try:
+        return np.dtype(data_type).itemsize
+    except TypeError:
+        return 0
 
 
 def index_rows(manifest: Manifest, layouts: dict[str, ArrayLayout], where: str) -> None:

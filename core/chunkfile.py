@@ -9,13 +9,17 @@ Filesystems without ``O_DIRECT`` (tmpfs, some network mounts) get ordinary write
 
 Chunks reach disk only for rows not yet committed, so a half-written file is never one a reader
 trusts: no temporary file and rename are needed (zarr's own store does that for every chunk).
+The one exception, a gathered chunk that holds committed rows already (core/gather.py), is
+written by :meth:`ChunkFiles.replace`: a new file renamed over the old.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +71,20 @@ class ChunkFiles:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def replace(self, key: str, body: np.ndarray, trailer: bytes) -> None:
+        """Write the file ``root/key`` in one step: a new file (mode 0666 less the umask),
+        renamed over the old one once written, so a crash leaves the old file or the new."""
+        path = os.path.join(self.root, key)
+        parent, name = os.path.split(path)
+        temporary = os.path.join(parent, f".{name}.{uuid.uuid4().hex}")
+        self.write(os.path.relpath(temporary, self.root), body, trailer)
+        try:
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
     def _refuse_links(self, folder: str) -> None:
         """Refuse a folder that is, or lies below, a symbolic link inside the store."""

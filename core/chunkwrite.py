@@ -75,10 +75,13 @@ class ChunkWriter:
         return all(size % chunk == 0 or size == end for size, chunk, end in
                    zip(data.shape[1:], chunks[1:], extent, strict=True))
 
-    def write(self, start: int, data: np.ndarray, entries: list[Entry] | None = None) -> None:
+    def write(self, start: int, data: np.ndarray, entries: list[Entry] | None = None,
+              replace: bool = False) -> None:
         """Write ``data`` at row ``start``; only where :meth:`covers` said yes. ``entries``
         gets each file's key, size and crc32c for the manifest (see :mod:`.manifest`: the
-        chunk's own checksum where it has one, i.e. the crc32c of the body)."""
+        chunk's own checksum where it has one, i.e. the crc32c of the body). ``replace``:
+        the chunks may hold committed rows already, so each file is replaced in one step (a
+        new file renamed over it), never rewritten in place."""
         encoder = self.encoder
         if encoder is None or not self.enabled:
             raise WriterError(f"{self.array.path}: chunks cannot be written past zarr here; "
@@ -95,7 +98,7 @@ class ChunkWriter:
             crc = _crc32c(body) if encoder.checksum or entries is not None else 0
             trailer = crc.to_bytes(4, "little") if encoder.checksum else b""
             key = self.prefix + encoder.chunk_key((first + index[0], *index[1:]))
-            self._store(key, body, trailer)
+            self._store(key, body, trailer, replace)
             if entries is not None:  # with a trailer or without, the body's crc32c
                 entries.append((key, body.nbytes + len(trailer), crc))
 
@@ -123,9 +126,12 @@ class ChunkWriter:
             return None
         return key, len(data), recorded_crc(data, self.checksum)
 
-    def _store(self, key: str, body: np.ndarray, trailer: bytes) -> None:
+    def _store(self, key: str, body: np.ndarray, trailer: bytes, replace: bool) -> None:
         if self.files is not None:
-            self.files.write(key, body, trailer)
+            if replace:
+                self.files.replace(key, body, trailer)
+            else:
+                self.files.write(key, body, trailer)
             return
         assert self.setter is not None  # enabled
         self.setter(key, np.concatenate([body, np.frombuffer(trailer, dtype=np.uint8)]))

@@ -44,6 +44,20 @@ def root_document(attrs: dict[str, Any], arrays: dict[str, dict[str, Any]], rows
     return json.dumps(doc, allow_nan=False).encode()  # no indent: keeps json's C encoder
 
 
+def published_shapes(group: Any) -> dict[str, tuple[int, ...]]:
+    """Each array's shape past ``batch`` as the root document's consolidated metadata
+    publishes it (an array's own zarr.json is written at a writer's close only)."""
+    from ._zarr_compat import get_bytes
+
+    try:
+        raw = get_bytes(group.store, f"{group.path}/zarr.json" if group.path else "zarr.json")
+        metadata = json.loads(raw or b"{}").get("consolidated_metadata") or {}
+        return {name: tuple(int(n) for n in doc["shape"][1:])
+                for name, doc in (metadata.get("metadata") or {}).items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
 def write_root(root: str | os.PathLike[str], document: bytes, durable: bool = False) -> None:
     """Replace a local store's root ``zarr.json`` by ``document`` in one atomic step."""
     write_local_file(Path(root) / "zarr.json", document, durable)
@@ -70,3 +84,34 @@ def publish(group: Any, attrs: dict[str, Any], arrays: dict[str, dict[str, Any]]
         return
     key = f"{group.path}/zarr.json" if group.path else "zarr.json"
     set_bytes(group.store, key, document)
+
+
+#: threads writing arrays' own documents at a close (the work is mostly system calls)
+DOCUMENT_WRITERS = 4
+
+
+def save_array_documents(group: Any, documents: dict[str, dict[str, Any]],
+                         durable: bool = False) -> None:
+    """Write each array's own ``zarr.json`` (``documents``: name -> its metadata, shape as it
+    is to be read), each in one step: on a local disk a file renamed into place, several at
+    a time; elsewhere one ``store.set`` each, all at once."""
+    root = getattr(group.store, "root", None)
+    prefix = f"{group.path}/" if group.path else ""
+    encoded = {f"{prefix}{name}/zarr.json": json.dumps(doc, allow_nan=False).encode()
+               for name, doc in documents.items()}
+    if isinstance(root, (str, os.PathLike)):
+        if durable:  # each file, then its folder, flushed in turn: slow, and asked for
+            for key, data in encoded.items():
+                write_local_file(Path(root) / key, data, durable=True)
+                fsync_dir(os.path.dirname(os.path.join(root, key)))
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(DOCUMENT_WRITERS, thread_name_prefix="layerscope-close") as pool:
+            for _ in pool.map(lambda item: write_local_file(Path(root) / item[0], item[1]),
+                              encoded.items()):
+                pass
+        return
+    from ._zarr_compat import set_many
+
+    set_many(group.store, encoded)

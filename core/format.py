@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .chunking import ChunkPolicy
+from .gather import GatherPolicy
 
 SCHEMA_VERSION = 1
 STATUS_WRITING = "writing"
@@ -111,6 +112,9 @@ class StoreOptions:
     #: commits survive a power loss: chunk files, manifests and folders are flushed to the
     #: disk (fsync) before the root document that commits them, and that document after
     durable: bool = False
+    #: small variables of a model traced at many sites: chunks of several batches, committed
+    #: in groups (core/gather.py; docs/guarantees.md says what a crash can lose then)
+    gathering: GatherPolicy = GatherPolicy()
 
 
 def new_group_attrs(

@@ -121,3 +121,13 @@ def grow_axis(variables: Iterable[Any], dim: str, size: int) -> None:
         with var.lock:
             set_shape(var.array, (int(var.array.shape[0]), *var.trailing))
             var.document = array_document(var.array)
+
+
+def cut_document(document: dict[str, Any], lengths: dict[str, int]) -> dict[str, Any]:
+    """An array's document with its token axes at their committed lengths."""
+    dims = list(document.get("dimension_names") or [])
+    shape = list(document["shape"])
+    if len(dims) != len(shape):
+        return document
+    cut = committed_shape(shape, dims, lengths)
+    return document if cut == shape else {**document, "shape": cut}

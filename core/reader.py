@@ -115,10 +115,13 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
         raise
     except Exception as exc:  # zarr and xarray raise many types for metadata they refuse
         raise damaged(where, f"zarr cannot open it ({type(exc).__name__}: {exc})") from exc
-    if BATCH in ds.dims:
-        ds = ds.isel({BATCH: slice(0, int(attrs.get("committed_samples", 0)))})
-    ordered = sorted(ds.data_vars, key=lambda name: _order(ds[name].attrs))
-    ds = ds[ordered]
+    rows = int(attrs.get("committed_samples", 0))
+    if BATCH in ds.dims and ds.sizes[BATCH] != rows:  # every commit cuts them: a no-op then
+        ds = ds.isel({BATCH: slice(0, rows)})
+    # the variables' own attrs: ds[name] would build a DataArray (with its coordinates) each
+    ordered = sorted(ds.data_vars, key=lambda name: _order(ds.variables[name].attrs))
+    if ordered != list(ds.data_vars):
+        ds = ds[ordered]
     labels = [name for name in LABELS if name in ds.variables]
     ds = ds.set_coords(labels)
     for dim in ds.dims:

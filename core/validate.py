@@ -206,13 +206,11 @@ async def _check_claims(store: Any, root: RootDocument, where: str) -> None:
             raise damaged(where, f"{rows} committed samples are claimed, but the chunk files of "
                           f"the last rows are absent ({keys[0]} and others)")
     names = sorted(root.layouts)
-    own = await asyncio.gather(*(store.exists(f"{name}/zarr.json") for name in names))
-    for name, exists in zip(names, own, strict=True):
+    for name in await _arrays_without_files(store, names):
         # an array's own zarr.json may be lost (the root holds its metadata), but not the
         # whole array: a name the store does not hold is a damaged root document
-        if not exists and not await _holds_any(store, f"{name}/"):
-            raise damaged(where, f"the root zarr.json names an array {name!r} of which the "
-                          "store holds no file")
+        raise damaged(where, f"the root zarr.json names an array {name!r} of which the "
+                      "store holds no file")
     for layout in root.layouts.values():
         trailing = math.prod(layout.grid[1:]) if layout.batch_axis else math.prod(layout.grid)
         if trailing <= LISTING_THRESHOLD:
@@ -221,6 +219,34 @@ async def _check_claims(store: Any, root: RootDocument, where: str) -> None:
         if present < trailing:
             raise damaged(where, f"array {layout.name} claims shape {list(layout.shape)}, "
                           f"{trailing} chunks per row-chunk, but holds {present} chunk files")
+
+
+async def _arrays_without_files(store: Any, names: list[str]) -> list[str]:
+    """The arrays among ``names`` of which ``store`` holds no file. A local store is read
+    with one listing of its folder (thousands of arrays: one ``exists`` each would cost more
+    than opening the trace)."""
+    root = getattr(store, "root", None)
+    if isinstance(root, (str, os.PathLike)):
+        try:
+            with os.scandir(root) as entries:
+                folders = {entry.name for entry in entries if entry.is_dir(follow_symlinks=False)}
+        except OSError:
+            folders = set()
+        return [name for name in names
+                if name not in folders or not _folder_holds_any(os.path.join(root, name))]
+    own = await asyncio.gather(*(store.exists(f"{name}/zarr.json") for name in names))
+    return [name for name, exists in zip(names, own, strict=True)
+            if not exists and not await _holds_any(store, f"{name}/")]
+
+
+def _folder_holds_any(folder: str) -> bool:
+    if os.path.exists(os.path.join(folder, "zarr.json")):
+        return True
+    try:
+        with os.scandir(folder) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
 
 
 async def _holds_any(store: Any, prefix: str) -> bool:

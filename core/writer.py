@@ -7,30 +7,31 @@ the number of batches. A batch is committed (``committed_batches`` / ``committed
 the group attributes, together with consolidated metadata) only after every chunk of it and
 of all earlier batches is on disk; a reader never trusts rows past that. Token axes may take
 a new length in every pass (:mod:`.growth`): longer passes grow them, shorter ones are filled.
+Small variables of a model traced at many sites are gathered into chunks of several batches,
+written whole and committed in groups (:mod:`.gather`).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import math
 import queue
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ._zarr_compat import get_bytes, grow_rows, save_rows, set_shape
+from ._zarr_compat import grow_rows
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
-from .commit import array_document, publish
+from .commit import array_document, publish, save_array_documents
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
+from .gather import Chunk, FlushGroup, Gatherer, VarGather
 from .growth import (
     check_lengths,
-    committed_shape,
+    cut_document,
     fill_value_for,
     grow_axis,
     grows,
@@ -40,6 +41,7 @@ from .hostpool import HostPool
 from .lock import adopt_lock
 from .manifest import MANIFEST_DIR, write_manifest
 from .naming import DimRegistry, plain_role
+from .reopen import invalidate_uncommitted, load_variables
 
 ToNumpy = Callable[[Any], np.ndarray]
 #: (host shape, numpy dtype) -> an empty array in memory the writer owns and reuses
@@ -71,6 +73,8 @@ class _Variable:
     document: dict[str, Any] | None = None  # its consolidated metadata, made once
     chunk_writer: ChunkWriter | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    gather: VarGather | None = None  # its chunks span several batches (see .gather)
+    settled: bool = False  # whether this writer decided if it is gathered
 
 
 @dataclass
@@ -100,6 +104,11 @@ class _Task:
     #: the variable's stored shape per sample when this was put: what its batch fills
     #: (token axes grown by later passes are theirs: they commit with them)
     shape: tuple[int, ...] = ()
+    #: a gathered variable's rows: the chunk pieces they fill in memory (see .gather)
+    parts: list[tuple[Chunk, int, int]] | None = None
+    #: a gathered chunk written whole, at row ``chunk.start``, for its flush group
+    chunk: Chunk | None = None
+    group: FlushGroup | None = None
 
 
 class TraceWriter:
@@ -120,7 +129,6 @@ class TraceWriter:
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.options = options
         self.dims = DimRegistry()
-        self.variables: dict[str, _Variable] = {}
         self._rows = committed_samples
         self._batches = committed_batches
         self._committed = committed_batches
@@ -147,10 +155,16 @@ class TraceWriter:
         self._files = local_chunk_files(group.store, options.direct_io, options.durable)
         self._unpublished: list[_Batch] = []  # committed, manifest not yet written
         self._synced: set[str] = set()  # folders with new files, flushed at a durable commit
-        self._load_existing()
+        self._gather = Gatherer(options.gathering, committed_samples)
+        #: the first batch's small tensors, waiting for the decision to gather (see .gather)
+        self._stash: list[_Task] = []
+        self._stash_bytes = 0
+        self.variables: dict[str, _Variable] = load_variables(group, self.dims, _Variable,
+                                                              ARRAY_CONFIG)
         #: token axes' lengths as of the last batch committed / published (see .growth)
         self._committed_lengths = self._published_lengths = self._token_lengths()
-        self._invalidated = self._invalidate_uncommitted()
+        self._invalidated = invalidate_uncommitted(self.variables, self._files,
+                                                   committed_samples, options.durable)
         self.attrs["status"] = STATUS_WRITING
         try:
             self._write_root()
@@ -194,7 +208,8 @@ class TraceWriter:
         """Queue ``data`` (batch axis first) as rows of the current batch of variable ``name``.
 
         With ``snapshot``, ``data`` is copied now, before the model can change it in place,
-        preferably into reused memory of the writer's (see :class:`HostPool`).
+        preferably into reused memory of the writer's (see :class:`HostPool`), or straight
+        into the chunk of a gathered variable (see :mod:`.gather`).
         """
         self.raise_if_failed()
         batch = self._current
@@ -207,12 +222,23 @@ class TraceWriter:
                 "backends must move the batch axis first"
             )
         var = self._variable(name, roles, shape, attrs)
+        if not var.settled:
+            self._settle(var, batch, data)
+        if var.gather is not None:
+            self._put_gathered(batch, var, data, to_numpy, snapshot)
+            return
+        if not self._gather.decided and var.array is None and self._is_small(data, _nbytes(data)):
+            self._stash_task(batch, var, data, to_numpy, snapshot)
+            return
         task = self._hold(batch, var, data, to_numpy, snapshot)
         task.shape = var.trailing
         if self._sizing_budget:
             batch.nbytes += task.nbytes
+        self._queue_task(task)
+
+    def _queue_task(self, task: _Task) -> None:
         with self._state_lock:
-            batch.pending += 1
+            task.batch.pending += 1
         self._queue.put(task)
 
     def _hold(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
@@ -228,7 +254,7 @@ class TraceWriter:
             if taken:
                 raise CaptureError("a snapshot takes one buffer")
             dtype = np.dtype(dtype)
-            buffer = self._pool.take(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+            buffer = self._pool.take(math.prod(shape) * dtype.itemsize)
             taken.append(buffer)
             return buffer.view(dtype).reshape(shape)
 
@@ -244,18 +270,188 @@ class TraceWriter:
         self._pool.acquire(nbytes)
         return _Task(batch, var, held, to_numpy, nbytes)
 
+    # -- gathered variables (see .gather) ----------------------------------------------------
+
+    def _is_small(self, data: Any, nbytes: int) -> bool:
+        kind = getattr(getattr(data, "dtype", None), "kind", "f")
+        return self.options.gathering.enabled and nbytes <= self.options.gathering.below \
+            and kind not in "UTOSV"
+
+    def _settle(self, var: _Variable, batch: _Batch, data: Any) -> None:
+        """Decide once per writer whether ``var`` is gathered: a new small variable once the
+        first batch chose to gather, an existing one whose chunks hold two batches or more."""
+        var.settled = True
+        if var.array is not None:
+            rows = int(var.array.metadata.chunk_grid.chunk_shape[0])
+            if rows >= 2 * batch.size and self._is_small(var.array, _nbytes(data)):
+                var.gather = VarGather(rows)
+                var.gather.accepts(var.array.dtype)
+                self._preload(var)
+        elif self._gather.decided and self._gather.group_batches > 1 \
+                and self._is_small(data, _nbytes(data)):
+            var.gather = VarGather(self._gather.group_batches * batch.size)
+
+    def _preload(self, var: _Variable) -> None:
+        """The committed rows of the chunk this writer's first rows fall into, read back:
+        the chunk is written whole again, in one step (it holds committed rows)."""
+        assert var.gather is not None
+        start = self._committed_samples // var.gather.rows * var.gather.rows
+        if start == self._committed_samples:
+            return
+        if var.array.shape[0] < self._committed_samples:
+            grow_rows(var.array, self._committed_samples)
+        kept = np.asarray(var.array[start:self._committed_samples])
+        (chunk, lo, hi), = self._gather.pieces(var, start, self._committed_samples)
+        chunk.existing = True
+        self._gather.place(var, start, kept)
+        chunk.written.append((lo, hi))
+
+    def _put_gathered(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
+                      snapshot: Snapshot | None) -> None:
+        """Copy ``data`` into ``var``'s chunk in memory now where it can be; a device copy
+        (or other data a writer thread must wait for) is placed there by a writer thread."""
+        gather, start, stop = self._gather, batch.start, batch.start + batch.size
+        if snapshot is not None:
+            direct: list[np.ndarray] = []
+            taken: list[np.ndarray] = []
+
+            def alloc(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+                if direct or taken:
+                    raise CaptureError("a snapshot takes one buffer")
+                dtype = np.dtype(dtype)
+                if self._stored_dtype(dtype) == dtype:
+                    view = gather.view(var, start, stop, tuple(shape), dtype)
+                    if view is not None:
+                        direct.append(view)
+                        return view
+                buffer = self._pool.take(math.prod(shape) * dtype.itemsize)
+                taken.append(buffer)
+                return buffer.view(dtype).reshape(shape)
+
+            try:
+                data = snapshot(data, alloc)
+            except BaseException:
+                for buffer in taken:
+                    self._pool.give(buffer)
+                for view in direct:  # claimed, never copied: reads as the fill value
+                    view[...] = var.gather.fill if var.gather else 0
+                raise
+            if direct:
+                return
+            try:
+                if taken and self._place_now(var, start, stop, data):
+                    return
+            finally:
+                for buffer in taken:
+                    self._pool.give(buffer)
+            if taken:
+                data = np.array(data)  # placed by a writer thread, which raises the error
+        elif isinstance(data, np.ndarray) and self._place_now(var, start, stop, data):
+            return
+        nbytes = _nbytes(data)
+        self._pool.acquire(nbytes)
+        task = _Task(batch, var, data, to_numpy, nbytes)
+        task.shape = var.trailing
+        task.parts = gather.claim(var, start, stop, deferred=True)
+        self._queue_task(task)
+
+    def _place_now(self, var: _Variable, start: int, stop: int, data: np.ndarray) -> bool:
+        """Copy host ``data`` into the chunk memory now; False where its dtype is not the
+        stored one (a writer thread then reports it)."""
+        assert var.gather is not None
+        host = self._stored(data)
+        if not var.gather.accepts(host.dtype):
+            return False
+        self._gather.claim(var, start, stop, deferred=False)
+        self._gather.place(var, start, host)
+        return True
+
+    def _stash_task(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
+                    snapshot: Snapshot | None) -> None:
+        """Hold a small tensor of this writer's first batch until the batch ends and decides
+        whether small variables are gathered. Held in memory of its own, outside the host
+        budget (the batch's other tensors must not wait for it), at most a quarter of the
+        gathering memory: past that, gathering would not pay and is decided against now."""
+        if snapshot is not None:
+            data = snapshot(data, lambda shape, dtype: np.empty(shape, dtype))
+        task = _Task(batch, var, data, to_numpy, 0)
+        task.shape = var.trailing
+        self._stash.append(task)
+        self._stash_bytes += _nbytes(data)
+        if self._stash_bytes > self.options.gathering.memory // 4:
+            self._decide(batch)
+
+    def _decide(self, batch: _Batch) -> None:
+        """At the end of this writer's first batch: gather its small variables, or write
+        them as every other variable (too few of them, or too little memory to gain)."""
+        stash, self._stash = self._stash, []
+        small, self._stash_bytes = self._stash_bytes, 0
+        batches = self.options.gathering.group_batches(small, len(stash))
+        self._gather.decided, self._gather.group_batches = True, batches
+        for task in stash:
+            task.var.settled = True
+            if batches < 2:
+                self._queue_task(task)
+                continue
+            var = task.var
+            var.gather = VarGather(batches * batch.size)
+            host = self._to_host(task)
+            task.data = None
+            if not self._place_now(var, batch.start, batch.start + batch.size, host):
+                raise SchemaError(f"{var.name}: dtype {host.dtype} cannot be stored")
+
+    def _close_chunks(self, upto: int | None) -> bool:
+        """Close the gathered chunks that end by row ``upto`` (None: all, at the close) and
+        queue their flushes; then wait while an earlier group is still being written, so that
+        at most two groups of chunks are in memory. True when rows became durable at once
+        (nothing to write for them): they may be committed now."""
+        gather = self._gather
+        durable = gather.durable
+        group, closed = gather.close_through(upto, self._rows)
+        if group is not None and closed:
+            with self._state_lock:
+                # the manifest of the last batch this group commits lists the chunks; that
+                # of the batch across the group's end where none ends before it
+                candidates = [b for b in self._open.values()
+                              if b.ended and b.start + b.size <= group.rows] \
+                    or list(self._open.values())
+                manifest = max(candidates, key=lambda b: b.number) if candidates else None
+                if manifest is not None:
+                    manifest.pending += len(closed)
+            if manifest is None:  # no batch is open: nothing of this writer's is in them
+                for _, chunk in closed:
+                    gather.recycle(chunk)
+                    gather.finished(group, True)
+            else:
+                for var, chunk in gather.seal(closed, group, manifest):
+                    self._queue_flush(var, chunk)
+        gather.wait(lambda: gather.in_flight_locked() <= (1 if upto is not None else 0)
+                    or self._error is not None)
+        return not closed and gather.durable > durable
+
+    def _queue_flush(self, var: _Variable, chunk: Chunk) -> None:
+        assert chunk.flush is not None
+        group, batch = chunk.flush
+        task = _Task(batch, var, None, _as_numpy, 0)
+        task.chunk, task.group = chunk, group
+        self._queue.put(task)
+
     def end_batch(self) -> None:
         batch = self._current
         if batch is None:
             return
-        self._current = None
         batch.lengths = self._token_lengths()
+        if self._stash or not self._gather.decided:
+            self._decide(batch)
         if self._sizing_budget:
             self._sizing_budget = False
             self._pool.limit = min(max(batch.nbytes, AUTO_BUDGET_MIN), AUTO_BUDGET_MAX)
         with self._state_lock:
             batch.ended = True
             ready = batch.pending == 0
+        self._current = None
+        if self._gather.holding and self._close_chunks(self._rows):
+            ready = True
         if ready:
             self._commit_ready()
         self.raise_if_failed()
@@ -273,6 +469,8 @@ class TraceWriter:
             # counting a task that will never run
             self._drained.wait_for(lambda: batch.writing == 0)
             self._open.pop(batch.number, None)
+        self._stash, self._stash_bytes = [], 0
+        self._gather.unclaim(batch.start)
         self._batches -= 1
         self._rows = batch.start
 
@@ -291,17 +489,23 @@ class TraceWriter:
     def close(self) -> None:
         """Wait for every queued write, commit, and stop the workers."""
         try:
-            batch, self._current = self._current, None
+            batch = self._current
             if batch is not None:
                 batch.lengths = self._token_lengths()
+                if self._stash:
+                    self._decide(batch)
                 with self._state_lock:
                     batch.ended = True
+                self._current = None
+            if self._gather.holding:
+                self._close_chunks(None)  # the last chunks, written with the rows they have
         finally:
             for _ in self._workers:
                 self._queue.put(_STOP)
             for worker in self._workers:
                 worker.join()
         self._pool.clear()
+        self._gather.drop_all()
         self._commit_ready(final=True)
         if self._error is None:
             try:
@@ -319,6 +523,8 @@ class TraceWriter:
         if self._error is None:
             self._failed_step, self._failed_where, self._error = step, where, error
         self._pool.break_()
+        with self._gather.lock:
+            self._gather.changed.notify_all()
 
     def _token_lengths(self) -> dict[str, int]:
         return {dim: size for dim, size in self.dims.sizes.items() if grows(dim)}
@@ -362,80 +568,9 @@ class TraceWriter:
             for dim, size in growth.items():
                 self.dims.sizes[dim] = size
                 grow_axis(self.variables.values(), dim, size)
-
-    def _load_existing(self) -> None:
-        """Register the variables of a store being appended to."""
-        with warnings.catch_warnings():  # zarr notes the _layerscope folder: not an array
-            warnings.filterwarnings("ignore", message="Object at _layerscope is not recognized")
-            members = list(self.group.arrays())
-        published = _published_shapes(self.group)
-        for name, array in members:
-            dims = tuple(array.metadata.dimension_names or ())
-            if not dims or dims[0] != "batch":
-                continue
-            trailing = published.get(name)
-            if trailing is not None and trailing != tuple(array.shape[1:]):
-                # a token axis grown since the array's own zarr.json was written (at a close)
-                set_shape(array, (int(array.shape[0]), *trailing))
-            for dim, size in zip(dims[1:], array.shape[1:], strict=True):
-                self.dims.sizes.setdefault(dim, size)
-            attrs = dict(array.attrs)
-            self.variables[name] = _Variable(name, dims, tuple(array.shape[1:]), attrs,
-                                             array.with_config(ARRAY_CONFIG),
-                                             array_document(array))
-        # a writer that crashed before its first commit leaves arrays nobody published,
-        # created at the token lengths of their time: one length per dim again, the longest
-        for dim in [d for d in self.dims.sizes if grows(d)]:
-            longest = max(var.trailing[var.dims.index(dim) - 1]
-                          for var in self.variables.values() if dim in var.dims[1:])
-            self.dims.sizes[dim] = longest
-            grow_axis(self.variables.values(), dim, longest)
-
-    def _invalidate_uncommitted(self) -> list[Entry]:
-        """Make rows past the committed length read as fill values again before anything is
-        appended: a writer that crashed mid-batch may have left chunks of them, which a
-        variable the next batch skips would otherwise show. Chunks wholly past the committed
-        rows are deleted; the chunk across the boundary is rewritten with fill values past it.
-        Returns the rewritten chunks' manifest entries."""
-        if self._files is None or not self.variables:
-            return []  # chunk files can only be listed on a local disk
-        committed = self._committed_samples
-        entries: list[Entry] = []
-        for var in self.variables.values():
-            array = var.array
-            folder = os.path.join(self._files.root, var.name)
-            if array is None or not os.path.isdir(folder):
-                continue
-            chunks = tuple(int(n) for n in array.metadata.chunk_grid.chunk_shape)
-            rows = chunks[0]
-            grid = [-(-int(n) // c) for n, c in zip(array.shape[1:], chunks[1:], strict=True)]
-            boundary = False
-            for entry in os.scandir(folder):
-                parts = entry.name.split(".")
-                if parts[0] != "c" or len(parts) < 2 or not all(p.isdigit() for p in parts[1:]):
-                    continue
-                first = int(parts[1]) * rows
-                # past a token axis's committed length: written by a batch that grew it and
-                # never committed (committed rows there read as fill values)
-                beyond = any(int(p) >= n for p, n in zip(parts[2:], grid, strict=False))
-                if first >= committed or beyond:
-                    os.unlink(entry.path)
-                elif first + rows > committed:
-                    boundary = True
-            if boundary:
-                start = committed // rows * rows
-                if array.shape[0] < start + rows:
-                    grow_rows(array, start + rows)
-                kept = array[start:committed]
-                merged = np.full((rows, *array.shape[1:]), array.fill_value, dtype=kept.dtype)
-                merged[: committed - start] = kept
-                array[start:start + rows] = merged
-                writer = ChunkWriter(array, self._files)
-                for key in writer.keys(start, start + rows):
-                    found = writer.read_back(key, self.options.durable)
-                    if found is not None:
-                        entries.append(found)
-        return entries
+        for var in self.variables.values():  # chunks in memory take the grown shape too
+            if var.gather is not None and var.gather.chunks:
+                self._gather.regrow(var)
 
     def _create_array(self, var: _Variable, sample: np.ndarray) -> Any:
         codecs = self.options.compression.codecs_for(sample)
@@ -445,6 +580,8 @@ class TraceWriter:
             shape = (0, *var.trailing)
             chunks = chunk_shape(shape, var.dims, sample.dtype.itemsize, sample.shape[0],
                                  self.options.chunks)
+            if var.gather is not None:  # several batches a chunk, whatever the size policy
+                chunks = (var.gather.rows, *chunks[1:])
             kind = sample.dtype.kind
             fill = fill_value_for(sample.dtype)
             dtype: Any = str if kind in "UTO" else sample.dtype
@@ -462,13 +599,16 @@ class TraceWriter:
         Readers take shapes from the consolidated metadata of each commit (cut to the committed
         rows), so while writing, arrays grow only for zarr's own writes of partial chunks, in
         memory where zarr allows it (whole chunks are written without zarr looking at the
-        shape), doubling to do it rarely; their own ``zarr.json`` gets the length once, here.
+        shape), doubling to do it rarely; their own ``zarr.json`` gets the length once, here,
+        from the document each commit publishes (no zarr call per array).
         """
+        documents = {}
         for var in self.variables.values():
-            if var.array is not None:
-                trailing = committed_shape(list(var.array.shape[1:]), list(var.dims[1:]),
-                                           self._published_lengths)
-                save_rows(var.array, self._committed_samples, tuple(trailing))
+            if var.document is not None:
+                doc = cut_document(var.document, self._published_lengths)
+                documents[var.name] = {**doc, "shape": [self._committed_samples,
+                                                        *doc["shape"][1:]]}
+        save_array_documents(self.group, documents, self.options.durable)
 
     # -- worker side -------------------------------------------------------------------------
 
@@ -492,9 +632,11 @@ class TraceWriter:
                 batch.writing += 1
             elif batch.size > 0:
                 batch.failed = True  # skipped after a failure: never committed
+        ok = False
         try:
             if run:
                 self._write(task)
+                ok = True
         except _StepFailed as exc:
             batch.failed = True
             self._fail(exc.step, exc.error, exc.where)
@@ -511,11 +653,36 @@ class TraceWriter:
                 with self._drained:
                     batch.writing -= 1
                     self._drained.notify_all()
+            self._gathered_done(task, ok)
             self._task_done(batch)
 
+    def _gathered_done(self, task: _Task, ok: bool) -> None:
+        """A placement into a gathered chunk or a chunk's flush is over (done or not)."""
+        if task.parts is not None:
+            for var, chunk in [(task.var, c) for c in self._gather.placed(task.parts)]:
+                self._queue_flush(var, chunk)
+        if task.chunk is not None and task.group is not None:
+            self._gather.recycle(task.chunk)
+            if self._gather.finished(task.group, ok):
+                self._commit_ready()
+
     def _write(self, task: _Task) -> None:
-        data = self._to_host(task)
         var = task.var
+        if task.parts is not None:  # a gathered variable's rows: into its chunk in memory
+            data = self._to_host(task)
+            assert var.gather is not None
+            if not var.gather.accepts(data.dtype):
+                raise SchemaError(
+                    f"{var.name}: dtype {data.dtype} differs from the stored {var.gather.dtype}; "
+                    "append data of the same dtype or write a new store")
+            self._gather.place(var, task.batch.start, data)
+            return
+        if task.chunk is not None:  # a gathered chunk, whole: its rows and fill values
+            data = self._gather.fill_gaps(var, task.chunk)
+            start, task.shape = task.chunk.start, tuple(data.shape[1:])
+        else:
+            data = self._to_host(task)
+            start = task.batch.start
         if var.array is None:
             try:
                 self._create_array(var, data)
@@ -529,7 +696,7 @@ class TraceWriter:
                 f"{var.name}: dtype {data.dtype} differs from the stored {array.dtype}; "
                 "append data of the same dtype or write a new store"
             )
-        start, stop = task.batch.start, task.batch.start + task.batch.size
+        stop = start + data.shape[0]
         entries: list[Entry] | None = [] if self.options.checksums else None
         # a pass shorter than the stored token axes: filled past its own length
         data = padded(data, task.shape, array.fill_value)
@@ -551,7 +718,8 @@ class TraceWriter:
                             entries.append(entry)
                 self._record(task.batch, entries)
                 return
-        writer.write(start, data, entries)  # whole chunks nobody else writes
+        # whole chunks nobody else writes; one that holds committed rows is replaced whole
+        writer.write(start, data, entries, replace=task.chunk is not None and task.chunk.existing)
         self._record(task.batch, entries)
 
     def _record(self, batch: _Batch, entries: list[Entry] | None) -> None:
@@ -566,12 +734,21 @@ class TraceWriter:
                     if other is not batch and key in other.chunks:
                         other.chunks[key] = (nbytes, crc)
 
-    def _to_host(self, task: _Task) -> np.ndarray:
-        data = task.to_numpy(task.data)
+    def _stored_dtype(self, dtype: np.dtype) -> np.dtype:
         target = self.options.downcast
-        if target and data.dtype.kind == "f" and data.dtype != np.dtype(target):
+        if target and dtype.kind == "f" and dtype != np.dtype(target):
+            return np.dtype(target)
+        return dtype
+
+    def _stored(self, data: np.ndarray) -> np.ndarray:
+        """Host data as it is stored: down-cast on request, contiguous."""
+        target = self._stored_dtype(data.dtype)
+        if target != data.dtype:
             data = data.astype(target)
         return np.ascontiguousarray(data)
+
+    def _to_host(self, task: _Task) -> np.ndarray:
+        return self._stored(task.to_numpy(task.data))
 
     def _task_done(self, batch: _Batch) -> None:
         with self._state_lock:
@@ -585,15 +762,17 @@ class TraceWriter:
     def _commit_ready(self, final: bool = False) -> None:
         """Commit, in order, every finished batch that follows the last committed one.
 
-        After a failure nothing is published until ``final`` (the close): batches whose
-        chunks were all written before it are then committed with their manifests, as far
-        as the store still takes writes."""
+        A batch is finished when every task of it is written and no gathered chunk holds its
+        rows in memory only. After a failure nothing is published until ``final`` (the
+        close): batches whose chunks were all written before it are then committed with their
+        manifests, as far as the store still takes writes."""
         with self._state_lock:
             committed, samples = self._committed, self._committed_samples
             lengths = self._committed_lengths
             while committed in self._open:
                 batch = self._open[committed]
-                if not batch.ended or batch.pending or batch.failed:
+                if not batch.ended or batch.pending or batch.failed \
+                        or self._gather.holds(batch.start + batch.size):
                     break
                 del self._open[committed]
                 self._unpublished.append(batch)
@@ -638,7 +817,7 @@ class TraceWriter:
 
     def _write_root(self) -> None:
         with self._create_lock:  # no array is half-created while its metadata is read
-            documents = {v.name: _cut(v.document, self._published_lengths)
+            documents = {v.name: cut_document(v.document, self._published_lengths)
                          for v in self.variables.values() if v.document is not None}
         synced, self._synced = self._synced, set()
         publish(self.group, self.attrs, documents, self._published_samples,
@@ -657,28 +836,6 @@ class _StepFailed(Exception):
     def __init__(self, step: str, error: BaseException, where: str) -> None:
         super().__init__(step)
         self.step, self.error, self.where = step, error, where
-
-
-def _cut(document: dict[str, Any], lengths: dict[str, int]) -> dict[str, Any]:
-    """An array's document with its token axes at their committed lengths."""
-    dims = list(document.get("dimension_names") or [])
-    shape = list(document["shape"])
-    if len(dims) != len(shape):
-        return document
-    cut = committed_shape(shape, dims, lengths)
-    return document if cut == shape else {**document, "shape": cut}
-
-
-def _published_shapes(group: Any) -> dict[str, tuple[int, ...]]:
-    """Each array's shape past ``batch`` as the root document's consolidated metadata
-    publishes it (an array's own zarr.json is written at a writer's close only)."""
-    try:
-        raw = get_bytes(group.store, f"{group.path}/zarr.json" if group.path else "zarr.json")
-        metadata = json.loads(raw or b"{}").get("consolidated_metadata") or {}
-        return {name: tuple(int(n) for n in doc["shape"][1:])
-                for name, doc in (metadata.get("metadata") or {}).items()}
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return {}
 
 
 def _store_name(group: Any) -> str:

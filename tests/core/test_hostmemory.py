@@ -149,14 +149,15 @@ def test_later_batches_reuse_the_first_batches_buffers(tmp_path, monkeypatch):
         host[...] = value
         return host
 
-    one_batch = 3 * 4 * 256 * 64 * 4
+    # tensors above StoreOptions.gathering.below: small ones wait elsewhere in the first batch
+    one_batch = 3 * 4 * 256 * 128 * 4
     recorder = make_recorder(tmp_path / "t.zarr", max_pending_bytes=one_batch)
     rng = np.random.default_rng(0)
     written = []
     for _ in range(12):
         recorder.begin_pass(4)
         for name in ("a", "b", "c"):
-            data = rng.standard_normal((4, 256, 64), np.float32)
+            data = rng.standard_normal((4, 256, 128), np.float32)
             written.append(data)
             recorder.writer.put(f"{name}@output", data, ("batch", "token", "hidden"), {},
                                 snapshot=snapshot)

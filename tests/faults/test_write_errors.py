@@ -96,7 +96,7 @@ STEPS = {
     # step named in the error -> (object, attribute) a failure is injected into
     "chunk write": (chunkfile.ChunkFiles, "write"),
     "commit": (writer_module, "publish"),
-    "close": (writer_module, "save_rows"),
+    "close": (writer_module, "save_array_documents"),
     "manifest write": (writer_module, "write_manifest"),
     "array creation": (zarr.Group, "create_array"),
 }

@@ -1,0 +1,225 @@
+"""Many captured sites: cost per captured tensor, files on disk, open, info and close.
+
+Random-weight models on the CPU, measured side by side in one process and interleaved trial
+by trial (median of ``--trials``):
+
+  mlp        400 residual MLP blocks (fc1, GELU, fc2), tensors of 4 x 16 x 64: every module
+             captured, 1,601 variables; plain forward vs capture (the time per batch
+             includes opening and closing the store); the files the store holds per variable
+             and the time its close takes
+  llama      a Llama-style model (16 layers, hidden 256, batch 4 x 128 tokens), every module
+             captured; plain forward vs capture vs a plain sequential write of the same bytes
+             (one file, written through the page cache, the time per batch)
+  open/info  a store of 2,000 variables (500 blocks): layerscope.open_trace vs
+             xarray.open_zarr(consolidated=True) on the same store; `layerscope info` in the
+             process (what the command does after its imports) and as a command
+
+    python benchmarks/many_sites.py [--batches 20] [--trials 5] [--skip-llama]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from _common import folder_bytes, fresh
+
+import layerscope
+from layerscope.core.info import format_summary, summarize
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(width, width)
+        self.act = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class Blocks(torch.nn.Module):
+    """``count`` residual MLP blocks: 4 captured outputs each, and the model's own."""
+
+    def __init__(self, count: int, width: int = 64) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block(width) for _ in range(count))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def llama() -> tuple[Any, dict[str, Any]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=1000,
+                         max_position_embeddings=256, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids}
+
+
+Run = Callable[[int, Path], dict[str, float]]
+
+
+def plain(model: Any, inputs: Any) -> Run:
+    def run(batches: int, workdir: Path) -> dict[str, float]:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(batches):
+                call(model, inputs)
+        return {"time": time.perf_counter() - start}
+    return run
+
+
+def call(model: Any, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def capture(model: Any, inputs: Any) -> Run:
+    def run(batches: int, workdir: Path) -> dict[str, float]:
+        path = fresh(workdir, "trace.zarr")
+        start = time.perf_counter()
+        with torch.no_grad():
+            traced = layerscope.trace(model, path)
+            with traced:
+                for _ in range(batches):
+                    call(model, inputs)
+                closing = time.perf_counter()
+            end = time.perf_counter()
+        arrays = [p for p in path.iterdir() if (p / "zarr.json").is_file()]
+        files = sum(len(files) for _, _, files in os.walk(path))
+        return {"time": end - start, "close": end - closing, "bytes": folder_bytes(path),
+                "files": files, "variables": len(arrays),
+                "per variable": max(sum(1 for _ in os.scandir(p)) for p in arrays)}
+    return run
+
+
+def sequential_write(nbytes: int) -> Run:
+    """One file, ``nbytes`` a batch, written as one ``write`` per batch (page cache)."""
+    data = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+
+    def run(batches: int, workdir: Path) -> dict[str, float]:
+        path = fresh(workdir, "plain.bin")
+        start = time.perf_counter()
+        with open(path, "wb") as file:
+            for _ in range(batches):
+                file.write(data)
+        return {"time": time.perf_counter() - start}
+    return run
+
+
+def interleaved(rows: dict[str, Run], batches: int, trials: int, workdir: Path
+                ) -> dict[str, list[dict[str, float]]]:
+    for run in rows.values():  # warm up every path once
+        run(1, workdir)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
+    for _ in range(trials):
+        for name, run in rows.items():
+            results[name].append(run(batches, workdir))
+            os.sync()  # untimed: no row pays for the page cache an earlier row left
+    return results
+
+
+def median(results: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def timed(action: Callable[[], Any], trials: int) -> float:
+    times = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--skip-llama", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    warnings.simplefilter("ignore", UserWarning)
+    mlp, x = Blocks(400).eval(), torch.randn(4, 16, 64)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("LAYERSCOPE_BENCH_DIR")) as tmp:
+        workdir = Path(tmp)
+        rows: dict[str, Run] = {"mlp plain": plain(mlp, x), "mlp capture": capture(mlp, x)}
+        if not args.skip_llama:
+            model, inputs = llama()
+            rows["llama plain"], rows["llama capture"] = plain(model, inputs), \
+                capture(model, inputs)
+            probe = capture(model, inputs)(1, workdir)
+            rows["llama sequential write"] = sequential_write(int(probe["bytes"]))
+        results = interleaved(rows, args.batches, args.trials, workdir)
+        store = fresh(workdir, "2000.zarr")
+        wide = Blocks(500).eval()
+        with torch.no_grad(), layerscope.trace(wide, store, capture=["blocks.*"]):
+            for _ in range(2):
+                wide(x)
+        open_zarr, open_trace, info, command = measure_open(store, args.trials)
+        report(args, results, open_zarr, open_trace, info, command, store)
+
+
+def measure_open(store: Path, trials: int) -> tuple[float, float, float, float]:
+    import xarray as xr
+
+    xr.open_zarr(store, consolidated=True)  # warm: imports and the page cache
+    layerscope.open_trace(store)
+    zarr_s, trace_s = [], []
+    for _ in range(trials):  # interleaved, like the rows above
+        zarr_s.append(timed(lambda: xr.open_zarr(store, consolidated=True), 1))
+        trace_s.append(timed(lambda: layerscope.open_trace(store), 1))
+    info = timed(lambda: format_summary(summarize(store)), trials)
+    command = timed(lambda: subprocess.run([sys.executable, "-m", "layerscope", "info",
+                                            str(store)], check=True, capture_output=True), 3)
+    return statistics.median(zarr_s), statistics.median(trace_s), info, command
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
+           open_zarr: float, open_trace: float, info: float, command: float,
+           store: Path) -> None:
+    per = {name: median(rows, "time") / args.batches for name, rows in results.items()}
+    mlp = results["mlp capture"]
+    print(f"{args.batches} batches x {args.trials} trials, torch threads {torch.get_num_threads()}"
+          f"; medians")
+    print(f"{'row':<34} {'ms/batch':>9} {'vs plain':>9}")
+    for name in results:
+        base = per["mlp plain"] if name.startswith("mlp") else per.get("llama plain", 1.0)
+        print(f"{name:<34} {per[name] * 1e3:>9.1f} {per[name] / base:>8.2f}x")
+    if "llama capture" in per:
+        print(f"llama capture vs sequential write: "
+              f"{per['llama capture'] / per['llama sequential write']:.2f}x  "
+              f"({median(results['llama capture'], 'bytes') / args.batches / 2**20:.1f} MB a "
+              f"batch, {median(results['llama capture'], 'variables'):.0f} variables)")
+    print(f"mlp store: {median(mlp, 'variables'):.0f} variables, "
+          f"{median(mlp, 'files'):.0f} files, at most {median(mlp, 'per variable'):.0f} files "
+          f"in one variable's folder, {median(mlp, 'bytes') / 2**20:.1f} MB")
+    print(f"close (the mlp store, {args.batches} batches): {median(mlp, 'close'):.3f} s")
+    if "llama capture" in results:
+        print(f"close (the llama store): {median(results['llama capture'], 'close'):.3f} s")
+    variables = sum(1 for p in store.iterdir() if (p / "zarr.json").is_file())
+    print(f"open, {variables} arrays: open_trace {open_trace:.3f} s, xarray.open_zarr "
+          f"{open_zarr:.3f} s, {open_trace / open_zarr:.2f}x")
+    print(f"layerscope info: {info:.3f} s in the process, {command:.3f} s as a command "
+          "(Python start and imports included)")
+
+
+if __name__ == "__main__":
+    main()
