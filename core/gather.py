@@ -106,6 +106,8 @@ class FlushGroup:
     rows: int
     pending: int = 0
     failed: bool = False
+    #: the samples committed once it is written (its manifest batch's end)
+    commits: int = 0
 
 
 class Gatherer:
@@ -124,6 +126,7 @@ class Gatherer:
         self.holding = False  # some rows live in gathered chunks: commits wait for flushes
         self.durable = durable_rows  # rows below which every gathered row is on disk
         self.groups: deque[FlushGroup] = deque()
+        self.latest: FlushGroup | None = None  # the last group that wrote chunks
         self.by_end: dict[int, list[tuple[Any, Chunk]]] = defaultdict(list)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
@@ -191,16 +194,17 @@ class Gatherer:
             chunk.buffer = buffer.view(gather.dtype).reshape(shape)
         return chunk.buffer
 
-    def place(self, var: Any, start: int, data: np.ndarray) -> None:
-        """Copy ``data`` (rows from ``start``, trailing axes at most the stored ones) into
-        the claimed chunk memory; positions past its own extent get the fill value."""
-        gather: VarGather = var.gather
-        row = start
-        for chunk, lo, hi in self.pieces(var, start, start + data.shape[0]):
+    def place(self, var: Any, parts: list[tuple[Chunk, int, int]], data: np.ndarray) -> None:
+        """Copy ``data`` into the chunk pieces :meth:`claim` gave for its rows (on any thread:
+        the chunks may be closed meanwhile, they wait for it); positions past its own
+        extent along the other axes get the fill value."""
+        fill = var.gather.fill
+        row = 0
+        for chunk, lo, hi in parts:
             target = self.memory(var, chunk)[lo:hi]
-            rows = data[row - start: row - start + hi - lo]
+            rows = data[row:row + hi - lo]
             if rows.shape[1:] != target.shape[1:]:
-                target[...] = gather.fill
+                target[...] = fill
                 target[(slice(None), *(slice(0, n) for n in rows.shape[1:]))] = rows
             else:
                 target[...] = rows

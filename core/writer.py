@@ -301,10 +301,10 @@ class TraceWriter:
         if var.array.shape[0] < self._committed_samples:
             grow_rows(var.array, self._committed_samples)
         kept = np.asarray(var.array[start:self._committed_samples])
-        (chunk, lo, hi), = self._gather.pieces(var, start, self._committed_samples)
-        chunk.existing = True
-        self._gather.place(var, start, kept)
-        chunk.written.append((lo, hi))
+        parts = self._gather.pieces(var, start, self._committed_samples)
+        parts[0][0].existing = True
+        self._gather.place(var, parts, kept)
+        parts[0][0].written.append(parts[0][1:])
 
     def _put_gathered(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
                       snapshot: Snapshot | None) -> None:
@@ -362,8 +362,7 @@ class TraceWriter:
         host = self._stored(data)
         if not var.gather.accepts(host.dtype):
             return False
-        self._gather.claim(var, start, stop, deferred=False)
-        self._gather.place(var, start, host)
+        self._gather.place(var, self._gather.claim(var, start, stop, deferred=False), host)
         return True
 
     def _stash_task(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
@@ -406,7 +405,7 @@ class TraceWriter:
         at most two groups of chunks are in memory. True when rows became durable at once
         (nothing to write for them): they may be committed now."""
         gather = self._gather
-        durable = gather.durable
+        durable, previous = gather.durable, gather.latest
         group, closed = gather.close_through(upto, self._rows)
         if group is not None and closed:
             with self._state_lock:
@@ -418,6 +417,9 @@ class TraceWriter:
                 manifest = max(candidates, key=lambda b: b.number) if candidates else None
                 if manifest is not None:
                     manifest.pending += len(closed)
+                    if manifest.ended and manifest.start + manifest.size <= group.rows:
+                        group.commits = manifest.start + manifest.size
+                    gather.latest = group
             if manifest is None:  # no batch is open: nothing of this writer's is in them
                 for _, chunk in closed:
                     gather.recycle(chunk)
@@ -425,8 +427,10 @@ class TraceWriter:
             else:
                 for var, chunk in gather.seal(closed, group, manifest):
                     self._queue_flush(var, chunk)
-        gather.wait(lambda: gather.in_flight_locked() <= (1 if upto is not None else 0)
-                    or self._error is not None)
+        # the group before this one written and committed: a crash loses at most two groups
+        target = previous.commits if previous is not None and upto is not None else 0
+        gather.wait(lambda: (gather.in_flight_locked() <= (1 if upto is not None else 0)
+                             and self._published_samples >= target) or self._error is not None)
         return not closed and gather.durable > durable
 
     def _queue_flush(self, var: _Variable, chunk: Chunk) -> None:
@@ -675,7 +679,7 @@ class TraceWriter:
                 raise SchemaError(
                     f"{var.name}: dtype {data.dtype} differs from the stored {var.gather.dtype}; "
                     "append data of the same dtype or write a new store")
-            self._gather.place(var, task.batch.start, data)
+            self._gather.place(var, task.parts, data)
             return
         if task.chunk is not None:  # a gathered chunk, whole: its rows and fill values
             data = self._gather.fill_gaps(var, task.chunk)
@@ -814,6 +818,8 @@ class TraceWriter:
             self.attrs.update(committed_batches=committed, committed_samples=samples,
                               status=STATUS_WRITING)
             self._write_root()
+        with self._gather.lock:  # a caller may wait for this commit (see _close_chunks)
+            self._gather.changed.notify_all()
 
     def _write_root(self) -> None:
         with self._create_lock:  # no array is half-created while its metadata is read

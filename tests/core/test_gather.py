@@ -1,0 +1,244 @@
+"""Gathered small variables (core/gather.py): chunks of several batches, written whole,
+committed in groups; values read back bit for bit whatever the batch sizes, token lengths,
+dtypes, appends and stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import layerscope
+from layerscope.core import CaptureError, StoreOptions, WriterError, _zarr_compat
+from layerscope.core.gather import GatherPolicy
+
+from .test_writer import make_recorder
+
+#: every small variable gathered, 4 batches a chunk
+GATHER = GatherPolicy(min_variables=1, batches=4)
+NAMES = ("a", "b", "c")
+
+
+def snapshot(value, alloc):
+    """As the torch backend's: copy into the writer's memory."""
+    host = alloc(value.shape, value.dtype)
+    host[...] = value
+    return host
+
+
+class DeviceCopy:
+    """What a device snapshot returns: host data a writer thread waits for."""
+
+    def __init__(self, value):
+        self.value = value.copy()
+        self.shape, self.nbytes = value.shape, value.nbytes
+
+
+def device_snapshot(value, alloc):
+    return DeviceCopy(value)
+
+
+def device_to_numpy(held):
+    return held.value if isinstance(held, DeviceCopy) else np.asarray(held)
+
+
+def write(path, sizes, mode="w-", start=0, way="direct", gathering=GATHER, store=None,
+          tokens=None, close=True, **options):
+    """Batches of ``sizes`` samples of three variables; returns what each was given."""
+    recorder = make_recorder(store if store is not None else path, mode,
+                             gathering=gathering, **options)
+    given: dict[str, list[np.ndarray]] = {name: [] for name in NAMES}
+    for number, size in enumerate(sizes, start):
+        rng = np.random.default_rng(number)
+        length = tokens[number - start] if tokens else 5
+        recorder.begin_pass(size)
+        for name in NAMES:
+            data = rng.standard_normal((size, length, 8), np.float32)
+            given[name].append(data)
+            kwargs = {"direct": {"snapshot": snapshot},
+                      "device": {"snapshot": device_snapshot, "to_numpy": device_to_numpy},
+                      "numpy": {}}[way]
+            recorder.put(name, "output", data, ("batch", "token", "hidden"), **kwargs)
+        recorder.end_pass()
+    if close:
+        recorder.close()
+    return given, recorder
+
+
+def expected(*given, length=None):
+    out = {}
+    for name in NAMES:
+        parts = [part for one in given for part in one[name]]
+        width = length or max(p.shape[1] for p in parts)
+        padded = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=np.nan)
+                  for p in parts]
+        out[name] = np.concatenate(padded)
+    return out
+
+
+def check(path, want, batches):
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == batches
+    for name, values in want.items():
+        got = ds[f"{name}@output"].values
+        assert got.tobytes() == values.tobytes(), name
+    assert layerscope.verify(path).ok
+    return ds
+
+
+def chunk_rows(path, name):
+    doc = json.loads((path / name / "zarr.json").read_text())
+    return doc["chunk_grid"]["configuration"]["chunk_shape"][0]
+
+
+@pytest.mark.parametrize("way", ["direct", "device", "numpy"])
+def test_gathered_variables_read_back_exactly(tmp_path, way):
+    path = tmp_path / "t.zarr"
+    given, _ = write(path, [4] * 10, way=way)
+    check(path, expected(given), 10)
+    assert chunk_rows(path, "a@output") == 16  # four batches of four samples
+    files = sorted(f for f in os.listdir(path / "a@output") if f.startswith("c."))
+    assert files == ["c.0.0.0", "c.1.0.0", "c.2.0.0"]  # 10 batches: 3 chunks, the last part-full
+    np.testing.assert_array_equal(zarr.open_array(path / "a@output", mode="r")[:],
+                                  expected(given)["a"])
+
+
+def test_batches_across_chunk_ends(tmp_path):
+    """Batches of other sizes than the first cross the ends of the chunks (16 rows)."""
+    path = tmp_path / "t.zarr"
+    sizes = [4, 3, 5, 7, 1, 4, 9, 2]
+    given, _ = write(path, sizes)
+    check(path, expected(given), len(sizes))
+
+
+def test_growing_and_shrinking_token_axes(tmp_path):
+    path = tmp_path / "t.zarr"
+    tokens = [5, 5, 9, 3, 17, 2, 33, 12]
+    given, _ = write(path, [4] * len(tokens), tokens=tokens)
+    check(path, expected(given), len(tokens))
+
+
+@pytest.mark.parametrize("first", [4, 6, 8])
+def test_appends_continue_the_last_chunk(tmp_path, first):
+    """The last chunk holds committed rows: an append fills it on (rewritten whole)."""
+    path = tmp_path / "t.zarr"
+    one, _ = write(path, [4] * first)
+    two, _ = write(path, [4, 2, 4, 4, 3], mode="a", start=first)
+    check(path, expected(one, two), first + 5)
+    three, _ = write(path, [4], mode="a", start=first + 5)
+    check(path, expected(one, two, three), first + 6)
+
+
+def test_a_variable_skipped_in_some_batches_reads_fill_values_there(tmp_path):
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, gathering=GATHER)
+    want = []
+    for number in range(6):
+        data = np.full((4, 3), number, np.float32)
+        recorder.begin_pass(4)
+        recorder.put("always", "output", data, ("batch", "hidden"), snapshot=snapshot)
+        if number % 2:
+            recorder.put("odd", "output", data, ("batch", "hidden"), snapshot=snapshot)
+        recorder.end_pass()
+        want.append(data if number % 2 else np.full((4, 3), np.nan, np.float32))
+    recorder.close()
+    ds = layerscope.open_trace(path)
+    assert ds["odd@output"].values.tobytes() == np.concatenate(want).tobytes()
+
+
+def test_a_discarded_batch_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, gathering=GATHER)
+    kept = []
+    for number in range(5):
+        data = np.full((4, 3), number, np.float32)
+        recorder.begin_pass(4)
+        recorder.put("x", "output", data, ("batch", "hidden"), snapshot=snapshot)
+        if number == 2:
+            recorder.abort_pass()
+            continue
+        recorder.end_pass()
+        kept.append(data)
+    recorder.close()
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 4
+    np.testing.assert_array_equal(ds["x@output"].values, np.concatenate(kept))
+
+
+def test_commits_wait_for_the_group(tmp_path):
+    """A batch is committed once the chunks holding its rows are written: in groups."""
+    path = tmp_path / "t.zarr"
+    _, recorder = write(path, [4] * 10, close=False)
+    # when end_pass returns, the group before the last one closed is committed: batches 1-4
+    assert recorder.writer.committed[0] >= 4
+    deadline = time.monotonic() + 5
+    while recorder.writer.committed[0] < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert recorder.writer.committed[0] == 8  # batches 9 and 10 wait in memory
+    with pytest.warns(UserWarning, match="writing"):
+        assert layerscope.open_trace(path).attrs["committed_batches"] == 8
+    recorder.close()
+    assert layerscope.open_trace(path).attrs["committed_batches"] == 10
+
+
+def test_few_small_variables_are_not_gathered(tmp_path):
+    path = tmp_path / "t.zarr"
+    given, _ = write(path, [4] * 3, gathering=GatherPolicy())  # 4 small ones < 32
+    check(path, expected(given), 3)
+    assert chunk_rows(path, "a@output") == 4
+
+
+def test_the_memory_for_gathered_chunks_sets_the_batches_per_chunk(tmp_path):
+    per_batch = 3 * 4 * 5 * 8 * 4 + 4 * 8  # three variables and the batch coordinate
+    policy = GatherPolicy(min_variables=1, batches=64, memory=2 * 3 * per_batch)
+    path = tmp_path / "t.zarr"
+    given, _ = write(path, [4] * 7, gathering=policy)
+    check(path, expected(given), 7)
+    assert chunk_rows(path, "a@output") == 3 * 4
+
+
+def test_a_dtype_change_is_a_writer_error(tmp_path):
+    recorder = make_recorder(tmp_path / "t.zarr", gathering=GATHER)
+    recorder.begin_pass(2)
+    recorder.put("x", "output", np.zeros((2, 3), np.float32), ("batch", "hidden"))
+    recorder.end_pass()
+    recorder.begin_pass(2)
+    with pytest.raises((WriterError, CaptureError)):
+        recorder.put("x", "output", np.zeros((2, 3), np.float64), ("batch", "hidden"))
+        recorder.end_pass()
+        recorder.close()
+
+
+def test_downcast_applies_to_gathered_chunks(tmp_path):
+    path = tmp_path / "t.zarr"
+    given, _ = write(path, [4] * 5, downcast="float16")
+    ds = layerscope.open_trace(path)
+    assert ds["a@output"].dtype == np.float16
+    np.testing.assert_array_equal(ds["a@output"].values,
+                                  expected(given)["a"].astype(np.float16))
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["fast", "public"])
+def test_a_store_without_local_files_and_the_public_fallback(tmp_path, monkeypatch, private):
+    monkeypatch.setattr(_zarr_compat, "PRIVATE_API", private)
+    store = zarr.storage.MemoryStore()
+    given, _ = write(None, [4, 4, 3, 4, 4, 4], store=store)
+    ds = layerscope.open_trace(store)
+    for name, values in expected(given).items():
+        np.testing.assert_array_equal(ds[f"{name}@output"].values, values)
+    path = tmp_path / "t.zarr"
+    given, _ = write(path, [4, 4, 3, 4, 4, 4])
+    more, _ = write(path, [4, 4], mode="a", start=6)
+    check(path, expected(given, more), 8)
+
+
+def test_the_close_writes_every_array_document_with_the_committed_rows(tmp_path):
+    path = tmp_path / "t.zarr"
+    write(path, [4] * 5)
+    for name in NAMES:
+        assert zarr.open_array(path / f"{name}@output", mode="r").shape == (20, 5, 8)
