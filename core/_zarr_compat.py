@@ -224,7 +224,8 @@ def array_from_document(store: Any, name: str, document: dict[str, Any]) -> Any:
             from zarr.core.array import AsyncArray
             from zarr.storage import StorePath
 
-            return zarr.Array(AsyncArray(document, StorePath(store, name)))
+            metadata: Any = document  # the v3 metadata dict zarr parses itself
+            return zarr.Array(AsyncArray(metadata, StorePath(store, name)))
         except (ImportError, TypeError, ValueError):
             pass
     array = zarr.open_array(store, path=name, mode="r")

@@ -227,6 +227,7 @@ async def _arrays_without_files(store: Any, names: list[str]) -> list[str]:
     than opening the trace)."""
     root = getattr(store, "root", None)
     if isinstance(root, (str, os.PathLike)):
+        root = os.fspath(root)
         try:
             with os.scandir(root) as entries:
                 folders = {entry.name for entry in entries if entry.is_dir(follow_symlinks=False)}

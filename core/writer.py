@@ -28,7 +28,8 @@ from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import array_document, publish, save_array_documents
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
-from .gather import Chunk, FlushGroup, Gatherer, VarGather
+from .gather import Chunk, FlushGroup, VarGather
+from .gatherwrite import GatheredWrites
 from .growth import (
     check_lengths,
     cut_document,
@@ -155,10 +156,7 @@ class TraceWriter:
         self._files = local_chunk_files(group.store, options.direct_io, options.durable)
         self._unpublished: list[_Batch] = []  # committed, manifest not yet written
         self._synced: set[str] = set()  # folders with new files, flushed at a durable commit
-        self._gather = Gatherer(options.gathering, committed_samples)
-        #: the first batch's small tensors, waiting for the decision to gather (see .gather)
-        self._stash: list[_Task] = []
-        self._stash_bytes = 0
+        self._gathering = GatheredWrites(self, committed_samples)  # see .gather
         self.variables: dict[str, _Variable] = load_variables(group, self.dims, _Variable,
                                                               ARRAY_CONFIG)
         #: token axes' lengths as of the last batch committed / published (see .growth)
@@ -223,18 +221,24 @@ class TraceWriter:
             )
         var = self._variable(name, roles, shape, attrs)
         if not var.settled:
-            self._settle(var, batch, data)
+            self._gathering.settle(var, batch, data)
         if var.gather is not None:
-            self._put_gathered(batch, var, data, to_numpy, snapshot)
+            self._gathering.put(batch, var, data, to_numpy, snapshot)
             return
-        if not self._gather.decided and var.array is None and self._is_small(data, _nbytes(data)):
-            self._stash_task(batch, var, data, to_numpy, snapshot)
+        if self._gathering.undecided(var, data):  # the end of this batch decides
+            self._gathering.stash_task(batch, var, data, to_numpy, snapshot)
             return
         task = self._hold(batch, var, data, to_numpy, snapshot)
         task.shape = var.trailing
         if self._sizing_budget:
             batch.nbytes += task.nbytes
         self._queue_task(task)
+
+    def _task(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
+              nbytes: int) -> _Task:
+        task = _Task(batch, var, data, to_numpy, nbytes)
+        task.shape = var.trailing
+        return task
 
     def _queue_task(self, task: _Task) -> None:
         with self._state_lock:
@@ -270,183 +274,12 @@ class TraceWriter:
         self._pool.acquire(nbytes)
         return _Task(batch, var, held, to_numpy, nbytes)
 
-    # -- gathered variables (see .gather) ----------------------------------------------------
-
-    def _is_small(self, data: Any, nbytes: int) -> bool:
-        kind = getattr(getattr(data, "dtype", None), "kind", "f")
-        return self.options.gathering.enabled and nbytes <= self.options.gathering.below \
-            and kind not in "UTOSV"
-
-    def _settle(self, var: _Variable, batch: _Batch, data: Any) -> None:
-        """Decide once per writer whether ``var`` is gathered: a new small variable once the
-        first batch chose to gather, an existing one whose chunks hold two batches or more."""
-        var.settled = True
-        if var.array is not None:
-            rows = int(var.array.metadata.chunk_grid.chunk_shape[0])
-            if rows >= 2 * batch.size and self._is_small(var.array, _nbytes(data)):
-                var.gather = VarGather(rows)
-                var.gather.accepts(var.array.dtype)
-                self._preload(var)
-        elif self._gather.decided and self._gather.group_batches > 1 \
-                and self._is_small(data, _nbytes(data)):
-            var.gather = VarGather(self._gather.group_batches * batch.size)
-
-    def _preload(self, var: _Variable) -> None:
-        """The committed rows of the chunk this writer's first rows fall into, read back:
-        the chunk is written whole again, in one step (it holds committed rows)."""
-        assert var.gather is not None
-        start = self._committed_samples // var.gather.rows * var.gather.rows
-        if start == self._committed_samples:
-            return
-        if var.array.shape[0] < self._committed_samples:
-            grow_rows(var.array, self._committed_samples)
-        kept = np.asarray(var.array[start:self._committed_samples])
-        parts = self._gather.pieces(var, start, self._committed_samples)
-        parts[0][0].existing = True
-        self._gather.place(var, parts, kept)
-        parts[0][0].written.append(parts[0][1:])
-
-    def _put_gathered(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
-                      snapshot: Snapshot | None) -> None:
-        """Copy ``data`` into ``var``'s chunk in memory now where it can be; a device copy
-        (or other data a writer thread must wait for) is placed there by a writer thread."""
-        gather, start, stop = self._gather, batch.start, batch.start + batch.size
-        if snapshot is not None:
-            direct: list[np.ndarray] = []
-            taken: list[np.ndarray] = []
-
-            def alloc(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-                if direct or taken:
-                    raise CaptureError("a snapshot takes one buffer")
-                dtype = np.dtype(dtype)
-                if self._stored_dtype(dtype) == dtype:
-                    view = gather.view(var, start, stop, tuple(shape), dtype)
-                    if view is not None:
-                        direct.append(view)
-                        return view
-                buffer = self._pool.take(math.prod(shape) * dtype.itemsize)
-                taken.append(buffer)
-                return buffer.view(dtype).reshape(shape)
-
-            try:
-                data = snapshot(data, alloc)
-            except BaseException:
-                for buffer in taken:
-                    self._pool.give(buffer)
-                for view in direct:  # claimed, never copied: reads as the fill value
-                    view[...] = var.gather.fill if var.gather else 0
-                raise
-            if direct:
-                return
-            try:
-                if taken and self._place_now(var, start, stop, data):
-                    return
-            finally:
-                for buffer in taken:
-                    self._pool.give(buffer)
-            if taken:
-                data = np.array(data)  # placed by a writer thread, which raises the error
-        elif isinstance(data, np.ndarray) and self._place_now(var, start, stop, data):
-            return
-        nbytes = _nbytes(data)
-        self._pool.acquire(nbytes)
-        task = _Task(batch, var, data, to_numpy, nbytes)
-        task.shape = var.trailing
-        task.parts = gather.claim(var, start, stop, deferred=True)
-        self._queue_task(task)
-
-    def _place_now(self, var: _Variable, start: int, stop: int, data: np.ndarray) -> bool:
-        """Copy host ``data`` into the chunk memory now; False where its dtype is not the
-        stored one (a writer thread then reports it)."""
-        assert var.gather is not None
-        host = self._stored(data)
-        if not var.gather.accepts(host.dtype):
-            return False
-        self._gather.place(var, self._gather.claim(var, start, stop, deferred=False), host)
-        return True
-
-    def _stash_task(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
-                    snapshot: Snapshot | None) -> None:
-        """Hold a small tensor of this writer's first batch until the batch ends and decides
-        whether small variables are gathered. Held in memory of its own, outside the host
-        budget (the batch's other tensors must not wait for it), at most a quarter of the
-        gathering memory: past that, gathering would not pay and is decided against now."""
-        if snapshot is not None:
-            data = snapshot(data, lambda shape, dtype: np.empty(shape, dtype))
-        task = _Task(batch, var, data, to_numpy, 0)
-        task.shape = var.trailing
-        self._stash.append(task)
-        self._stash_bytes += _nbytes(data)
-        if self._stash_bytes > self.options.gathering.memory // 4:
-            self._decide(batch)
-
-    def _decide(self, batch: _Batch) -> None:
-        """At the end of this writer's first batch: gather its small variables, or write
-        them as every other variable (too few of them, or too little memory to gain)."""
-        stash, self._stash = self._stash, []
-        small, self._stash_bytes = self._stash_bytes, 0
-        batches = self.options.gathering.group_batches(small, len(stash))
-        self._gather.decided, self._gather.group_batches = True, batches
-        for task in stash:
-            task.var.settled = True
-            if batches < 2:
-                self._queue_task(task)
-                continue
-            var = task.var
-            var.gather = VarGather(batches * batch.size)
-            host = self._to_host(task)
-            task.data = None
-            if not self._place_now(var, batch.start, batch.start + batch.size, host):
-                raise SchemaError(f"{var.name}: dtype {host.dtype} cannot be stored")
-
-    def _close_chunks(self, upto: int | None) -> bool:
-        """Close the gathered chunks that end by row ``upto`` (None: all, at the close) and
-        queue their flushes; then wait while an earlier group is still being written, so that
-        at most two groups of chunks are in memory. True when rows became durable at once
-        (nothing to write for them): they may be committed now."""
-        gather = self._gather
-        durable, previous = gather.durable, gather.latest
-        group, closed = gather.close_through(upto, self._rows)
-        if group is not None and closed:
-            with self._state_lock:
-                # the manifest of the last batch this group commits lists the chunks; that
-                # of the batch across the group's end where none ends before it
-                candidates = [b for b in self._open.values()
-                              if b.ended and b.start + b.size <= group.rows] \
-                    or list(self._open.values())
-                manifest = max(candidates, key=lambda b: b.number) if candidates else None
-                if manifest is not None:
-                    manifest.pending += len(closed)
-                    if manifest.ended and manifest.start + manifest.size <= group.rows:
-                        group.commits = manifest.start + manifest.size
-                    gather.latest = group
-            if manifest is None:  # no batch is open: nothing of this writer's is in them
-                for _, chunk in closed:
-                    gather.recycle(chunk)
-                    gather.finished(group, True)
-            else:
-                for var, chunk in gather.seal(closed, group, manifest):
-                    self._queue_flush(var, chunk)
-        # the group before this one written and committed: a crash loses at most two groups
-        target = previous.commits if previous is not None and upto is not None else 0
-        gather.wait(lambda: (gather.in_flight_locked() <= (1 if upto is not None else 0)
-                             and self._published_samples >= target) or self._error is not None)
-        return not closed and gather.durable > durable
-
-    def _queue_flush(self, var: _Variable, chunk: Chunk) -> None:
-        assert chunk.flush is not None
-        group, batch = chunk.flush
-        task = _Task(batch, var, None, _as_numpy, 0)
-        task.chunk, task.group = chunk, group
-        self._queue.put(task)
-
     def end_batch(self) -> None:
         batch = self._current
         if batch is None:
             return
         batch.lengths = self._token_lengths()
-        if self._stash or not self._gather.decided:
-            self._decide(batch)
+        self._gathering.end_batch(batch)
         if self._sizing_budget:
             self._sizing_budget = False
             self._pool.limit = min(max(batch.nbytes, AUTO_BUDGET_MIN), AUTO_BUDGET_MAX)
@@ -454,7 +287,7 @@ class TraceWriter:
             batch.ended = True
             ready = batch.pending == 0
         self._current = None
-        if self._gather.holding and self._close_chunks(self._rows):
+        if self._gathering.chunks.holding and self._gathering.close_chunks(self._rows):
             ready = True
         if ready:
             self._commit_ready()
@@ -473,8 +306,7 @@ class TraceWriter:
             # counting a task that will never run
             self._drained.wait_for(lambda: batch.writing == 0)
             self._open.pop(batch.number, None)
-        self._stash, self._stash_bytes = [], 0
-        self._gather.unclaim(batch.start)
+        self._gathering.discard(batch)
         self._batches -= 1
         self._rows = batch.start
 
@@ -496,20 +328,20 @@ class TraceWriter:
             batch = self._current
             if batch is not None:
                 batch.lengths = self._token_lengths()
-                if self._stash:
-                    self._decide(batch)
+                if self._gathering.stash:
+                    self._gathering.decide(batch)
                 with self._state_lock:
                     batch.ended = True
                 self._current = None
-            if self._gather.holding:
-                self._close_chunks(None)  # the last chunks, written with the rows they have
+            if self._gathering.chunks.holding:  # the last chunks, with the rows they have
+                self._gathering.close_chunks(None)
         finally:
             for _ in self._workers:
                 self._queue.put(_STOP)
             for worker in self._workers:
                 worker.join()
         self._pool.clear()
-        self._gather.drop_all()
+        self._gathering.chunks.drop_all()
         self._commit_ready(final=True)
         if self._error is None:
             try:
@@ -527,8 +359,7 @@ class TraceWriter:
         if self._error is None:
             self._failed_step, self._failed_where, self._error = step, where, error
         self._pool.break_()
-        with self._gather.lock:
-            self._gather.changed.notify_all()
+        self._gathering.notify()
 
     def _token_lengths(self) -> dict[str, int]:
         return {dim: size for dim, size in self.dims.sizes.items() if grows(dim)}
@@ -574,7 +405,7 @@ class TraceWriter:
                 grow_axis(self.variables.values(), dim, size)
         for var in self.variables.values():  # chunks in memory take the grown shape too
             if var.gather is not None and var.gather.chunks:
-                self._gather.regrow(var)
+                self._gathering.chunks.regrow(var)
 
     def _create_array(self, var: _Variable, sample: np.ndarray) -> Any:
         codecs = self.options.compression.codecs_for(sample)
@@ -657,33 +488,16 @@ class TraceWriter:
                 with self._drained:
                     batch.writing -= 1
                     self._drained.notify_all()
-            self._gathered_done(task, ok)
+            self._gathering.task_done(task, ok)
             self._task_done(batch)
-
-    def _gathered_done(self, task: _Task, ok: bool) -> None:
-        """A placement into a gathered chunk or a chunk's flush is over (done or not)."""
-        if task.parts is not None:
-            for var, chunk in [(task.var, c) for c in self._gather.placed(task.parts)]:
-                self._queue_flush(var, chunk)
-        if task.chunk is not None and task.group is not None:
-            self._gather.recycle(task.chunk)
-            if self._gather.finished(task.group, ok):
-                self._commit_ready()
 
     def _write(self, task: _Task) -> None:
         var = task.var
         if task.parts is not None:  # a gathered variable's rows: into its chunk in memory
-            data = self._to_host(task)
-            assert var.gather is not None
-            if not var.gather.accepts(data.dtype):
-                raise SchemaError(
-                    f"{var.name}: dtype {data.dtype} differs from the stored {var.gather.dtype}; "
-                    "append data of the same dtype or write a new store")
-            self._gather.place(var, task.parts, data)
+            self._gathering.place(task, self._to_host(task))
             return
         if task.chunk is not None:  # a gathered chunk, whole: its rows and fill values
-            data = self._gather.fill_gaps(var, task.chunk)
-            start, task.shape = task.chunk.start, tuple(data.shape[1:])
+            data, start = self._gathering.chunk_data(task), task.chunk.start
         else:
             data = self._to_host(task)
             start = task.batch.start
@@ -776,7 +590,7 @@ class TraceWriter:
             while committed in self._open:
                 batch = self._open[committed]
                 if not batch.ended or batch.pending or batch.failed \
-                        or self._gather.holds(batch.start + batch.size):
+                        or self._gathering.chunks.holds(batch.start + batch.size):
                     break
                 del self._open[committed]
                 self._unpublished.append(batch)
@@ -818,8 +632,7 @@ class TraceWriter:
             self.attrs.update(committed_batches=committed, committed_samples=samples,
                               status=STATUS_WRITING)
             self._write_root()
-        with self._gather.lock:  # a caller may wait for this commit (see _close_chunks)
-            self._gather.changed.notify_all()
+        self._gathering.notify()  # a caller may wait for this commit (see .gatherwrite)
 
     def _write_root(self) -> None:
         with self._create_lock:  # no array is half-created while its metadata is read

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 import layerscope
-from layerscope.core import CaptureError, StoreOptions, WriterError, _zarr_compat
+from layerscope.core import CaptureError, WriterError, _zarr_compat
 from layerscope.core.gather import GatherPolicy
 
 from .test_writer import make_recorder

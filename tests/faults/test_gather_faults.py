@@ -228,8 +228,8 @@ def test_damaged_gathered_chunks_are_named(tmp_path):
     files[2].write_bytes(files[2].read_bytes()[:-100])
     os.unlink(path / "v2@output" / "c.0.0.0")
     ds = layerscope.open_trace(path)
-    with pytest.raises(ChunkError, match="v1@output/c.1.0.0"):
-        ds["v1@output"].values
+    with pytest.raises(ChunkError, match=r"v1@output/c\.[12]\.0\.0"):
+        ds["v1@output"].load()
     np.testing.assert_array_equal(ds["v0@output"].values, expected("v0", 10))
     faults = {fault.key: fault.problem for fault in layerscope.verify(path).faults}
     assert set(faults) == {"v1@output/c.1.0.0", "v1@output/c.2.0.0", "v2@output/c.0.0.0"}

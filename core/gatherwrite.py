@@ -1,0 +1,265 @@
+"""The writer's side of gathering (see :mod:`.gather`): which variables are gathered, how a
+put reaches its chunk in memory, and when chunks are closed, written and committed.
+
+Calls come from :class:`.writer.TraceWriter` at four points: each ``put`` of a gathered (or
+still undecided) variable, each batch end, a discarded batch, and the close; writer threads
+report placements and flushes done through :meth:`GatheredWrites.task_done`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._zarr_compat import grow_rows
+from .errors import CaptureError, SchemaError
+from .gather import Chunk, Gatherer, VarGather
+
+if TYPE_CHECKING:
+    from .writer import Snapshot, ToNumpy, TraceWriter, _Batch, _Task, _Variable
+
+
+class GatheredWrites:
+    """One writer's gathering: its :class:`.gather.Gatherer` and the first batch's stash."""
+
+    def __init__(self, writer: TraceWriter, committed_samples: int) -> None:
+        self.writer = writer
+        self.policy = writer.options.gathering
+        self.chunks = Gatherer(self.policy, committed_samples)
+        #: the first batch's small tensors, waiting for the decision to gather
+        self.stash: list[_Task] = []
+        self.stash_bytes = 0
+
+    # -- which variables ---------------------------------------------------------------------
+
+    def is_small(self, data: Any, nbytes: int) -> bool:
+        kind = getattr(getattr(data, "dtype", None), "kind", "f")
+        return self.policy.enabled and nbytes <= self.policy.below and kind not in "UTOSV"
+
+    def undecided(self, var: _Variable, data: Any) -> bool:
+        """Whether ``var`` waits for the end of this writer's first batch (see :meth:`decide`)."""
+        return not self.chunks.decided and var.array is None \
+            and self.is_small(data, _nbytes(data))
+
+    def settle(self, var: _Variable, batch: _Batch, data: Any) -> None:
+        """Decide once per writer whether ``var`` is gathered: a new small variable once the
+        first batch chose to gather, an existing one whose chunks hold two batches or more."""
+        var.settled = True
+        if var.array is not None:
+            rows = int(var.array.metadata.chunk_grid.chunk_shape[0])
+            if rows >= 2 * batch.size and self.is_small(var.array, _nbytes(data)):
+                var.gather = VarGather(rows)
+                var.gather.accepts(var.array.dtype)
+                self._preload(var)
+        elif self.chunks.decided and self.chunks.group_batches > 1 \
+                and self.is_small(data, _nbytes(data)):
+            var.gather = VarGather(self.chunks.group_batches * batch.size)
+
+    def _preload(self, var: _Variable) -> None:
+        """The committed rows of the chunk this writer's first rows fall into, read back:
+        the chunk is written whole again, in one step (it holds committed rows)."""
+        assert var.gather is not None
+        committed = self.writer._committed_samples
+        start = committed // var.gather.rows * var.gather.rows
+        if start == committed:
+            return
+        if var.array.shape[0] < committed:
+            grow_rows(var.array, committed)
+        kept = np.asarray(var.array[start:committed])
+        parts = self.chunks.pieces(var, start, committed)
+        parts[0][0].existing = True
+        self.chunks.place(var, parts, kept)
+        parts[0][0].written.append(parts[0][1:])
+
+    # -- puts --------------------------------------------------------------------------------
+
+    def put(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
+            snapshot: Snapshot | None) -> None:
+        """Copy ``data`` into ``var``'s chunk in memory now where it can be; a device copy
+        (or other data a writer thread must wait for) is placed there by a writer thread."""
+        writer, chunks = self.writer, self.chunks
+        start, stop = batch.start, batch.start + batch.size
+        if snapshot is not None:
+            direct: list[np.ndarray] = []
+            taken: list[np.ndarray] = []
+
+            def alloc(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+                if direct or taken:
+                    raise CaptureError("a snapshot takes one buffer")
+                dtype = np.dtype(dtype)
+                if writer._stored_dtype(dtype) == dtype:
+                    view = chunks.view(var, start, stop, tuple(shape), dtype)
+                    if view is not None:
+                        direct.append(view)
+                        return view
+                buffer = writer._pool.take(math.prod(shape) * dtype.itemsize)
+                taken.append(buffer)
+                return buffer.view(dtype).reshape(shape)
+
+            try:
+                data = snapshot(data, alloc)
+            except BaseException:
+                for buffer in taken:
+                    writer._pool.give(buffer)
+                for view in direct:  # claimed, never copied: reads as the fill value
+                    view[...] = var.gather.fill if var.gather else 0
+                raise
+            if direct:
+                return
+            try:
+                if taken and self.place_now(var, start, stop, data):
+                    return
+            finally:
+                for buffer in taken:
+                    writer._pool.give(buffer)
+            if taken:
+                data = np.array(data)  # placed by a writer thread, which reports the dtype
+        elif isinstance(data, np.ndarray) and self.place_now(var, start, stop, data):
+            return
+        nbytes = _nbytes(data)
+        writer._pool.acquire(nbytes)
+        task = writer._task(batch, var, data, to_numpy, nbytes)
+        task.parts = chunks.claim(var, start, stop, deferred=True)
+        writer._queue_task(task)
+
+    def place_now(self, var: _Variable, start: int, stop: int, data: np.ndarray) -> bool:
+        """Copy host ``data`` into the chunk memory now; False where its dtype is not the
+        stored one (a writer thread then reports it)."""
+        assert var.gather is not None
+        host = self.writer._stored(data)
+        if not var.gather.accepts(host.dtype):
+            return False
+        self.chunks.place(var, self.chunks.claim(var, start, stop, deferred=False), host)
+        return True
+
+    def place(self, task: _Task, data: np.ndarray) -> None:
+        """A writer thread's placement of ``task``'s host data into its claimed chunks."""
+        var = task.var
+        assert var.gather is not None and task.parts is not None
+        if not var.gather.accepts(data.dtype):
+            raise SchemaError(f"{var.name}: dtype {data.dtype} differs from the stored "
+                              f"{var.gather.dtype}; append data of the same dtype or write a "
+                              "new store")
+        self.chunks.place(var, task.parts, data)
+
+    def stash_task(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
+                   snapshot: Snapshot | None) -> None:
+        """Hold a small tensor of this writer's first batch until the batch ends and decides
+        whether small variables are gathered. Held in memory of its own, outside the host
+        budget (the batch's other tensors must not wait for it), at most a quarter of the
+        gathering memory: past that, gathering would not pay and is decided against now."""
+        if snapshot is not None:
+            data = snapshot(data, lambda shape, dtype: np.empty(shape, dtype))
+        task = self.writer._task(batch, var, data, to_numpy, 0)
+        self.stash.append(task)
+        self.stash_bytes += _nbytes(data)
+        if self.stash_bytes > self.policy.memory // 4:
+            self.decide(batch)
+
+    def decide(self, batch: _Batch) -> None:
+        """At the end of this writer's first batch: gather its small variables, or write
+        them as every other variable (too few of them, or too little memory to gain)."""
+        stash, self.stash = self.stash, []
+        small, self.stash_bytes = self.stash_bytes, 0
+        batches = self.policy.group_batches(small, len(stash))
+        self.chunks.decided, self.chunks.group_batches = True, batches
+        for task in stash:
+            task.var.settled = True
+            if batches < 2:
+                self.writer._queue_task(task)
+                continue
+            var = task.var
+            var.gather = VarGather(batches * batch.size)
+            host = self.writer._to_host(task)
+            task.data = None
+            if not self.place_now(var, batch.start, batch.start + batch.size, host):
+                raise SchemaError(f"{var.name}: dtype {host.dtype} cannot be stored")
+
+    def discard(self, batch: _Batch) -> None:
+        self.stash, self.stash_bytes = [], 0
+        self.chunks.unclaim(batch.start)
+
+    # -- chunks closed, written, committed ---------------------------------------------------
+
+    def end_batch(self, batch: _Batch) -> None:
+        """The model's side of a batch end, before the batch counts as ended."""
+        if self.stash or not self.chunks.decided:
+            self.decide(batch)
+
+    def close_chunks(self, upto: int | None) -> bool:
+        """Close the gathered chunks that end by row ``upto`` (None: all, at the close) and
+        queue their flushes; then wait while an earlier group is still being written or
+        committed, so that at most two groups of chunks are in memory and a crash loses at
+        most two groups. True when rows became durable at once (nothing to write for them):
+        they may be committed now."""
+        writer, chunks = self.writer, self.chunks
+        durable, previous = chunks.durable, chunks.latest
+        group, closed = chunks.close_through(upto, writer._rows)
+        if group is not None and closed:
+            with writer._state_lock:
+                # the manifest of the last batch this group commits lists the chunks; that
+                # of the batch across the group's end where none ends before it
+                candidates = [b for b in writer._open.values()
+                              if b.ended and b.start + b.size <= group.rows] \
+                    or list(writer._open.values())
+                manifest = max(candidates, key=lambda b: b.number) if candidates else None
+                if manifest is not None:
+                    manifest.pending += len(closed)
+                    if manifest.ended and manifest.start + manifest.size <= group.rows:
+                        group.commits = manifest.start + manifest.size
+                    chunks.latest = group
+            if manifest is None:  # no batch is open: nothing of this writer's is in them
+                for _, chunk in closed:
+                    chunks.recycle(chunk)
+                    chunks.finished(group, True)
+            else:
+                for var, chunk in chunks.seal(closed, group, manifest):
+                    self.queue_flush(var, chunk)
+        target = previous.commits if previous is not None and upto is not None else 0
+        chunks.wait(lambda: (chunks.in_flight_locked() <= (1 if upto is not None else 0)
+                             and writer._published_samples >= target)
+                    or writer._error is not None)
+        return not closed and chunks.durable > durable
+
+    def queue_flush(self, var: _Variable, chunk: Chunk) -> None:
+        assert chunk.flush is not None
+        group, batch = chunk.flush
+        task = self.writer._task(batch, var, None, _identity, 0)
+        task.chunk, task.group = chunk, group
+        self.writer._queue.put(task)
+
+    def chunk_data(self, task: _Task) -> np.ndarray:
+        """A flush's data: the whole chunk, fill values where no rows were placed."""
+        assert task.chunk is not None
+        data = self.chunks.fill_gaps(task.var, task.chunk)
+        task.shape = tuple(data.shape[1:])
+        return data
+
+    def task_done(self, task: _Task, ok: bool) -> None:
+        """A placement into a gathered chunk or a chunk's flush is over (done or not)."""
+        if task.parts is not None:
+            for chunk in self.chunks.placed(task.parts):
+                self.queue_flush(task.var, chunk)
+        if task.chunk is not None and task.group is not None:
+            self.chunks.recycle(task.chunk)
+            if self.chunks.finished(task.group, ok):
+                self.writer._commit_ready()
+
+    def notify(self) -> None:
+        """Wake a caller waiting in :meth:`close_chunks` (a commit, or a failure)."""
+        with self.chunks.lock:
+            self.chunks.changed.notify_all()
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _nbytes(data: Any) -> int:
+    """The host bytes ``data`` takes: its ``nbytes`` where it is an int, else 4 an element."""
+    nbytes = getattr(data, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    return math.prod(int(size) for size in data.shape) * 4
