@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import StoreError
 from .hostpool import page_aligned
+from .manifest import write_local_file
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere chunks go through the page cache
@@ -71,6 +72,20 @@ class ChunkFiles:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def document(self, key: str, data: bytes) -> None:
+        """Write a metadata document ``root/key`` in one step (a new file renamed into place),
+        its folder made first, refusing links as :meth:`write` does."""
+        path = os.path.join(self.root, key)
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._refuse_links(parent)
+            self._dirs.add(parent)
+        if os.path.islink(path):
+            raise StoreError(f"{path} is a symbolic link; layerscope writes nothing outside "
+                             f"the store {self.root}. Remove it first")
+        write_local_file(Path(path), data, self.durable)
 
     def replace(self, key: str, body: np.ndarray, trailer: bytes) -> None:
         """Write the file ``root/key`` in one step: a new file (mode 0666 less the umask),

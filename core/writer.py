@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ._zarr_compat import grow_rows
+from ._zarr_compat import create_array, grow_rows
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
-from .commit import array_document, publish, save_array_documents
+from .commit import publish, save_array_documents
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .gather import Chunk, FlushGroup, VarGather
@@ -420,12 +420,12 @@ class TraceWriter:
             kind = sample.dtype.kind
             fill = fill_value_for(sample.dtype)
             dtype: Any = str if kind in "UTO" else sample.dtype
-            var.array = self.group.create_array(
-                var.name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                compressors=codecs, chunk_key_encoding=CHUNK_KEYS,
-                dimension_names=list(var.dims), attributes=var.attrs, config=ARRAY_CONFIG,
+            var.array, var.document = create_array(
+                self.group, var.name, self._files.document if self._files else None,
+                shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=codecs,
+                chunk_key_encoding=CHUNK_KEYS, dimension_names=list(var.dims),
+                attributes=var.attrs, config=ARRAY_CONFIG,
             )
-            var.document = array_document(var.array)
             return var.array
 
     def _save_array_metadata(self) -> None:
