@@ -7,7 +7,9 @@ Format. Before the root document that commits batch ``n`` is published, the writ
 
     {"batch": n, "chunks": {"<array name>/<chunk file name>": [nbytes, crc32c], ...}}
 
-listing every chunk file written for batch ``n``: ``nbytes`` is the file's size and ``crc32c``
+listing every chunk file written for batch ``n`` (and, in a store with gathered variables, the
+gathered chunks its commit makes durable, which hold rows of the batches before it too:
+core/gather.py): ``nbytes`` is the file's size and ``crc32c``
 a crc32c (Castagnoli, as an unsigned int; :func:`recorded_crc`). For an array whose last codec
 is crc32c, every chunk file ends in a 4-byte little-endian crc32c of the bytes before it, and
 the manifest records that checksum: the crc32c of the file's bytes before the trailer. (The
