@@ -13,6 +13,7 @@ GIL), so checks of concurrent reads run in parallel.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -100,6 +101,15 @@ class CheckedStore(WrapperStore[Any]):
 
     def __repr__(self) -> str:
         return f"CheckedStore({self._store!r})"
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        """What names this store's data for dask: the wrapped store, the committed batches
+        and every array's shape (dask would otherwise pickle the whole wrapper, layouts and
+        documents of thousands of arrays included, to find one)."""
+        shapes = hashlib.blake2b(repr(sorted((name, layout.shape) for name, layout
+                                             in self.layouts.items())).encode()).hexdigest()
+        return ("layerscope.CheckedStore", repr(self._store), self.where, self.committed_batches,
+                self.live, shapes)
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -122,8 +122,9 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
     ordered = sorted(ds.data_vars, key=lambda name: _order(ds.variables[name].attrs))
     if ordered != list(ds.data_vars):
         ds = ds[ordered]
-    labels = [name for name in LABELS if name in ds.variables]
-    ds = ds.set_coords(labels)
+    labels = [name for name in LABELS if name in ds.data_vars]
+    if labels:  # a copy of the Dataset: skipped when there is nothing to move
+        ds = ds.set_coords(labels)
     for dim in ds.dims:
         if str(dim).startswith(("token", "decoder_token")) and dim not in ds.coords:
             ds = ds.assign_coords({dim: np.arange(ds.sizes[dim])})
