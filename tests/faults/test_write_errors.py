@@ -11,7 +11,6 @@ import warnings
 
 import numpy as np
 import pytest
-import zarr
 
 import layerscope
 import layerscope.core.chunkfile as chunkfile
