@@ -99,17 +99,18 @@ class ChunkWriter:
             if entries is not None:  # with a trailer or without, the body's crc32c
                 entries.append((key, body.nbytes + len(trailer), crc))
 
-    def keys(self, start: int, stop: int,
-             trailing: tuple[int, ...] | None = None) -> list[str]:
+    def keys(self, start: int, stop: int, trailing: tuple[int, ...] | None = None,
+             offset: tuple[int, ...] | None = None) -> list[str]:
         """The keys of every chunk holding rows ``start:stop`` (what zarr writes for them),
-        within the first ``trailing`` positions of the other axes (default: all)."""
+        within ``trailing`` positions of the other axes from ``offset`` (default: all)."""
         chunks = tuple(int(n) for n in self.array.metadata.chunk_grid.chunk_shape)
         extent = trailing if trailing is not None else self.array.shape[1:]
-        counts = [-(-int(size) // chunk) for size, chunk in zip(extent, chunks[1:],
-                                                                 strict=True)]
+        first = offset if offset is not None else (0,) * len(extent)
+        ranges = [range(begin // chunk, (begin + int(size) - 1) // chunk + 1)
+                  for begin, size, chunk in zip(first, extent, chunks[1:], strict=True)]
         rows = range(start // chunks[0], (stop - 1) // chunks[0] + 1)
         return [self.prefix + chunk_key(self.array, index)
-                for index in itertools.product(rows, *(range(n) for n in counts))]
+                for index in itertools.product(rows, *ranges)]
 
     def read_back(self, key: str, durable: bool = False) -> Entry | None:
         """``(key, size, crc32c)`` of a chunk file as stored (the crc32c the manifest records,

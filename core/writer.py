@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._zarr_compat import get_bytes, grow_rows, save_rows, set_shape
+from ._zarr_compat import get_bytes, grow_rows, save_rows, set_attributes, set_shape
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import array_document, publish
@@ -40,6 +40,7 @@ from .hostpool import HostPool
 from .lock import adopt_lock
 from .manifest import MANIFEST_DIR, write_manifest
 from .naming import DimRegistry, plain_role
+from .region import Region
 
 ToNumpy = Callable[[Any], np.ndarray]
 #: (host shape, numpy dtype) -> an empty array in memory the writer owns and reuses
@@ -82,6 +83,7 @@ class _Batch:
     writing: int = 0  # tasks a worker is writing now (counted by workers only)
     ended: bool = False
     failed: bool = False
+    wrote: bool = False  # a worker started writing for it
     nbytes: int = 0
     #: the token axes' stored lengths once this batch has been put (published at its commit)
     lengths: dict[str, int] = field(default_factory=dict)
@@ -100,6 +102,7 @@ class _Task:
     #: the variable's stored shape per sample when this was put: what its batch fills
     #: (token axes grown by later passes are theirs: they commit with them)
     shape: tuple[int, ...] = ()
+    region: Region | None = None  # where a piece of the batch's rows goes (.region)
 
 
 class TraceWriter:
@@ -151,6 +154,7 @@ class TraceWriter:
         #: token axes' lengths as of the last batch committed / published (see .growth)
         self._committed_lengths = self._published_lengths = self._token_lengths()
         self._invalidated = self._invalidate_uncommitted()
+        self._discarded_from: int | None = None
         self.attrs["status"] = STATUS_WRITING
         try:
             self._write_root()
@@ -176,6 +180,8 @@ class TraceWriter:
             raise CaptureError("begin_batch called twice without end_batch")
         if size < 1:
             raise CaptureError(f"a batch needs at least one sample, got {size}")
+        if self._discarded_from is not None:
+            self._forget_discarded()
         with self._state_lock:
             batch = _Batch(self._batches, self._rows, size)
             self._open[batch.number] = batch
@@ -190,11 +196,14 @@ class TraceWriter:
                  {"description": "global sample index across appends"})
 
     def put(self, name: str, data: Any, roles: tuple[str, ...], attrs: dict[str, Any],
-            to_numpy: ToNumpy = _as_numpy, snapshot: Snapshot | None = None) -> None:
+            to_numpy: ToNumpy = _as_numpy, snapshot: Snapshot | None = None,
+            region: Region | None = None) -> None:
         """Queue ``data`` (batch axis first) as rows of the current batch of variable ``name``.
 
         With ``snapshot``, ``data`` is copied now, before the model can change it in place,
-        preferably into reused memory of the writer's (see :class:`HostPool`).
+        preferably into reused memory of the writer's (see :class:`HostPool`). With
+        ``region``, ``data`` is a piece of those rows (see :mod:`.region`); a variable may
+        take several pieces in one batch, which must not overlap.
         """
         self.raise_if_failed()
         batch = self._current
@@ -206,14 +215,24 @@ class TraceWriter:
                 f"{name}: leading axis {shape[:1]} is not the batch of {batch.size} samples; "
                 "backends must move the batch axis first"
             )
-        var = self._variable(name, roles, shape, attrs)
+        full = shape if region is None else (shape[0], *region.shape)
+        var = self._variable(name, roles, full, attrs)
         task = self._hold(batch, var, data, to_numpy, snapshot)
-        task.shape = var.trailing
+        task.shape, task.region = var.trailing, region
         if self._sizing_budget:
             batch.nbytes += task.nbytes
         with self._state_lock:
             batch.pending += 1
         self._queue.put(task)
+
+    def declare(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
+                attrs: dict[str, Any]) -> None:
+        """Register variable ``name`` of ``shape`` (batch first) in the current batch before
+        its data comes in pieces (``put(..., region=...)``): its dims and its ``order``."""
+        self.raise_if_failed()
+        if self._current is None:
+            raise CaptureError("declare called outside a batch; call begin_batch first")
+        self._variable(name, roles, shape, attrs)
 
     def _hold(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
               snapshot: Snapshot | None) -> _Task:
@@ -275,6 +294,16 @@ class TraceWriter:
             self._open.pop(batch.number, None)
         self._batches -= 1
         self._rows = batch.start
+        if batch.wrote:  # its chunks must not show through the rows the next batch skips
+            self._discarded_from = batch.start
+
+    def _forget_discarded(self) -> None:
+        """Make the rows a discarded batch wrote read as fill values again, once the batches
+        before it are written (they may share its first chunk)."""
+        with self._state_lock:
+            self._drained.wait_for(lambda: all(b.pending == 0 for b in self._open.values()))
+        start, self._discarded_from = self._discarded_from, None
+        self._invalidated += self._invalidate_uncommitted(start)
 
     def raise_if_failed(self) -> None:
         error = self._error
@@ -319,6 +348,19 @@ class TraceWriter:
         if self._error is None:
             self._failed_step, self._failed_where, self._error = step, where, error
         self._pool.break_()
+
+    def update_attrs(self, name: str, attrs: dict[str, Any]) -> None:
+        """Add attributes to variable ``name`` (published with the next commit); those it has
+        already keep their values, as its attributes from its creation do."""
+        var = self.variables.get(name)
+        if var is None or all(key in var.attrs for key in attrs):
+            return
+        with self._create_lock:
+            var.attrs = {**attrs, **var.attrs}
+            if var.array is not None:
+                with var.lock:
+                    set_attributes(var.array, var.attrs)
+                    var.document = array_document(var.array)
 
     def _token_lengths(self) -> dict[str, int]:
         return {dim: size for dim, size in self.dims.sizes.items() if grows(dim)}
@@ -391,15 +433,17 @@ class TraceWriter:
             self.dims.sizes[dim] = longest
             grow_axis(self.variables.values(), dim, longest)
 
-    def _invalidate_uncommitted(self) -> list[Entry]:
-        """Make rows past the committed length read as fill values again before anything is
-        appended: a writer that crashed mid-batch may have left chunks of them, which a
-        variable the next batch skips would otherwise show. Chunks wholly past the committed
-        rows are deleted; the chunk across the boundary is rewritten with fill values past it.
-        Returns the rewritten chunks' manifest entries."""
+    def _invalidate_uncommitted(self, committed: int | None = None) -> list[Entry]:
+        """Make rows past the committed length (or row ``committed``) read as fill values
+        again before anything is appended: a writer that crashed mid-batch, or a discarded
+        batch, may have left chunks of them, which a variable the next batch skips would
+        otherwise show. Chunks wholly past those rows are deleted; the chunk across the
+        boundary is rewritten with fill values past it. Returns the rewritten chunks'
+        manifest entries."""
         if self._files is None or not self.variables:
             return []  # chunk files can only be listed on a local disk
-        committed = self._committed_samples
+        if committed is None:
+            committed = self._committed_samples
         entries: list[Entry] = []
         for var in self.variables.values():
             array = var.array
@@ -437,14 +481,15 @@ class TraceWriter:
                         entries.append(found)
         return entries
 
-    def _create_array(self, var: _Variable, sample: np.ndarray) -> Any:
+    def _create_array(self, var: _Variable, sample: np.ndarray,
+                      region: Region | None = None) -> Any:
         codecs = self.options.compression.codecs_for(sample)
         with self._create_lock:
             if var.array is not None:
                 return var.array
             shape = (0, *var.trailing)
             chunks = chunk_shape(shape, var.dims, sample.dtype.itemsize, sample.shape[0],
-                                 self.options.chunks)
+                                 self.options.chunks, region.chunks if region else None)
             kind = sample.dtype.kind
             fill = fill_value_for(sample.dtype)
             dtype: Any = str if kind in "UTO" else sample.dtype
@@ -490,6 +535,7 @@ class TraceWriter:
             run = self._error is None and batch.size > 0
             if run:
                 batch.writing += 1
+                batch.wrote = True
             elif batch.size > 0:
                 batch.failed = True  # skipped after a failure: never committed
         try:
@@ -518,7 +564,7 @@ class TraceWriter:
         var = task.var
         if var.array is None:
             try:
-                self._create_array(var, data)
+                self._create_array(var, data, task.region)
             except BaseException as exc:
                 raise _StepFailed("array creation", exc, f"{self._where}/{var.name}") from exc
         array = var.array
@@ -531,21 +577,26 @@ class TraceWriter:
             )
         start, stop = task.batch.start, task.batch.start + task.batch.size
         entries: list[Entry] | None = [] if self.options.checksums else None
-        # a pass shorter than the stored token axes: filled past its own length
-        data = padded(data, task.shape, array.fill_value)
+        region = task.region
+        if region is None:
+            # a pass shorter than the stored token axes: filled past its own length
+            data = padded(data, task.shape, array.fill_value)
         with var.lock:
             if var.chunk_writer is None:
                 var.chunk_writer = ChunkWriter(array, self._files)
                 self._synced.add(var.name)
             writer = var.chunk_writer
-            if not writer.covers(start, data):
+            if region is not None or not writer.covers(start, data):
                 if array.shape[0] < stop:  # zarr checks the bounds of what it writes
                     grow_rows(array, max(stop, 2 * array.shape[0]))
                 # partial chunks: zarr reads, merges and rewrites; only the positions this
                 # batch fills (an axis grown since by a later pass is that pass's to commit)
-                array[(slice(start, stop), *(slice(0, n) for n in task.shape))] = data
+                extent = tuple(int(n) for n in data.shape[1:]) if region else task.shape
+                offset = region.offset if region else (0,) * len(extent)
+                where = region.slices(extent) if region else tuple(slice(0, n) for n in extent)
+                array[(slice(start, stop), *where)] = data
                 if entries is not None or self.options.durable:
-                    for key in writer.keys(start, stop, task.shape):  # read back zarr's
+                    for key in writer.keys(start, stop, extent, offset):  # read back zarr's
                         entry = writer.read_back(key, self.options.durable)
                         if entry is not None and entries is not None:
                             entries.append(entry)

@@ -331,3 +331,38 @@ def test_the_heatmap_marks_where_generation_starts(tmp_path):
     # the sample's own positions: its prompt and every generated token (the last one, never
     # fed back, is a row of fill)
     assert image.get_array().shape == (PROMPT + NEW_TOKENS - PADDING[sample],) * 2
+
+
+def test_the_grid_and_head_view_mark_where_generation_starts(tmp_path):
+    """The model view marks the boundary on every map, the head view under the last prompt
+    token of each column; each over the sample's own tokens."""
+    from layerscope.renderers.attention import attention_grid, head_view
+
+    model = FAMILIES["gpt2"].build("eager")
+    ids, mask = prompts(model.config.vocab_size)
+    path = tmp_path / "marked.zarr"
+    with layerscope.trace(model, path, kinds=["attention"]):
+        generate(model, ids, mask, sampled=False)
+    ds = layerscope.open_trace(path)
+    sample = 2
+    first = PROMPT - PADDING[sample]  # the first generated position in the sample's window
+    grid = attention_grid(ds, sample=sample)
+    maps = [ax for ax in grid.axes if ax.get_images()]
+    assert len(maps) == 2 * 4  # layers x heads
+    for ax in maps:
+        dashed = [line.get_xydata() for line in ax.get_lines() if line.get_linestyle() == "--"]
+        vertical = [xy[0, 0] for xy in dashed if xy[0, 0] == xy[1, 0]]
+        horizontal = [xy[0, 1] for xy in dashed if xy[0, 1] == xy[1, 1]]
+        assert vertical == [first - 0.5] and horizontal == [first - 0.5], dashed
+        assert ax.get_images()[0].get_array().shape == (PROMPT + NEW_TOKENS - PADDING[sample],) * 2
+    assert "generated after the dashed lines" in grid._suptitle.get_text()
+
+    view = head_view(ds, layer=1, sample=sample, heads=[0, 3])
+    ax = view.axes[0]
+    marks = [line.get_xydata() for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(marks) == 2  # one under the queries' prompt, one under the keys'
+    assert all(np.allclose(mark[:, 1], first - 0.5) for mark in marks)
+    assert sorted(mark[0, 0] < 0.5 for mark in marks) == [False, True]  # left and right
+    labels = [text.get_text() for text in ax.texts]
+    assert len(labels) == 2 * (PROMPT + NEW_TOKENS - PADDING[sample])  # queries and keys
+    assert "generated after the dashed line" in ax.get_title()
