@@ -1,5 +1,6 @@
-"""``layerscope trace MODEL --generate N``: greedy generation of N tokens for each text, traced
-as one sample per generated sequence (see ``backends/_torch_generate``)."""
+"""``layerscope trace MODEL --generate N``: generation of N tokens for each text (greedy, or
+sampled with ``--sample``), traced as one sample per generated sequence (see
+``backends/_torch_generate``)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,29 @@ def check_generate_request(request: Request, framework: str) -> None:
             "--generate the decoder reads the target texts)")
 
 
+def sampling_settings(args: Any) -> dict[str, Any]:
+    """generate()'s sampling arguments from the command line: none unless --sample (with
+    --generate); a sampling option without them is refused rather than ignored."""
+    given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "seed")
+             if getattr(args, name, None) is not None}
+    if (given or args.sample) and not args.generate:
+        raise LayerscopeError("--sample, --temperature, --top-k, --top-p and --seed choose how "
+                              "--generate draws tokens: add --generate N")
+    if given and not args.sample:
+        options = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise LayerscopeError(f"{options} apply to sampling: add --sample (generation is "
+                              "greedy without it)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise LayerscopeError(f"--top-p {args.top_p}: give a probability in (0, 1]")
+    if args.temperature is not None and args.temperature <= 0:
+        raise LayerscopeError(f"--temperature {args.temperature}: give a positive number")
+    return {"do_sample": bool(args.sample), **given}
+
+
 def trace_generation(loaded: Any, texts: list[str] | None, path: str | Path,
                      selection: Selection, *, new_tokens: int, batch_size: int,
-                     max_length: int | None, mode: str, progress: bool) -> None:
+                     max_length: int | None, mode: str, progress: bool,
+                     sampling: dict[str, Any] | None = None) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()):
@@ -48,14 +69,18 @@ def trace_generation(loaded: Any, texts: list[str] | None, path: str | Path,
         batches = tqdm(batches, desc="generating", unit="batch")
     import torch
 
+    settings = dict(sampling or {"do_sample": False})
+    seed = settings.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
     with trace(model, path, selection, tokenizer=tokenizer,
                options=StoreOptions(mode=mode)) as active, torch.no_grad():
         for start in batches:
             active.set_texts(texts[start:start + batch_size])
             model.generate(**{name: value[start:start + batch_size]
                               for name, value in prompts.items()},
-                           max_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
+                           max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
+                           **settings)
 
 
 def _tokenized(tokenizer: Any, texts: list[str], max_length: int | None,

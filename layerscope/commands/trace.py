@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope._hf_architectures import folder_architecture
-from layerscope._trace_generate import check_generate_request, trace_generation
+from layerscope._trace_generate import check_generate_request, sampling_settings, trace_generation
 from layerscope._trace_inputs import check_request, model_inputs, read_request
 from layerscope.api import capture
 from layerscope.backends import detect
@@ -70,7 +70,14 @@ def register(subparsers: Any) -> None:
                         help=f"texts or images per forward pass, 1..{MAX_BATCH_SIZE} (default: %(default)s)")
     parser.add_argument("--generate", type=integer(1, MAX_TOKENS), metavar="N",
                         help="causal LMs and encoder-decoders (PyTorch): generate N tokens "
-                             "(greedy) for each text and trace every step")
+                             "(greedy unless --sample) for each text and trace every step")
+    sampling = parser.add_argument_group("sampling (with --generate; off by default)")
+    sampling.add_argument("--sample", action="store_true",
+                          help="draw each token (do_sample) instead of taking the likeliest")
+    sampling.add_argument("--temperature", type=float, help="sampling temperature")
+    sampling.add_argument("--top-k", type=integer(1), help="sample among the K likeliest")
+    sampling.add_argument("--top-p", type=float, help="sample within probability mass P")
+    sampling.add_argument("--seed", type=integer(0), help="seed of the draws (repeatable runs)")
     parser.add_argument("--max-length", type=integer(1, MAX_TOKENS),
                         help=f"truncate texts (and target texts) to this many tokens, 1..{MAX_TOKENS}")
     mode = parser.add_mutually_exclusive_group()
@@ -91,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     architecture = folder_architecture(folder, args.framework) if folder else None
     if args.generate:
         check_generate_request(request, args.framework)
+    sampling = sampling_settings(args)
     check_request(request, architecture, args.framework, folder)  # before weights are read
     loaded = load(args.model, args.framework, args.attn_implementation, architecture)
     detect(loaded.model)  # something that is not a model is refused before its inputs
@@ -100,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.generate:
         trace_generation(loaded, request.texts, args.output, selection,
                          new_tokens=args.generate, batch_size=args.batch_size,
-                         max_length=args.max_length, mode=mode, progress=not args.no_progress)
+                         max_length=args.max_length, mode=mode, progress=not args.no_progress,
+                         sampling=sampling)
     else:
         inputs = model_inputs(request, loaded, args.batch_size, output, args.append)
         capture(loaded.model, inputs, args.output, selection, tokenizer=loaded.tokenizer,
