@@ -188,7 +188,7 @@ class DeviceCopies:
         done = ops.new_event(blocking=True)
         done.record(side)
         held = DeviceCopy(host, done)
-        weakref.finalize(held, self.pool.give, buffer, done).atexit = False
+        weakref.finalize(held, self.pool.give, buffer, done)
         return held
 
     def _side_stream(self, device: torch.device) -> Any:
