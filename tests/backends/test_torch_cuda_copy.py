@@ -68,6 +68,7 @@ class FakeCuda:
         self.lock = threading.Lock()
         self.log: list[tuple[str, str, Any]] = []
         self.streams: list[FakeStream] = []
+        self.in_flight: dict[int, int] = {}  # host address -> copies into it not yet run
 
     def enqueue(self, stream: FakeStream, work: Callable[[], None]) -> None:
         if stream.eager:
@@ -107,7 +108,14 @@ class FakeCuda:
 
     def copy(self, host: torch.Tensor, source: torch.Tensor, stream: FakeStream) -> None:
         self.log.append(("copy", stream.name, source))
-        self.enqueue(stream, lambda: host.copy_(source))  # holds source, as record_stream
+        address = host.data_ptr()
+        self.in_flight[address] = self.in_flight.get(address, 0) + 1
+
+        def run() -> None:
+            host.copy_(source)  # holds source, as record_stream does
+            self.in_flight[address] -= 1
+
+        self.enqueue(stream, run)
 
     def pinned(self, nbytes: int) -> torch.Tensor:
         return torch.full((nbytes,), STALE, dtype=torch.uint8)
@@ -247,3 +255,93 @@ def test_trace_through_the_side_stream(tmp_path, monkeypatch, fake, dtype):
     assert {stream for _, stream, _ in fake.entries("wait")} == {"side0"}
     # the three outputs have one size; the budget lets one wait while the next is copied
     assert copies.pool.made <= 2
+
+
+# -- faults: the device fails under a copy, the user interrupts a pass with copies in flight --
+
+
+def fake_cuda_path(monkeypatch: pytest.MonkeyPatch, copies: DeviceCopies) -> None:
+    monkeypatch.setattr(_torch_cuda, "COPIES", copies)
+    monkeypatch.setattr(torch_backend, "snapshot",
+                        lambda tensor, alloc=None: copies.copy(tensor.detach()))
+
+
+def test_a_device_error_at_the_event_surfaces_in_the_caller(tmp_path, monkeypatch, fake):
+    """CUDA reports an asynchronous error (an illegal memory access) where the writer waits
+    on a copy: the caller gets a WriterError, the store ends aborted, and the batches
+    committed before it hold their values."""
+    copies = DeviceCopies(fake)
+    fake_cuda_path(monkeypatch, copies)
+    waited = 0
+    synchronize = FakeEvent.synchronize
+
+    def failing(self: FakeEvent) -> None:
+        nonlocal waited
+        waited += 1
+        if waited > 6:  # the copies of batches 0 and 1 arrive; the first of batch 2 fails
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        synchronize(self)
+
+    monkeypatch.setattr(FakeEvent, "synchronize", failing)
+    torch.manual_seed(0)
+    model = Blocks(torch.float32).eval()
+    inputs = [torch.randn(4, 5, 6) for _ in range(5)]
+    path = tmp_path / "t.zarr"
+    with pytest.raises(layerscope.WriterError, match="illegal memory access"):
+        with layerscope.trace(model, path, "blocks.*", options=StoreOptions(max_pending_bytes=1)), \
+                torch.no_grad():
+            for x in inputs:
+                model(x)
+    with pytest.warns(UserWarning, match="aborted"):
+        ds = layerscope.open_trace(path)
+    committed = ds.attrs["committed_batches"]
+    assert ds.attrs["status"] == "aborted" and 1 <= committed <= 2
+    with torch.no_grad():
+        first = model.blocks[0](torch.cat(inputs[:committed]))
+    np.testing.assert_array_equal(ds["blocks.0@output"].values, first.numpy())
+
+
+def test_failed_passes_leave_their_copies_behind_safely(tmp_path, monkeypatch, fake):
+    """Passes that raise half-way, the user going on in the same trace: each is discarded
+    when the next begins, the copies the writer had not reached dropped without a wait. No
+    buffer whose copy is still queued is handed out again, and the passes that completed are
+    stored exactly."""
+    copies = DeviceCopies(fake)
+    fake_cuda_path(monkeypatch, copies)
+    take = copies.pool.take
+    reused = 0
+
+    def checked_take(nbytes: int) -> torch.Tensor:
+        nonlocal reused
+        made = copies.pool.made
+        buffer = take(nbytes)
+        reused += copies.pool.made == made
+        assert not fake.in_flight.get(buffer.data_ptr()), "a buffer with a copy still queued"
+        return buffer
+
+    monkeypatch.setattr(copies.pool, "take", checked_take)
+    torch.manual_seed(0)
+    model = Blocks(torch.float32).eval()
+    inputs = [torch.randn(4, 5, 6) for _ in range(6)]
+    failing = [False]
+
+    def fail(module: nn.Module, args: Any, output: Any) -> None:
+        if failing[0]:
+            raise RuntimeError("a bad batch")
+
+    model.blocks[2].register_forward_hook(fail)
+    completed = []
+    with layerscope.trace(model, tmp_path / "t.zarr", "blocks.*"), torch.no_grad():
+        for number, x in enumerate(inputs):
+            failing[0] = number % 2 == 1
+            try:
+                model(x)
+                completed.append(x)
+            except RuntimeError:
+                pass
+    assert reused  # the pool did hand buffers out again
+    ds = layerscope.open_trace(tmp_path / "t.zarr")
+    assert ds.attrs["committed_batches"] == len(completed) == 3
+    with torch.no_grad():
+        expected = model.blocks[1](model.blocks[0](torch.cat(completed)).relu())
+    np.testing.assert_array_equal(ds["blocks.1@output"].values, expected.numpy())
