@@ -9,9 +9,9 @@ A writer thread waits on the copy's event before it reads the buffer (:func:`hos
 
 Pinned buffers come from a :class:`PinnedPool` and are reused batch after batch. A buffer goes
 back to the pool when nothing refers to its copy any more (the writer dropped the task and
-every NumPy view of it), and is handed out again only once its copy's event has completed: a
-batch discarded before the writer waited on it cannot have its buffer overwritten by the next
-copy while its own is still in flight.
+every NumPy view of it), and is handed out again only once its copy's event has completed: the
+copy of a batch discarded before the writer waited on it may still be queued on one device's
+side stream, and the buffer's next copy may run on another device's, in either order.
 
 Every CUDA call goes through :class:`CudaOps`, so tests run this logic on CPU with a fake.
 """
