@@ -129,6 +129,32 @@ def test_llama_from_pretrained_with_cpu_and_disk_offload(tmp_path, attention):
     check_dispatched(tmp_path, plain, dispatched, "model.layers.1.")
 
 
+def test_generate_on_a_dispatched_model(tmp_path):
+    """generate() of a model with a layer and its head on disk: one sequence per sample, as
+    from the same weights loaded plainly."""
+    torch.manual_seed(5)
+    folder = saved(tmp_path, LlamaForCausalLM(llama_config()))
+    plain = LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    dispatched = LlamaForCausalLM.from_pretrained(
+        folder, attn_implementation="eager", device_map=LLAMA_MAP,
+        offload_folder=tmp_path / "offload").eval()
+    ids = token_ids(120)
+    mask = torch.ones_like(ids)
+    stores = {}
+    for name, model in (("plain", plain), ("dispatched", dispatched)):
+        stores[name] = tmp_path / f"{name}.zarr"
+        with layerscope.trace(model, stores[name], kinds=["output", "attention"]), \
+                torch.no_grad():
+            generated = model.generate(ids, attention_mask=mask, max_new_tokens=3,
+                                       do_sample=False, pad_token_id=0)
+        assert generated.shape == (BATCH, LENGTH + 3)
+    ds, reference = (layerscope.open_trace(stores[name]) for name in ("dispatched", "plain"))
+    assert_same_variables(ds, reference)
+    for name, var in captures(ds).items():
+        np.testing.assert_array_equal(var.values, reference[name].values, err_msg=name)
+    np.testing.assert_array_equal(ds["token_id"].values, reference["token_id"].values)
+
+
 def test_gpt2_load_checkpoint_and_dispatch(tmp_path):
     torch.manual_seed(1)
     folder = saved(tmp_path, GPT2LMHeadModel(gpt2_config()))
