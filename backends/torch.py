@@ -11,7 +11,6 @@ A ``torch.compile``d model is traced through the module it wraps, run eagerly wh
 from __future__ import annotations
 
 import functools
-import itertools
 import sys
 import weakref
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from ._attention import (
     multihead_weights,
 )
 from ._structure import leaves, part_kind
+from ._torch_accelerate import input_device
 from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
 from ._torch_generate import GenerateWrapper
@@ -319,7 +319,7 @@ class TorchBackend:
         return described
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        device = _input_device(model)
+        device = input_device(model)
 
         def convert(value: Any) -> Any:
             if isinstance(value, np.ndarray):
@@ -349,26 +349,6 @@ class TorchBackend:
 
 
 BACKEND: Backend = TorchBackend()
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where the model takes its inputs: accelerate's execution device where its hooks
-    dispatch the model (its offloaded weights sit on the meta device between calls), else
-    the device of its first weight that holds values."""
-    root_hook = getattr(model, "_hf_hook", None)
-    device = getattr(root_hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device)
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if not tensor.is_meta:
-            return tensor.device
-    for module in model.modules():  # everything offloaded (cpu_offload, disk_offload)
-        hook = getattr(module, "_hf_hook", None)
-        for part in getattr(hook, "hooks", (hook,)):  # accelerate's SequentialHook
-            device = getattr(part, "execution_device", None)
-            if device is not None:
-                return torch.device(device)
-    return torch.device("cpu")
 
 
 def _mask(value: Any) -> Any:
