@@ -47,7 +47,11 @@ def sampling_settings(args: Any) -> dict[str, Any]:
 def trace_generation(loaded: Any, texts: list[str] | None, path: str | Path,
                      selection: Selection, *, new_tokens: int, batch_size: int,
                      max_length: int | None, mode: str, progress: bool,
-                     sampling: dict[str, Any] | None = None) -> None:
+                     sampling: dict[str, Any] | None = None,
+                     pad_to: int | None = None) -> None:
+    """``pad_to``: pad every prompt to this many tokens (at least the longest's), not to the
+    longest's own length (``layerscope estimate`` probes a trace's first prompts at the
+    length the whole trace pads them to)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()):
@@ -61,7 +65,7 @@ def trace_generation(loaded: Any, texts: list[str] | None, path: str | Path,
     if not all(isinstance(text, str) for text in texts):
         raise LayerscopeError("--generate continues texts: give --text or --text-file")
     seq2seq = loaded.architecture is not None and loaded.architecture.kind == SEQ2SEQ
-    prompts = _tokenized(tokenizer, texts, max_length, left_padding=not seq2seq)
+    prompts = _tokenized(tokenizer, texts, max_length, left_padding=not seq2seq, pad_to=pad_to)
     batches = range(0, len(texts), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -84,7 +88,7 @@ def trace_generation(loaded: Any, texts: list[str] | None, path: str | Path,
 
 
 def _tokenized(tokenizer: Any, texts: list[str], max_length: int | None,
-               left_padding: bool) -> dict[str, Any]:
+               left_padding: bool, pad_to: int | None = None) -> dict[str, Any]:
     """All prompts padded to one length (every batch appends samples of one length); a
     decoder-only model's on the left, so that generation continues each text's last token."""
     if tokenizer.pad_token_id is None:
@@ -93,6 +97,10 @@ def _tokenized(tokenizer: Any, texts: list[str], max_length: int | None,
                                   "token to pad prompts of different lengths with")
         tokenizer.pad_token = tokenizer.eos_token  # masked out: only fills the left padding
     tokenizer.padding_side = "left" if left_padding else "right"
-    encoded = tokenizer(texts, return_tensors="pt", padding=True,
-                        truncation=max_length is not None, max_length=max_length)
+    if pad_to is not None:
+        encoded = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
+                            max_length=pad_to)
+    else:
+        encoded = tokenizer(texts, return_tensors="pt", padding=True,
+                            truncation=max_length is not None, max_length=max_length)
     return {name: encoded[name] for name in ("input_ids", "attention_mask")}
