@@ -326,3 +326,25 @@ def test_one_shot_iterators_are_refused_and_the_cli_reads_a_factory_generator(tm
     assert main(["trace", f"{factory}:make", "-o", str(out), "--no-progress"]) == 0
     assert "estimate: 6 samples take about" in capsys.readouterr().out
     assert layerscope.open_trace(out).sizes["batch"] == 6  # the estimate used none of them up
+
+
+def test_chunk_rows_each_batch_writes_are_counted_without_listing_the_batches():
+    """The manifests list every chunk a batch writes; counted in closed form (a trace of
+    10**12 samples is estimated at once), checked here against counting them one by one."""
+    from layerscope._estimate.layout import Batches
+
+    def one_by_one(sizes: list[int], rows: int) -> int:
+        start, pairs = 0, 0
+        for size in sizes:
+            pairs += (start + size - 1) // rows - start // rows + 1
+            start += size
+        return pairs
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        samples, size, rows = (int(n) for n in rng.integers(1, 60, 3))
+        uniform = [size] * (samples // size) + [samples % size] * bool(samples % size)
+        assert Batches.uniform(samples, size).chunk_rows_written(rows) == one_by_one(uniform, rows)
+        ragged = [int(n) for n in rng.integers(1, 9, int(rng.integers(1, 12)))]
+        assert Batches.of(ragged).chunk_rows_written(rows) == one_by_one(ragged, rows)
+    assert Batches.uniform(10**12, 8).chunk_rows_written(8) == 10**12 // 8

@@ -13,11 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from layerscope.core import LayerscopeError, Selection, StoreOptions
 
-from .layout import batch_sizes
+from .layout import Batches
 from .probe import PROBE_SAMPLES, call_batch_size, first_samples, run_probe
 from .result import Estimate, VariableEstimate, build_estimate, refusal
 from .state import model_state_kept
@@ -64,7 +62,7 @@ def estimate(model: Any, inputs: Any, n_samples: int | None = None, capture: Any
         inputs if is_texts(inputs) else None)
     # more texts than given run in batches of batch_size; more tensors, in batches like theirs
     batches = _batches(n_samples, sizes, batch_size if texts is not None else sizes[0])
-    count = min(PROBE_SAMPLES, int(batches[0]))
+    count = min(PROBE_SAMPLES, batches.first)
     probe_call = first_samples(calls[0], sizes[0], count)
     selection = Selection.of(capture, kinds)
 
@@ -77,7 +75,7 @@ def estimate(model: Any, inputs: Any, n_samples: int | None = None, capture: Any
 
     probe = run_probe(write, options, count)
     note = _token_note(texts, max_length, pad_to, _probe_length(probe_call))
-    if texts is not None and batches.sum() > len(texts):
+    if texts is not None and batches.samples > len(texts):
         note += f" (the other samples are taken to be texts like those {len(texts)})"
     return build_estimate(probe, batches, options, path, mode, note)
 
@@ -93,9 +91,9 @@ def estimate_generation(loaded: Any, texts: list[str], selection: Selection, *,
     tokenizer = loaded.tokenizer
     lengths = [len(ids) for ids in tokenizer(texts, truncation=max_length is not None,
                                                max_length=max_length)["input_ids"]]
-    batches = _batches(n_samples, [int(n) for n in batch_sizes(len(texts), batch_size)],
-                       batch_size)
-    count = min(PROBE_SAMPLES, int(batches[0]))
+    whole, rest = divmod(len(texts), batch_size)
+    batches = _batches(n_samples, [batch_size] * whole + [rest] * bool(rest), batch_size)
+    count = min(PROBE_SAMPLES, batches.first)
 
     def write(store: Any, probe_options: StoreOptions) -> None:
         with model_state_kept(loaded.model):
@@ -114,14 +112,14 @@ def _check_count(name: str, value: Any) -> None:
         raise LayerscopeError(f"{name} must be a whole number >= 1, not {value!r}")
 
 
-def _batches(n_samples: int | None, sizes: list[int], per_batch: int) -> np.ndarray:
-    """The batch sizes of the trace: the inputs' own, or ``n_samples`` in batches of
+def _batches(n_samples: int | None, sizes: list[int], per_batch: int) -> Batches:
+    """The batches of the trace: the inputs' own, or ``n_samples`` in batches of
     ``per_batch``."""
     if n_samples is not None:
         _check_count("n_samples", n_samples)
     if n_samples is None or n_samples == sum(sizes):
-        return np.asarray(sizes, dtype=np.int64)
-    return batch_sizes(n_samples, min(per_batch, n_samples))
+        return Batches.of(sizes)
+    return Batches.uniform(n_samples, per_batch)
 
 
 def _probe_length(call: Any) -> int | None:

@@ -40,19 +40,42 @@ def rounded(size: float, block: int) -> int:
     return -(-math.ceil(size) // block) * block if size > 0 else 0
 
 
-def batch_sizes(samples: int, first: int) -> np.ndarray:
-    """Batches of ``first`` samples, the last one the rest: how a trace of ``samples``
-    samples runs (one forward pass per batch)."""
-    count = -(-samples // first)
-    sizes = np.full(count, first, dtype=np.int64)
-    sizes[-1] = samples - first * (count - 1)
-    return sizes
+@dataclass(frozen=True)
+class Batches:
+    """How a trace's samples are split into forward passes (one batch each), without a list
+    of them: a trace of a billion samples is estimated in the time one of a thousand is."""
+
+    samples: int
+    first: int  # samples in the first batch: the writer's chunk sizes follow it
+    count: int
+    #: where each batch but the first starts; None: batches of ``first``, the last the rest
+    starts: np.ndarray | None = None
+
+    @classmethod
+    def uniform(cls, samples: int, size: int) -> Batches:
+        return cls(samples, min(size, samples), -(-samples // size))
+
+    @classmethod
+    def of(cls, sizes: list[int]) -> Batches:
+        ends = np.cumsum(np.asarray(sizes, dtype=np.int64))
+        return cls(int(ends[-1]), int(sizes[0]), len(sizes), ends[:-1])
+
+    def chunk_rows_written(self, rows: int) -> int:
+        """(batch, chunk row) pairs where a batch writes into a chunk of ``rows`` samples: one
+        chunk row per batch, and one more for each chunk row that starts inside a batch (a
+        chunk two batches share is written by both)."""
+        chunk_rows = -(-self.samples // rows)
+        if self.starts is None:
+            on_both = (self.samples - 1) // math.lcm(self.first, rows)
+        else:
+            on_both = int((self.starts % rows == 0).sum())
+        return self.count + chunk_rows - 1 - on_both
 
 
-def array_footprint(array: ProbedArray, batches: np.ndarray, policy: ChunkPolicy,
+def array_footprint(array: ProbedArray, batches: Batches, policy: ChunkPolicy,
                     block: int) -> Footprint:
-    samples = int(batches.sum())
-    chunks = chunk_shape((0, *array.trailing), array.dims, array.itemsize, int(batches[0]),
+    samples = batches.samples
+    chunks = chunk_shape((0, *array.trailing), array.dims, array.itemsize, batches.first,
                          policy)
     rows, inner = chunks[0], chunks[1:]
     per_row = math.prod(-(-n // c) for n, c in zip(array.trailing, inner, strict=True))
@@ -73,9 +96,7 @@ def array_footprint(array: ProbedArray, batches: np.ndarray, policy: ChunkPolicy
         raw = samples * array.text_bytes / max(1, array.rows)
     else:
         raw = samples * math.prod(array.trailing) * array.itemsize
-    # every batch lists each chunk file it wrote (a chunk two batches share: in both)
-    ends = np.cumsum(batches)
-    touched = int(((ends - 1) // rows - (ends - batches) // rows + 1).sum()) * per_row
+    touched = per_row * batches.chunk_rows_written(rows)  # each batch's manifest lists them
     digits = len(str(chunk_rows - 1)) - 1  # chunk keys and sizes grow a little
     manifest = touched * (array.manifest_entry_bytes + digits) if array.manifest_entry_bytes else 0
     return Footprint(round(raw), round(stored) + array.metadata_bytes,
@@ -83,7 +104,7 @@ def array_footprint(array: ProbedArray, batches: np.ndarray, policy: ChunkPolicy
                      chunk_rows * per_row + 1, round(manifest))
 
 
-def store_footprint(probe: Probe, batches: np.ndarray, policy: ChunkPolicy, block: int,
+def store_footprint(probe: Probe, batches: Batches, policy: ChunkPolicy, block: int,
                     lock_bytes: int) -> tuple[Footprint, dict[str, Footprint]]:
     """The whole store's footprint, and each array's."""
     arrays = {array.name: array_footprint(array, batches, policy, block)
@@ -93,7 +114,7 @@ def store_footprint(probe: Probe, batches: np.ndarray, policy: ChunkPolicy, bloc
         + rounded(lock_bytes, block) + block * (2 if lock_bytes else 1)  # the root folders
     files = sum(f.files for f in arrays.values()) + 1 + (1 if lock_bytes else 0)
     if probe.manifests:
-        count = len(batches)
+        count = batches.count
         bytes_ = sum(f.manifest for f in arrays.values()) \
             + count * len('{"batch": , "chunks": {}}') + _digits_up_to(count)
         stored += bytes_

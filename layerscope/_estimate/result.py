@@ -10,16 +10,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from layerscope.core import StoreOptions
 from layerscope.core.growth import is_token_axis
-from layerscope.core.info import human_bytes
+from layerscope.core.info import human_bytes as _short_bytes
 from layerscope.core.lock import holder_document
 from layerscope.core.reader import LABELS
 from layerscope.core.store import is_local
 
-from .layout import store_footprint
+from .layout import Batches, store_footprint
 from .probe import Probe
 
 
@@ -97,10 +95,10 @@ class Estimate:
                          f"{given_back}")
             lines.append("fits            " + ("yes" if self.fits else
                                                "NO: layerscope trace would refuse to start"))
-        lines.append(f"probe           {self.probe_samples} sample"
-                     f"{'s' if self.probe_samples > 1 else ''} run once "
-                     f"({self.probe_seconds:.1f} s); what compressed arrays take per sample "
-                     "is measured on it")
+        plural = self.probe_samples > 1
+        lines.append(f"probe           {self.probe_samples} sample{'s' * plural} run once, in "
+                     f"memory ({self.probe_seconds:.1f} s); what a compressed array takes per "
+                     f"sample is measured on {'them' if plural else 'it'}")
         if variables:
             width = max(len(v.name) for v in self.variables)
             lines += ["", f"{'variable':<{width}}  {'shape':<24} {'stored':>9} {'raw':>9}"]
@@ -109,6 +107,14 @@ class Estimate:
                 lines.append(f"{v.name:<{width}}  {shape:<24} {human_bytes(v.stored_bytes):>9} "
                              f"{human_bytes(v.raw_bytes):>9}")
         return "\n".join(lines)
+
+
+def human_bytes(count: float | None) -> str:
+    """Bytes for a person, up to petabytes (an estimate may be asked about any data set)."""
+    if count is None or count < 1 << 40:
+        return _short_bytes(count)
+    terabytes = count / (1 << 40)
+    return f"{terabytes:.1f} TB" if terabytes < 1024 else f"{terabytes / 1024:.1f} PB"
 
 
 def _axes(lengths: dict[str, int]) -> str:
@@ -152,12 +158,12 @@ def _allocated(folder: Path) -> int:
     return total
 
 
-def build_estimate(probe: Probe, batches: np.ndarray, options: StoreOptions, path: Any,
+def build_estimate(probe: Probe, batches: Batches, options: StoreOptions, path: Any,
                    mode: str, token_note: str) -> Estimate:
     space = disk_space(path, mode)
     lock = len(json.dumps(holder_document())) if space.where is not None else 0
     total, arrays = store_footprint(probe, batches, options.chunks, space.block, lock)
-    samples = int(batches.sum())
+    samples = batches.samples
     variables = tuple(
         VariableEstimate(a.name, a.dims, (samples, *a.trailing), a.compressed,
                          arrays[a.name].raw, arrays[a.name].stored, a.name in LABELS)
@@ -169,7 +175,7 @@ def build_estimate(probe: Probe, batches: np.ndarray, options: StoreOptions, pat
             if is_token_axis(dim):
                 lengths[dim] = size
     return Estimate(
-        samples, int(batches[0]), total.raw, total.stored, total.allocated, total.files,
+        samples, batches.first, total.raw, total.stored, total.allocated, total.files,
         variables, lengths, token_note if lengths else "", probe.samples, probe.seconds,
         None if space.where is None else str(space.where), space.free, space.replaced,
     )

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from layerscope._estimate import Estimate, estimate, estimate_generation, refusal
+from layerscope._estimate.result import human_bytes
 from layerscope._hf_architectures import folder_architecture
 from layerscope._trace_generate import check_generate_request
 from layerscope._trace_inputs import DEMO_TEXTS, Request, check_request, model_inputs, read_request
 from layerscope.backends import detect
 from layerscope.core import LayerscopeError, Selection
-from layerscope.core.info import human_bytes
 from layerscope.loading import load, model_folder
 
 from ._args import integer
