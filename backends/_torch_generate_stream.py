@@ -30,9 +30,11 @@ from ._torch_generate_assembly import Assembled, Part, assemble, filled_note
 _QUERY_ROLES = ("token", "query")
 _KEY_ROLE = "key"
 #: positions per block (and chunk) along the streamed axis, at most; fewer where one position's
-#: values are large (a long attention row), so that a block stays near BLOCK_BYTES
+#: values are large (a long attention row), so that a block stays within BLOCK_BYTES: the
+#: blocks of every variable are what memory holds while generating, and attention rows grow
+#: with the sequence
 MAX_ROWS = 16
-BLOCK_BYTES = 2 << 20
+BLOCK_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,9 @@ class StreamedVariable:
             index = position // self.rows
             if index != self.block_index:
                 self._flush(recorder)
+                for skipped in range(self.block_index + 1, index):  # no position of theirs
+                    self._open(skipped)  # computed: written as fill, as chunks must be
+                    self._flush(recorder)
                 self._open(index)
             assert self.block is not None
             taken = [slice(None)] * len(self.shape)
@@ -162,9 +167,14 @@ class StreamedVariable:
         origin = self.origin
         recorder.put(origin.site, origin.kind, block, origin.roles, origin.module_type,
                      attrs={**origin.attrs, "generated": True},
-                     region=Region(self.shape[1:], tuple(offset), {self.axis - 1: self.rows}),
+                     region=Region(self.shape[1:], tuple(offset), self._chunks()),
                      call_index=origin.call)
         self.written = True
+
+    def _chunks(self) -> dict[int, int]:
+        """Chunks of an array the blocks create (axes past batch): a block along the
+        streamed axis, keys whole (a block is then whole chunks, the sequence's length)."""
+        return {self.axis - 1: self.rows, **{axis - 1: self.length for axis in self.keys}}
 
     def finish(self, recorder: Recorder, fed: int, prompt_length: int) -> None:
         self._flush(recorder)

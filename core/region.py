@@ -4,7 +4,9 @@ A backend that computes a variable in pieces (``generate()``: the prompt's posit
 position per step) hands each piece to the writer as it comes, so that memory holds a piece,
 not the whole variable. ``shape`` is the variable's full shape per sample in this pass (what
 the token axes grow to), ``offset`` where the piece starts along each axis past ``batch``.
-Positions no piece covers read as the variable's fill value, as past a shorter pass's end.
+Positions past the last piece along an axis read as the variable's fill value, as past a
+shorter pass's end; before it, every chunk must have been written (a piece may hold fill
+values): the checked reader takes a chunk missing among written ones for damage.
 """
 
 from __future__ import annotations

@@ -366,3 +366,47 @@ def test_the_grid_and_head_view_mark_where_generation_starts(tmp_path):
     labels = [text.get_text() for text in ax.texts]
     assert len(labels) == 2 * (PROMPT + NEW_TOKENS - PADDING[sample])  # queries and keys
     assert "generated after the dashed line" in ax.get_title()
+
+
+def test_a_long_prompt_and_an_early_stop_read_back_whole(tmp_path):
+    """Positions are written in blocks as the steps come: a prompt longer than several blocks
+    (the logits start in a late one) and a generation stopped long before max_new_tokens
+    (blocks never reached) read back through the checked reader and verify."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopsAtThree(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= prompt + 3)
+
+    family = FAMILIES["llama"]
+    model = family.build("sdpa")
+    prompt, new_tokens = 37, 30
+    ids = torch.randint(3, model.config.vocab_size, (2, prompt),
+                        generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    path = tmp_path / "long.zarr"
+    with layerscope.trace(model, path, kinds=["output", "attention"]):
+        sequences = generate(model, ids, mask, sampled=False, max_new_tokens=new_tokens,
+                             stopping_criteria=StoppingCriteriaList([StopsAtThree()]))
+    assert sequences.shape[1] == prompt + 3
+    ds = layerscope.open_trace(path)  # the checked reader: every chunk read is checked
+    assert ds.sizes["token"] == prompt + new_tokens
+    reference = reference_pass(family.build("eager"), sequences, mask)
+    fed = sequences.shape[1] - 1
+    real = ds["token_mask"].values[:, :fed]
+    logits = ds["lm_head@output"].values
+    np.testing.assert_allclose(logits[:, prompt - 1:fed],
+                               reference.logits.numpy()[:, prompt - 1:fed], rtol=0, atol=ATOL)
+    assert np.isnan(logits[:, :prompt - 1]).all() and np.isnan(logits[:, fed:]).all()
+    states = ds["model.norm@output"].values
+    np.testing.assert_allclose(states[:, :fed][real],
+                               reference.hidden_states[-1].numpy()[:, :fed][real],
+                               rtol=0, atol=ATOL)
+    maps = ds["model.layers.1.self_attn@attention"].values
+    rows = np.broadcast_to(real[:, None, :], maps[:, :, :fed].shape[:-1])
+    np.testing.assert_allclose(maps[:, :, :fed, :fed + 1][rows],
+                               reference.attentions[1].numpy()[:, :, :fed][rows],
+                               rtol=0, atol=ATOL)
+    assert np.isnan(maps[:, :, fed:]).all()
+    assert layerscope.verify(path).ok
