@@ -100,7 +100,8 @@ class StreamedVariable:
         fit = max(1, BLOCK_BYTES // max(1, row_bytes))  # rows in BLOCK_BYTES
         self.rows = min(MAX_ROWS, 1 << (fit.bit_length() - 1), length)
         self.covered = np.zeros(length, dtype=bool)
-        self.block: np.ndarray | None = None
+        self._buffer: np.ndarray | None = None  # the block's memory, made once and reused
+        self.block: np.ndarray | None = None  # the open block: the buffer, or its start
         self.block_index = -1
         self.written = False
 
@@ -152,10 +153,14 @@ class StreamedVariable:
         return rows
 
     def _open(self, index: int) -> None:
-        start = index * self.rows
-        shape = list(self.shape)
-        shape[self.axis] = min(self.rows, self.length - start)
-        self.block = np.full(shape, self.fill, dtype=self.dtype)
+        if self._buffer is None:
+            shape = list(self.shape)
+            shape[self.axis] = self.rows
+            self._buffer = np.empty(shape, dtype=self.dtype)
+        cut = [slice(None)] * len(self.shape)
+        cut[self.axis] = slice(0, min(self.rows, self.length - index * self.rows))
+        self.block = self._buffer[tuple(cut)]
+        self.block.fill(self.fill)
         self.block_index = index
 
     def _flush(self, recorder: Recorder) -> None:
@@ -166,6 +171,7 @@ class StreamedVariable:
         offset[self.axis - 1] = self.block_index * self.rows
         origin = self.origin
         recorder.put(origin.site, origin.kind, block, origin.roles, origin.module_type,
+                     snapshot=_copy_to,  # into the writer's reused memory: the block is reused
                      attrs={**origin.attrs, "generated": True},
                      region=Region(self.shape[1:], tuple(offset), self._chunks()),
                      call_index=origin.call)
@@ -183,6 +189,12 @@ class StreamedVariable:
         if note and self.written:
             recorder.add_attrs(self.origin.site, self.origin.kind, self.origin.call,
                                {"filled": note})
+
+
+def _copy_to(block: np.ndarray, alloc: Any) -> np.ndarray:
+    copy: np.ndarray = alloc(block.shape, block.dtype)
+    np.copyto(copy, block)
+    return copy
 
 
 @dataclass

@@ -586,13 +586,13 @@ class TraceWriter:
                 var.chunk_writer = ChunkWriter(array, self._files)
                 self._synced.add(var.name)
             writer = var.chunk_writer
-            if region is not None or not writer.covers(start, data):
+            offset = region.offset if region else None
+            if not writer.covers(start, data, offset):
                 if array.shape[0] < stop:  # zarr checks the bounds of what it writes
                     grow_rows(array, max(stop, 2 * array.shape[0]))
                 # partial chunks: zarr reads, merges and rewrites; only the positions this
                 # batch fills (an axis grown since by a later pass is that pass's to commit)
                 extent = tuple(int(n) for n in data.shape[1:]) if region else task.shape
-                offset = region.offset if region else (0,) * len(extent)
                 where = region.slices(extent) if region else tuple(slice(0, n) for n in extent)
                 array[(slice(start, stop), *where)] = data
                 if entries is not None or self.options.durable:
@@ -602,7 +602,7 @@ class TraceWriter:
                             entries.append(entry)
                 self._record(task.batch, entries)
                 return
-        writer.write(start, data, entries)  # whole chunks nobody else writes
+        writer.write(start, data, entries, offset)  # whole chunks nobody else writes
         self._record(task.batch, entries)
 
     def _record(self, batch: _Batch, entries: list[Entry] | None) -> None:
