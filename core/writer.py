@@ -142,7 +142,10 @@ class TraceWriter:
         self._error: BaseException | None = None
         self._failed_step = self._failed_where = ""
         self._where = _store_name(group)
-        self._pool = HostPool(options.max_pending_bytes or AUTO_BUDGET_MAX)
+        # until the first batch has shown what one holds, the smallest budget: a first batch
+        # of huge tensors (the attention maps of a long sequence) waits on the disk one
+        # tensor at a time rather than queuing them all
+        self._pool = HostPool(options.max_pending_bytes or AUTO_BUDGET_MIN)
         self._sizing_budget = options.max_pending_bytes is None  # until batch 1 ends
         # SimpleQueue: its put is one C call, so a KeyboardInterrupt cannot land while the
         # caller holds a lock the workers need (queue.Queue takes a Python-level Condition)
