@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from layerscope.cli import main
 from layerscope.core.info import summarize
 
 from .conftest import TEXTS
+from .tmpfs import mounted_tmpfs
 
 TOLERANCE = 0.10
 
@@ -221,16 +221,8 @@ def test_bad_sample_counts_are_refused():
 
 @pytest.fixture()
 def small_tmpfs(tmp_path):
-    folder = tmp_path / "tmpfs"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs was refused: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "5m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def test_trace_refuses_what_does_not_fit_and_force_overrides(small_tmpfs, capsys):
