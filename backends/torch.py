@@ -24,6 +24,7 @@ from torch import nn
 
 from layerscope.core import CaptureError, Recorder, Selection, SiteInfo
 from layerscope.core.naming import ROOT_SITE, hidden_size_of, move_batch_first
+from layerscope.core.reduce import PassMasks
 from layerscope.core.writer import Alloc
 
 from . import _torch_cuda
@@ -38,6 +39,7 @@ from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
 from ._torch_generate import GenerateWrapper
 from ._torch_moe import Routers
+from ._torch_reduce import OPS
 from ._torch_rnn import TimeMajorIds
 from ._torch_seq2seq import Seq2Seq
 from ._torch_vocab import is_logits, vocabulary_modules, with_vocabulary_last
@@ -120,6 +122,7 @@ class _Capture:
         self.seq2seq.on_decoder_ids = recorder.put_decoder_tokens
         self.routers = Routers(model)  # mixture-of-experts routers' (batch·token) rows
         self.handles: list[Any] = []
+        self.masks = PassMasks(None)  # the pass's attention masks, for reductions
         # weak: holding the maps until the pass ends would keep torch from reusing their memory
         self._seen_attention: dict[int, weakref.ref[torch.Tensor]] = {}
         # channels-first and vocabulary roles given this pass, by tensor: a container or an
@@ -140,6 +143,8 @@ class _Capture:
         ids = _root_values(token_ids, "input ids") if token_ids is not None else None
         ids, decoder_ids = self.seq2seq.begin(args, kwargs, ids)
         self.routers.begin(batch)
+        self.masks = PassMasks(batch, _tensor(kwargs.get("attention_mask")),
+                               _tensor(kwargs.get("decoder_attention_mask")))
         self.recorder.begin_pass(batch, ids, decoder_ids,
                                  attention_mask=_mask(kwargs.get("attention_mask")),
                                  decoder_attention_mask=_mask(
@@ -162,7 +167,7 @@ class _Capture:
             return
         rows = self.routers.unflatten(module, kind, tensor, source)
         if rows is not None:  # a router's (batch·token, ...) rows, back on (batch, token)
-            self.recorder.put(site, kind, *rows, type(module).__name__, to_numpy, snapshot)
+            self._store(site, kind, *rows, module)
             return
         inherited = self._inherited(tensor)
         if inherited is None and isinstance(source, torch.Tensor) and is_elementwise(module) \
@@ -177,8 +182,23 @@ class _Capture:
             self._channels_first[id(tensor)] = (weakref.ref(tensor), roles)
         roles, attrs = self.seq2seq.label(site, kind, module, tensor, source, roles)
         tensor, roles = move_batch_first(tensor, roles, torch.permute)
-        self.recorder.put(site, kind, tensor, roles, type(module).__name__, to_numpy, snapshot,
-                          attrs)
+        self._store(site, kind, tensor, roles, module, attrs)
+
+    def _store(self, site: str, kind: str, tensor: torch.Tensor, roles: tuple[str, ...],
+               module: nn.Module, attrs: Any = None) -> None:
+        """Put ``tensor``, or the reductions of it the selection asks for, computed here on
+        its device (only they are copied off it)."""
+        recorder = self.recorder
+        if not isinstance(recorder, Recorder):  # generate() collects its steps
+            if self.selection.reduces:
+                raise CaptureError("positions= and reduce= do not apply to a traced generate(); "
+                                   "trace the generated sequences with one forward pass instead")
+            recorder.put(site, kind, tensor, roles, type(module).__name__, to_numpy, snapshot,
+                         attrs)
+            return
+        for piece in recorder.reduce(site, kind, tensor, roles, OPS, self.masks):
+            recorder.put(site, piece.kind, piece.value, piece.roles, type(module).__name__,
+                         to_numpy, snapshot, {**(attrs or {}), **piece.attrs})
 
     def _inherited(self, tensor: torch.Tensor) -> tuple[str, ...] | None:
         known = self._channels_first.get(id(tensor))
@@ -349,6 +369,10 @@ class TorchBackend:
 
 
 BACKEND: Backend = TorchBackend()
+
+
+def _tensor(value: Any) -> torch.Tensor | None:
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _mask(value: Any) -> Any:

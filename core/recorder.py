@@ -30,6 +30,7 @@ from .format import (
 )
 from .naming import layer_index, stack_of, variable_name
 from .region import Region
+from .reduce import FULL, ArrayOps, PassMasks, Piece, apply_chains
 from .selection import Selection
 from .writer import Snapshot, ToNumpy, TraceWriter, _as_numpy
 
@@ -204,7 +205,7 @@ class Recorder:
     def _labels(self, site: str, kind: str, call_index: int, module_type: str,
                 attrs: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
         """A variable's name and attributes."""
-        name = variable_name(site, kind if call_index == 0 else f"{kind}.call{call_index}")
+        name = variable_name(site, _numbered(kind, call_index))
         labels: dict[str, Any] = {
             "site": site, "kind": kind, "module_type": module_type,
             "framework": self.framework, "call_index": call_index,
@@ -221,8 +222,26 @@ class Recorder:
     def add_attrs(self, site: str, kind: str, call_index: int, attrs: dict[str, Any]) -> None:
         """More attributes of a variable this trace created, known only once its pass is
         over (a traced ``generate()``'s positions no step computed)."""
-        self.writer.update_attrs(
-            variable_name(site, kind if call_index == 0 else f"{kind}.call{call_index}"), attrs)
+        self.writer.update_attrs(variable_name(site, _numbered(kind, call_index)), attrs)
+
+    def reduce(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...], ops: ArrayOps,
+               masks: PassMasks) -> list[Piece]:
+        """What to :meth:`put` of ``tensor`` (taken as ``kind`` at ``site``, batch first): the
+        tensor itself, and/or the reductions the selection asks for there (:mod:`.reduce`),
+        computed now with the backend's ``ops`` on the tensor's device. ``masks``: the pass's
+        real-token masks as the framework's tensors. A backend calls it in its hook, before
+        anything is copied off the device; it needs no pass open (JAX calls it while a
+        compiled pass is traced)."""
+        if not self.selection.reduces:
+            return [Piece(kind, tensor, roles)]
+        chains = self.selection.chains(kind, site)
+        shape = tuple(getattr(tensor, "shape", ()))
+        if chains == (FULL,) or not chains or not shape or not masks.batched(shape[0]):
+            return [Piece(kind, tensor, roles)]  # put stores it, or records why it cannot
+        pieces, skipped = apply_chains(chains, kind, tensor, roles, ops, masks)
+        for spec, why in skipped.items():
+            self.skipped.setdefault(variable_name(site, spec), why)
+        return pieces
 
     def _record_skipped(self) -> None:
         """Write the skipped sites to the group attributes (published with the next commits)."""
@@ -271,3 +290,12 @@ class Recorder:
             # already failing: that error is the one raised; the store still says "writing"
         finally:
             self.writer.release()
+
+
+def _numbered(kind: str, call_index: int) -> str:
+    """The kind of a module's ``call_index``-th call in a pass: ``output.call1``; a reduction
+    numbers the kind it reduces (``output.call1:last(token)``)."""
+    if call_index == 0:
+        return kind
+    taken, sep, steps = kind.partition(":")
+    return f"{taken}.call{call_index}{sep}{steps}"

@@ -13,6 +13,7 @@ from layerscope.api import capture
 from layerscope.backends import detect
 from layerscope.core import LayerscopeError, Selection, StoreOptions
 from layerscope.core.info import human_bytes, summarize
+from layerscope.core.reduce import split_specs
 from layerscope.loading import FRAMEWORKS, load, model_folder
 
 from ._args import MAX_BATCH_SIZE, MAX_TOKENS, integer
@@ -80,6 +81,14 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", action="append", default=[], help="glob of paths to skip")
     parser.add_argument("--kinds", default="output,attention",
                         help="what to take at each site: output,input,attention (default: %(default)s)")
+    parser.add_argument("--positions", metavar="WHICH",
+                        help="store only these tokens of each captured tensor: last, first, "
+                             "mask, or a slice such as 0:4 or -4: (of each text's real tokens)")
+    parser.add_argument("--reduce", action="append", metavar="REDUCER",
+                        help="store a reduction instead of the whole tensor: mean (over "
+                             "tokens, padding excluded), norm (L2 over the feature axis), "
+                             "topk(K) (the K largest features and their indices); "
+                             "repeatable, one variable each")
     parser.add_argument("--framework", choices=FRAMEWORKS, default="torch",
                         help="framework to load a Hugging Face folder in (default: %(default)s)")
     parser.add_argument("--attn-implementation", choices=("eager", "sdpa"),
@@ -115,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
     check_request(request, architecture, args.framework, folder)  # before weights are read
     loaded = load(args.model, args.framework, args.attn_implementation, architecture)
     detect(loaded.model)  # something that is not a model is refused before its inputs
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    selection = Selection.of(args.capture, kinds, args.exclude)
+    kinds = tuple(split_specs(args.kinds))  # a kind may carry steps: output:topk(hidden,8)
+    selection = Selection.of(args.capture, kinds, args.exclude, positions=args.positions,
+                             reduce=args.reduce)
+    if args.generate and selection.reduces:
+        raise LayerscopeError("--positions / --reduce do not apply to --generate yet")
     mode = "w" if args.overwrite else "a" if args.append else "w-"
     inputs = None if args.generate else reusable(
         model_inputs(request, loaded, args.batch_size, output, args.append))
