@@ -173,9 +173,12 @@ class Sink:
         if self.recorder.in_pass:
             self.recorder.abort_pass()
         ids = to_numpy(token_ids) if token_ids is not None else None
-        self.recorder.begin_pass(
-            batch, ids, to_numpy(decoder_ids) if decoder_ids is not None else None,
-            attention_mask=to_numpy(mask) if mask is not None else None)
+        masked = {"attention_mask": to_numpy(mask)} if mask is not None else {}
+        if decoder_ids is None:
+            self.recorder.begin_pass(batch, ids, **masked)
+        else:
+            self.recorder.begin_pass(batch, ids, decoder_token_ids=to_numpy(decoder_ids),
+                                     **masked)
 
     def wait(self) -> None:
         """Let every queued compiled pass reach the recorder (also those of a function

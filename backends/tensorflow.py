@@ -178,7 +178,7 @@ class _Capture:
         """``tensor``, or the reductions of it the selection asks for, computed here in
         ``keras.ops`` (in a graph: as part of it); roles () are left to :meth:`put`."""
         assert self.recorder is not None
-        if not self.recorder.selection.reduces:
+        if not self.selection.reduces:
             return [Piece(kind, tensor, ())]
         shape = tuple(runtime.static_size(n) for n in tensor.shape)
         roles = roles_for(layer, kind, shape, self.hidden_size, place)  # type: ignore[arg-type]
@@ -296,8 +296,9 @@ class _Capture:
         if recorder.in_pass:
             recorder.abort_pass()  # a previous pass raised before it returned
         self.attention_ids.clear()
+        masked = {"attention_mask": to_numpy(mask)} if mask is not None else {}
         recorder.begin_pass(int(probe.shape[0]), to_numpy(ids) if ids is not None else None,
-                            attention_mask=to_numpy(mask) if mask is not None else None)
+                            **masked)
         self.depth += 1
         try:
             result = body(args, kwargs)
@@ -339,7 +340,8 @@ class _Capture:
         with self.lock:
             if recorder.in_pass:
                 recorder.abort_pass()
-            recorder.begin_pass(int(batch.numpy()), ids, attention_mask=mask)
+            recorder.begin_pass(int(batch.numpy()), ids,
+                                **({"attention_mask": mask} if mask is not None else {}))
             try:
                 for (site, kind, layer, place, attrs, roles), value in zip(metas, values,
                                                                            strict=True):

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ._reduce_numpy import OPS as NUMPY_OPS
 from .errors import CaptureError
 from .format import (
     DECODER_TOKEN_ID,
@@ -57,6 +58,8 @@ class Recorder:
         self.passes = 0
         #: token axis -> (mask coordinate, mask) of the pass under way, stored as it ends
         self._masks: dict[str, tuple[str, np.ndarray]] = {}
+        #: whether the backend reduces tensors itself (calls :meth:`reduce`)
+        self._backend_reduces = False
 
     # -- pass boundaries ---------------------------------------------------------------------
 
@@ -183,6 +186,18 @@ class Recorder:
                 f"shape {shape} has no leading batch axis of {batch}"
             )
             return
+        if (self.selection.reduces and not self._backend_reduces and ":" not in kind
+                and region is None):
+            self._reduce_on_host(site, kind, tensor, roles, module_type, to_numpy, snapshot,
+                                 attrs)
+            return
+        self._store(site, kind, tensor, roles, module_type, to_numpy, snapshot, attrs, region,
+                    call_index)
+
+    def _store(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
+               module_type: str, to_numpy: ToNumpy, snapshot: Snapshot | None,
+               attrs: Mapping[str, Any] | None, region: Region | None = None,
+               call_index: int | None = None) -> None:
         if call_index is None:
             call_index = self._calls.get((site, kind), 0)
             self._calls[(site, kind)] = call_index + 1
@@ -234,6 +249,7 @@ class Recorder:
         compiled pass is traced)."""
         if not self.selection.reduces:
             return [Piece(kind, tensor, roles)]
+        self._backend_reduces = True
         chains = self.selection.chains(kind, site)
         shape = tuple(getattr(tensor, "shape", ()))
         if chains == (FULL,) or not chains or not shape or not masks.batched(shape[0]):
@@ -242,6 +258,23 @@ class Recorder:
         for spec, why in skipped.items():
             self.skipped.setdefault(variable_name(site, spec), why)
         return pieces
+
+    def _reduce_on_host(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
+                        module_type: str, to_numpy: ToNumpy, snapshot: Snapshot | None,
+                        attrs: Mapping[str, Any] | None) -> None:
+        """The reductions of a whole tensor from a backend that does not call :meth:`reduce`,
+        computed in NumPy: the host copy is whole, but the store holds what was asked."""
+        if snapshot is not None:
+            tensor = snapshot(tensor, lambda shape, dtype: np.empty(shape, dtype))
+        array = to_numpy(tensor)
+        masks = PassMasks(self.writer.batch_size,
+                          *(self._masks[a][1] if a in self._masks else None
+                            for a in ("token", "decoder_token")))
+        pieces = self.reduce(site, kind, array, roles, NUMPY_OPS, masks)
+        self._backend_reduces = False  # reduce() took this backend for one that reduces
+        for piece in pieces:
+            self._store(site, piece.kind, piece.value, piece.roles, module_type, _as_numpy,
+                        None, {**(attrs or {}), **piece.attrs})
 
     def _record_skipped(self) -> None:
         """Write the skipped sites to the group attributes (published with the next commits)."""
