@@ -179,6 +179,10 @@ def parse_step(text: str) -> Step:
     name, inner = match.group(1), match.group(2)
     args = inner.split(",") if inner else []
     axis = args.pop(0) if args and _AXIS.match(args[0]) else None
+    if axis is not None and name in (*POSITIONS, "mean") and \
+            axis.removeprefix(_DECODER) not in _TOKEN_AXES:
+        raise CaptureError(f"{text!r}: {name} works on a token axis ({', '.join(_TOKEN_AXES)}), "
+                           f"e.g. '{name}(token)'")
     if name == "slice":
         if len(args) != 1:
             raise CaptureError(f"{text!r}: a slice takes positions, e.g. 'slice(0:4)'")
@@ -398,7 +402,8 @@ def _positions(value: Any, axis: int, step: Step, ops: ArrayOps, spans: tuple[An
     if count is None:
         raise Unreducible(f"{step.text()}: the axis's length is unknown and no mask was given")
     start = step.start or 0
-    offsets = ops.arange(step.length, value)
+    # beside the mask, not the tensor: a model spread over devices has one mask for all
+    offsets = ops.arange(step.length, value if isinstance(count, int) else count)
     relative = offsets + start if start >= 0 else offsets + (count + start)
     taken = ops.take(value, axis, first + relative)
     everywhere = unmasked and isinstance(count, int) and \

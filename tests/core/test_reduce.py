@@ -63,9 +63,9 @@ def test_steps_are_read_with_their_axis_and_argument():
 
 @pytest.mark.parametrize("text", ["average", "slice(2:)", "slice(-4:2)", "slice(3:1)",
                                   "topk(0)", "topk(hidden)", "mean(token,3)", "last::mean",
-                                  "topk(4):last"])
+                                  "topk(4):last", "last(hidden)", "mean(neuron)"])
 def test_a_wrong_spec_is_refused_saying_what_to_write(text):
-    with pytest.raises(CaptureError, match=r"e\.g\.|slice|topk|step"):
+    with pytest.raises(CaptureError, match=r"e\.g\.|slice|topk|step|token axis"):
         parse_chain(text)
 
 
