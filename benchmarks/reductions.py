@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import fresh, folder_bytes
+from _common import folder_bytes, fresh
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import layerscope
