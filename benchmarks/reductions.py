@@ -3,7 +3,8 @@
 A small Llama-style model (random weights, from a config; PyTorch, CPU) reads a data set of
 random token ids of random lengths (``--texts``, 10,000 by default), batched and left-padded to
 each batch's longest text, as a causal LM reads a data set for its last-token states. Two ways
-of running the same batches, side by side in one process, interleaved trial by trial:
+of running the same batches, side by side in one process, interleaved trial by trial (the
+order reversed every other trial), after one untimed run of each (warm-up):
 
   plain       model(input_ids, attention_mask)
   last token  the same inside ``layerscope.trace(model, path, blocks, positions="last")``: the
@@ -11,11 +12,18 @@ of running the same batches, side by side in one process, interleaved trial by t
               (batch, hidden) per block is copied and written (time includes opening and
               closing the store: every byte on disk)
 
+The forward runs on one thread by default (``--threads``; both rows alike): on a shared
+machine, PyTorch's OpenMP threads wait at every operation for the one another process has
+descheduled, and a plain forward on two threads of two busy cores ran 3-20x slower than on
+an idle machine, from one second to the next. With one thread the other core is free for the
+writer's threads, as it is for whatever else a busy machine runs.
+
 ``--whole`` adds a third row that stores every block's whole output, for comparison. Prints the
 median over the trials (five by default) of the time per run, its ratio to the plain forward,
-and the bytes stored per run.
+the bytes stored per run, and each trial's time and ratio to that trial's plain run.
 
-    python benchmarks/reductions.py [--texts 10000] [--trials 5] [--batch-size 64] [--whole]
+    python benchmarks/reductions.py [--texts 10000] [--trials 5] [--batch-size 64] [--threads 1]
+                                    [--whole]
 """
 
 from __future__ import annotations
@@ -89,9 +97,11 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=10_000, help="texts in the data set")
     parser.add_argument("--trials", type=int, default=5, help="interleaved trials")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch intra-op threads")
     parser.add_argument("--whole", action="store_true",
                         help="add a row storing every block's whole output")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     model = build_model()
     batches = data_set(args.texts, args.batch_size)
     methods: dict[str, Callable[..., tuple[float, int]]] = {
@@ -102,10 +112,11 @@ def main() -> None:
     stored: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for method in methods.values():  # warm up every path once
-            method(model, batches[:2], workdir)
-        for _ in range(args.trials):
-            for name, method in methods.items():
+        for method in methods.values():  # warm up every path and every batch shape
+            method(model, batches, workdir)
+        for trial in range(args.trials):
+            order = list(methods.items())
+            for name, method in order if trial % 2 == 0 else order[::-1]:
                 elapsed, size = method(model, batches, workdir)
                 os.sync()  # untimed: no row pays for an earlier row's page cache
                 times[name].append(elapsed)
@@ -115,10 +126,12 @@ def main() -> None:
           f"({tokens} tokens, 8-32 each), {len(batches)} batches of {args.batch_size}, "
           f"left-padded; {args.trials} trials; torch threads {torch.get_num_threads()}")
     plain = statistics.median(times["plain forward"])
-    print(f"{'method':<28} {'s/run':>7} {'vs plain':>9} {'stored':>10}  (runs, s)")
+    print(f"{'method':<28} {'s/run':>7} {'vs plain':>9} {'stored':>10}  "
+          "(each trial: s, and vs that trial's plain run)")
     for name in methods:
         median = statistics.median(times[name])
-        runs = " ".join(f"{t:.1f}" for t in times[name])
+        runs = " ".join(f"{t:.1f} {t / p:.2f}x" for t, p in zip(
+            times[name], times["plain forward"], strict=True))
         print(f"{name:<28} {median:>7.2f} {median / plain:>8.2f}x "
               f"{stored.get(name, 0) / 2**20:>7.1f} MB  ({runs})")
 
