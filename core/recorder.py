@@ -30,8 +30,8 @@ from .format import (
     skipped_sites,
 )
 from .naming import layer_index, stack_of, variable_name
-from .region import Region
 from .reduce import FULL, ArrayOps, PassMasks, Piece, apply_chains
+from .region import Region
 from .selection import Selection
 from .writer import Snapshot, ToNumpy, TraceWriter, _as_numpy
 
