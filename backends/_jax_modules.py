@@ -22,10 +22,12 @@ from jax.extend import core as jex_core
 
 from layerscope.core import Selection
 from layerscope.core.naming import ROOT_SITE, move_batch_first
+from layerscope.core.reduce import PassMasks
 
 from . import _jax_seq2seq as seq2seq
 from ._jax_attention import attention_kind, current_scopes, is_attention_name, is_attention_scope
 from ._jax_dims import Context, arrays, batch_of, flax_classes, image_layout, is_array, roles_for
+from ._jax_reduce import pass_masks, reduced
 from ._jax_runtime import Item, Outbound, Sink, uncaptured
 from ._structure import part_kind
 
@@ -65,6 +67,8 @@ class Pass:
     #: roles given to arrays this pass, by id, with a weak reference to the array (an id
     #: freed and reused by a new array must not hand its roles on)
     layouts: dict[int, tuple[Callable[[], Any], tuple[str, ...]]] = field(default_factory=dict)
+    #: the pass's real-token mask (its ``attention_mask`` argument), for reductions
+    masks: PassMasks = field(default_factory=lambda: PassMasks(None))
 
     def roles_of(self, value: Any) -> tuple[str, ...] | None:
         entry = self.layouts.get(id(value))
@@ -104,13 +108,15 @@ class ModuleEngine:
             return call(*args, **kwargs)  # no array in: nothing to label as a batch
         state = trace_state()
         current = Pass(state != self.eager_state, state, batch, token_ids, site_of)
+        current.masks = pass_masks(batch, token_ids, kwargs)
+        mask = current.masks.masks["token"]
         decoder_ids = self._decoder_ids(current, kwargs)
         self.current = current
         try:
             if current.traced:
                 out = self._frame(current, module, ROOT_SITE, call, args, kwargs)
             else:
-                self.sink.begin(batch, token_ids, decoder_ids)
+                self.sink.begin(batch, token_ids, decoder_ids, mask)
                 with uncaptured():
                     out = self._frame(current, module, ROOT_SITE, call, args, kwargs)
         except BaseException:
@@ -123,7 +129,7 @@ class ModuleEngine:
             self.sink.end()
         elif current.items:
             outbound, operands = self.sink.outbound(batch, token_ids, current.items,
-                                                    decoder_ids)
+                                                    decoder_ids, mask)
             if self.send is None or not self.send(module, outbound, operands):
                 self.sink.callback(outbound, operands)
         return out
@@ -272,7 +278,8 @@ class ModuleEngine:
               roles: tuple[str, ...], attrs: dict[str, Any] | None = None) -> None:
         value, roles = move_batch_first(value, roles)
         item = Item(site, kind, value, roles, type(module).__name__, attrs)
-        if current.traced:
-            current.items.append(item)
-        else:
-            self.sink.put(item)
+        for taken in reduced(self.sink.recorder, [item], current.masks):
+            if current.traced:
+                current.items.append(taken)
+            else:
+                self.sink.put(taken)

@@ -88,6 +88,7 @@ class Outbound:
     has_ids: bool
     meta: tuple[Meta, ...]
     has_decoder_ids: bool = False  # an encoder-decoder model's decoder ids follow the ids
+    has_mask: bool = False  # the pass's attention mask follows them
 
     def deliver(self, arrays: tuple[Any, ...] | list[Any]) -> None:
         """On the host, once per executed pass."""
@@ -97,9 +98,11 @@ class Outbound:
         values = list(arrays)
         ids = values.pop(0) if self.has_ids else None
         decoder_ids = values.pop(0) if self.has_decoder_ids else None
+        mask = values.pop(0) if self.has_mask else None
         sink.deliver(self.batch, ids, [Item(s, k, a, r, t, dict(attrs) or None)
                                        for (s, k, r, t, attrs), a
-                                       in zip(self.meta, values, strict=True)], decoder_ids)
+                                       in zip(self.meta, values, strict=True)], decoder_ids,
+                     mask)
 
 
 class Sink:
@@ -112,10 +115,11 @@ class Sink:
 
     # -- eager -------------------------------------------------------------------------------
 
-    def begin(self, batch: int, token_ids: Any, decoder_ids: Any = None) -> None:
+    def begin(self, batch: int, token_ids: Any, decoder_ids: Any = None, mask: Any = None
+              ) -> None:
         jax.effects_barrier()  # compiled passes called earlier are recorded first, in order
         self.raise_errors()
-        self.begin_compiled(batch, token_ids, decoder_ids)
+        self.begin_compiled(batch, token_ids, decoder_ids, mask)
 
     def put(self, item: Item) -> None:
         self.recorder.put(item.site, item.kind, item.value, item.roles, item.module_type,
@@ -131,29 +135,29 @@ class Sink:
 
     # -- compiled ----------------------------------------------------------------------------
 
-    def outbound(self, batch: int, token_ids: Any, items: list[Item], decoder_ids: Any = None
-                 ) -> tuple[Outbound, list[Any]]:
+    def outbound(self, batch: int, token_ids: Any, items: list[Item], decoder_ids: Any = None,
+                 mask: Any = None) -> tuple[Outbound, list[Any]]:
         """Inside a traced function: this pass's values and where each goes on the host."""
         meta = tuple((i.site, i.kind, i.roles, i.module_type,
                       tuple(sorted((i.attrs or {}).items()))) for i in items)
-        ids = [a for a in (token_ids, decoder_ids) if a is not None]
+        ids = [a for a in (token_ids, decoder_ids, mask) if a is not None]
         operands = ids + [i.value for i in items]
         return Outbound(self.key, batch, token_ids is not None, meta,
-                        decoder_ids is not None), operands
+                        decoder_ids is not None, mask is not None), operands
 
     @staticmethod
     def callback(outbound: Outbound, operands: list[Any]) -> None:
         """Send a traced pass's values out through one ordered host callback."""
         jax.debug.callback(lambda *arrays: outbound.deliver(arrays), *operands, ordered=True)
 
-    def emit(self, batch: int, token_ids: Any, items: list[Item]) -> None:
+    def emit(self, batch: int, token_ids: Any, items: list[Item], mask: Any = None) -> None:
         """Inside a traced function: send this pass's values out through a host callback."""
-        self.callback(*self.outbound(batch, token_ids, items))
+        self.callback(*self.outbound(batch, token_ids, items, mask=mask))
 
     def deliver(self, batch: int, token_ids: Any, items: list[Item],
-                decoder_ids: Any = None) -> None:
+                decoder_ids: Any = None, mask: Any = None) -> None:
         try:
-            self.begin_compiled(batch, token_ids, decoder_ids)
+            self.begin_compiled(batch, token_ids, decoder_ids, mask)
             for item in items:
                 self.put(item)
             self.recorder.end_pass()
@@ -164,14 +168,17 @@ class Sink:
             except BaseException:
                 pass
 
-    def begin_compiled(self, batch: int, token_ids: Any, decoder_ids: Any = None) -> None:
+    def begin_compiled(self, batch: int, token_ids: Any, decoder_ids: Any = None,
+                       mask: Any = None) -> None:
         if self.recorder.in_pass:
             self.recorder.abort_pass()
         ids = to_numpy(token_ids) if token_ids is not None else None
+        masked = {"attention_mask": to_numpy(mask)} if mask is not None else {}
         if decoder_ids is None:
-            self.recorder.begin_pass(batch, ids)
+            self.recorder.begin_pass(batch, ids, **masked)
         else:
-            self.recorder.begin_pass(batch, ids, decoder_token_ids=to_numpy(decoder_ids))
+            self.recorder.begin_pass(batch, ids, decoder_token_ids=to_numpy(decoder_ids),
+                                     **masked)
 
     def wait(self) -> None:
         """Let every queued compiled pass reach the recorder (also those of a function

@@ -28,6 +28,7 @@ from layerscope.core.naming import ROOT_SITE
 
 from ._jax_attention import AttentionTaps, is_attention_scope
 from ._jax_dims import batch_of, is_array, is_tracer, roles_for
+from ._jax_reduce import pass_masks, reduced
 from ._jax_runtime import Item, Sink, uncaptured
 from ._structure import part_kind
 
@@ -278,10 +279,13 @@ class FunctionCapture:
         items = [Item(site, kind, value, roles, module_type)
                  for (site, kind, roles, module_type), value in zip(program.meta, captured,
                                                                     strict=True)]
+        masks = pass_masks(batch, token_ids, kwargs)
+        items = reduced(self.sink.recorder, items, masks)  # on the device: only results leave
+        mask = masks.masks["token"]
         if any(is_tracer(i.value) for i in items) or is_tracer(token_ids):
-            self.sink.emit(batch, token_ids, items)  # called inside the user's own jit
+            self.sink.emit(batch, token_ids, items, mask)  # called inside the user's own jit
             return result
-        self.sink.begin(batch, token_ids)
+        self.sink.begin(batch, token_ids, None, mask)
         try:
             for item in items:
                 self.sink.put(item)

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-#: what the recording op hands back per tensor: (site, kind, layer, place in attention, attrs)
-Meta = tuple[str, str, Any, str, Any]
+#: what the recording op hands back per tensor: (site, kind, layer, place in attention, attrs,
+#: roles: () when the tensor is stored whole, its roles being found from the layer then)
+Meta = tuple[str, str, Any, str, Any, tuple[str, ...]]
 
 
 class GraphPass:
@@ -37,11 +38,12 @@ class GraphPass:
         self.tensors.append(tensor)
         return True
 
-    def record_when_run(self, probe: Any, ids: Any,
-                        replay: Callable[..., list[Any]]) -> None:
-        """Append the op that calls ``replay(metas, has_ids, batch, *values)`` when the graph
-        runs. tf.function runs every stateful op, in program order, so passes arrive in the
-        order the model was called."""
-        head = [tf.shape(probe)[0]] + ([tf.convert_to_tensor(ids)] if ids is not None else [])
-        call = functools.partial(replay, tuple(self.metas), ids is not None)
+    def record_when_run(self, probe: Any, ids: Any, replay: Callable[..., list[Any]],
+                        mask: Any = None) -> None:
+        """Append the op that calls ``replay(metas, has_ids, has_mask, batch, *values)`` when
+        the graph runs. tf.function runs every stateful op, in program order, so passes
+        arrive in the order the model was called."""
+        head = [tf.shape(probe)[0]] + [tf.convert_to_tensor(t) for t in (ids, mask)
+                                       if t is not None]
+        call = functools.partial(replay, tuple(self.metas), ids is not None, mask is not None)
         tf.py_function(call, head + self.tensors, Tout=[], name="layerscope_record")

@@ -87,6 +87,14 @@ def rank(value: Any) -> int | None:
         return None
 
 
+def static_size(size: Any) -> int | None:
+    """An axis length as an int; None while a graph is traced and it is not known yet."""
+    try:
+        return int(size)
+    except (TypeError, ValueError):
+        return None
+
+
 def is_integer(value: Any) -> bool:
     dtype = keras.backend.standardize_dtype(value.dtype)
     return dtype.startswith(("int", "uint"))

@@ -34,7 +34,8 @@ One capture, in order (all on the thread that runs the model unless said otherwi
          top-level call starts: ``batch_size`` is the number of samples; ``token_ids`` a NumPy
          ``(batch, token)`` integer array where the input is token ids (it becomes the
          ``token_id`` coordinate); ``decoder_token_ids`` the decoder's input ids of an
-         encoder-decoder model (``decoder_token_id`` on the ``decoder_token`` axis).
+         encoder-decoder model (``decoder_token_id`` on the ``decoder_token`` axis);
+         ``attention_mask=`` the ids' padding mask where the call has one (``token_mask``).
          If ``recorder.in_pass`` is still true (a pass whose forward raised where the backend
          could not see it), call ``recorder.abort_pass()`` first.
        - ``recorder.put(site, kind, tensor, roles, module_type, to_numpy, snapshot, attrs)``
@@ -79,6 +80,14 @@ Tensors
       the writer owns and reuses; copying into it is the cheap path. A snapshot may instead
       return an object of its own (an asynchronous device-to-host copy), or be omitted for
       frameworks whose arrays never change (JAX).
+    - Reductions (``positions=`` / ``reduce=``, :mod:`layerscope.core.reduce`): a backend
+      that computes them on the device calls ``recorder.reduce(site, kind, tensor, roles,
+      ops, masks)`` in its hook and puts each piece it returns (``piece.kind``,
+      ``piece.value``, ``piece.roles``, ``piece.attrs`` merged into its own attrs). ``ops``
+      implements :class:`~layerscope.core.reduce.ArrayOps` (seven array operations in the
+      framework); ``masks`` is a :class:`~layerscope.core.reduce.PassMasks` of the pass's
+      attention mask as the framework's tensor. A backend that never calls ``reduce`` hands
+      whole tensors, and the recorder computes the reductions from the host copy in NumPy.
     - ``nbytes``: what waits in the queue (the tensor, or what ``snapshot`` returned) is
       counted against the writer's memory budget (``StoreOptions.max_pending_bytes``) by its
       ``nbytes`` attribute, which must be an ``int``: the bytes it holds in host memory until

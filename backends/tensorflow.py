@@ -34,6 +34,7 @@ import numpy as np
 
 from layerscope.core import Recorder, Selection, SiteInfo
 from layerscope.core.naming import hidden_size_of
+from layerscope.core.reduce import PassMasks, Piece
 from layerscope.core.userwarn import warn_user
 
 from . import _keras_runtime as runtime
@@ -45,6 +46,7 @@ from ._keras_attention import (
     scores_layers,
     tapped_compute_attention,
 )
+from ._keras_reduce import OPS
 from ._keras_text import KerasHubTokenizer, adapt_tokenizer, load_hf_folder
 from ._keras_tree import (
     OUTSIDE,
@@ -57,6 +59,7 @@ from ._structure import leaves, part_kind
 from .base import Backend
 
 _TOKEN_KEYS = ("token_ids", "input_ids")
+_MASK_KEYS = ("padding_mask", "attention_mask")  # which token positions are real
 # Functions Keras traces once and caches; set aside while attached so they retrace.
 _STEP_FUNCTIONS = ("predict_function", "test_function", "train_function")
 
@@ -99,6 +102,14 @@ def _batch_probe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, An
     return (ids if ids is not None else first), ids
 
 
+def _mask_probe(args: tuple[Any, ...], kwargs: dict[str, Any], ids: Any) -> Any:
+    """The padding mask of a top-level call on token ids (keras-hub's ``padding_mask``)."""
+    if ids is None:
+        return None
+    return next((tensor for path, tensor in _tensors((args, kwargs))
+                 if path and path[-1] in _MASK_KEYS and runtime.rank(tensor) == 2), None)
+
+
 class _Patch:
     """One instance attribute replaced for the duration of a block, put back exactly."""
 
@@ -136,6 +147,7 @@ class _Capture:
         # id(attention layer) -> "self" / "cross" for the call in progress
         self.attention_kinds: dict[int, str | None] = {}
         self._warned: set[str] = set()
+        self.masks = PassMasks(None)  # the pass's padding mask, for reductions
 
     # -- taking tensors ----------------------------------------------------------------------
 
@@ -149,18 +161,31 @@ class _Capture:
             return
         if not runtime.is_value(tensor) or runtime.rank(tensor) == 0:
             return
-        if runtime.eager():
-            if self.depth:
-                self.put(site, kind, layer, tensor, place, attrs)
+        eager = runtime.eager()
+        if (eager and not self.depth) or (not eager and not self.graphs):
             return
-        if not self.graphs:
-            return
-        if not self.graphs[-1].collect((site, kind, layer, place, attrs), tensor):
-            self._warn(site, f"{site}@{kind} runs inside a tf.while_loop / tf.cond body of the "
-                             "graph and cannot be captured there; call the model eagerly")
+        for piece in self.reduce(site, kind, layer, tensor, place):
+            merged = {**(attrs or {}), **piece.attrs} or None
+            if eager:
+                self.put(site, piece.kind, layer, piece.value, place, merged, piece.roles)
+            elif not self.graphs[-1].collect((site, piece.kind, layer, place, merged,
+                                              piece.roles), piece.value):
+                self._warn(site, f"{site}@{kind} runs inside a tf.while_loop / tf.cond body of "
+                                 "the graph and cannot be captured there; call the model "
+                                 "eagerly")
+
+    def reduce(self, site: str, kind: str, layer: Any, tensor: Any, place: str) -> list[Piece]:
+        """``tensor``, or the reductions of it the selection asks for, computed here in
+        ``keras.ops`` (in a graph: as part of it); roles () are left to :meth:`put`."""
+        assert self.recorder is not None
+        if not self.selection.reduces:
+            return [Piece(kind, tensor, ())]
+        shape = tuple(runtime.static_size(n) for n in tensor.shape)
+        roles = roles_for(layer, kind, shape, self.hidden_size, place)  # type: ignore[arg-type]
+        return self.recorder.reduce(site, kind, tensor, roles, OPS, self.masks)
 
     def put(self, site: str, kind: str, layer: Any, tensor: Any, place: str,
-            attrs: Mapping[str, Any] | None = None) -> None:
+            attrs: Mapping[str, Any] | None = None, roles: tuple[str, ...] = ()) -> None:
         assert self.recorder is not None
         snapshot = None
         if isinstance(tensor, np.ndarray):
@@ -169,8 +194,9 @@ class _Capture:
             held, snapshot = tensor, runtime.snapshot_torch
         else:
             held = runtime.Held(tensor)
-        shape = tuple(int(n) for n in tensor.shape)
-        roles = roles_for(layer, kind, shape, self.hidden_size, place)
+        if not roles:
+            shape = tuple(int(n) for n in tensor.shape)
+            roles = roles_for(layer, kind, shape, self.hidden_size, place)
         self.recorder.put(site, kind, held, roles, type(layer).__name__, to_numpy, snapshot,
                           attrs=attrs)
 
@@ -233,9 +259,11 @@ class _Capture:
             probe, ids = _batch_probe(args, kwargs)
             if probe is None or runtime.is_tracer(probe):
                 return original(*args, **kwargs)
+            mask = _mask_probe(args, kwargs, ids)
+            self.masks = PassMasks(runtime.static_size(probe.shape[0]), mask)
             if runtime.eager():
-                return self.eager_pass(body, args, kwargs, probe, ids)
-            return self.graph_pass(body, args, kwargs, probe, ids)
+                return self.eager_pass(body, args, kwargs, probe, ids, mask)
+            return self.graph_pass(body, args, kwargs, probe, ids, mask)
 
         return call
 
@@ -262,13 +290,15 @@ class _Capture:
     # -- passes ------------------------------------------------------------------------------
 
     def eager_pass(self, body: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                   probe: Any, ids: Any) -> Any:
+                   probe: Any, ids: Any, mask: Any = None) -> Any:
         recorder = self.recorder
         assert recorder is not None
         if recorder.in_pass:
             recorder.abort_pass()  # a previous pass raised before it returned
         self.attention_ids.clear()
-        recorder.begin_pass(int(probe.shape[0]), to_numpy(ids) if ids is not None else None)
+        masked = {"attention_mask": to_numpy(mask)} if mask is not None else {}
+        recorder.begin_pass(int(probe.shape[0]), to_numpy(ids) if ids is not None else None,
+                            **masked)
         self.depth += 1
         try:
             result = body(args, kwargs)
@@ -282,7 +312,7 @@ class _Capture:
         return result
 
     def graph_pass(self, body: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                   probe: Any, ids: Any) -> Any:
+                   probe: Any, ids: Any, mask: Any = None) -> Any:
         from ._keras_graph import GraphPass  # TensorFlow only
 
         current = GraphPass()
@@ -293,26 +323,29 @@ class _Capture:
         finally:
             self.graphs.pop()
             self.attention_ids.clear()
-        current.record_when_run(probe, ids, self.replay)
+        current.record_when_run(probe, ids, self.replay, mask)
         return result
 
-    def replay(self, metas: tuple[Any, ...], has_ids: bool, batch: Any, *values: Any
-               ) -> list[Any]:
+    def replay(self, metas: tuple[Any, ...], has_ids: bool, has_mask: bool, batch: Any,
+               *values: Any) -> list[Any]:
         """Runs inside the graph: records one pass from the values it was handed."""
         recorder = self.recorder
         if not self.active or recorder is None:
             return []  # a graph traced while attached, run after the block ended
+        ids = mask = None
         if has_ids:
             ids, values = values[0].numpy(), values[1:]
-        else:
-            ids = None
+        if has_mask:
+            mask, values = values[0].numpy(), values[1:]
         with self.lock:
             if recorder.in_pass:
                 recorder.abort_pass()
-            recorder.begin_pass(int(batch.numpy()), ids)
+            recorder.begin_pass(int(batch.numpy()), ids,
+                                **({"attention_mask": mask} if mask is not None else {}))
             try:
-                for (site, kind, layer, place, attrs), value in zip(metas, values, strict=True):
-                    self.put(site, kind, layer, value, place, attrs)
+                for (site, kind, layer, place, attrs, roles), value in zip(metas, values,
+                                                                           strict=True):
+                    self.put(site, kind, layer, value, place, attrs, roles)
             except BaseException:
                 recorder.abort_pass()
                 raise

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ._reduce_numpy import OPS as NUMPY_OPS
 from .errors import CaptureError
 from .format import (
     DECODER_TOKEN_ID,
@@ -29,6 +30,8 @@ from .format import (
     skipped_sites,
 )
 from .naming import layer_index, stack_of, variable_name
+from .reduce import FULL, ArrayOps, PassMasks, Piece, apply_chains
+from .region import Region
 from .selection import Selection
 from .writer import Snapshot, ToNumpy, TraceWriter, _as_numpy
 
@@ -55,6 +58,8 @@ class Recorder:
         self.passes = 0
         #: token axis -> (mask coordinate, mask) of the pass under way, stored as it ends
         self._masks: dict[str, tuple[str, np.ndarray]] = {}
+        #: whether the backend reduces tensors itself (calls :meth:`reduce`)
+        self._backend_reduces = False
 
     # -- pass boundaries ---------------------------------------------------------------------
 
@@ -115,6 +120,15 @@ class Recorder:
                              (DECODER_TOKEN_ID, DECODER_TOKEN_TEXT, DECODER_TOKEN_MASK),
                              "decoder_token")
 
+    def put_token_ids(self, axis: str, token_ids: Any) -> None:
+        """Label ``axis`` (``token`` or ``decoder_token``) of the pass under way with
+        ``token_ids`` (batch, position) where they are known only as it ends (a traced
+        ``generate()``), instead of ``begin_pass(token_ids=...)``."""
+        names = {"token": (TOKEN_ID, TOKEN_TEXT, TOKEN_MASK),
+                 "decoder_token": (DECODER_TOKEN_ID, DECODER_TOKEN_TEXT, DECODER_TOKEN_MASK)}
+        if self.writer.batch_size is not None:
+            self._put_tokens(np.asarray(token_ids), None, names[axis], axis)
+
     def put_token_labels(self, axis: str, steps: np.ndarray | None = None,
                          mask: np.ndarray | None = None) -> None:
         """Label ``axis`` (``token`` or ``decoder_token``) of a pass made from ``generate()``:
@@ -153,9 +167,13 @@ class Recorder:
 
     def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
             module_type: str = "", to_numpy: ToNumpy = _as_numpy,
-            snapshot: Snapshot | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+            snapshot: Snapshot | None = None, attrs: Mapping[str, Any] | None = None,
+            region: Region | None = None, call_index: int | None = None) -> None:
         """Queue one captured tensor whose first axis is the batch. ``attrs``: more variable
-        attributes the backend knows (``attention``: ``self`` or ``cross``)."""
+        attributes the backend knows (``attention``: ``self`` or ``cross``). ``region``: the
+        tensor is a piece of the variable (:mod:`.region`), whose ``call_index`` (the site's
+        call within the pass) the backend counts itself: the pieces of one call are several
+        puts."""
         batch = self.writer.batch_size
         if batch is None:
             return  # a call outside any traced pass (the backend's own bookkeeping)
@@ -168,10 +186,41 @@ class Recorder:
                 f"shape {shape} has no leading batch axis of {batch}"
             )
             return
-        key = (site, kind)
-        call_index = self._calls.get(key, 0)
-        self._calls[key] = call_index + 1
-        name = variable_name(site, kind if call_index == 0 else f"{kind}.call{call_index}")
+        if (self.selection.reduces and not self._backend_reduces and ":" not in kind
+                and region is None):
+            self._reduce_on_host(site, kind, tensor, roles, module_type, to_numpy, snapshot,
+                                 attrs)
+            return
+        self._store(site, kind, tensor, roles, module_type, to_numpy, snapshot, attrs, region,
+                    call_index)
+
+    def _store(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
+               module_type: str, to_numpy: ToNumpy, snapshot: Snapshot | None,
+               attrs: Mapping[str, Any] | None, region: Region | None = None,
+               call_index: int | None = None) -> None:
+        if call_index is None:
+            call_index = self._calls.get((site, kind), 0)
+            self._calls[(site, kind)] = call_index + 1
+        name, labels = self._labels(site, kind, call_index, module_type, attrs)
+        self.writer.put(name, tensor, roles, labels, to_numpy, snapshot, region)
+
+    def declare(self, site: str, kind: str, call_index: int, shape: tuple[int, ...],
+                roles: tuple[str, ...], module_type: str = "",
+                attrs: Mapping[str, Any] | None = None) -> None:
+        """Name a variable of the pass under way, of ``shape`` (batch first), before its
+        pieces come (:meth:`put` with ``region``): it takes its place among the variables
+        (their ``order``) where the model made it, not where its first piece is written."""
+        if self.writer.batch_size is None or variable_name(site, kind) in self.skipped:
+            return
+        if not shape or shape[0] != self.writer.batch_size:
+            return  # put() records why
+        name, labels = self._labels(site, kind, call_index, module_type, attrs)
+        self.writer.declare(name, roles, shape, labels)
+
+    def _labels(self, site: str, kind: str, call_index: int, module_type: str,
+                attrs: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+        """A variable's name and attributes."""
+        name = variable_name(site, _numbered(kind, call_index))
         labels: dict[str, Any] = {
             "site": site, "kind": kind, "module_type": module_type,
             "framework": self.framework, "call_index": call_index,
@@ -183,7 +232,49 @@ class Recorder:
         if stack is not None:
             labels["stack"] = stack
         labels.update(attrs or {})
-        self.writer.put(name, tensor, roles, labels, to_numpy, snapshot)
+        return name, labels
+
+    def add_attrs(self, site: str, kind: str, call_index: int, attrs: dict[str, Any]) -> None:
+        """More attributes of a variable this trace created, known only once its pass is
+        over (a traced ``generate()``'s positions no step computed)."""
+        self.writer.update_attrs(variable_name(site, _numbered(kind, call_index)), attrs)
+
+    def reduce(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...], ops: ArrayOps,
+               masks: PassMasks) -> list[Piece]:
+        """What to :meth:`put` of ``tensor`` (taken as ``kind`` at ``site``, batch first): the
+        tensor itself, and/or the reductions the selection asks for there (:mod:`.reduce`),
+        computed now with the backend's ``ops`` on the tensor's device. ``masks``: the pass's
+        real-token masks as the framework's tensors. A backend calls it in its hook, before
+        anything is copied off the device; it needs no pass open (JAX calls it while a
+        compiled pass is traced)."""
+        if not self.selection.reduces:
+            return [Piece(kind, tensor, roles)]
+        self._backend_reduces = True
+        chains = self.selection.chains(kind, site)
+        shape = tuple(getattr(tensor, "shape", ()))
+        if chains == (FULL,) or not chains or not shape or not masks.batched(shape[0]):
+            return [Piece(kind, tensor, roles)]  # put stores it, or records why it cannot
+        pieces, skipped = apply_chains(chains, kind, tensor, roles, ops, masks)
+        for spec, why in skipped.items():
+            self.skipped.setdefault(variable_name(site, spec), why)
+        return pieces
+
+    def _reduce_on_host(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
+                        module_type: str, to_numpy: ToNumpy, snapshot: Snapshot | None,
+                        attrs: Mapping[str, Any] | None) -> None:
+        """The reductions of a whole tensor from a backend that does not call :meth:`reduce`,
+        computed in NumPy: the host copy is whole, but the store holds what was asked."""
+        if snapshot is not None:
+            tensor = snapshot(tensor, lambda shape, dtype: np.empty(shape, dtype))
+        array = to_numpy(tensor)
+        masks = PassMasks(self.writer.batch_size,
+                          *(self._masks[a][1] if a in self._masks else None
+                            for a in ("token", "decoder_token")))
+        pieces = self.reduce(site, kind, array, roles, NUMPY_OPS, masks)
+        self._backend_reduces = False  # reduce() took this backend for one that reduces
+        for piece in pieces:
+            self._store(site, piece.kind, piece.value, piece.roles, module_type, _as_numpy,
+                        None, {**(attrs or {}), **piece.attrs})
 
     def _record_skipped(self) -> None:
         """Write the skipped sites to the group attributes (published with the next commits)."""
@@ -232,3 +323,12 @@ class Recorder:
             # already failing: that error is the one raised; the store still says "writing"
         finally:
             self.writer.release()
+
+
+def _numbered(kind: str, call_index: int) -> str:
+    """The kind of a module's ``call_index``-th call in a pass: ``output.call1``; a reduction
+    numbers the kind it reduces (``output.call1:last(token)``)."""
+    if call_index == 0:
+        return kind
+    taken, sep, steps = kind.partition(":")
+    return f"{taken}.call{call_index}{sep}{steps}"

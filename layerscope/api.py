@@ -22,6 +22,7 @@ from layerscope.core import (
 )
 from layerscope.core.format import new_group_attrs
 from layerscope.core.naming import ROOT_SITE
+from layerscope.core.reduce import spec_kind
 from layerscope.core.store import open_group_for_writing
 from layerscope.core.writer import TraceWriter
 
@@ -116,11 +117,17 @@ class Trace:
 def trace(model: Any, path: str | Path, capture: CaptureSpec = None, *,
           kinds: Iterable[str] | None = None, backend: str | None = None,
           tokenizer: Any = None, mode: str | None = None,
-          options: StoreOptions | None = None) -> Trace:
+          options: StoreOptions | None = None, positions: str | slice | None = None,
+          reduce: str | Sequence[str] | None = None) -> Trace:
     """Capture ``model`` into the Zarr store at ``path`` while the ``with`` block runs.
 
     ``capture`` holds glob patterns on module paths (``"encoder.layer.*.attention*"``);
     ``kinds`` what to take at each site (default: outputs and attention probabilities).
+    ``positions`` (``"last"``, ``"first"``, ``"mask"``, a slice) and ``reduce`` (``"mean"``,
+    ``"norm"``, ``"topk(8)"``, or several) store only those tokens, or those reductions, of
+    every kind a pattern names without steps of its own (``"layers.*@output:last"``); they
+    are computed on the model's device before anything is copied (README, "Only the data you
+    ask for").
     ``mode``: 'w-' new store only (default), 'w' overwrite, 'a' append (the schema must match);
     it overrides ``options.mode``.
 
@@ -135,7 +142,7 @@ def trace(model: Any, path: str | Path, capture: CaptureSpec = None, *,
 
         base = replace(base, mode=mode)
     chosen = _backend_for(model, backend)
-    selection = Selection.of(capture, kinds)
+    selection = Selection.of(capture, kinds, positions=positions, reduce=reduce)
     _check_selection(selection, chosen, model)
     return Trace(model, path, selection, chosen, base, tokenizer)
 
@@ -145,12 +152,9 @@ SELECTABLE_KINDS = ("output", "input", "attention")
 
 
 def _check_kinds(selection: Selection) -> None:
-    """Refuse kinds nothing would capture: a trace of them would be empty."""
-    asked = list(selection.kinds)
-    for pattern in selection.include:
-        glob, sep, kinds = pattern.partition("@")
-        if sep:
-            asked += [k.strip() for k in kinds.split(",")]
+    """Refuse kinds nothing would capture: a trace of them would be empty. (Their reduction
+    steps, ``output:last``, were checked when the selection was made.)"""
+    asked = [spec_kind(spec) for spec in selection.specs()]
     for kind in asked:
         if kind in SELECTABLE_KINDS:
             continue

@@ -1,7 +1,8 @@
 """Keras 3 on its JAX and PyTorch backends. Keras picks its backend once per process
 (``KERAS_BACKEND`` before ``import keras``), so each runs in a subprocess of its own: the
 conformance suite (tests/backends/test_conformance_tensorflow.py, whose kit is
-backend-neutral), tests/backends/test_keras_any_backend.py (predict, bfloat16, to_numpy), and
+backend-neutral), tests/backends/test_keras_any_backend.py (predict, bfloat16, to_numpy),
+tests/backends/test_reduce_keras.py (reductions in ``keras.ops``), and
 the keras-hub BERT zoo test at batch 3, and on PyTorch the Llama one (its fused attention is
 recomputed there, as on JAX; JAX, the slower to run eagerly, is spared it). The BERT trace
 must have the same variables, dims, roles and labels on every backend as on TensorFlow here."""
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("jax", "torch")
 TESTS = ["tests/backends/test_conformance_tensorflow.py",
          "tests/backends/test_keras_any_backend.py",
+         "tests/backends/test_reduce_keras.py",
          "tests/zoo/test_keras_bert.py::test_bert_maps_and_hidden_states[3]"]
 EXTRA = {"torch": ["tests/zoo/test_keras_llama.py::test_llama_maps_and_hidden_states[3]"]}
 

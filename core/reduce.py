@@ -1,0 +1,431 @@
+"""Only the data a user asks for: token positions and reductions, applied inside the hook.
+
+A selection may ask, per site and kind, for *chains* of steps instead of the whole tensor (or
+beside it): ``"model.layers.*@output:last"``, ``"*.mlp@output:mean,output:topk(8)"``, or
+``trace(..., positions="last", reduce=["norm"])``. A backend computes each chain in its
+framework's own ops, on the tensor's device, before anything is copied off it, through the
+few array operations of :class:`ArrayOps`; only the results are copied and written, each as a
+variable of its own, ``<site>@<kind>:<step>[:<step>...]`` with every step naming the axis it
+worked on (``layers.3@output:last(token)``, ``layers.3@output:topk(hidden,8)``).
+
+Steps (``name`` or ``name(axis, argument)``; the axis may be left out)
+
+    last, first   the last / first real token of each sample (by the pass's attention mask:
+                  left or right padding): the axis is removed
+    slice(a:b)    positions a..b-1 of each sample's real tokens, counted from its first real
+                  token (negative: from its end, ``slice(-4:)``); a fixed number of positions,
+                  on a new axis ``<axis>_slice``, filled where a sample has fewer tokens
+    mask          every position, with the fill value where the sample has no token (the
+                  shape stays the same; see README, "Only the data you ask for")
+    mean          the mean over a token axis, padding excluded: the axis is removed
+    norm          the L2 norm over the feature axis: the axis is removed
+    topk(k)       the k largest values over the feature axis, largest first, on a new axis
+                  ``k``; a second variable ``...:topk(hidden,k):index`` holds their indices
+
+Positions and ``mean`` work on a token axis (``token``, else ``query``; or the one named:
+``last(key)``), ``norm`` and ``topk`` on the feature axis (``hidden``, else ``neuron``, else
+``channel``). A tensor without that axis is not reduced; the store's ``skipped`` attribute
+says why. The real tokens are the pass's mask where the backend was given one (every position
+counts where none was); positions assume the real tokens of a sample are contiguous.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import CaptureError
+
+#: steps that pick positions along a token axis, and those that reduce an axis
+POSITIONS = ("last", "first", "slice", "mask")
+REDUCERS = ("mean", "norm", "topk")
+_TOKEN_AXES = ("token", "query", "key")
+_FEATURE_AXES = ("hidden", "neuron", "channel")
+_DECODER = "decoder_"
+#: the axis a step works on when none is named: the first of these a tensor has
+_DEFAULT_AXES = {"token": ("token", "decoder_token", "query", "decoder_query"),
+                 "feature": _FEATURE_AXES}
+_STEP = re.compile(r"^([a-z]+)(?:\((.*)\))?$")
+_AXIS = re.compile(r"^[a-z][a-z0-9_]*$")
+INDEX_SUFFIX = ":index"
+SLICE_SUFFIX = "_slice"
+
+Chain = tuple["Step", ...]
+FULL: Chain = ()
+
+
+class ArrayOps(Protocol):
+    """The array operations a backend lends the reductions, in its framework's own ops.
+
+    ``x`` is a captured tensor (batch first), ``axis`` an axis of it (never 0). Masks and
+    positions are (batch, n) or (1, n); ``first`` / ``count`` (batch, 1) integer tensors, or
+    plain ints. Results stay on the tensor's device; nothing is copied to the host."""
+
+    def spans(self, mask: Any) -> tuple[Any, Any]:
+        """Each sample's first real position and number of real positions, (batch, 1) ints,
+        from a (batch, length) mask (nonzero: a real token)."""
+        ...
+
+    def arange(self, n: int, like: Any) -> Any:
+        """0..n-1 as a 1-d integer tensor on ``like``'s device, of ``spans``' dtype."""
+        ...
+
+    def take(self, x: Any, axis: int, index: Any) -> Any:
+        """``x`` at positions ``index`` (batch or 1, n) along ``axis``, clipped into the axis:
+        the axis then has length n."""
+        ...
+
+    def fill(self, x: Any, axis: int, keep: Any) -> Any:
+        """``x`` where ``keep`` (batch, length along ``axis``), elsewhere its dtype's fill
+        value (NaN for floats, -1 for signed integers, 0 for unsigned ones)."""
+        ...
+
+    def mean(self, x: Any, axis: int, keep: Any) -> Any:
+        """The mean over ``axis`` of the positions ``keep`` holds (all when ``keep`` is None),
+        in float32 at least."""
+        ...
+
+    def norm(self, x: Any, axis: int) -> Any:
+        """The L2 norm over ``axis``, in float32 at least."""
+        ...
+
+    def topk(self, x: Any, axis: int, k: int) -> tuple[Any, Any]:
+        """The ``k`` largest values along ``axis``, largest first, and their indices, both
+        with ``axis`` of length ``k``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a chain: its name, the axis it was asked for (None: the default) and its
+    argument (a slice's start and stop, topk's k)."""
+
+    name: str
+    axis: str | None = None
+    start: int | None = None
+    stop: int | None = None
+    k: int | None = None
+
+    @property
+    def length(self) -> int:
+        """How many positions a slice takes (1 for last and first)."""
+        start, stop = self.start or 0, self.stop
+        return (stop if stop is not None else 0) - start
+
+    def argument(self) -> str:
+        if self.name == "slice":
+            stop = "" if self.stop is None else str(self.stop)
+            return f"{self.start}:{stop}"
+        return str(self.k) if self.name == "topk" else ""
+
+    def text(self, axis: str | None = None) -> str:
+        """``last``, ``topk(8)`` as asked; with ``axis``, as stored: ``topk(hidden,8)``."""
+        parts = [a for a in (axis or self.axis, self.argument()) if a]
+        return f"{self.name}({','.join(parts)})" if parts else self.name
+
+
+def split_specs(text: str) -> list[str]:
+    """``"output:topk(hidden,8),attention"`` -> its specs, split at commas outside brackets."""
+    specs, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            specs.append(current.strip())
+            current = ""
+        else:
+            current += char
+    specs.append(current.strip())
+    return [s for s in specs if s]
+
+
+def spec_kind(spec: str) -> str:
+    """The kind a spec takes (``output`` of ``output:last``)."""
+    return spec.partition(":")[0].strip()
+
+
+def parse_chain(text: str) -> Chain:
+    """``"last:topk(8)"`` -> its steps; raises :class:`CaptureError` saying what is wrong."""
+    steps = tuple(parse_step(part) for part in _split_steps(text))
+    for step in steps[:-1]:
+        if step.name == "topk":
+            raise CaptureError(f"{text!r}: topk must be the last step of a chain (it makes two "
+                               "variables, values and indices)")
+    return steps
+
+
+def _split_steps(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text.strip():
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == ":" and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    parts.append(current.strip())
+    if not all(parts):
+        raise CaptureError(f"{text!r} has an empty step; write steps as 'last:topk(8)'")
+    return parts
+
+
+def parse_step(text: str) -> Step:
+    match = _STEP.match(text.replace(" ", ""))
+    known = ", ".join((*POSITIONS, *REDUCERS))
+    if match is None or match.group(1) not in (*POSITIONS, *REDUCERS):
+        raise CaptureError(f"unknown reduction {text!r}: use {known} (e.g. 'last', "
+                           "'mean(token)', 'slice(0:4)', 'topk(hidden,8)')")
+    name, inner = match.group(1), match.group(2)
+    args = inner.split(",") if inner else []
+    axis = args.pop(0) if args and _AXIS.match(args[0]) else None
+    if axis is not None and name in (*POSITIONS, "mean") and \
+            axis.removeprefix(_DECODER) not in _TOKEN_AXES:
+        raise CaptureError(f"{text!r}: {name} works on a token axis ({', '.join(_TOKEN_AXES)}), "
+                           f"e.g. '{name}(token)'")
+    if name == "slice":
+        if len(args) != 1:
+            raise CaptureError(f"{text!r}: a slice takes positions, e.g. 'slice(0:4)'")
+        start, stop = parse_slice(args[0], text)
+        return Step(name, axis, start=start, stop=stop)
+    if name == "topk":
+        if len(args) != 1 or not args[0].isdigit() or int(args[0]) < 1:
+            raise CaptureError(f"{text!r}: topk takes a count of at least 1, e.g. 'topk(8)'")
+        return Step(name, axis, k=int(args[0]))
+    if args:
+        raise CaptureError(f"{text!r}: {name} takes at most an axis name, e.g. '{name}(token)'")
+    if name in ("last", "first"):
+        return Step(name, axis, start=-1 if name == "last" else 0,
+                    stop=None if name == "last" else 1)
+    return Step(name, axis)
+
+
+def parse_slice(text: str, where: str) -> tuple[int, int | None]:
+    """``"0:4"``, ``"-4:"``, ``"-8:-4"`` -> (start, stop): a fixed number of positions."""
+    start_text, sep, stop_text = text.partition(":")
+    try:
+        start = int(start_text) if start_text else 0
+        stop = int(stop_text) if stop_text else None
+    except ValueError:
+        start, stop, sep = 0, None, ""
+    fixed = (start >= 0 and stop is not None and stop > start) or \
+        (start < 0 and (stop is None or start < stop <= -1))
+    if not sep or not fixed:
+        raise CaptureError(
+            f"{where!r}: a slice takes a fixed number of positions: 'a:b' with 0 <= a < b "
+            "(from each sample's first real token) or '-a:' / '-a:-b' (from its last)")
+    return start, stop
+
+
+def positions_text(positions: str | slice | None) -> str | None:
+    """The ``positions=`` argument as a step: ``"last"``, ``slice(0, 4)`` -> ``"slice(0:4)"``."""
+    if positions is None:
+        return None
+    if isinstance(positions, slice):
+        if positions.step not in (None, 1):
+            raise CaptureError(f"positions={positions!r}: a slice with a step is not supported")
+        start = "" if positions.start is None else str(positions.start)
+        stop = "" if positions.stop is None else str(positions.stop)
+        positions = f"slice({start}:{stop})"
+    if ":" in positions and not positions.startswith("slice"):
+        positions = f"slice({positions})"
+    step = parse_step(positions)
+    if step.name not in POSITIONS:
+        raise CaptureError(f"positions={positions!r}: use one of {', '.join(POSITIONS)} or a "
+                           "slice; reductions go in reduce=")
+    return positions
+
+
+def default_chains(positions: str | None, reduce: Sequence[str]) -> tuple[Chain, ...]:
+    """The chains ``positions=`` and ``reduce=`` ask for at a kind named without steps."""
+    head = parse_chain(positions) if positions else FULL
+    for text in reduce:
+        if text and parse_chain(text)[0].name in POSITIONS:
+            raise CaptureError(f"reduce={text!r} picks positions: pass it as positions=")
+    if not reduce:
+        return (head,)
+    return tuple(head + parse_chain(text) for text in reduce)
+
+
+# -- applying chains ----------------------------------------------------------------------------
+
+
+class Unreducible(Exception):
+    """A chain cannot be applied to a tensor (no such axis, a mask of another length)."""
+
+
+@dataclass
+class Piece:
+    """One result to put: the whole tensor (``attrs`` empty) or a reduction of it."""
+
+    kind: str
+    value: Any
+    roles: tuple[str, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class PassMasks:
+    """The real-token masks of one pass as the model's own tensors, by token axis (``token``,
+    ``decoder_token``); None where the pass was given none. Spans are computed once each."""
+
+    def __init__(self, batch: int | None, token: Any = None, decoder_token: Any = None) -> None:
+        self.batch = batch  # None: not known until a graph runs
+        self.masks = {"token": _two_dimensional(token, batch),
+                      "decoder_token": _two_dimensional(decoder_token, batch)}
+        self._spans: dict[str, tuple[Any, Any]] = {}
+
+    def batched(self, size: Any) -> bool:
+        """Whether an axis of ``size`` can be the pass's batch (unknown sizes can)."""
+        size = _static(size)
+        return size is None or self.batch is None or size == self.batch
+
+    def mask(self, role: str, length: int | None) -> Any:
+        """The mask of the token axis that axis ``role`` indexes; None: none given. Raises
+        :class:`Unreducible` when its length is not the axis's."""
+        family = "decoder_token" if role.startswith(_DECODER) else "token"
+        mask = self.masks[family]
+        known = _static(mask.shape[1]) if mask is not None else None
+        if mask is not None and None not in (known, length) and known != length:
+            raise Unreducible(f"the {family} mask has {known} positions, the {role} axis "
+                              f"{length} (a cached step, or another sequence)")
+        return mask
+
+    def spans(self, ops: ArrayOps, role: str, mask: Any) -> tuple[Any, Any]:
+        family = "decoder_token" if role.startswith(_DECODER) else "token"
+        if family not in self._spans:
+            self._spans[family] = ops.spans(mask)
+        return self._spans[family]
+
+
+def _two_dimensional(mask: Any, batch: int | None) -> Any:
+    shape = getattr(mask, "shape", None)
+    if shape is None or len(shape) != 2 or None not in (batch, _static(shape[0])) and \
+            _static(shape[0]) != batch:
+        return None
+    return mask
+
+
+def _static(size: Any) -> int | None:
+    try:
+        return int(size)
+    except (TypeError, ValueError):
+        return None  # unknown until the graph runs
+
+
+def apply_chains(chains: Iterable[Chain], kind: str, value: Any, roles: tuple[str, ...],
+                 ops: ArrayOps, masks: PassMasks) -> tuple[list[Piece], dict[str, str]]:
+    """The pieces to put for ``value`` (taken as ``kind``), one per chain (two for topk), and
+    ``{kind:chain: why}`` for each chain it cannot take."""
+    pieces: list[Piece] = []
+    skipped: dict[str, str] = {}
+    for chain in chains:
+        if not chain:
+            pieces.append(Piece(kind, value, roles))
+            continue
+        try:
+            pieces.extend(_apply(chain, kind, value, roles, ops, masks))
+        except Unreducible as why:
+            skipped[f"{kind}:{':'.join(s.text() for s in chain)}"] = str(why)
+    return pieces, skipped
+
+
+def _axis_of(step: Step, roles: tuple[str, ...]) -> str:
+    group = "feature" if step.name in ("norm", "topk") else "token"
+    if step.axis is not None:
+        named = [r for r in roles if r == step.axis or r == _DECODER + step.axis]
+        if not named:
+            raise Unreducible(f"{step.text()}: no {step.axis} axis in dims {roles}")
+        return named[0]
+    candidates = _DEFAULT_AXES[group]
+    if step.name == "mean":  # the mean of a slice's positions
+        candidates += tuple(f"{axis}{SLICE_SUFFIX}" for axis in candidates)
+    found = next((r for r in candidates if r in roles), None)
+    if found is None:
+        wanted = "token" if group == "token" else "feature (hidden, neuron, channel)"
+        raise Unreducible(f"{step.text()}: no {wanted} axis in dims {roles}")
+    return found
+
+
+def _apply(chain: Chain, kind: str, value: Any, roles: tuple[str, ...], ops: ArrayOps,
+           masks: PassMasks) -> list[Piece]:
+    labels: list[str] = []
+    masked: bool | None = None
+    current = roles
+    sliced: dict[str, Any] = {}  # a slice's axis -> which of its positions a sample has
+    for step in chain:
+        role = _axis_of(step, current)
+        axis = current.index(role)
+        labels.append(step.text(role))
+        if step.name == "topk":
+            values, index = _topk(value, axis, step, ops)
+            current = current[:axis] + ("k",) + current[axis + 1:]
+            attrs = _attrs(kind, roles, labels, masked)
+            name = f"{kind}:{':'.join(labels)}"
+            return [Piece(name, values, current, {**attrs, "topk": "values"}),
+                    Piece(name + INDEX_SUFFIX, index, current, {**attrs, "topk": "index"})]
+        if step.name == "norm":
+            value = ops.norm(value, axis)
+            current = current[:axis] + current[axis + 1:]
+            continue
+        if role in sliced:  # mean over a slice: its filled positions excluded
+            value = ops.mean(value, axis, sliced[role])
+            current = current[:axis] + current[axis + 1:]
+            continue
+        length = _static(value.shape[axis])
+        mask = masks.mask(role, length)
+        masked = bool(masked) or mask is not None
+        if step.name == "mean":
+            value = ops.mean(value, axis, mask)
+            current = current[:axis] + current[axis + 1:]
+        elif step.name == "mask":
+            value = ops.fill(value, axis, mask) if mask is not None else value
+        elif step.name == "slice":
+            value, sliced[role + SLICE_SUFFIX] = _positions(
+                value, axis, step, ops, masks.spans(ops, role, mask) if mask is not None
+                else (0, length), mask is None)
+            current = current[:axis] + (role + SLICE_SUFFIX,) + current[axis + 1:]
+        else:
+            value = _positions(value, axis, step, ops, masks.spans(ops, role, mask)
+                               if mask is not None else (0, length), mask is None)[0]
+            value = value[(slice(None),) * axis + (0,)]  # one position: the axis goes
+            current = current[:axis] + current[axis + 1:]
+    return [Piece(f"{kind}:{':'.join(labels)}", value, current,
+                  _attrs(kind, roles, labels, masked))]
+
+
+def _positions(value: Any, axis: int, step: Step, ops: ArrayOps, spans: tuple[Any, Any],
+               unmasked: bool) -> tuple[Any, Any]:
+    """Positions ``step.start``.. of each sample's real tokens, counted from its first real
+    position (from its end when negative), filled where a sample has none there; and which
+    of them each sample has (None: all)."""
+    first, count = spans
+    if count is None:
+        raise Unreducible(f"{step.text()}: the axis's length is unknown and no mask was given")
+    start = step.start or 0
+    # beside the mask, not the tensor: a model spread over devices has one mask for all
+    offsets = ops.arange(step.length, value if isinstance(count, int) else count)
+    relative = offsets + start if start >= 0 else offsets + (count + start)
+    taken = ops.take(value, axis, first + relative)
+    everywhere = unmasked and isinstance(count, int) and \
+        (step.length + start <= count if start >= 0 else -start <= count)
+    if everywhere:
+        return taken, None
+    keep = (relative >= 0) & (relative < count)  # some sample lacks some of these positions
+    return ops.fill(taken, axis, keep), keep
+
+
+def _topk(value: Any, axis: int, step: Step, ops: ArrayOps) -> tuple[Any, Any]:
+    size = _static(value.shape[axis])
+    assert step.k is not None
+    if size is not None and size < step.k:
+        raise Unreducible(f"{step.text()}: the axis has only {size} entries")
+    return ops.topk(value, axis, step.k)
+
+
+def _attrs(kind: str, roles: tuple[str, ...], labels: list[str],
+           masked: bool | None) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"reduction": ":".join(labels), "reduced_kind": kind,
+                             "reduced_roles": list(roles)}
+    if masked is not None:
+        attrs["token_mask_used"] = masked
+    return attrs
