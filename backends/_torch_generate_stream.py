@@ -68,6 +68,13 @@ class Geometry:
         return tuple(sorted(self.queries + self.keys))
 
 
+def block_rows(row_bytes: int, length: int) -> int:
+    """Positions per block of a variable whose one position (all samples) takes ``row_bytes``,
+    on an axis of ``length``: at most MAX_ROWS, a power of two within BLOCK_BYTES."""
+    fit = max(1, BLOCK_BYTES // max(1, row_bytes))
+    return min(MAX_ROWS, 1 << (fit.bit_length() - 1), length)
+
+
 def key_placement(count: int, end: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     """(source, target) positions of a key axis of ``count`` keys a step that ends at ``end``
     had: the last ``count`` positions up to ``end`` (a sliding window keeps the last keys), or
@@ -96,9 +103,8 @@ class StreamedVariable:
         self.dtype = first.dtype
         self.fill = np.nan if np.issubdtype(first.dtype, np.floating) else \
             fill_value_for(first.dtype)
-        row_bytes = first.dtype.itemsize * int(np.prod(shape, dtype=np.int64)) // length
-        fit = max(1, BLOCK_BYTES // max(1, row_bytes))  # rows in BLOCK_BYTES
-        self.rows = min(MAX_ROWS, 1 << (fit.bit_length() - 1), length)
+        self.rows = block_rows(
+            first.dtype.itemsize * int(np.prod(shape, dtype=np.int64)) // length, length)
         self.covered = np.zeros(length, dtype=bool)
         self._buffer: np.ndarray | None = None  # the block's memory, made once and reused
         self.block: np.ndarray | None = None  # the open block: the buffer, or its start

@@ -7,7 +7,15 @@ import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from .reduce import FULL, Chain, default_chains, parse_chain, positions_text, spec_kind, split_specs
+from .reduce_spec import (
+    FULL,
+    Chain,
+    default_chains,
+    parse_chain,
+    positions_text,
+    spec_kind,
+    split_specs,
+)
 
 DEFAULT_KINDS = ("output", "attention")
 

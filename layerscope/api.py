@@ -22,7 +22,7 @@ from layerscope.core import (
 )
 from layerscope.core.format import new_group_attrs
 from layerscope.core.naming import ROOT_SITE
-from layerscope.core.reduce import spec_kind
+from layerscope.core.reduce_spec import spec_kind
 from layerscope.core.store import open_group_for_writing
 from layerscope.core.writer import TraceWriter
 

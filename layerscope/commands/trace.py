@@ -13,7 +13,7 @@ from layerscope.api import capture
 from layerscope.backends import detect
 from layerscope.core import LayerscopeError, Selection, StoreOptions
 from layerscope.core.info import human_bytes, summarize
-from layerscope.core.reduce import split_specs
+from layerscope.core.reduce_spec import split_specs
 from layerscope.loading import FRAMEWORKS, load, model_folder
 
 from ._args import MAX_BATCH_SIZE, MAX_TOKENS, integer

@@ -14,10 +14,9 @@ from layerscope.core._reduce_numpy import OPS
 from layerscope.core.format import new_group_attrs
 from layerscope.core.info import format_summary, summarize
 from layerscope.core.recorder import Recorder
-from layerscope.core.reduce import (
-    PassMasks,
+from layerscope.core.reduce import PassMasks, apply_chains
+from layerscope.core.reduce_spec import (
     Step,
-    apply_chains,
     default_chains,
     parse_chain,
     parse_step,
