@@ -3,9 +3,12 @@
 Generation runs the model once over the prompt (the prefill) and then once per new token over
 a key/value cache. Stored pass by pass, the decode steps would not fit the prompt's shapes, and
 a sample would be a fragment of a sequence. While attached, ``generate`` is wrapped instead:
-each forward call inside it is a *step* whose captured tensors are kept as host copies, and
-when ``generate`` returns, each variable is assembled along its position axes and handed to
-the recorder as one pass over the final sequences (prompt plus generated tokens).
+each forward call inside it is a *step*, and all of them make one pass over the final
+sequences (prompt plus generated tokens), begun at the first step. Each step's captured
+tensors are copied to the host and placed at their positions as they come; a block of
+positions is written once the steps have moved past it (:mod:`._torch_generate_stream`), so
+memory holds a block per variable, not the generation. The token labels are written when
+``generate`` returns.
 
 Where each step's values go (positions are absolute, 0 = the first prompt position, left
 padding included):
@@ -53,22 +56,9 @@ from layerscope.core.errors import CaptureError
 from layerscope.core.naming import variable_name
 from layerscope.core.writer import Snapshot, ToNumpy
 
-from ._torch_generate_assembly import Assembled, assemble, token_labels
+from ._torch_generate_assembly import token_labels
 from ._torch_generate_request import GenerateRequest, read_request, sequences_of
-
-
-@dataclass
-class _Put:
-    site: str
-    kind: str
-    value: Any  # host NumPy copy, or the tensor as it came (no batch axis: the recorder skips)
-    roles: tuple[str, ...]
-    module_type: str
-    attrs: dict[str, Any]
-
-
-def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    return np.empty(shape, dtype)
+from ._torch_generate_stream import Geometry, HeldVariable, Origin, StreamedVariable
 
 
 @dataclass
@@ -76,19 +66,31 @@ class _Step:
     start: int  # absolute position of the first token fed to this step
     length: int  # tokens fed to this step
     encoder: bool = False  # an encoder-decoder model's encoder pass, run once before the steps
-    puts: list[_Put] = field(default_factory=list)
+    calls: dict[tuple[str, str], int] = field(default_factory=dict)  # (site, kind) -> calls
+
+
+def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
 
 
 class StepCollector:
-    """Stands in for the recorder while ``generate`` runs: each forward call is one step whose
-    tensors are copied to the host and kept, not written."""
+    """Stands in for the recorder while ``generate`` runs: each forward call is one step,
+    whose tensors are copied to the host and placed in the one pass that stores the final
+    sequences, written as the steps come (:mod:`._torch_generate_stream`)."""
 
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: Recorder, request: GenerateRequest) -> None:
         self.recorder = recorder
+        self.request = request
         self.selection: Selection = recorder.selection
         self.encoder_decoder = recorder.encoder_decoder
-        self.steps: list[_Step] = []
+        self.prefix = "decoder_" if self.encoder_decoder else ""
+        self.streamed: dict[tuple[str, str, int], StreamedVariable] = {}
+        self.held: dict[tuple[str, str, int], HeldVariable] = {}
+        self.skipped: set[tuple[str, str]] = set()  # no batch axis: the recorder said why
+        self.prompt_length: int | None = None  # the first decoding step's tokens
+        self.length: int | None = None  # the stored sequences' length
         self._current: _Step | None = None
+        self._last: _Step | None = None  # the last decoding step that ended
         self._batch: int | None = None
         self._fed = 0
 
@@ -103,8 +105,8 @@ class StepCollector:
     def begin_pass(self, batch_size: int, token_ids: Any = None,
                    decoder_token_ids: Any = None, attention_mask: Any = None,
                    decoder_attention_mask: Any = None) -> None:
-        # the steps' attention masks are not kept: the assembled pass labels its positions
-        # with the generation's own mask (Recorder.put_token_labels)
+        # the steps' attention masks are not kept: the pass labels its positions with the
+        # generation's own mask (Recorder.put_token_labels)
         del attention_mask, decoder_attention_mask
         fed = decoder_token_ids if self.encoder_decoder else token_ids
         if fed is None or np.ndim(fed) != 2:
@@ -112,8 +114,13 @@ class StepCollector:
                 "generate() inside a trace needs the tokens of each step ("
                 + ("decoder_input_ids" if self.encoder_decoder else "input_ids")
                 + "): the steps are placed by them")
-        self._begin(batch_size, _Step(self._fed, int(np.shape(fed)[1])))
-        self._fed += int(np.shape(fed)[1])
+        count = int(np.shape(fed)[1])
+        if self.prompt_length is None:  # the decoder's prompt: its start token(s)
+            self.prompt_length = count if self.encoder_decoder else \
+                int(self.request.prompt_ids.shape[1])
+            self.length = self.request.stored_length(self.prompt_length)
+        self._begin(batch_size, _Step(self._fed, count))
+        self._fed += count
 
     def begin_encoder(self, batch_size: int, length: int) -> None:
         """The encoder pass of an encoder-decoder model, which generate() runs on its own."""
@@ -123,6 +130,13 @@ class StepCollector:
         if self._batch is not None and batch_size != self._batch:
             raise CaptureError(f"a generate() step has {batch_size} samples, the prompt had "
                                f"{self._batch}")
+        if self._batch is None:  # the first step: the stored pass begins
+            request = self.request
+            if self.encoder_decoder:
+                self.recorder.begin_pass(batch_size, token_ids=request.prompt_ids.numpy(),
+                                         attention_mask=request.prompt_mask.numpy())
+            else:
+                self.recorder.begin_pass(batch_size)
         self._batch = batch_size
         self._current = step
 
@@ -130,23 +144,59 @@ class StepCollector:
             module_type: str = "", to_numpy: ToNumpy | None = None,
             snapshot: Snapshot | None = None, attrs: Any = None) -> None:
         step = self._current
-        if step is None or to_numpy is None:
+        if step is None or to_numpy is None or (site, kind) in self.skipped:
             return
-        if tensor.dim() >= 1 and tensor.shape[0] == self._batch:
-            # copied now, into memory of its own: the model may reuse the tensor's later
-            value = to_numpy(snapshot(tensor, _new_array)) if snapshot is not None else \
-                np.array(to_numpy(tensor), copy=True)
+        call = step.calls.get((site, kind), 0)
+        step.calls[(site, kind)] = call + 1
+        if tensor.dim() < 1 or tensor.shape[0] != self._batch:
+            self.skipped.add((site, kind))  # no batch axis: the recorder records it as skipped
+            self.recorder.put(site, kind, tensor, tuple(roles), module_type)
+            return
+        # copied now, into memory of its own: the model may reuse the tensor later
+        value = to_numpy(snapshot(tensor, _new_array)) if snapshot is not None else \
+            np.array(to_numpy(tensor), copy=True)
+        key = (site, kind, call)
+        origin = Origin(site, kind, call, tuple(roles), module_type, dict(attrs or {}))
+        streamed = self.streamed.get(key)
+        if streamed is None and key not in self.held:
+            streamed = self._first(origin, value, step)
+        if streamed is not None:
+            streamed.add(self.recorder, value, step.start + step.length)
         else:
-            value = tensor  # no batch axis: the recorder records it as skipped
-        step.puts.append(_Put(site, kind, value, tuple(roles), module_type, dict(attrs or {})))
+            self.held[key].add(value, step.start, step.length)
+
+    def _first(self, origin: Origin, value: np.ndarray, step: _Step) -> StreamedVariable | None:
+        """A variable seen for the first time: streamed where it has a token/query axis of
+        a decoding step, held otherwise."""
+        key = (origin.site, origin.kind, origin.call)
+        geometry = Geometry.of(origin.roles, self.prefix)
+        if step.encoder or len(geometry.queries) != 1 or self.length is None:
+            self.held[key] = HeldVariable(origin, geometry)
+            return None
+        variable = StreamedVariable(origin, geometry, value, self.length)
+        self.recorder.declare(origin.site, origin.kind, origin.call, variable.shape,
+                              origin.roles, origin.module_type,
+                              {**origin.attrs, "generated": True})
+        self.streamed[key] = variable
+        return variable
 
     def end_pass(self) -> None:
-        if self._current is not None:
-            self.steps.append(self._current)
+        if self._current is not None and not self._current.encoder:
+            self._last = self._current
         self._current = None
 
     def abort_pass(self) -> None:
         self._current = None
+
+    @property
+    def fed(self) -> int:
+        """Tokens fed to the decoding steps."""
+        return self._last.start + self._last.length if self._last is not None else 0
+
+    def stop(self) -> None:
+        """generate() failed: the stored pass is given up."""
+        if self.recorder.in_pass:
+            self.recorder.abort_pass()
 
 
 class GenerateWrapper:
@@ -179,14 +229,18 @@ class GenerateWrapper:
         if recorder.in_pass:
             recorder.abort_pass()  # a forward before this one raised where no hook saw it
         request = read_request(self.model, args, kwargs)
-        collector = StepCollector(recorder)
+        collector = StepCollector(recorder, request)
         self.capture.recorder = collector
         try:
-            with self._encoder_pass(collector):
-                output = original(*args, **kwargs)
-        finally:
-            self.capture.recorder = recorder
-        _record(recorder, collector, request, sequences_of(output))
+            try:
+                with self._encoder_pass(collector):
+                    output = original(*args, **kwargs)
+            finally:
+                self.capture.recorder = recorder
+            _finish(recorder, collector, request, sequences_of(output))
+        except BaseException:
+            collector.stop()
+            raise
         return output
 
     @contextmanager
@@ -217,76 +271,40 @@ class GenerateWrapper:
                 handle.remove()
 
 
-def _record(recorder: Recorder, collector: StepCollector, request: GenerateRequest,
+def _finish(recorder: Recorder, collector: StepCollector, request: GenerateRequest,
             sequences: torch.Tensor) -> None:
-    """The collected steps as one pass over the final sequences (an encoder-decoder model's:
-    the prompt on ``token``, the decoder's sequences on ``decoder_token``)."""
-    decoding = [step for step in collector.steps if not step.encoder]
-    if not decoding:
-        return
+    """The pass's last pieces, its held variables and its token labels (an encoder-decoder
+    model's: the prompt on ``token``, the decoder's sequences on ``decoder_token``)."""
+    length, prompt_length = collector.length, collector.prompt_length
+    if length is None or prompt_length is None or not recorder.in_pass:
+        return  # no decoding step ran
     seq2seq = collector.encoder_decoder
-    batch = int(sequences.shape[0])
     # the decoder's prompt: its start token(s), all real
-    prompt_length = decoding[0].length if seq2seq else int(request.prompt_ids.shape[1])
-    prompt_mask = torch.ones(batch, prompt_length) if seq2seq else request.prompt_mask
-    labels = token_labels(sequences, prompt_length, prompt_mask,
-                          request.total_length(prompt_length), request.pad_token_id,
-                          request.eos_token_ids)
-    fed = decoding[-1].start + decoding[-1].length
+    prompt_mask = torch.ones(len(sequences), prompt_length) if seq2seq else request.prompt_mask
+    labels = token_labels(sequences, prompt_length, prompt_mask, length,
+                          request.pad_token_id, request.eos_token_ids)
+    fed = collector.fed
     if fed != sequences.shape[1] - 1:  # every token but the last generated one is fed once
         raise CaptureError(
             f"generate() fed the model {fed} tokens for sequences of {sequences.shape[1]}: it "
             "was given a cache holding part of them already, and positions computed outside "
             "the trace cannot be placed; trace generate() from an empty cache")
     axis = "decoder_token" if seq2seq else "token"
-    try:
-        if seq2seq:
-            recorder.begin_pass(batch, token_ids=request.prompt_ids.numpy(),
-                                decoder_token_ids=labels.ids)
-            recorder.put_token_labels("token", mask=request.prompt_mask.numpy())
-        else:
-            recorder.begin_pass(batch, token_ids=labels.ids)
-        recorder.put_token_labels(axis, labels.steps, labels.mask)
-        unstored: set[tuple[str, str]] = set()
-        for (site, kind, call), parts in _by_variable(collector.steps).items():
-            first = parts[0][1]
-            if (site, kind) in unstored:
-                continue  # an earlier call was not stored: the recorder would misnumber this
-            if not isinstance(first.value, np.ndarray):
-                recorder.put(site, kind, first.value, first.roles, first.module_type)
-                continue
-            result = assemble([(step.start, step.length, put.value, put.roles)
-                               for step, put in parts], labels.length, fed, prompt_length,
-                              prefix="decoder_" if seq2seq else "")
-            if isinstance(result, str):
-                recorder.skipped[variable_name(site, f"{kind}.call{call}" if call else kind)] = \
-                    result
-                unstored.add((site, kind))
-                continue
-            _put(recorder, site, kind, first, result)
-    except BaseException:
-        if recorder.in_pass:
-            recorder.abort_pass()
-        raise
+    recorder.put_token_ids(axis, labels.ids)
+    recorder.put_token_labels(axis, labels.steps, labels.mask)
+    for streamed in collector.streamed.values():
+        streamed.finish(recorder, fed, prompt_length)
+    for held in collector.held.values():
+        origin = held.origin
+        result = held.result(labels.length, fed, prompt_length, collector.prefix)
+        if isinstance(result, str):
+            recorder.skipped[variable_name(
+                origin.site, f"{origin.kind}.call{origin.call}" if origin.call else
+                origin.kind)] = result
+            continue
+        attrs = {**origin.attrs, "generated": True}
+        if result.filled:
+            attrs["filled"] = result.filled
+        recorder.put(origin.site, origin.kind, result.values, origin.roles,
+                     origin.module_type, attrs=attrs, call_index=origin.call)
     recorder.end_pass()
-
-
-def _put(recorder: Recorder, site: str, kind: str, first: _Put, result: Assembled) -> None:
-    attrs = {**first.attrs, "generated": True}
-    if result.filled:
-        attrs["filled"] = result.filled
-    recorder.put(site, kind, result.values, first.roles, first.module_type, attrs=attrs)
-
-
-def _by_variable(steps: list[_Step]) -> dict[tuple[str, str, int], list[tuple[_Step, _Put]]]:
-    """Each (site, kind, call) across the steps, in the order first seen: a repeated call of a
-    site within a step is its own variable, and the recorder numbers it the same way
-    (``kind.call1``) when the calls are put in this order."""
-    grouped: dict[tuple[str, str, int], list[tuple[_Step, _Put]]] = {}
-    for step in steps:
-        calls: dict[tuple[str, str], int] = {}
-        for put in step.puts:
-            index = calls.get((put.site, put.kind), 0)
-            calls[(put.site, put.kind)] = index + 1
-            grouped.setdefault((put.site, put.kind, index), []).append((step, put))
-    return grouped

@@ -103,7 +103,7 @@ def assemble(parts: list[Part], length: int, fed: int, prompt_length: int,
         values[np.ix_(*target)] = value[np.ix_(*source)]
         for axis in queries or positional:
             covered[target[axis]] = True
-    return Assembled(values, _filled(covered, fed, prompt_length, bool(keys and queries),
+    return Assembled(values, filled_note(covered, fed, prompt_length, bool(keys and queries),
                                      floating))
 
 
@@ -127,7 +127,7 @@ def _placement(value: np.ndarray, positional: list[int], keys: list[int], end: i
     return source, target
 
 
-def _filled(covered: np.ndarray, fed: int, prompt_length: int, attention: bool,
+def filled_note(covered: np.ndarray, fed: int, prompt_length: int, attention: bool,
             floating: bool) -> str:
     fill = "NaN" if floating else "0"
     notes: list[str] = []

@@ -19,17 +19,17 @@ class GenerateRequest:
     prompt_ids: torch.Tensor  # (batch, token), on the host
     prompt_mask: torch.Tensor  # (batch, token): 1 for real prompt tokens
     new_tokens: int | None  # max_new_tokens, where given
-    max_length: int | None  # max_length, where given and max_new_tokens is not
+    max_length: int  # max_length (given, or the generation config's), for max_new_tokens None
     pad_token_id: int
     eos_token_ids: tuple[int, ...]
 
-    def total_length(self, prompt_length: int) -> int | None:
+    def stored_length(self, prompt_length: int) -> int:
         """The length every sequence is stored at: the prompt (the decoder's, for an
-        encoder-decoder model) plus max_new_tokens, so that calls with the same settings give
-        samples of one length; None where unknown."""
+        encoder-decoder model) plus max_new_tokens (or max_length), so that calls with the
+        same settings give samples of one length."""
         if self.new_tokens is not None:
             return prompt_length + self.new_tokens
-        return self.max_length
+        return max(self.max_length, prompt_length + 1)
 
 
 def refuse_unsupported(config: Any, kwargs: dict[str, Any]) -> None:
@@ -60,7 +60,7 @@ def read_request(model: nn.Module, args: tuple[Any, ...],
         return getattr(config, name, None) if value is None else value
 
     new_tokens = setting("max_new_tokens")
-    max_length = kwargs.get("max_length") if new_tokens is None else None
+    max_length = setting("max_length") or 20  # generate()'s own default
     eos = setting("eos_token_id")
     if isinstance(eos, torch.Tensor):
         eos = eos.tolist()
@@ -70,7 +70,7 @@ def read_request(model: nn.Module, args: tuple[Any, ...],
     pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
     return GenerateRequest(ids.detach().cpu(), mask.detach().cpu(),
                            int(new_tokens) if new_tokens is not None else None,
-                           int(max_length) if max_length is not None else None, pad_id, eos_ids)
+                           int(max_length), pad_id, eos_ids)
 
 
 def sequences_of(output: Any) -> torch.Tensor:

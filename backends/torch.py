@@ -22,16 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from layerscope.core import Recorder, Selection, SiteInfo
+from layerscope.core import CaptureError, Recorder, Selection, SiteInfo
 from layerscope.core.naming import ROOT_SITE, hidden_size_of, move_batch_first
 from layerscope.core.writer import Alloc
 
+from . import _torch_cuda
 from ._attention import (
     AttentionTap,
     is_attention_module,
     multihead_weights,
 )
 from ._structure import leaves, part_kind
+from ._torch_accelerate import input_device
 from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
 from ._torch_generate import GenerateWrapper
@@ -42,34 +44,35 @@ from ._torch_vocab import is_logits, vocabulary_modules, with_vocabulary_last
 from .base import Backend
 
 # The host copy is made at hook time (safe against later in-place ops such as
-# ReLU(inplace=True)): on CPU straight into the writer's reused buffers; device tensors are
-# copied asynchronously into pinned memory and the writer thread waits for them, not the model.
+# ReLU(inplace=True)): on CPU straight into the writer's reused buffers; CUDA tensors are
+# copied into reused pinned memory on a side stream, and the writer thread waits for them, not
+# the model (_torch_cuda). Meta tensors hold no values: refused, never stored.
 
-
-class _DeviceCopy:
-    """A device-to-host copy in flight; the writer thread waits for it, not the model."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self.host.copy_(tensor, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
-        self.shape = tuple(tensor.shape)
-        self.nbytes = self.host.nbytes
+META = ("on the meta device, which holds shapes but no values (weights never loaded, e.g. a "
+        "model built under accelerate's init_empty_weights, or offloaded without accelerate's "
+        "hooks); load the weights (accelerate.load_checkpoint_and_dispatch, or from_pretrained "
+        "with a device_map) before tracing")
 
 
 def snapshot(tensor: torch.Tensor, alloc: Alloc | None = None) -> Any:
     tensor = tensor.detach()
-    if tensor.device.type == "cuda":
-        return _DeviceCopy(tensor)
+    if tensor.device.type == "cuda" and alloc is not None:
+        return _torch_cuda.COPIES.copy(tensor)
+    if tensor.device.type == "meta":
+        raise CaptureError(f"a tensor of shape {tuple(tensor.shape)} is {META}")
     if tensor.device.type != "cpu":
-        return tensor.to("cpu")
+        return tensor.to("cpu")  # waits for the device: only outside a trace, or not CUDA
     dtype = _host_dtype(tensor.dtype)
     if alloc is None or dtype is None:
         return tensor.clone(memory_format=torch.contiguous_format)
     host = alloc(tuple(tensor.shape), dtype)
     torch.from_numpy(host).copy_(tensor)  # bfloat16 -> float32 is exact
     return host
+
+
+def _refuse_meta(site: str, kind: str, tensor: torch.Tensor) -> None:
+    if tensor.is_meta:
+        raise CaptureError(f"{site}@{kind}: the captured tensor is {META}")
 
 
 @functools.cache
@@ -86,9 +89,8 @@ def _host_dtype(dtype: torch.dtype) -> np.dtype | None:
 def to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
-    if isinstance(value, _DeviceCopy):
-        value.event.synchronize()
-        value = value.host
+    if isinstance(value, _torch_cuda.DeviceCopy):
+        return _torch_cuda.host_array(value)
     if value.dtype == torch.bfloat16:
         value = value.float()  # exact: every bfloat16 is a float32
     return value.numpy()
@@ -135,7 +137,7 @@ class _Capture:
         self.attention.reset()
         self._seen_attention.clear()
         self._channels_first.clear()
-        ids = token_ids.detach().cpu().numpy() if token_ids is not None else None
+        ids = _root_values(token_ids, "input ids") if token_ids is not None else None
         ids, decoder_ids = self.seq2seq.begin(args, kwargs, ids)
         self.routers.begin(batch)
         self.recorder.begin_pass(batch, ids, decoder_ids,
@@ -155,6 +157,7 @@ class _Capture:
     def put(self, site: str, kind: str, module: nn.Module, tensor: torch.Tensor,
             source: Any = None) -> None:
         """``source``: the first input of the call whose output ``tensor`` is."""
+        _refuse_meta(site, kind, tensor)
         if tensor.is_sparse or tensor.is_quantized or tensor.dim() == 0:
             return
         rows = self.routers.unflatten(module, kind, tensor, source)
@@ -295,7 +298,7 @@ class TorchBackend:
         try:
             capture.install()
             with eager, capture.attention.patched(selection.wants("attention")), \
-                    generate.installed():
+                    generate.installed(), _torch_cuda.COPIES.pool.in_use():
                 yield
         finally:
             capture.remove()
@@ -316,7 +319,7 @@ class TorchBackend:
         return described
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = input_device(model)
 
         def convert(value: Any) -> Any:
             if isinstance(value, np.ndarray):
@@ -350,4 +353,10 @@ BACKEND: Backend = TorchBackend()
 
 def _mask(value: Any) -> Any:
     """An attention mask the root call was given, as NumPy (the recorder checks its shape)."""
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else None
+    return _root_values(value, "attention mask") if isinstance(value, torch.Tensor) else None
+
+
+def _root_values(tensor: torch.Tensor, what: str) -> np.ndarray:
+    if tensor.is_meta:
+        raise CaptureError(f"the model was called with {what} {META}")
+    return tensor.detach().cpu().numpy()

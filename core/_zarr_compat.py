@@ -318,6 +318,20 @@ def save_rows(array: Any, rows: int, trailing: tuple[int, ...] | None = None) ->
         array.resize(shape)
 
 
+def set_attributes(array: Any, attributes: dict[str, Any]) -> None:
+    """Give ``array`` new ``attributes`` in memory where zarr allows it (its ``zarr.json`` gets
+    them at the close, with the committed length); else with ``update_attributes``, which
+    writes them at once."""
+    if PRIVATE_API:
+        inner = _async_array(array)
+        metadata: Any = getattr(inner, "metadata", None)
+        update = getattr(metadata, "update_attributes", None)
+        if update is not None and dataclasses.is_dataclass(inner):
+            object.__setattr__(inner, "metadata", update(dict(attributes)))
+            return
+    array.update_attributes(dict(attributes))
+
+
 def _set_rows_in_memory(array: Any, rows: int) -> bool:
     """Replace the frozen metadata of ``array``'s ``AsyncArray`` with one of ``rows`` rows;
     False where this zarr does not allow it (nothing was changed that matters then)."""

@@ -28,17 +28,21 @@ def chunk_shape(
     itemsize: int,
     batch_size: int,
     policy: ChunkPolicy = ChunkPolicy(),
+    fixed: dict[int, int] | None = None,
 ) -> tuple[int, ...]:
     """Choose the chunk shape of a variable whose first axis is ``batch``.
 
     Samples per chunk never exceed ``batch_size`` (the first batch appended), so that
     appends of equal batches fill whole chunks and never rewrite a chunk already written.
+    ``fixed``: {axis past batch: chunk length} set by the caller (an axis written in pieces of
+    that length, :mod:`.region`); the other axes are split around it.
     """
-    trailing = [token_chunk(n) if is_token_axis(dim) else max(1, n)
-                for n, dim in zip(shape[1:], dims[1:], strict=True)]
+    fixed = fixed or {}
+    trailing = [fixed[i] if i in fixed else token_chunk(n) if is_token_axis(dim) else max(1, n)
+                for i, (n, dim) in enumerate(zip(shape[1:], dims[1:], strict=True))]
     preferred = ("head", "query")
     split_order = sorted(
-        range(len(trailing)),
+        (i for i in range(len(trailing)) if i not in fixed),
         key=lambda i: (next((k for k, p in enumerate(preferred) if dims[i + 1].startswith(p)),
                             len(preferred)), -max(1, shape[i + 1])),
     )

@@ -60,11 +60,13 @@ class ChunkWriter:
         """Whether chunks are stored as their own memory (no codec but the checksum)."""
         return self.encoder is not None and self.encoder.raw
 
-    def covers(self, start: int, data: np.ndarray) -> bool:
-        """Whether ``data`` written at row ``start`` fills whole chunks only (and this writer
-        can write them). Along the other axes ``data`` may also end where the array ends,
-        in a chunk that reaches past it (a token axis chunked with room to grow): zarr
-        stores that edge chunk whole, fill values past the end, and so does :meth:`write`."""
+    def covers(self, start: int, data: np.ndarray,
+               offset: tuple[int, ...] | None = None) -> bool:
+        """Whether ``data`` written at row ``start`` (and ``offset`` along the other axes:
+        a piece, :mod:`.region`) fills whole chunks only (and this writer can write them).
+        Along the other axes ``data`` may also end where the array ends, in a chunk that
+        reaches past it (a token axis chunked with room to grow): zarr stores that edge chunk
+        whole, fill values past the end, and so does :meth:`write`."""
         encoder = self.encoder
         if encoder is None or not self.enabled:
             return False
@@ -72,22 +74,25 @@ class ChunkWriter:
         if start % chunks[0] or data.shape[0] % chunks[0]:
             return False
         extent = tuple(int(n) for n in self.array.shape[1:])
-        return all(size % chunk == 0 or size == end for size, chunk, end in
-                   zip(data.shape[1:], chunks[1:], extent, strict=True))
+        first = offset if offset is not None else (0,) * len(extent)
+        return all(at % chunk == 0 and (size % chunk == 0 or at + size == end)
+                   for at, size, chunk, end in zip(first, data.shape[1:], chunks[1:], extent,
+                                                   strict=True))
 
     def write(self, start: int, data: np.ndarray, entries: list[Entry] | None = None,
-              replace: bool = False) -> None:
-        """Write ``data`` at row ``start``; only where :meth:`covers` said yes. ``entries``
-        gets each file's key, size and crc32c for the manifest (see :mod:`.manifest`: the
-        chunk's own checksum where it has one, i.e. the crc32c of the body). ``replace``:
-        the chunks may hold committed rows already, so each file is replaced in one step (a
-        new file renamed over it), never rewritten in place."""
+              offset: tuple[int, ...] | None = None, replace: bool = False) -> None:
+        """Write ``data`` at row ``start`` (and ``offset`` along the other axes); only where
+        :meth:`covers` said yes. ``entries`` gets each file's key, size and crc32c for the
+        manifest (see :mod:`.manifest`: the chunk's own checksum where it has one, i.e. the
+        crc32c of the body). ``replace``: the chunks may hold committed rows already, so each
+        file is replaced in one step (a new file renamed over it), never rewritten in place."""
         encoder = self.encoder
         if encoder is None or not self.enabled:
             raise WriterError(f"{self.array.path}: chunks cannot be written past zarr here; "
                               "write them with array[...] = data")
         chunks = encoder.chunks
-        first = start // chunks[0]
+        first = (start, *(offset or (0,) * (data.ndim - 1)))
+        first = tuple(at // chunk for at, chunk in zip(first, chunks, strict=True))
         counts = [-(-size // chunk) for size, chunk in zip(data.shape, chunks, strict=True)]
         for index in itertools.product(*(range(n) for n in counts)):
             region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))
@@ -97,22 +102,24 @@ class ChunkWriter:
             body = encoder.encode(np.ascontiguousarray(block))
             crc = _crc32c(body) if encoder.checksum or entries is not None else 0
             trailer = crc.to_bytes(4, "little") if encoder.checksum else b""
-            key = self.prefix + encoder.chunk_key((first + index[0], *index[1:]))
+            key = self.prefix + encoder.chunk_key(tuple(a + i for a, i in
+                                                        zip(first, index, strict=True)))
             self._store(key, body, trailer, replace)
             if entries is not None:  # with a trailer or without, the body's crc32c
                 entries.append((key, body.nbytes + len(trailer), crc))
 
-    def keys(self, start: int, stop: int,
-             trailing: tuple[int, ...] | None = None) -> list[str]:
+    def keys(self, start: int, stop: int, trailing: tuple[int, ...] | None = None,
+             offset: tuple[int, ...] | None = None) -> list[str]:
         """The keys of every chunk holding rows ``start:stop`` (what zarr writes for them),
-        within the first ``trailing`` positions of the other axes (default: all)."""
+        within ``trailing`` positions of the other axes from ``offset`` (default: all)."""
         chunks = tuple(int(n) for n in self.array.metadata.chunk_grid.chunk_shape)
         extent = trailing if trailing is not None else self.array.shape[1:]
-        counts = [-(-int(size) // chunk) for size, chunk in zip(extent, chunks[1:],
-                                                                 strict=True)]
+        first = offset if offset is not None else (0,) * len(extent)
+        ranges = [range(begin // chunk, (begin + int(size) - 1) // chunk + 1)
+                  for begin, size, chunk in zip(first, extent, chunks[1:], strict=True)]
         rows = range(start // chunks[0], (stop - 1) // chunks[0] + 1)
         return [self.prefix + chunk_key(self.array, index)
-                for index in itertools.product(rows, *(range(n) for n in counts))]
+                for index in itertools.product(rows, *ranges)]
 
     def read_back(self, key: str, durable: bool = False) -> Entry | None:
         """``(key, size, crc32c)`` of a chunk file as stored (the crc32c the manifest records,

@@ -99,9 +99,11 @@ class StoreOptions:
     compression: Compression = Compression()
     chunks: ChunkPolicy = ChunkPolicy()
     workers: int = 2
-    #: bytes that may wait to be written; None: what the first batch held, clamped to
-    #: [64 MB, 1 GB]: the model runs at most one batch ahead of the disk, and the host buffers
-    #: that one batch needs are reused for every later one (peak memory bounded by batch 1)
+    #: bytes that may wait to be written; None: 64 MB during the first batch, then what that
+    #: batch held, clamped to [64 MB, 1 GB]: the model runs at most one batch ahead of the
+    #: disk, and the host buffers that one batch needs are reused for every later one (peak
+    #: memory bounded by batch 1). A tensor larger than the budget still passes once nothing
+    #: else waits: a first batch of huge tensors holds one of them at a time
     max_pending_bytes: int | None = None
     downcast: str | None = None  # e.g. "float16": store floats smaller, on request only
     #: on a local disk, write chunk bodies with O_DIRECT (no page-cache copy; see chunkfile)

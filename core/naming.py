@@ -146,6 +146,12 @@ class DimRegistry:
             if name in taken:
                 continue
             if lengths is not None and growable_axis(name):
+                if (token_axis_of(name) is None and name not in lengths
+                        and self.sizes.get(name, size) != size):
+                    # an unnamed axis of another size than the stored one: the tensors that
+                    # share the name may be unrelated to this one, so it takes a name of its
+                    # own rather than setting their length for the pass
+                    continue
                 fits = lengths.setdefault(name, size) == size
             else:
                 fits = self.sizes.get(name, size) == size

@@ -29,6 +29,7 @@ from .format import (
     skipped_sites,
 )
 from .naming import layer_index, stack_of, variable_name
+from .region import Region
 from .selection import Selection
 from .writer import Snapshot, ToNumpy, TraceWriter, _as_numpy
 
@@ -115,6 +116,15 @@ class Recorder:
                              (DECODER_TOKEN_ID, DECODER_TOKEN_TEXT, DECODER_TOKEN_MASK),
                              "decoder_token")
 
+    def put_token_ids(self, axis: str, token_ids: Any) -> None:
+        """Label ``axis`` (``token`` or ``decoder_token``) of the pass under way with
+        ``token_ids`` (batch, position) where they are known only as it ends (a traced
+        ``generate()``), instead of ``begin_pass(token_ids=...)``."""
+        names = {"token": (TOKEN_ID, TOKEN_TEXT, TOKEN_MASK),
+                 "decoder_token": (DECODER_TOKEN_ID, DECODER_TOKEN_TEXT, DECODER_TOKEN_MASK)}
+        if self.writer.batch_size is not None:
+            self._put_tokens(np.asarray(token_ids), None, names[axis], axis)
+
     def put_token_labels(self, axis: str, steps: np.ndarray | None = None,
                          mask: np.ndarray | None = None) -> None:
         """Label ``axis`` (``token`` or ``decoder_token``) of a pass made from ``generate()``:
@@ -153,9 +163,13 @@ class Recorder:
 
     def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
             module_type: str = "", to_numpy: ToNumpy = _as_numpy,
-            snapshot: Snapshot | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+            snapshot: Snapshot | None = None, attrs: Mapping[str, Any] | None = None,
+            region: Region | None = None, call_index: int | None = None) -> None:
         """Queue one captured tensor whose first axis is the batch. ``attrs``: more variable
-        attributes the backend knows (``attention``: ``self`` or ``cross``)."""
+        attributes the backend knows (``attention``: ``self`` or ``cross``). ``region``: the
+        tensor is a piece of the variable (:mod:`.region`), whose ``call_index`` (the site's
+        call within the pass) the backend counts itself: the pieces of one call are several
+        puts."""
         batch = self.writer.batch_size
         if batch is None:
             return  # a call outside any traced pass (the backend's own bookkeeping)
@@ -168,9 +182,28 @@ class Recorder:
                 f"shape {shape} has no leading batch axis of {batch}"
             )
             return
-        key = (site, kind)
-        call_index = self._calls.get(key, 0)
-        self._calls[key] = call_index + 1
+        if call_index is None:
+            call_index = self._calls.get((site, kind), 0)
+            self._calls[(site, kind)] = call_index + 1
+        name, labels = self._labels(site, kind, call_index, module_type, attrs)
+        self.writer.put(name, tensor, roles, labels, to_numpy, snapshot, region)
+
+    def declare(self, site: str, kind: str, call_index: int, shape: tuple[int, ...],
+                roles: tuple[str, ...], module_type: str = "",
+                attrs: Mapping[str, Any] | None = None) -> None:
+        """Name a variable of the pass under way, of ``shape`` (batch first), before its
+        pieces come (:meth:`put` with ``region``): it takes its place among the variables
+        (their ``order``) where the model made it, not where its first piece is written."""
+        if self.writer.batch_size is None or variable_name(site, kind) in self.skipped:
+            return
+        if not shape or shape[0] != self.writer.batch_size:
+            return  # put() records why
+        name, labels = self._labels(site, kind, call_index, module_type, attrs)
+        self.writer.declare(name, roles, shape, labels)
+
+    def _labels(self, site: str, kind: str, call_index: int, module_type: str,
+                attrs: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+        """A variable's name and attributes."""
         name = variable_name(site, kind if call_index == 0 else f"{kind}.call{call_index}")
         labels: dict[str, Any] = {
             "site": site, "kind": kind, "module_type": module_type,
@@ -183,7 +216,13 @@ class Recorder:
         if stack is not None:
             labels["stack"] = stack
         labels.update(attrs or {})
-        self.writer.put(name, tensor, roles, labels, to_numpy, snapshot)
+        return name, labels
+
+    def add_attrs(self, site: str, kind: str, call_index: int, attrs: dict[str, Any]) -> None:
+        """More attributes of a variable this trace created, known only once its pass is
+        over (a traced ``generate()``'s positions no step computed)."""
+        self.writer.update_attrs(
+            variable_name(site, kind if call_index == 0 else f"{kind}.call{call_index}"), attrs)
 
     def _record_skipped(self) -> None:
         """Write the skipped sites to the group attributes (published with the next commits)."""

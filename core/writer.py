@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ._zarr_compat import create_array, grow_rows
+from ._zarr_compat import create_array, grow_rows, set_attributes
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
-from .commit import publish, save_array_documents
+from .commit import array_document, publish, save_array_documents
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .gather import Chunk, FlushGroup, VarGather
@@ -42,6 +42,7 @@ from .hostpool import HostPool
 from .lock import adopt_lock
 from .manifest import MANIFEST_DIR, write_manifest
 from .naming import DimRegistry, plain_role
+from .region import Region
 from .reopen import invalidate_uncommitted, load_variables
 
 ToNumpy = Callable[[Any], np.ndarray]
@@ -87,6 +88,7 @@ class _Batch:
     writing: int = 0  # tasks a worker is writing now (counted by workers only)
     ended: bool = False
     failed: bool = False
+    wrote: bool = False  # a worker started writing for it
     nbytes: int = 0
     #: the token axes' stored lengths once this batch has been put (published at its commit)
     lengths: dict[str, int] = field(default_factory=dict)
@@ -105,6 +107,7 @@ class _Task:
     #: the variable's stored shape per sample when this was put: what its batch fills
     #: (token axes grown by later passes are theirs: they commit with them)
     shape: tuple[int, ...] = ()
+    region: Region | None = None  # where a piece of the batch's rows goes (.region)
     #: a gathered variable's rows: the chunk pieces they fill in memory (see .gather)
     parts: list[tuple[Chunk, int, int]] | None = None
     #: a gathered chunk written whole, at row ``chunk.start``, for its flush group
@@ -148,7 +151,10 @@ class TraceWriter:
         self._error: BaseException | None = None
         self._failed_step = self._failed_where = ""
         self._where = _store_name(group)
-        self._pool = HostPool(options.max_pending_bytes or AUTO_BUDGET_MAX)
+        # until the first batch has shown what one holds, the smallest budget: a first batch
+        # of huge tensors (the attention maps of a long sequence) waits on the disk one
+        # tensor at a time rather than queuing them all
+        self._pool = HostPool(options.max_pending_bytes or AUTO_BUDGET_MIN)
         self._sizing_budget = options.max_pending_bytes is None  # until batch 1 ends
         # SimpleQueue: its put is one C call, so a KeyboardInterrupt cannot land while the
         # caller holds a lock the workers need (queue.Queue takes a Python-level Condition)
@@ -163,6 +169,7 @@ class TraceWriter:
         self._committed_lengths = self._published_lengths = self._token_lengths()
         self._invalidated = invalidate_uncommitted(self.variables, self._files,
                                                    committed_samples, options.durable)
+        self._discarded_from: int | None = None
         self.attrs["status"] = STATUS_WRITING
         try:
             self._write_root()
@@ -188,6 +195,8 @@ class TraceWriter:
             raise CaptureError("begin_batch called twice without end_batch")
         if size < 1:
             raise CaptureError(f"a batch needs at least one sample, got {size}")
+        if self._discarded_from is not None:
+            self._forget_discarded()
         with self._state_lock:
             batch = _Batch(self._batches, self._rows, size)
             self._open[batch.number] = batch
@@ -202,12 +211,15 @@ class TraceWriter:
                  {"description": "global sample index across appends"})
 
     def put(self, name: str, data: Any, roles: tuple[str, ...], attrs: dict[str, Any],
-            to_numpy: ToNumpy = _as_numpy, snapshot: Snapshot | None = None) -> None:
+            to_numpy: ToNumpy = _as_numpy, snapshot: Snapshot | None = None,
+            region: Region | None = None) -> None:
         """Queue ``data`` (batch axis first) as rows of the current batch of variable ``name``.
 
         With ``snapshot``, ``data`` is copied now, before the model can change it in place,
         preferably into reused memory of the writer's (see :class:`HostPool`), or straight
-        into the chunk of a gathered variable (see :mod:`.gather`).
+        into the chunk of a gathered variable (see :mod:`.gather`). With ``region``, ``data``
+        is a piece of those rows (see :mod:`.region`); a variable may take several pieces in
+        one batch, which must not overlap.
         """
         self.raise_if_failed()
         batch = self._current
@@ -219,17 +231,20 @@ class TraceWriter:
                 f"{name}: leading axis {shape[:1]} is not the batch of {batch.size} samples; "
                 "backends must move the batch axis first"
             )
-        var = self._variable(name, roles, shape, attrs)
+        full = shape if region is None else (shape[0], *region.shape)
+        var = self._variable(name, roles, full, attrs)
         if not var.settled:
-            self._gathering.settle(var, batch, data)
+            self._gathering.settle(var, batch, data, region)
+        if var.gather is not None and region is not None:
+            self._gathering.ungather(var)  # written in pieces: as every other variable
         if var.gather is not None:
             self._gathering.put(batch, var, data, to_numpy, snapshot)
             return
-        if self._gathering.undecided(var, data):  # the end of this batch decides
+        if region is None and self._gathering.undecided(var, data):  # this batch decides
             self._gathering.stash_task(batch, var, data, to_numpy, snapshot)
             return
         task = self._hold(batch, var, data, to_numpy, snapshot)
-        task.shape = var.trailing
+        task.shape, task.region = var.trailing, region
         if self._sizing_budget:
             batch.nbytes += task.nbytes
         self._queue_task(task)
@@ -244,6 +259,15 @@ class TraceWriter:
         with self._state_lock:
             task.batch.pending += 1
         self._queue.put(task)
+
+    def declare(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
+                attrs: dict[str, Any]) -> None:
+        """Register variable ``name`` of ``shape`` (batch first) in the current batch before
+        its data comes in pieces (``put(..., region=...)``): its dims and its ``order``."""
+        self.raise_if_failed()
+        if self._current is None:
+            raise CaptureError("declare called outside a batch; call begin_batch first")
+        self._variable(name, roles, shape, attrs)
 
     def _hold(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
               snapshot: Snapshot | None) -> _Task:
@@ -309,6 +333,18 @@ class TraceWriter:
         self._gathering.discard(batch)
         self._batches -= 1
         self._rows = batch.start
+        if batch.wrote:  # its chunks must not show through the rows the next batch skips
+            self._discarded_from = batch.start
+
+    def _forget_discarded(self) -> None:
+        """Make the rows a discarded batch wrote read as fill values again, once the batches
+        before it are written (they may share its first chunk)."""
+        with self._state_lock:
+            self._drained.wait_for(lambda: all(b.pending == 0 for b in self._open.values()))
+        start, self._discarded_from = self._discarded_from, None
+        if start is not None:
+            self._invalidated += invalidate_uncommitted(self.variables, self._files, start,
+                                                        self.options.durable)
 
     def raise_if_failed(self) -> None:
         error = self._error
@@ -361,6 +397,19 @@ class TraceWriter:
         self._pool.break_()
         self._gathering.notify()
 
+    def update_attrs(self, name: str, attrs: dict[str, Any]) -> None:
+        """Add attributes to variable ``name`` (published with the next commit); those it has
+        already keep their values, as its attributes from its creation do."""
+        var = self.variables.get(name)
+        if var is None or all(key in var.attrs for key in attrs):
+            return
+        with self._create_lock:
+            var.attrs = {**attrs, **var.attrs}
+            if var.array is not None:
+                with var.lock:
+                    set_attributes(var.array, var.attrs)
+                    var.document = array_document(var.array)
+
     def _token_lengths(self) -> dict[str, int]:
         return {dim: size for dim, size in self.dims.sizes.items() if grows(dim)}
 
@@ -407,14 +456,15 @@ class TraceWriter:
             if var.gather is not None and var.gather.chunks:
                 self._gathering.chunks.regrow(var)
 
-    def _create_array(self, var: _Variable, sample: np.ndarray) -> Any:
+    def _create_array(self, var: _Variable, sample: np.ndarray,
+                      region: Region | None = None) -> Any:
         codecs = self.options.compression.codecs_for(sample)
         with self._create_lock:
             if var.array is not None:
                 return var.array
             shape = (0, *var.trailing)
             chunks = chunk_shape(shape, var.dims, sample.dtype.itemsize, sample.shape[0],
-                                 self.options.chunks)
+                                 self.options.chunks, region.chunks if region else None)
             if var.gather is not None:  # several batches a chunk, whatever the size policy
                 chunks = (var.gather.rows, *chunks[1:])
             kind = sample.dtype.kind
@@ -465,6 +515,7 @@ class TraceWriter:
             run = self._error is None and batch.size > 0
             if run:
                 batch.writing += 1
+                batch.wrote = True
             elif batch.size > 0:
                 batch.failed = True  # skipped after a failure: never committed
         ok = False
@@ -503,7 +554,7 @@ class TraceWriter:
             start = task.batch.start
         if var.array is None:
             try:
-                self._create_array(var, data)
+                self._create_array(var, data, task.region)
             except BaseException as exc:
                 raise _StepFailed("array creation", exc, f"{self._where}/{var.name}") from exc
         array = var.array
@@ -516,28 +567,34 @@ class TraceWriter:
             )
         stop = start + data.shape[0]
         entries: list[Entry] | None = [] if self.options.checksums else None
-        # a pass shorter than the stored token axes: filled past its own length
-        data = padded(data, task.shape, array.fill_value)
+        region = task.region
+        if region is None:
+            # a pass shorter than the stored token axes: filled past its own length
+            data = padded(data, task.shape, array.fill_value)
         with var.lock:
             if var.chunk_writer is None:
                 var.chunk_writer = ChunkWriter(array, self._files)
                 self._synced.add(var.name)
             writer = var.chunk_writer
-            if not writer.covers(start, data):
+            offset = region.offset if region else None
+            if not writer.covers(start, data, offset):
                 if array.shape[0] < stop:  # zarr checks the bounds of what it writes
                     grow_rows(array, max(stop, 2 * array.shape[0]))
                 # partial chunks: zarr reads, merges and rewrites; only the positions this
                 # batch fills (an axis grown since by a later pass is that pass's to commit)
-                array[(slice(start, stop), *(slice(0, n) for n in task.shape))] = data
+                extent = tuple(int(n) for n in data.shape[1:]) if region else task.shape
+                where = region.slices(extent) if region else tuple(slice(0, n) for n in extent)
+                array[(slice(start, stop), *where)] = data
                 if entries is not None or self.options.durable:
-                    for key in writer.keys(start, stop, task.shape):  # read back zarr's
+                    for key in writer.keys(start, stop, extent, offset):  # read back zarr's
                         entry = writer.read_back(key, self.options.durable)
                         if entry is not None and entries is not None:
                             entries.append(entry)
                 self._record(task.batch, entries)
                 return
         # whole chunks nobody else writes; one that holds committed rows is replaced whole
-        writer.write(start, data, entries, replace=task.chunk is not None and task.chunk.existing)
+        writer.write(start, data, entries, offset,
+                     replace=task.chunk is not None and task.chunk.existing)
         self._record(task.batch, entries)
 
     def _record(self, batch: _Batch, entries: list[Entry] | None) -> None:

@@ -7,6 +7,7 @@ Importing layerscope imports no framework; a backend loads its framework when it
 
 __version__ = "0.1.0"
 
+from layerscope._estimate import Estimate, estimate  # noqa: E402
 from layerscope.api import Trace, capture, sites, trace  # noqa: E402
 from layerscope.core import (  # noqa: E402
     BackendError,
@@ -29,8 +30,8 @@ from layerscope.core.samples import masked, sample  # noqa: E402
 from layerscope.core.verify import VerifyReport, verify  # noqa: E402
 
 __all__ = [
-    "BackendError", "CaptureError", "ChunkError", "Compression", "DamagedStoreError",
+    "BackendError", "CaptureError", "ChunkError", "Compression", "DamagedStoreError", "Estimate",
     "LayerscopeError", "SchemaError", "Selection", "StoreError", "StoreLockedError", "StoreOptions",
     "Trace", "VerifyReport", "WriterError", "__version__", "captured_names", "capture", "diff",
-    "masked", "open_trace", "sample", "sites", "trace", "verify",
+    "estimate", "masked", "open_trace", "sample", "sites", "trace", "verify",
 ]

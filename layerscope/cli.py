@@ -12,7 +12,7 @@ from typing import NoReturn
 from layerscope.core import LayerscopeError
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS = ("trace", "info", "verify", "render", "report", "diff")
+COMMANDS = ("trace", "estimate", "info", "verify", "render", "report", "diff")
 
 
 class _Parser(argparse.ArgumentParser):

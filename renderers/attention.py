@@ -225,7 +225,7 @@ def attention_grid(ds: Any, sample: int = 0, options: ViewOptions | None = None,
     heads = min(max(totals), max_heads)
     fig = new_figure(1.3 * heads + 1.2, 1.3 * len(names) + 0.8)
     axes = fig.subplots(len(names), heads, squeeze=False)
-    shapes, pooled = set(), 1
+    shapes, pooled, marked = set(), 1, False
     for row, name in enumerate(names):
         window = narrow_map(ds, name, sample, opts)
         rows, cols = len(window.query_labels), len(window.key_labels)
@@ -247,6 +247,7 @@ def attention_grid(ds: Any, sample: int = 0, options: ViewOptions | None = None,
                 ax.imshow(values[col], cmap="viridis", vmin=vmin, vmax=vmax, extent=extent,
                           interpolation="nearest")
                 write_value(ax, values[col], extent)
+                marked = _mark_generated(ax, ds, window, sample) or marked
             else:
                 ax.axis("off")
             if row == 0:
@@ -261,6 +262,7 @@ def attention_grid(ds: Any, sample: int = 0, options: ViewOptions | None = None,
     else:
         size = "each map whole"
     note = f", max-pooled {pooled}x{pooled}" if pooled > 1 else ""
+    note += ", generated after the dashed lines" if marked else ""
     fig.suptitle(f"attention, maps x heads, sample {sample} ({cut}{size}{note})", fontsize=10)
     return fig
 
@@ -297,15 +299,33 @@ def head_view(ds: Any, layer: int | None = None, sample: int = 0, heads: list[in
         ax.text(-0.02, i, escape(text), ha="right", va="center", fontsize=8)
     for i, text in enumerate(window.key_labels):
         ax.text(1.02, i, escape(text), ha="left", va="center", fontsize=8)
+    generated = _mark_generated_tokens(ax, ds, window, sample)
     ax.set_xlim(-0.6, 1.6)
     ax.set_ylim(max(rows, cols) - 0.5, -0.5)
     ax.axis("off")
     ax.legend(loc="lower center", fontsize=7, ncol=min(4, len(chosen)), frameon=False,
               bbox_to_anchor=(0.5, -0.08))
-    ax.set_title(f"{escape(name)}\n{describe(ds[name])}, sample {sample}, {window.span()}\n"
+    ax.set_title(f"{escape(name)}\n{describe(ds[name])}, sample {sample}, {window.span()}"
+                 f"{', generated after the dashed line' if generated else ''}\n"
                  f"{axis_title('query', window.query)} (left) -> "
                  f"{axis_title('key', window.key)} (right)", fontsize=8)
     return fig
+
+
+def _mark_generated_tokens(ax: Any, ds: Any, window: MapWindow, sample: int) -> bool:
+    """The head view's mark of a traced ``generate()``: a dashed line under the last prompt
+    token of each column (queries left, keys right) that has generated tokens in view."""
+    marked = False
+    for dim, start, count, (left, right) in ((window.query, window.query_start,
+                                              len(window.query_labels), (-0.6, -0.01)),
+                                             (window.key, window.key_start,
+                                              len(window.key_labels), (1.01, 1.6))):
+        first = generated_from(ds, dim, sample)
+        if first is not None and start < first < start + count:
+            ax.plot([left, right], [first - start - 0.5] * 2, color="gray", linestyle="--",
+                    linewidth=1.0)
+            marked = True
+    return marked
 
 
 def _head_colors(count: int) -> list[Any]:

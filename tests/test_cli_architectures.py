@@ -364,6 +364,43 @@ def test_generate_with_an_encoder_decoder_fills_the_decoder_tokens(folders, tmp_
     np.testing.assert_array_equal(ds["decoder_token_step"].values[0], [0, 1, 2])
 
 
+def test_generate_samples_with_the_options_given(folders, tmp_path):
+    """--sample with --seed, --top-k and --temperature: the stored tokens are what the model
+    draws untraced from the same seed and settings."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = folders("llama")
+    ds = trace(folder, tmp_path / "s.zarr", "--generate", "4", "--text", TEXTS[0], "--text",
+               TEXTS[1], "--sample", "--seed", "7", "--top-k", "20", "--temperature", "1.5")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
+    prompts = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = model.generate(**prompts, max_new_tokens=4, do_sample=True, top_k=20,
+                                  temperature=1.5, pad_token_id=tokenizer.pad_token_id)
+        greedy = model.generate(**prompts, max_new_tokens=4, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    np.testing.assert_array_equal(ds["token_id"].values, expected.numpy())
+    assert not np.array_equal(expected.numpy(), greedy.numpy())  # the draws mattered
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sample"], "add --generate N"),
+    (["--generate", "2", "--top-k", "5"], "add --sample"),
+    (["--generate", "2", "--sample", "--top-p", "1.5"], "--top-p 1.5"),
+])
+def test_sampling_options_out_of_place_are_refused(folders, tmp_path, capsys, args, message):
+    out = tmp_path / "out.zarr"
+    code = main(["trace", str(folders("llama")), "-o", str(out), "--no-progress",
+                 "--text", TEXTS[0], *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name, args, message", [
     ("bert", ["--text", TEXTS[0]], "cannot generate text"),
     ("t5", ["--text", TEXTS[0], "--target-text", TARGETS[0]], "drop --target-text"),

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope._hf_architectures import folder_architecture
-from layerscope._trace_generate import check_generate_request, trace_generation
+from layerscope._trace_generate import check_generate_request, sampling_settings, trace_generation
 from layerscope._trace_inputs import check_request, model_inputs, read_request
 from layerscope.api import capture
 from layerscope.backends import detect
@@ -16,6 +16,7 @@ from layerscope.core.info import human_bytes, summarize
 from layerscope.loading import FRAMEWORKS, load, model_folder
 
 from ._args import MAX_BATCH_SIZE, MAX_TOKENS, integer
+from .estimate import check_disk, reusable
 
 DESCRIPTION = """MODEL is 'minilm' (the packaged all-MiniLM-L6-v2), a Hugging Face model folder, or
 module:factory (a function returning a model, (model, tokenizer), or a dict with 'model'
@@ -37,6 +38,10 @@ Audio and text-and-image models are refused: load them in Python (layerscope.cap
 --generate N continues each text by N tokens (greedy) and traces the prompt pass and every
 decoding step: one generated sequence is one sample (token_step says which step made each
 position; an encoder-decoder's generated tokens are on decoder_token).
+
+Before the store is created, the trace's size is estimated as `layerscope estimate` does (the
+model runs once on two samples, in memory), and a trace that does not fit the free disk is
+refused; --force skips the estimate.
 """
 
 
@@ -48,6 +53,19 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("model", help="'minilm', a Hugging Face folder, or module:factory")
     parser.add_argument("-o", "--output", required=True, help="the trace store to write (.zarr)")
+    add_input_arguments(parser)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing trace")
+    mode.add_argument("--append", action="store_true", help="append batches to an existing trace")
+    parser.add_argument("--force", action="store_true",
+                        help="trace even where the estimate of its size (layerscope estimate) "
+                             "exceeds the free disk; skips the estimate")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(run=run)
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a trace reads and captures (shared with ``layerscope estimate``)."""
     parser.add_argument("--text", action="append", help="an input text (repeatable)")
     parser.add_argument("--text-file", help="a file with one input text per line")
     parser.add_argument("--target-text", action="append",
@@ -70,14 +88,16 @@ def register(subparsers: Any) -> None:
                         help=f"texts or images per forward pass, 1..{MAX_BATCH_SIZE} (default: %(default)s)")
     parser.add_argument("--generate", type=integer(1, MAX_TOKENS), metavar="N",
                         help="causal LMs and encoder-decoders (PyTorch): generate N tokens "
-                             "(greedy) for each text and trace every step")
+                             "(greedy unless --sample) for each text and trace every step")
+    sampling = parser.add_argument_group("sampling (with --generate; off by default)")
+    sampling.add_argument("--sample", action="store_true",
+                          help="draw each token (do_sample) instead of taking the likeliest")
+    sampling.add_argument("--temperature", type=float, help="sampling temperature")
+    sampling.add_argument("--top-k", type=integer(1), help="sample among the K likeliest")
+    sampling.add_argument("--top-p", type=float, help="sample within probability mass P")
+    sampling.add_argument("--seed", type=integer(0), help="seed of the draws (repeatable runs)")
     parser.add_argument("--max-length", type=integer(1, MAX_TOKENS),
                         help=f"truncate texts (and target texts) to this many tokens, 1..{MAX_TOKENS}")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing trace")
-    mode.add_argument("--append", action="store_true", help="append batches to an existing trace")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,18 +111,23 @@ def run(args: argparse.Namespace) -> int:
     architecture = folder_architecture(folder, args.framework) if folder else None
     if args.generate:
         check_generate_request(request, args.framework)
+    sampling = sampling_settings(args)
     check_request(request, architecture, args.framework, folder)  # before weights are read
     loaded = load(args.model, args.framework, args.attn_implementation, architecture)
     detect(loaded.model)  # something that is not a model is refused before its inputs
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     selection = Selection.of(args.capture, kinds, args.exclude)
     mode = "w" if args.overwrite else "a" if args.append else "w-"
+    inputs = None if args.generate else reusable(
+        model_inputs(request, loaded, args.batch_size, output, args.append))
+    if not args.force:  # before the store exists: a trace that cannot fit never starts
+        check_disk(args, loaded, request, inputs, selection, mode)
     if args.generate:
         trace_generation(loaded, request.texts, args.output, selection,
                          new_tokens=args.generate, batch_size=args.batch_size,
-                         max_length=args.max_length, mode=mode, progress=not args.no_progress)
+                         max_length=args.max_length, mode=mode, progress=not args.no_progress,
+                         sampling=sampling)
     else:
-        inputs = model_inputs(request, loaded, args.batch_size, output, args.append)
         capture(loaded.model, inputs, args.output, selection, tokenizer=loaded.tokenizer,
                 batch_size=args.batch_size, max_length=args.max_length,
                 progress=not args.no_progress, options=StoreOptions(mode=mode))

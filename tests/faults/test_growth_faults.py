@@ -35,6 +35,7 @@ CHILD = textwrap.dedent("""
     from layerscope.core import Selection, StoreOptions
     from layerscope.core.format import new_group_attrs
     from layerscope.core.recorder import Recorder
+    from layerscope.core.region import Region
     from layerscope.core.writer import TraceWriter
 
     sys.path.insert(0, sys.argv[7])
@@ -60,6 +61,10 @@ CHILD = textwrap.dedent("""
         killing(chunkwrite.ChunkWriter, "write", int(nth))
     elif kill_at == "publish":  # while a commit with the grown shape is published
         killing(writer_module, "publish", int(nth))
+    elif kill_at == "pieces":  # while zarr writes a piece of a batch (see below)
+        import zarr
+        killing(zarr.Array, "__setitem__", int(nth))
+    pieces = int(os.environ.get("PIECES", "0"))
 
     attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())
     group, existing = store.open_group_for_writing(path, mode, attrs)
@@ -71,9 +76,21 @@ CHILD = textwrap.dedent("""
         for number in range(first, first + count):
             ids, mask, hidden = batch(tag, number)
             recorder.begin_pass(len(ids), token_ids=ids, attention_mask=mask)
-            recorder.put("a", "output", hidden, ("batch", "token", "hidden"))
-            recorder.put("b", "attention", hidden[:, None, :, :1] * hidden[:, None, None, :, 0],
-                         ("batch", "head", "query", "key"))
+            attention = hidden[:, None, :, :1] * hidden[:, None, None, :, 0]
+            if pieces:  # as a traced generate() writes: a few positions at a time
+                length = hidden.shape[1]
+                for at in range(0, length, pieces):
+                    cut = slice(at, at + pieces)
+                    recorder.put("a", "output", hidden[:, cut], ("batch", "token", "hidden"),
+                                 region=Region((length, hidden.shape[2]), (at, 0),
+                                               {0: pieces}), call_index=0)
+                    recorder.put("b", "attention", attention[:, :, cut],
+                                 ("batch", "head", "query", "key"),
+                                 region=Region((1, length, length), (0, at, 0), {1: pieces}),
+                                 call_index=0)
+            else:
+                recorder.put("a", "output", hidden, ("batch", "token", "hidden"))
+                recorder.put("b", "attention", attention, ("batch", "head", "query", "key"))
             recorder.end_pass()
         recorder.close()
     except Exception as exc:  # a full disk: the writer's error
@@ -102,7 +119,7 @@ def batch(tag: int, number: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, mask, hidden
 
 
-def run(tmp_path, path, mode, tag, first, count, kill_at="", limit=None):
+def run(tmp_path, path, mode, tag, first, count, kill_at="", limit=None, pieces=0):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -114,7 +131,7 @@ def run(tmp_path, path, mode, tag, first, count, kill_at="", limit=None):
     done = subprocess.run(
         [sys.executable, "-P", str(script), str(path), mode, str(tag), str(first), str(count),
          kill_at, here],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PIECES": str(pieces)},
         preexec_fn=limited if limit is not None else None)
     return done.returncode, done.stdout + done.stderr
 
@@ -186,6 +203,32 @@ def test_a_full_disk_during_growth_keeps_the_committed_batches(tmp_path):
     assert "WriterError" in out and "File too large" in out, out
     committed = check(path, [(1, 0, len(LENGTHS))])
     assert 2 <= committed < len(LENGTHS)
+    code, out = run(tmp_path, path, "a", 3, 2, 3)
+    assert code == 0, out
+    check(path, [(1, 0, committed), (3, 2, 3)])
+
+
+@pytest.mark.parametrize("kill_at", ["pieces:3", "pieces:20", "publish:3", "publish:7"])
+def test_a_kill_while_a_batch_is_written_in_pieces_leaves_the_last_commit(tmp_path, kill_at):
+    """Batches written a few positions at a time (core/region.py, as a traced generate()
+    writes them): a kill leaves the last commit, and an append in pieces goes on from it."""
+    path = tmp_path / "t.zarr"
+    code, out = run(tmp_path, path, "w-", 1, 0, len(LENGTHS), kill_at, pieces=4)
+    assert code == -signal.SIGKILL, out
+    committed = check(path, [(1, 0, len(LENGTHS))])
+    assert committed < len(LENGTHS)
+    code, out = run(tmp_path, path, "a", 2, 5, 4, pieces=3)
+    assert code == 0, out
+    assert check(path, [(1, 0, committed), (2, 5, 4)]) == committed + 4
+
+
+def test_a_full_disk_while_pieces_are_written_keeps_the_committed_batches(tmp_path):
+    path = tmp_path / "t.zarr"
+    code, out = run(tmp_path, path, "w-", 1, 0, len(LENGTHS), limit=10 << 10, pieces=4)
+    assert code == 0, out
+    assert "WriterError" in out, out
+    committed = check(path, [(1, 0, len(LENGTHS))])
+    assert committed < len(LENGTHS)
     code, out = run(tmp_path, path, "a", 3, 2, 3)
     assert code == 0, out
     check(path, [(1, 0, committed), (3, 2, 3)])

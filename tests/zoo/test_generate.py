@@ -331,3 +331,82 @@ def test_the_heatmap_marks_where_generation_starts(tmp_path):
     # the sample's own positions: its prompt and every generated token (the last one, never
     # fed back, is a row of fill)
     assert image.get_array().shape == (PROMPT + NEW_TOKENS - PADDING[sample],) * 2
+
+
+def test_the_grid_and_head_view_mark_where_generation_starts(tmp_path):
+    """The model view marks the boundary on every map, the head view under the last prompt
+    token of each column; each over the sample's own tokens."""
+    from layerscope.renderers.attention import attention_grid, head_view
+
+    model = FAMILIES["gpt2"].build("eager")
+    ids, mask = prompts(model.config.vocab_size)
+    path = tmp_path / "marked.zarr"
+    with layerscope.trace(model, path, kinds=["attention"]):
+        generate(model, ids, mask, sampled=False)
+    ds = layerscope.open_trace(path)
+    sample = 2
+    first = PROMPT - PADDING[sample]  # the first generated position in the sample's window
+    grid = attention_grid(ds, sample=sample)
+    maps = [ax for ax in grid.axes if ax.get_images()]
+    assert len(maps) == 2 * 4  # layers x heads
+    for ax in maps:
+        dashed = [line.get_xydata() for line in ax.get_lines() if line.get_linestyle() == "--"]
+        vertical = [xy[0, 0] for xy in dashed if xy[0, 0] == xy[1, 0]]
+        horizontal = [xy[0, 1] for xy in dashed if xy[0, 1] == xy[1, 1]]
+        assert vertical == [first - 0.5] and horizontal == [first - 0.5], dashed
+        assert ax.get_images()[0].get_array().shape == (PROMPT + NEW_TOKENS - PADDING[sample],) * 2
+    assert "generated after the dashed lines" in grid._suptitle.get_text()
+
+    view = head_view(ds, layer=1, sample=sample, heads=[0, 3])
+    ax = view.axes[0]
+    marks = [line.get_xydata() for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(marks) == 2  # one under the queries' prompt, one under the keys'
+    assert all(np.allclose(mark[:, 1], first - 0.5) for mark in marks)
+    assert sorted(mark[0, 0] < 0.5 for mark in marks) == [False, True]  # left and right
+    labels = [text.get_text() for text in ax.texts]
+    assert len(labels) == 2 * (PROMPT + NEW_TOKENS - PADDING[sample])  # queries and keys
+    assert "generated after the dashed line" in ax.get_title()
+
+
+def test_a_long_prompt_and_an_early_stop_read_back_whole(tmp_path):
+    """Positions are written in blocks as the steps come: a prompt longer than several blocks
+    (the logits start in a late one) and a generation stopped long before max_new_tokens
+    (blocks never reached) read back through the checked reader and verify."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopsAtThree(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= prompt + 3)
+
+    family = FAMILIES["llama"]
+    model = family.build("sdpa")
+    prompt, new_tokens = 37, 30
+    ids = torch.randint(3, model.config.vocab_size, (2, prompt),
+                        generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    path = tmp_path / "long.zarr"
+    with layerscope.trace(model, path, kinds=["output", "attention"]):
+        sequences = generate(model, ids, mask, sampled=False, max_new_tokens=new_tokens,
+                             stopping_criteria=StoppingCriteriaList([StopsAtThree()]))
+    assert sequences.shape[1] == prompt + 3
+    ds = layerscope.open_trace(path)  # the checked reader: every chunk read is checked
+    assert ds.sizes["token"] == prompt + new_tokens
+    reference = reference_pass(family.build("eager"), sequences, mask)
+    fed = sequences.shape[1] - 1
+    real = ds["token_mask"].values[:, :fed]
+    logits = ds["lm_head@output"].values
+    np.testing.assert_allclose(logits[:, prompt - 1:fed],
+                               reference.logits.numpy()[:, prompt - 1:fed], rtol=0, atol=ATOL)
+    assert np.isnan(logits[:, :prompt - 1]).all() and np.isnan(logits[:, fed:]).all()
+    states = ds["model.norm@output"].values
+    np.testing.assert_allclose(states[:, :fed][real],
+                               reference.hidden_states[-1].numpy()[:, :fed][real],
+                               rtol=0, atol=ATOL)
+    maps = ds["model.layers.1.self_attn@attention"].values
+    rows = np.broadcast_to(real[:, None, :], maps[:, :, :fed].shape[:-1])
+    np.testing.assert_allclose(maps[:, :, :fed, :fed + 1][rows],
+                               reference.attentions[1].numpy()[:, :, :fed][rows],
+                               rtol=0, atol=ATOL)
+    assert np.isnan(maps[:, :, fed:]).all()
+    assert layerscope.verify(path).ok
