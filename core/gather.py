@@ -36,6 +36,10 @@ import numpy as np
 from .growth import fill_value_for
 from .hostpool import interrupt_safe, page_aligned
 
+#: the attribute of a gathered variable: how many batches (of the first batch's size) a chunk
+#: holds along ``batch``
+GATHERED = "gathered_batches"
+
 
 @dataclass(frozen=True)
 class GatherPolicy:

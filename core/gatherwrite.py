@@ -15,7 +15,7 @@ import numpy as np
 
 from ._zarr_compat import grow_rows
 from .errors import CaptureError, SchemaError
-from .gather import Chunk, Gatherer, VarGather
+from .gather import GATHERED, Chunk, Gatherer, VarGather
 
 if TYPE_CHECKING:
     from .region import Region
@@ -59,7 +59,15 @@ class GatheredWrites:
                 self._preload(var)
         elif self.chunks.decided and self.chunks.group_batches > 1 \
                 and self.is_small(data, _nbytes(data)):
-            var.gather = VarGather(self.chunks.group_batches * batch.size)
+            self._gathered(var, self.chunks.group_batches, batch)
+
+    @staticmethod
+    def _gathered(var: _Variable, batches: int, batch: _Batch) -> None:
+        """Gather new variable ``var``: chunks of ``batches`` batches like ``batch``; its
+        attribute ``gathered_batches`` says so to readers (:func:`.reader.open_trace` gives
+        it the dask chunks of one batch where other variables have those)."""
+        var.gather = VarGather(batches * batch.size)
+        var.attrs = {**var.attrs, GATHERED: batches}
 
     def _preload(self, var: _Variable) -> None:
         """The committed rows of the chunk this writer's first rows fall into, read back:
@@ -191,7 +199,7 @@ class GatheredWrites:
                 self.writer._queue_task(task)
                 continue
             var = task.var
-            var.gather = VarGather(batches * batch.size)
+            self._gathered(var, batches, batch)
             host = self.writer._to_host(task)
             task.data = None
             if not self.place_now(var, batch.start, batch.start + batch.size, host):
