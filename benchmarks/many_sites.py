@@ -14,7 +14,8 @@ by trial (median of ``--trials``):
              xarray.open_zarr(consolidated=True) on the same store; `layerscope info` in the
              process (what the command does after its imports) and as a command
 
-    python benchmarks/many_sites.py [--batches 20] [--trials 5] [--skip-llama]
+    python benchmarks/many_sites.py [--batches 20] [--llama-batches 10] [--trials 5] [--threads N]
+                                    [--skip-llama]
 """
 
 from __future__ import annotations
@@ -124,15 +125,18 @@ def sequential_write(nbytes: int) -> Run:
     return run
 
 
-def interleaved(rows: dict[str, Run], batches: int, trials: int, workdir: Path
+def interleaved(rows: dict[str, Run], batches: dict[str, int], trials: int, workdir: Path
                 ) -> dict[str, list[dict[str, float]]]:
     for run in rows.values():  # warm up every path once
         run(1, workdir)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
-    for _ in range(trials):
+    for trial in range(trials):
         for name, run in rows.items():
-            results[name].append(run(batches, workdir))
+            results[name].append(run(batches[name], workdir))
             os.sync()  # untimed: no row pays for the page cache an earlier row left
+        print(f"trial {trial + 1}: " + ", ".join(
+            f"{name} {results[name][-1]['time'] / batches[name] * 1e3:.0f} ms/batch"
+            for name in rows), flush=True)
     return results
 
 
@@ -152,9 +156,16 @@ def timed(action: Callable[[], Any], trials: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--llama-batches", type=int, default=10,
+                        help="batches per trial of the Llama rows (180 MB each)")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 keeps a forward on a "
+                        "machine busy with other work from waiting on its own threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     warnings.simplefilter("ignore", UserWarning)
     mlp, x = Blocks(400).eval(), torch.randn(4, 16, 64)
@@ -167,7 +178,9 @@ def main() -> None:
                 capture(model, inputs)
             probe = capture(model, inputs)(1, workdir)
             rows["llama sequential write"] = sequential_write(int(probe["bytes"]))
-        results = interleaved(rows, args.batches, args.trials, workdir)
+        batches = {name: args.llama_batches if name.startswith("llama") else args.batches
+                   for name in rows}
+        results = interleaved(rows, batches, args.trials, workdir)
         store = fresh(workdir, "2000.zarr")
         wide = Blocks(500).eval()
         with torch.no_grad(), layerscope.trace(wide, store, capture=["blocks.*"]):
@@ -195,10 +208,11 @@ def measure_open(store: Path, trials: int) -> tuple[float, float, float, float]:
 def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
            open_zarr: float, open_trace: float, info: float, command: float,
            store: Path) -> None:
-    per = {name: median(rows, "time") / args.batches for name, rows in results.items()}
+    per = {name: median(rows, "time") / (args.llama_batches if name.startswith("llama")
+                                          else args.batches) for name, rows in results.items()}
     mlp = results["mlp capture"]
-    print(f"{args.batches} batches x {args.trials} trials, torch threads {torch.get_num_threads()}"
-          f"; medians")
+    print(f"{args.batches} batches (llama: {args.llama_batches}) x {args.trials} trials, torch "
+          f"threads {torch.get_num_threads()}; medians")
     print(f"{'row':<34} {'ms/batch':>9} {'vs plain':>9}")
     for name in results:
         base = per["mlp plain"] if name.startswith("mlp") else per.get("llama plain", 1.0)
@@ -206,7 +220,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
     if "llama capture" in per:
         print(f"llama capture vs sequential write: "
               f"{per['llama capture'] / per['llama sequential write']:.2f}x  "
-              f"({median(results['llama capture'], 'bytes') / args.batches / 2**20:.1f} MB a "
+              f"({median(results['llama capture'], 'bytes') / args.llama_batches / 2**20:.1f} MB a "
               f"batch, {median(results['llama capture'], 'variables'):.0f} variables)")
     print(f"mlp store: {median(mlp, 'variables'):.0f} variables, "
           f"{median(mlp, 'files'):.0f} files, at most {median(mlp, 'per variable'):.0f} files "

@@ -34,7 +34,11 @@ from typing import Any
 import numpy as np
 
 from .growth import fill_value_for
-from .hostpool import page_aligned
+from .hostpool import interrupt_safe, page_aligned
+
+#: the attribute of a gathered variable: how many batches (of the first batch's size) a chunk
+#: holds along ``batch``
+GATHERED = "gathered_batches"
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,15 @@ class Gatherer:
             self.changed.notify_all()
         return ready
 
+    def forget(self, var: Any, chunk: Chunk) -> None:
+        """Take ``var``'s open ``chunk`` out of the gathered ones (its caller writes it)."""
+        del var.gather.chunks[chunk.start]
+        kept = [(v, c) for v, c in self.by_end[chunk.end] if c is not chunk]
+        if kept:
+            self.by_end[chunk.end] = kept
+        else:
+            del self.by_end[chunk.end]
+
     def unclaim(self, start: int) -> None:
         """Forget rows from ``start`` on (a batch discarded): they are filled at the flush,
         unless a later batch claims them again."""
@@ -271,7 +284,7 @@ class Gatherer:
 
     def wait(self, done: Any) -> None:
         """Block until ``done()`` (called with the lock held) is true."""
-        with self.lock:
+        with interrupt_safe(), self.lock:
             self.changed.wait_for(done)
 
     def in_flight_locked(self) -> int:

@@ -15,9 +15,10 @@ import numpy as np
 
 from ._zarr_compat import grow_rows
 from .errors import CaptureError, SchemaError
-from .gather import Chunk, Gatherer, VarGather
+from .gather import GATHERED, Chunk, Gatherer, VarGather
 
 if TYPE_CHECKING:
+    from .region import Region
     from .writer import Snapshot, ToNumpy, TraceWriter, _Batch, _Task, _Variable
 
 
@@ -43,10 +44,13 @@ class GatheredWrites:
         return not self.chunks.decided and var.array is None \
             and self.is_small(data, _nbytes(data))
 
-    def settle(self, var: _Variable, batch: _Batch, data: Any) -> None:
+    def settle(self, var: _Variable, batch: _Batch, data: Any, region: Region | None) -> None:
         """Decide once per writer whether ``var`` is gathered: a new small variable once the
-        first batch chose to gather, an existing one whose chunks hold two batches or more."""
+        first batch chose to gather, an existing one whose chunks hold two batches or more;
+        never one written in pieces (``region``, :mod:`.region`)."""
         var.settled = True
+        if region is not None:
+            return
         if var.array is not None:
             rows = int(var.array.metadata.chunk_grid.chunk_shape[0])
             if rows >= 2 * batch.size and self.is_small(var.array, _nbytes(data)):
@@ -55,7 +59,15 @@ class GatheredWrites:
                 self._preload(var)
         elif self.chunks.decided and self.chunks.group_batches > 1 \
                 and self.is_small(data, _nbytes(data)):
-            var.gather = VarGather(self.chunks.group_batches * batch.size)
+            self._gathered(var, self.chunks.group_batches, batch)
+
+    @staticmethod
+    def _gathered(var: _Variable, batches: int, batch: _Batch) -> None:
+        """Gather new variable ``var``: chunks of ``batches`` batches like ``batch``; its
+        attribute ``gathered_batches`` says so to readers (:func:`.reader.open_trace` gives
+        it the dask chunks of one batch where other variables have those)."""
+        var.gather = VarGather(batches * batch.size)
+        var.attrs = {**var.attrs, GATHERED: batches}
 
     def _preload(self, var: _Variable) -> None:
         """The committed rows of the chunk this writer's first rows fall into, read back:
@@ -124,6 +136,22 @@ class GatheredWrites:
         task.parts = chunks.claim(var, start, stop, deferred=True)
         writer._queue_task(task)
 
+    def ungather(self, var: _Variable) -> None:
+        """``var`` is written in pieces from now on (a traced ``generate()`` appending to a
+        store where it was gathered): its open chunks are written now, whole, on the
+        caller's thread, and its later rows take the way of every other variable."""
+        assert var.gather is not None
+        writer, chunks = self.writer, self.chunks
+        for chunk in sorted(var.gather.chunks.values(), key=lambda c: c.start):
+            chunks.wait(lambda chunk=chunk: chunk.deferred == 0)
+            chunks.forget(var, chunk)
+            if chunk.first is not None and writer._current is not None:
+                task = writer._task(writer._current, var, None, _identity, 0)
+                task.chunk = chunk
+                writer._write(task)
+            chunks.recycle(chunk)
+        var.gather = None
+
     def place_now(self, var: _Variable, start: int, stop: int, data: np.ndarray) -> bool:
         """Copy host ``data`` into the chunk memory now; False where its dtype is not the
         stored one (a writer thread then reports it)."""
@@ -171,7 +199,7 @@ class GatheredWrites:
                 self.writer._queue_task(task)
                 continue
             var = task.var
-            var.gather = VarGather(batches * batch.size)
+            self._gathered(var, batches, batch)
             host = self.writer._to_host(task)
             task.data = None
             if not self.place_now(var, batch.start, batch.start + batch.size, host):

@@ -14,9 +14,11 @@ huge pages to give, the same memory simply stays in small pages.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -44,11 +46,12 @@ class HostPool:
         self.broken = False
 
     def acquire(self, nbytes: int) -> None:
-        with self.lock:
-            # A single item larger than the budget still passes once nothing else waits.
-            while self.pending and self.pending + nbytes > self.limit and not self.broken:
-                self.cond.wait()
-            self.pending += nbytes
+        with interrupt_safe():
+            with self.lock:
+                # A single item larger than the budget still passes once nothing else waits.
+                while self.pending and self.pending + nbytes > self.limit and not self.broken:
+                    self.cond.wait()
+                self.pending += nbytes
 
     def release(self, nbytes: int) -> None:
         with self.lock:
@@ -104,6 +107,19 @@ class HostPool:
                 self.free_bytes -= size
             if not self.free[size]:
                 del self.free[size]
+
+
+@contextlib.contextmanager
+def interrupt_safe() -> Iterator[None]:
+    """Around ``with lock: condition.wait()``: a KeyboardInterrupt that lands inside ``wait``
+    after it let the lock go leaves the ``with`` a lock it does not hold to release, and the
+    RuntimeError that says so would hide the interrupt; the interrupt is raised instead."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise exc.__context__ from None
+        raise
 
 
 HUGE_PAGE = 2 << 20

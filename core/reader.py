@@ -27,6 +27,7 @@ from .format import (
     TOKEN_STEP,
     TOKEN_TEXT,
 )
+from .gather import GATHERED
 from .naming import is_capture
 from .userwarn import warn_user
 from .validate import check_claims, damaged, read_root
@@ -122,6 +123,7 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
     ordered = sorted(ds.data_vars, key=lambda name: _order(ds.variables[name].attrs))
     if ordered != list(ds.data_vars):
         ds = ds[ordered]
+    ds = _one_batch_chunks(ds)
     labels = [name for name in LABELS if name in ds.data_vars]
     if labels:  # a copy of the Dataset: skipped when there is nothing to move
         ds = ds.set_coords(labels)
@@ -130,6 +132,27 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
             ds = ds.assign_coords({dim: np.arange(ds.sizes[dim])})
     ds.attrs = attrs
     return ds
+
+
+def _one_batch_chunks(ds: Any) -> Any:
+    """Where gathered variables (chunks of several batches, :mod:`.gather`) sit beside others,
+    give them dask chunks of one batch along ``batch``, as the others have: a DataArray and
+    its coordinates must agree on their chunks (``.chunks`` raises otherwise). A store whose
+    variables are all gathered keeps its chunks."""
+    along = [name for name, var in ds.variables.items() if var.dims[:1] == (BATCH,)
+             and var.chunks is not None]
+    gathered = {name: ds.variables[name].attrs.get(GATHERED) for name in along}
+    gathered = {name: n for name, n in gathered.items() if isinstance(n, int) and n > 1}
+    if not gathered or len(gathered) == len(along):
+        return ds
+    updates = {}
+    for name, batches in gathered.items():
+        var = ds.variables[name]
+        stored = var.encoding.get("chunks") or (var.chunks[0][0],)  # the zarr chunk's rows
+        updates[name] = var.chunk({BATCH: max(1, int(stored[0]) // batches)})
+    coords = {name: var for name, var in updates.items() if name in ds.coords}
+    data = {name: var for name, var in updates.items() if name not in ds.coords}
+    return ds.assign_coords(coords).assign(data)
 
 
 def _order(attrs: dict[str, Any]) -> int:

@@ -108,12 +108,12 @@ class _Task:
     #: the variable's stored shape per sample when this was put: what its batch fills
     #: (token axes grown by later passes are theirs: they commit with them)
     shape: tuple[int, ...] = ()
+    region: Region | None = None  # where a piece of the batch's rows goes (.region)
     #: a gathered variable's rows: the chunk pieces they fill in memory (see .gather)
     parts: list[tuple[Chunk, int, int]] | None = None
     #: a gathered chunk written whole, at row ``chunk.start``, for its flush group
     chunk: Chunk | None = None
     group: FlushGroup | None = None
-    region: Region | None = None  # where a piece of the batch's rows goes (.region)
 
 
 class TraceWriter:
@@ -234,23 +234,18 @@ class TraceWriter:
             )
         full = shape if region is None else (shape[0], *region.shape)
         var = self._variable(name, roles, full, attrs)
-        if region is not None:  # pieces go to the array as they come, never gathered
+        if not var.settled:
+            self._gathering.settle(var, batch, data, region)
+        if region is not None:
+            batch.pieces = True  # a discarded batch's pieces are invalidated (.reopen)
             if var.gather is not None:
-                raise CaptureError(
-                    f"{name}: its chunks hold several batches (a small variable gathered, "
-                    "see .gather), so pieces of a batch cannot be written into it; write to "
-                    "a new store")
-            var.settled = True
-            batch.pieces = True
-        else:
-            if not var.settled:
-                self._gathering.settle(var, batch, data)
-            if var.gather is not None:
-                self._gathering.put(batch, var, data, to_numpy, snapshot)
-                return
-            if self._gathering.undecided(var, data):  # the end of this batch decides
-                self._gathering.stash_task(batch, var, data, to_numpy, snapshot)
-                return
+                self._gathering.ungather(var)  # written in pieces: as every other variable
+        if var.gather is not None:
+            self._gathering.put(batch, var, data, to_numpy, snapshot)
+            return
+        if region is None and self._gathering.undecided(var, data):  # this batch decides
+            self._gathering.stash_task(batch, var, data, to_numpy, snapshot)
+            return
         task = self._hold(batch, var, data, to_numpy, snapshot)
         task.shape, task.region = var.trailing, region
         if self._sizing_budget:

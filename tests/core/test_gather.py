@@ -242,3 +242,30 @@ def test_the_close_writes_every_array_document_with_the_committed_rows(tmp_path)
     write(path, [4] * 5)
     for name in NAMES:
         assert zarr.open_array(path / f"{name}@output", mode="r").shape == (20, 5, 8)
+
+
+def test_a_gathered_variable_then_written_in_pieces(tmp_path):
+    """A variable gathered so far, then written in pieces (a traced generate()): its open
+    chunk is written at once and its pieces land where they belong."""
+    from layerscope.core.region import Region
+
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, gathering=GATHER)
+    writer = recorder.writer
+    want = []
+    for number in range(7):
+        data = np.random.default_rng(number).standard_normal((4, 5, 8), np.float32)
+        want.append(data)
+        recorder.begin_pass(4)
+        if number < 5:
+            writer.put("x", data, ("batch", "token", "hidden"), {}, snapshot=snapshot)
+        else:
+            for start, stop in ((0, 3), (3, 5)):
+                writer.put("x", np.ascontiguousarray(data[:, start:stop]),
+                           ("batch", "token", "hidden"), {},
+                           region=Region((5, 8), (start, 0)))
+        recorder.end_pass()
+    recorder.close()
+    ds = layerscope.open_trace(path)
+    assert ds["x"].values.tobytes() == np.concatenate(want).tobytes()
+    assert layerscope.verify(path).ok
