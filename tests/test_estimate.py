@@ -135,18 +135,21 @@ def test_generate_estimate_matches_the_trace(tmp_path, capsys, minilm_folder):
     assert_matches(doc, out, exact_files=False)
 
 
+VOCABULARY = 4096  # wide enough that few tokens of the test's batches repeat (see below)
+
+
 def causal_lm(name: str) -> Any:
     import torch
     import transformers as tf
 
     torch.manual_seed(0)
     if name == "llama":
-        config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+        config = tf.LlamaConfig(vocab_size=VOCABULARY, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
                                 pad_token_id=0)
         return tf.LlamaForCausalLM(config).eval()
-    config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+    config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCABULARY, n_positions=64,
                            bos_token_id=1, eos_token_id=2)
     return tf.GPT2LMHeadModel(config).eval()
 
@@ -154,14 +157,17 @@ def causal_lm(name: str) -> Any:
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_python_estimate_from_one_batch_matches_five(tmp_path, name):
     """Tensors: the estimate of 40 samples from one batch of 8, against five batches of 8
-    (left padding of different widths: some attention maps compress, some do not)."""
+    (left padding of different widths: some attention maps compress, some do not). The small
+    variables are gathered, all 40 samples in one chunk; token ids drawn from a vocabulary of
+    a hundred would repeat rows there (the first layer's projections of one token), which
+    compress better than the probe can see."""
     import torch
 
     model = causal_lm(name)
     generator = torch.Generator().manual_seed(1)
     batches = []
     for number in range(5):
-        ids = torch.randint(3, 128, (8, 24), generator=generator)
+        ids = torch.randint(3, VOCABULARY, (8, 24), generator=generator)
         mask = torch.ones_like(ids)
         mask[: number + 1, : 3 * number] = 0
         batches.append({"input_ids": ids, "attention_mask": mask})

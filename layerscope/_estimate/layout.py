@@ -5,7 +5,9 @@ A chunk holds whole samples along ``batch`` and whole trailing chunks; zarr writ
 at its full shape, so a token axis chunked past its length (``core.growth.token_chunk``) and
 the last, partly filled chunk along ``batch`` cost their fill values too: in full where the
 writer stores a variable as it is, next to nothing where it compresses it. What a compressed
-sample costs is measured on the probe's own chunk files.
+sample costs is measured on the probe's own chunk files. Small variables of a model traced at
+many sites are gathered into chunks of several batches (``core.gather``): where the writer's
+first batch would gather, their chunks are that many batches long.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from layerscope.core.chunking import ChunkPolicy, chunk_shape
+from layerscope.core.gather import GatherPolicy
 
 from .probe import Probe, ProbedArray
 
@@ -72,12 +75,26 @@ class Batches:
         return self.count + chunk_rows - 1 - on_both
 
 
+def gathered_batches(probe: Probe, batches: Batches, policy: GatherPolicy
+                     ) -> dict[str, int]:
+    """Array name -> batches per chunk of each small variable, as the writer decides at the
+    end of its first batch (``GatheredWrites.decide``); none where it would not gather."""
+    sizes = {array.name: batches.first * math.prod(array.trailing) * array.itemsize
+             for array in probe.arrays if not array.text}
+    small = {name: size for name, size in sizes.items() if size <= policy.below}
+    group = policy.group_batches(sum(small.values()), len(small))
+    return dict.fromkeys(small, group) if group > 1 else {}
+
+
 def array_footprint(array: ProbedArray, batches: Batches, policy: ChunkPolicy,
-                    block: int) -> Footprint:
+                    block: int, gathered: int = 1) -> Footprint:
+    """``gathered``: batches per chunk of a small variable (see :func:`gathered_batches`)."""
     samples = batches.samples
     chunks = chunk_shape((0, *array.trailing), array.dims, array.itemsize, batches.first,
                          policy)
     rows, inner = chunks[0], chunks[1:]
+    if gathered > 1:
+        rows = gathered * batches.first
     per_row = math.prod(-(-n // c) for n, c in zip(array.trailing, inner, strict=True))
     chunk_rows = -(-samples // rows)
     filled_last = samples - rows * (chunk_rows - 1)
@@ -105,9 +122,12 @@ def array_footprint(array: ProbedArray, batches: Batches, policy: ChunkPolicy,
 
 
 def store_footprint(probe: Probe, batches: Batches, policy: ChunkPolicy, block: int,
-                    lock_bytes: int) -> tuple[Footprint, dict[str, Footprint]]:
+                    lock_bytes: int, gathering: GatherPolicy = GatherPolicy()
+                    ) -> tuple[Footprint, dict[str, Footprint]]:
     """The whole store's footprint, and each array's."""
-    arrays = {array.name: array_footprint(array, batches, policy, block)
+    gathered = gathered_batches(probe, batches, gathering)
+    arrays = {array.name: array_footprint(array, batches, policy, block,
+                                          gathered.get(array.name, 1))
               for array in probe.arrays}
     stored = sum(f.stored for f in arrays.values()) + probe.root_bytes + lock_bytes
     allocated = sum(f.allocated for f in arrays.values()) + rounded(probe.root_bytes, block) \
