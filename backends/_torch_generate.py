@@ -60,6 +60,9 @@ from ._torch_generate_assembly import token_labels
 from ._torch_generate_request import GenerateRequest, read_request, sequences_of
 from ._torch_generate_stream import Geometry, HeldVariable, Origin, StreamedVariable
 
+#: blocks of each streamed variable the writer may hold waiting for the disk at once
+PENDING_BLOCKS = 1
+
 
 @dataclass
 class _Step:
@@ -93,6 +96,7 @@ class StepCollector:
         self._last: _Step | None = None  # the last decoding step that ended
         self._batch: int | None = None
         self._fed = 0
+        self._pending_bytes = 0  # a block of each streamed variable
 
     @property
     def in_pass(self) -> bool:
@@ -152,13 +156,15 @@ class StepCollector:
             self.skipped.add((site, kind))  # no batch axis: the recorder records it as skipped
             self.recorder.put(site, kind, tensor, tuple(roles), module_type)
             return
-        # copied now, into memory of its own: the model may reuse the tensor later
-        value = to_numpy(snapshot(tensor, _new_array)) if snapshot is not None else \
-            np.array(to_numpy(tensor), copy=True)
         key = (site, kind, call)
-        origin = Origin(site, kind, call, tuple(roles), module_type, dict(attrs or {}))
         streamed = self.streamed.get(key)
+        # copied now, out of the model's memory (it may reuse the tensor later): a streamed
+        # variable's into the same memory each step, a held one's into memory of its own
+        alloc = streamed.stage if streamed is not None else _new_array
+        value = to_numpy(snapshot(tensor, alloc)) if snapshot is not None else \
+            np.array(to_numpy(tensor), copy=True)
         if streamed is None and key not in self.held:
+            origin = Origin(site, kind, call, tuple(roles), module_type, dict(attrs or {}))
             streamed = self._first(origin, value, step)
         if streamed is not None:
             streamed.add(self.recorder, value, step.start + step.length)
@@ -178,6 +184,12 @@ class StepCollector:
                               origin.roles, origin.module_type,
                               {**origin.attrs, "generated": True})
         self.streamed[key] = variable
+        # the writer may hold a block per variable waiting for the disk, not its whole
+        # budget: the steps wait for it instead (a prompt fills many blocks at once, and a
+        # writer slower than the model would queue every step's), so memory stays a few
+        # blocks per variable however long the generation and however slow the disk
+        self._pending_bytes += variable.block_bytes
+        self.recorder.limit_pending(PENDING_BLOCKS * self._pending_bytes)
         return variable
 
     def end_pass(self) -> None:
@@ -241,6 +253,8 @@ class GenerateWrapper:
         except BaseException:
             collector.stop()
             raise
+        finally:
+            recorder.limit_pending(None)
         return output
 
     @contextmanager

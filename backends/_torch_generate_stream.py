@@ -75,15 +75,13 @@ def block_rows(row_bytes: int, length: int) -> int:
     return min(MAX_ROWS, 1 << (fit.bit_length() - 1), length)
 
 
-def key_placement(count: int, end: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(source, target) positions of a key axis of ``count`` keys a step that ends at ``end``
-    had: the last ``count`` positions up to ``end`` (a sliding window keeps the last keys), or
-    ``[0, count)`` where ``count`` exceeds ``end`` (a static cache, preallocated); cut at
-    ``length``."""
-    first = 0 if count > end else end - count
-    positions = np.arange(first, first + count)
-    inside = positions < length
-    return np.arange(count)[inside], positions[inside]
+def key_range(count: int, end: int, length: int) -> tuple[int, int]:
+    """``[start, stop)``: the positions of a key axis of ``count`` keys a step that ends at
+    ``end`` had: the last ``count`` positions up to ``end`` (a sliding window keeps the last
+    keys), or ``[0, count)`` where ``count`` exceeds ``end`` (a static cache, preallocated);
+    cut at ``length``. The step's first ``stop - start`` keys go there."""
+    start = 0 if count > end else end - count
+    return start, max(start, min(start + count, length))
 
 
 class StreamedVariable:
@@ -103,10 +101,14 @@ class StreamedVariable:
         self.dtype = first.dtype
         self.fill = np.nan if np.issubdtype(first.dtype, np.floating) else \
             fill_value_for(first.dtype)
-        self.rows = block_rows(
-            first.dtype.itemsize * int(np.prod(shape, dtype=np.int64)) // length, length)
+        row = int(np.prod(shape, dtype=np.int64)) // length  # one position's values
+        row_bytes = first.dtype.itemsize * row
+        self.rows = block_rows(row_bytes, length)
         self.covered = np.zeros(length, dtype=bool)
         self._buffer: np.ndarray | None = None  # the block's memory, made once and reused
+        #: a step's value, copied out of the model (:meth:`stage`); room for a row of every key
+        self._staging = np.empty(row, self.dtype)
+        self.block_bytes = self.rows * row_bytes
         self.block: np.ndarray | None = None  # the open block: the buffer, or its start
         self.block_index = -1
         self.written = False
@@ -126,8 +128,8 @@ class StreamedVariable:
                 f"{self.origin.site}@{self.origin.kind}: {count} positions on its "
                 f"{self.origin.roles[self.axis]} axis, more than the {end} tokens fed so far in "
                 "generate()")
-        rows = self._rows(value, end)
-        for position in range(end - count, min(end, self.length)):
+        first = end - count
+        for position in range(first, min(end, self.length)):
             index = position // self.rows
             if index != self.block_index:
                 self._flush(recorder)
@@ -135,28 +137,35 @@ class StreamedVariable:
                     self._open(skipped)  # computed: written as fill, as chunks must be
                     self._flush(recorder)
                 self._open(index)
-            assert self.block is not None
-            taken = [slice(None)] * len(self.shape)
-            taken[self.axis] = slice(position - (end - count), position - (end - count) + 1)
-            put = [slice(None)] * len(self.shape)
-            put[self.axis] = slice(position % self.rows, position % self.rows + 1)
-            self.block[tuple(put)] = rows[tuple(taken)]
+            self._place(value, position - first, position % self.rows, end)
             self.covered[position] = True
 
-    def _rows(self, value: np.ndarray, end: int) -> np.ndarray:
-        """The step's rows with its keys at their positions (0 for keys it had none for: a
-        later position, or one a sliding window dropped, cannot be attended)."""
-        if not self.keys:
-            return value
-        shape = list(value.shape)
-        source: list[Any] = [np.arange(n) for n in value.shape]
-        target: list[Any] = [np.arange(n) for n in value.shape]
-        for axis in self.keys:
-            shape[axis] = self.length
-            source[axis], target[axis] = key_placement(value.shape[axis], end, self.length)
-        rows = np.zeros(shape, dtype=value.dtype)
-        rows[np.ix_(*target)] = value[np.ix_(*source)]
-        return rows
+    def stage(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Memory for one step's value, the same memory step after step (:meth:`add` has
+        placed a value before the next step's comes). A fresh array a step, a little longer
+        each step as the keys grow, would be freed in between the model's own growing
+        buffers (its key/value cache) and leave the heap fragmented, a few KB a step."""
+        count = int(np.prod(shape, dtype=np.int64))
+        if self._staging.dtype != dtype or self._staging.size < count:  # a prompt's rows
+            self._staging = np.empty(max(count, self._staging.size), dtype)
+        return self._staging[:count].reshape(shape)
+
+    def _place(self, value: np.ndarray, source: int, target: int, end: int) -> None:
+        """Row ``source`` of a step's value as row ``target`` of the open block, its keys at
+        their positions (0 for keys it had none for: a later position, or one a sliding
+        window dropped, cannot be attended). Straight into the block: no array of the row's
+        full length is made for it."""
+        assert self.block is not None
+        into: list[slice] = [slice(None)] * value.ndim
+        taken: list[slice] = [slice(None)] * value.ndim
+        into[self.axis] = slice(target, target + 1)
+        taken[self.axis] = slice(source, source + 1)
+        if self.keys:
+            self.block[tuple(into)] = 0
+            for axis in self.keys:
+                start, stop = key_range(value.shape[axis], end, self.length)
+                into[axis], taken[axis] = slice(start, stop), slice(0, stop - start)
+        self.block[tuple(into)] = value[tuple(taken)]
 
     def _open(self, index: int) -> None:
         if self._buffer is None:

@@ -44,12 +44,26 @@ class HostPool:
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.broken = False
+        self.cap: int | None = None  # a tighter bound than ``limit`` for now (set_cap)
+
+    @property
+    def bound(self) -> int:
+        """What may wait, and be kept in buffers: the limit, or the cap where lower."""
+        return self.limit if self.cap is None else min(self.limit, self.cap)
+
+    def set_cap(self, nbytes: int | None) -> None:
+        """Bound pending and kept bytes by ``nbytes`` too (None: by the limit only); free
+        buffers beyond it are dropped now."""
+        with self.lock:
+            self.cap = nbytes
+            self._make_room()
+            self.cond.notify_all()
 
     def acquire(self, nbytes: int) -> None:
         with interrupt_safe():
             with self.lock:
                 # A single item larger than the budget still passes once nothing else waits.
-                while self.pending and self.pending + nbytes > self.limit and not self.broken:
+                while self.pending and self.pending + nbytes > self.bound and not self.broken:
                     self.cond.wait()
                 self.pending += nbytes
 
@@ -82,7 +96,7 @@ class HostPool:
         with self.lock:
             self.pending -= nbytes
             self.pooled -= nbytes
-            if self.pooled + self.free_bytes + nbytes <= self.limit:
+            if self.pooled + self.free_bytes + nbytes <= self.bound:
                 self.free[nbytes].append(buffer)
                 self.free_bytes += nbytes
             self.cond.notify_all()
@@ -98,11 +112,11 @@ class HostPool:
             self.cond.notify_all()
 
     def _make_room(self) -> None:
-        """Drop free buffers until the buffers taken and kept fit the limit (lock held)."""
+        """Drop free buffers until the buffers taken and kept fit the bound (lock held)."""
         for size in list(self.free):
-            if self.pooled + self.free_bytes <= self.limit:
+            if self.pooled + self.free_bytes <= self.bound:
                 return
-            while self.free[size] and self.pooled + self.free_bytes > self.limit:
+            while self.free[size] and self.pooled + self.free_bytes > self.bound:
                 self.free[size].pop()
                 self.free_bytes -= size
             if not self.free[size]:

@@ -217,6 +217,11 @@ class Recorder:
         name, labels = self._labels(site, kind, call_index, module_type, attrs)
         self.writer.declare(name, roles, shape, labels)
 
+    def limit_pending(self, nbytes: int | None) -> None:
+        """Hold at most ``nbytes`` of queued tensors, the writer's budget notwithstanding,
+        until called with None (see :meth:`.TraceWriter.limit_pending`)."""
+        self.writer.limit_pending(nbytes)
+
     def _labels(self, site: str, kind: str, call_index: int, module_type: str,
                 attrs: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
         """A variable's name and attributes."""

@@ -272,6 +272,14 @@ class TraceWriter:
             raise CaptureError("declare called outside a batch; call begin_batch first")
         self._variable(name, roles, shape, attrs)
 
+    def limit_pending(self, nbytes: int | None) -> None:
+        """Let :meth:`put` wait once more than ``nbytes`` are queued (and keep no more than
+        that in reused buffers), whatever the budget, until called with None. For a caller
+        that streams one long pass in pieces (a traced ``generate()``): under the budget, a
+        writer slower than the model would queue pieces until the budget is full, and the
+        pool would keep that much memory for reuse until the trace ends."""
+        self._pool.set_cap(nbytes)
+
     def _hold(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
               snapshot: Snapshot | None) -> _Task:
         """The task for ``data``, its bytes counted against the budget (waiting for room)."""

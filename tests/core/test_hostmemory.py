@@ -177,3 +177,25 @@ def test_chunk_files_without_writev(tmp_path, monkeypatch):
     body = np.arange(10_000, dtype=np.uint8)
     files.write("c.0", body, b"crc!")
     assert (tmp_path / "c.0").read_bytes() == body.tobytes() + b"crc!"
+
+
+def test_a_cap_below_the_limit_bounds_what_waits_and_what_is_kept():
+    pool = HostPool(1 << 20)
+    for _ in range(4):  # four free buffers, well within the limit
+        pool.give(pool.take(4096))
+    kept = [pool.take(4096) for _ in range(4)]
+    for buffer in kept:
+        pool.give(buffer)
+    assert pool.free_bytes == 4 * 4096
+    pool.set_cap(2 * 4096)
+    assert pool.free_bytes <= 2 * 4096  # dropped beyond the cap at once
+    held = [pool.take(4096), pool.take(4096)]
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (pool.take(4096), done.set()))
+    thread.start()
+    assert not done.wait(0.3), "take should block at the cap though the limit has room"
+    pool.set_cap(None)  # the limit again: the waiting take goes on
+    assert done.wait(5)
+    thread.join()
+    for buffer in held:
+        pool.give(buffer)
