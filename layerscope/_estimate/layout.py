@@ -122,7 +122,7 @@ def array_footprint(array: ProbedArray, batches: Batches, policy: ChunkPolicy,
 
 
 def store_footprint(probe: Probe, batches: Batches, policy: ChunkPolicy, block: int,
-                    lock_bytes: int, gathering: GatherPolicy = GatherPolicy()
+                    lock_bytes: int, gathering: GatherPolicy
                     ) -> tuple[Footprint, dict[str, Footprint]]:
     """The whole store's footprint, and each array's."""
     gathered = gathered_batches(probe, batches, gathering)

@@ -162,7 +162,8 @@ def build_estimate(probe: Probe, batches: Batches, options: StoreOptions, path: 
                    mode: str, token_note: str) -> Estimate:
     space = disk_space(path, mode)
     lock = len(json.dumps(holder_document())) if space.where is not None else 0
-    total, arrays = store_footprint(probe, batches, options.chunks, space.block, lock)
+    total, arrays = store_footprint(probe, batches, options.chunks, space.block, lock,
+                                    options.gathering)
     samples = batches.samples
     variables = tuple(
         VariableEstimate(a.name, a.dims, (samples, *a.trailing), a.compressed,
