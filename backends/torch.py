@@ -128,6 +128,10 @@ class _Capture:
         # channels-first and vocabulary roles given this pass, by tensor: a container or an
         # activation passing a convolution's map (or a head's logits) on keeps its roles
         self._channels_first: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...]]] = {}
+        #: site -> (dims, dtype, stored dtype) of a lone output tensor an earlier pass stored
+        #: with no side effect on later sites (see _direct): the next may go straight to the
+        #: writer's chunk memory (Recorder.put_direct), none of the labeling run again
+        self._direct: dict[str, tuple[int, torch.dtype, np.dtype]] = {}
 
     # -- passes ------------------------------------------------------------------------------
 
@@ -181,8 +185,35 @@ class _Capture:
         if ("channel" in roles or vocabulary) and kind != "attention":
             self._channels_first[id(tensor)] = (weakref.ref(tensor), roles)
         roles, attrs = self.seq2seq.label(site, kind, module, tensor, source, roles)
-        tensor, roles = move_batch_first(tensor, roles, torch.permute)
-        self._store(site, kind, tensor, roles, module, attrs)
+        moved, roles = move_batch_first(tensor, roles, torch.permute)
+        self._store(site, kind, moved, roles, module, attrs)
+        if kind == "output" and moved is tensor and inherited is None and not vocabulary \
+                and "channel" not in roles and not attrs and not self.seq2seq.active \
+                and tensor.device.type == "cpu":
+            self._remember_direct(site, tensor)
+
+    def _remember_direct(self, site: str, tensor: torch.Tensor) -> None:
+        dtype = _host_dtype(tensor.dtype)
+        if dtype is not None and tensor.layout == torch.strided:
+            self._direct[site] = (tensor.dim(), tensor.dtype, dtype)
+
+    def _put_direct(self, site: str, output: Any) -> bool:
+        """Store ``output`` the way :meth:`put` stored this site's last time, where that
+        changed no state a later site reads (its roles, channels, sides): straight into the
+        writer's chunk memory, if the writer takes it so (a gathered variable of that shape,
+        or shorter along token axes)."""
+        known = self._direct.get(site)
+        if known is None or not isinstance(self.recorder, Recorder) \
+                or type(output) is not torch.Tensor or output.dim() != known[0] \
+                or output.dtype != known[1] or output.device.type != "cpu" \
+                or output.layout != torch.strided:
+            return False
+        seen = self._seen_attention.get(id(output))
+        if seen is not None and seen() is output:
+            return False
+        return self.recorder.put_direct(
+            site, "output", tuple(output.shape), known[2],
+            lambda memory: torch.from_numpy(memory).copy_(output.detach()))
 
     def _store(self, site: str, kind: str, tensor: torch.Tensor, roles: tuple[str, ...],
                module: nn.Module, attrs: Any = None) -> None:
@@ -214,6 +245,8 @@ class _Capture:
     def outputs(self, site: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                 output: Any, attention: bool, keep_outputs: bool) -> None:
         if not self.recorder.in_pass:
+            return
+        if keep_outputs and not attention and self._put_direct(site, output):
             return
         probabilities = self.attention.pop(module) if attention else None
         taken = probabilities.recomputed if probabilities is not None else None

@@ -136,6 +136,15 @@ class GatheredWrites:
         task.parts = chunks.claim(var, start, stop, deferred=True)
         writer._queue_task(task)
 
+    def view_now(self, batch: _Batch, var: _Variable, shape: tuple[int, ...],
+                 dtype: np.dtype) -> np.ndarray | None:
+        """The chunk memory ``batch``'s rows of gathered ``var`` go to, claimed, for a tensor
+        of ``shape`` and ``dtype`` to be copied into now; None where it cannot (see
+        :meth:`.Gatherer.view`; a dtype stored as another)."""
+        if self.writer._stored_dtype(dtype) != dtype:
+            return None
+        return self.chunks.view(var, batch.start, batch.start + batch.size, shape, dtype)
+
     def ungather(self, var: _Variable) -> None:
         """``var`` is written in pieces from now on (a traced ``generate()`` appending to a
         store where it was gathered): its open chunks are written now, whole, on the

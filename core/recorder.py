@@ -51,6 +51,8 @@ class Recorder:
         #: the stack its site's path names (elsewhere a module called ``decoder`` is no stack)
         self.encoder_decoder = False
         self._calls: dict[tuple[str, str], int] = {}
+        #: (site, kind) -> the name of its first call's variable (see put_direct)
+        self._first_names: dict[tuple[str, str], str] = {}
         self._texts: list[str] | None = None
         # site@kind -> why it is not captured; a store appended to keeps its earlier record
         self.skipped: dict[str, str] = skipped_sites(writer.attrs)
@@ -194,6 +196,20 @@ class Recorder:
         self._store(site, kind, tensor, roles, module_type, to_numpy, snapshot, attrs, region,
                     call_index)
 
+    def put_direct(self, site: str, kind: str, shape: tuple[int, ...], dtype: np.dtype,
+                   copy: Callable[[np.ndarray], None]) -> bool:
+        """:meth:`put` of the first call of ``(site, kind)`` in this pass, taken as an earlier
+        pass took it, where the writer copies it straight into its variable's chunk memory
+        (:meth:`.TraceWriter.put_direct`): ``copy`` fills the memory it is handed. False,
+        with nothing done, where :meth:`put` must run (a backend then calls it)."""
+        key = (site, kind)
+        name = self._first_names.get(key)
+        if name is None or key in self._calls or self.selection.reduces \
+                or not self.writer.put_direct(name, shape, dtype, copy):
+            return False
+        self._calls[key] = 1
+        return True
+
     def _store(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
                module_type: str, to_numpy: ToNumpy, snapshot: Snapshot | None,
                attrs: Mapping[str, Any] | None, region: Region | None = None,
@@ -203,6 +219,8 @@ class Recorder:
             self._calls[(site, kind)] = call_index + 1
         name, labels = self._labels(site, kind, call_index, module_type, attrs)
         self.writer.put(name, tensor, roles, labels, to_numpy, snapshot, region)
+        if call_index == 0 and region is None:
+            self._first_names[(site, kind)] = name
 
     def declare(self, site: str, kind: str, call_index: int, shape: tuple[int, ...],
                 roles: tuple[str, ...], module_type: str = "",

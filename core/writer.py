@@ -77,6 +77,8 @@ class _Variable:
     lock: threading.Lock = field(default_factory=threading.Lock)
     gather: VarGather | None = None  # its chunks span several batches (see .gather)
     settled: bool = False  # whether this writer decided if it is gathered
+    #: whether each of its axes but the batch may change length between passes (put_direct)
+    growing: tuple[bool, ...] | None = None
 
 
 @dataclass
@@ -262,6 +264,42 @@ class TraceWriter:
         with self._state_lock:
             task.batch.pending += 1
         self._queue.put(task)
+
+    def put_direct(self, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                   copy: Callable[[np.ndarray], None]) -> bool:
+        """What :meth:`put` does for a gathered variable's tensor of the stored shape (or
+        shorter along token axes), the common case of a model traced at many sites: ``copy``
+        fills the chunk memory its rows go to, now. False, with nothing done, where
+        :meth:`put` must decide (a variable not seen, not gathered, or of another shape or
+        dtype; a token axis longer than stored, or of another length than the pass's)."""
+        var = self.variables.get(name)
+        batch = self._current
+        if var is None or var.gather is None or batch is None or self._error is not None \
+                or shape[0] != batch.size or len(shape) != len(var.dims):
+            return False
+        if var.growing is None:
+            var.growing = tuple(grows(d) for d in var.dims[1:])
+        short = False
+        for dim, size, stored, growing in zip(var.dims[1:], shape[1:], var.trailing,
+                                              var.growing, strict=True):
+            if size != stored:
+                if not growing or size > stored:
+                    return False
+                short = True
+            if growing and self._lengths.setdefault(dim, size) != size:
+                return False  # put() says why
+        view = self._gathering.view_now(batch, var, (batch.size, *var.trailing), dtype)
+        if view is None:
+            return False
+        try:
+            if short:
+                view[...] = var.gather.fill  # past the pass's length, as put() fills it
+                view = view[tuple(slice(0, n) for n in shape)]
+            copy(view)
+        except BaseException:
+            view[...] = var.gather.fill  # claimed, never copied: reads as the fill value
+            raise
+        return True
 
     def declare(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
                 attrs: dict[str, Any]) -> None:

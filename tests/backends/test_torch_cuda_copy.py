@@ -25,6 +25,7 @@ from layerscope.backends import _torch_cuda
 from layerscope.backends import torch as torch_backend
 from layerscope.backends._torch_cuda import DeviceCopies, host_array
 from layerscope.core import StoreOptions
+from layerscope.core.gather import GatherPolicy
 
 STALE = 0xFF  # a fresh pinned buffer's bytes: NaN in every float dtype
 
@@ -238,8 +239,10 @@ def test_trace_through_the_side_stream(tmp_path, monkeypatch, fake, dtype):
                 h = h.relu()
 
     path = tmp_path / "t.zarr"
-    # a one-byte budget: each put waits for the writer to finish the one before
-    options = StoreOptions(max_pending_bytes=1)
+    # a one-byte budget: each put waits for the writer to finish the one before; small
+    # variables not gathered (a writer's first batch holds those until it decides whether to
+    # gather them, outside the budget: tests/core/test_gather.py)
+    options = StoreOptions(max_pending_bytes=1, gathering=GatherPolicy(enabled=False))
     with layerscope.trace(model, path, "blocks.*", options=options), torch.no_grad():
         for x in inputs:
             model(x)

@@ -1,0 +1,113 @@
+"""A model traced at many sites: after its first pass, a site's lone output tensor of the
+shape it had goes straight into its gathered chunk (``_Capture._put_direct``, no labeling run
+again). Every value must equal the model's own, whatever makes a tensor leave that path: a
+smaller last batch, a longer sequence, a module called twice in a pass, an in-place op after
+the hook, bfloat16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import layerscope
+from layerscope.core import StoreOptions
+from layerscope.core import writer as writer_module
+from layerscope.core.gather import GatherPolicy
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.act = nn.ReLU(inplace=True)  # changes fc1's output after its hook ran
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class Blocks(nn.Module):
+    """12 blocks (4 captured outputs each: gathered); ``shared`` runs twice a pass."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(12))
+        self.shared = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shared(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.shared(x)
+
+
+def reference(model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, list[np.ndarray]]:
+    """Each variable's values per pass, taken by hooks of the test's own."""
+    values: dict[str, list[np.ndarray]] = {}
+    calls: dict[str, int] = {}
+
+    def hook(name: str):
+        def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            index = calls.get(name, 0)
+            calls[name] = index + 1
+            kind = "output" if index == 0 else f"output.call{index}"
+            values.setdefault(f"{name}@{kind}", []).append(output.float().numpy().copy())
+        return keep
+
+    handles = [module.register_forward_hook(hook(name))
+               for name, module in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                calls.clear()
+                model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch, dtype):
+    torch.manual_seed(0)
+    model = Blocks().to(dtype).eval()
+    # batch 4 of 5 positions; then a longer pass, a shorter one, a smaller last batch
+    shapes = [(4, 5), (4, 5), (4, 5), (4, 8), (4, 5), (4, 5), (3, 5)]
+    inputs = [torch.randn(b, n, 16, dtype=dtype) for b, n in shapes]
+    expected = reference(model, inputs)
+
+    direct = []
+    original = writer_module.TraceWriter.put_direct
+
+    def counted(self, *args, **kwargs):
+        taken = original(self, *args, **kwargs)
+        direct.append(taken)
+        return taken
+
+    monkeypatch.setattr(writer_module.TraceWriter, "put_direct", counted)
+    path = tmp_path / "t.zarr"
+    # chunks of two batches: the shorter passes after the longer one fill new chunks, and
+    # later ones the memory of written ones (reused: what it held must not show)
+    options = StoreOptions(gathering=GatherPolicy(batches=2))
+    with layerscope.trace(model, path, options=options), torch.no_grad():
+        for x in inputs:
+            model(x)
+
+    # straight to the chunks: every block's four outputs and the first call of ``shared``,
+    # in each pass after the first but the longer one (the store grows) and the smaller last
+    # batch; shorter passes go too
+    assert sum(direct) >= (4 * 12 + 1) * 4
+    ds = layerscope.open_trace(path)
+    assert ds["blocks.0.fc1@output"].attrs["gathered_batches"] == 2
+    assert "shared@output.call1" in ds
+    rows = np.cumsum([0] + [b for b, _ in shapes])
+    for name, passes in expected.items():
+        stored = ds[name].values
+        assert stored.shape[0] == rows[-1], name
+        for number, value in enumerate(passes):
+            got = stored[rows[number]:rows[number + 1]]
+            length = value.shape[1]
+            np.testing.assert_array_equal(got[:, :length], value, err_msg=f"{name} {number}")
+            assert np.isnan(got[:, length:]).all(), name  # a shorter pass: filled
