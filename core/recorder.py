@@ -197,7 +197,7 @@ class Recorder:
                     call_index)
 
     def put_direct(self, site: str, kind: str, shape: tuple[int, ...], dtype: np.dtype,
-                   copy: Callable[[np.ndarray], None]) -> bool:
+                   copy: Callable[[np.ndarray], Any]) -> bool:
         """:meth:`put` of the first call of ``(site, kind)`` in this pass, taken as an earlier
         pass took it, where the writer copies it straight into its variable's chunk memory
         (:meth:`.TraceWriter.put_direct`): ``copy`` fills the memory it is handed. False,

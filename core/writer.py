@@ -266,7 +266,7 @@ class TraceWriter:
         self._queue.put(task)
 
     def put_direct(self, name: str, shape: tuple[int, ...], dtype: np.dtype,
-                   copy: Callable[[np.ndarray], None]) -> bool:
+                   copy: Callable[[np.ndarray], Any]) -> bool:
         """What :meth:`put` does for a gathered variable's tensor of the stored shape (or
         shorter along token axes), the common case of a model traced at many sites: ``copy``
         fills the chunk memory its rows go to, now. False, with nothing done, where
