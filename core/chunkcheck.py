@@ -1,5 +1,5 @@
-"""What a chunk file must be: its layout from the array's metadata, and the checks a chunk's
-bytes pass before anything decodes them.
+"""What a chunk file must be: the checks a chunk's bytes pass before anything decodes them
+(its layout, from the array's metadata, is :mod:`.layout`'s).
 
 Three sources vouch for a chunk. Its own trailing crc32c (when the array has the checksum
 codec) says the bytes are the ones that were encoded. The per-chunk manifest
@@ -17,79 +17,18 @@ commits (:func:`past_committed`); it is accepted when its own crc32c holds.
 
 from __future__ import annotations
 
-import functools
 import json
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import crc32c
 import numpy as np
 
 from .errors import DamagedStoreError
+from .layout import ArrayLayout
 from .manifest import CHECKSUM_BYTES, Manifest
 from .naming import growable_axis
 
 BLOSC_HEADER = 16
-
-
-@dataclass(frozen=True)
-class ArrayLayout:
-    """The chunk grid and codecs of one array, as the consolidated metadata states them."""
-
-    name: str
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    separator: str
-    checksum: bool  # the last codec is crc32c
-    body: str  # "raw": bytes codec only; "blosc": bytes then blosc; "other"
-    decoded_nbytes: int | None  # bytes of one decoded chunk (None: variable-length dtype)
-    batch_axis: bool  # the first dim is ``batch``
-    #: a batch may have been in flight when the writer stopped (status not ``complete``)
-    open_ended: bool = True
-
-    @property
-    def grid(self) -> tuple[int, ...]:
-        return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True))
-
-    def chunk_file(self, index: tuple[int, ...]) -> str:
-        return self.separator.join(["c", *(str(i) for i in index)])
-
-    def chunk_index(self, file: str) -> tuple[int, ...] | None:
-        """The grid index of a chunk file name, or None when it is not one of this array's."""
-        parts = file.split(self.separator)
-        if parts[0] != "c" or len(parts) != len(self.chunks) + 1:
-            return None
-        try:
-            index = tuple(int(p) for p in parts[1:])
-        except ValueError:
-            return None
-        if any(i < 0 or i >= n for i, n in zip(index, self.grid, strict=True)):
-            return None
-        return index
-
-
-def layout_of(name: str, doc: dict[str, Any], open_ended: bool = True) -> ArrayLayout:
-    """The layout of a checked consolidated-metadata entry (see :mod:`.validate`)."""
-    codecs = [str(c.get("name")) for c in doc["codecs"]]
-    checksum = bool(codecs) and codecs[-1] == "crc32c"
-    inner = codecs[:-1] if checksum else codecs
-    body = {("bytes",): "raw", ("bytes", "blosc"): "blosc"}.get(tuple(inner), "other")
-    chunks = tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
-    itemsize = _itemsize(doc["data_type"]) if isinstance(doc["data_type"], str) else 0
-    decoded = math.prod(chunks) * itemsize if itemsize else None
-    separator = doc["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
-    names = doc.get("dimension_names") or []
-    return ArrayLayout(name, tuple(doc["shape"]), chunks, str(separator), checksum, body,
-                       decoded, bool(names) and names[0] == "batch", open_ended)
-
-
-@functools.lru_cache(maxsize=64)
-def _itemsize(data_type: str) -> int:
-    try:
-        return np.dtype(data_type).itemsize
-    except TypeError:
-        return 0
 
 
 def index_rows(manifest: Manifest, layouts: dict[str, ArrayLayout], where: str) -> None:

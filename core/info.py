@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from ._zarr_compat import array_from_document
-from .checked_store import CheckedStore
-from .format import DECODER_TOKEN_MASK, STATUS_WRITING, TOKEN_MASK, skipped_sites
+from .layout import dtype_name, itemsize
 from .naming import token_axis_of
 from .reader import LABELS, _as_store, _order
-from .validate import RootDocument, check_claims, read_root
+from .schema import DECODER_TOKEN_MASK, STATUS_WRITING, TOKEN_MASK, skipped_sites
+from .validate import LocalFolder, RootDocument, check_claims, local_folder, read_root
 
 
 @dataclass(frozen=True)
@@ -82,8 +78,9 @@ def summarize(path: Any) -> TraceSummary:
 
     Built from the root document that :func:`.reader.open_trace` checks too (the same checks
     run here), not from an xarray Dataset: a trace of thousands of variables is described
-    in a fraction of the time opening it takes."""
-    store, where = _as_store(path)
+    in a fraction of the time opening it takes. A local folder is read with plain file calls
+    (zarr and numpy are imported only to count the tokens of a trace with a token mask)."""
+    store, where = _open(path)
     root = read_root(store, where)
     check_claims(store, root, where)
     local = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
@@ -106,6 +103,14 @@ def summarize(path: Any) -> TraceSummary:
                         _token_lengths(store, where, root))
 
 
+def _open(path: Any) -> tuple[Any, str]:
+    """A :class:`LocalFolder` for a local path, else the zarr store ``open_trace`` reads."""
+    where = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if isinstance(where, str) and "://" not in where:
+        return local_folder(where), where
+    return _as_store(path)
+
+
 def _is_data_variable(name: str, root: RootDocument) -> bool:
     """What xarray makes a data variable: neither a label coordinate nor named after its dim."""
     dims = root.documents[name].get("dimension_names") or ()
@@ -116,21 +121,19 @@ def _dtype_name(data_type: Any) -> str:
     """The dtype as xarray names it: numpy's name, ``object`` for text."""
     if data_type == "string" or not isinstance(data_type, str):
         return "object"
-    return _numpy_name(data_type)
-
-
-@functools.lru_cache(maxsize=64)
-def _numpy_name(data_type: str) -> str:
     try:
-        return str(np.dtype(data_type))
+        return dtype_name(data_type)
     except TypeError:
         return data_type
 
 
-@functools.lru_cache(maxsize=64)
 def _itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name: 8 for ``object`` (a pointer, as numpy counts it)
+    and for a name numpy does not know."""
+    if dtype == "object":
+        return 8
     try:
-        return np.dtype(dtype).itemsize
+        return itemsize(dtype)
     except TypeError:
         return 8
 
@@ -143,19 +146,39 @@ def _token_lengths(store: Any, where: str, root: RootDocument) -> dict[str, tupl
         if doc is None or not doc["shape"][0]:
             continue
         if checked is None:  # chunks read as open_trace reads them: checked first
-            checked = CheckedStore(store, where, root.layouts, root.documents,
-                                   int(root.attrs.get("committed_batches", 0)),
-                                   live=root.attrs.get("status") == STATUS_WRITING)
-        mask = array_from_document(checked, name, doc)
-        rows = int(doc["shape"][0])
-        step = max(1, int(doc["chunk_grid"]["configuration"]["chunk_shape"][0]))
-        fewest, most = None, None
-        for start in range(0, rows, step):  # one row-chunk at a time
-            counts = np.asarray(mask[start:min(rows, start + step)]).sum(axis=-1)
-            fewest = int(counts.min()) if fewest is None else min(fewest, int(counts.min()))
-            most = int(counts.max()) if most is None else max(most, int(counts.max()))
-        lengths[axis] = (int(fewest or 0), int(most or 0), int(doc["shape"][-1]))
+            checked = _checked_store(store, where, root)
+        fewest, most = _mask_counts(checked, name, doc)
+        lengths[axis] = (fewest, most, int(doc["shape"][-1]))
     return lengths
+
+
+def _checked_store(store: Any, where: str, root: RootDocument) -> Any:
+    from .checked_store import CheckedStore
+
+    if isinstance(store, LocalFolder):
+        from zarr.storage import LocalStore
+
+        store = LocalStore(store.root, read_only=True)
+    return CheckedStore(store, where, root.layouts, root.documents,
+                        int(root.attrs.get("committed_batches", 0)),
+                        live=root.attrs.get("status") == STATUS_WRITING)
+
+
+def _mask_counts(checked: Any, name: str, doc: dict[str, Any]) -> tuple[int, int]:
+    """The fewest and most real tokens of a sample in the token mask ``name``."""
+    import numpy as np
+
+    from ._zarr_compat import array_from_document
+
+    mask = array_from_document(checked, name, doc)
+    rows = int(doc["shape"][0])
+    step = max(1, int(doc["chunk_grid"]["configuration"]["chunk_shape"][0]))
+    fewest, most = None, None
+    for start in range(0, rows, step):  # one row-chunk at a time
+        counts = np.asarray(mask[start:min(rows, start + step)]).sum(axis=-1)
+        fewest = int(counts.min()) if fewest is None else min(fewest, int(counts.min()))
+        most = int(counts.max()) if most is None else max(most, int(counts.max()))
+    return int(fewest or 0), int(most or 0)
 
 
 def _attention_type(attrs: dict[str, Any], dims: tuple[str, ...]) -> str | None:

@@ -8,11 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
-
-from .checked_store import CheckedStore
 from .errors import LayerscopeError, StoreError
-from .format import (
+from .naming import is_capture
+from .schema import (
     BATCH,
     DECODER_TOKEN_ID,
     DECODER_TOKEN_MASK,
@@ -27,10 +25,8 @@ from .format import (
     TOKEN_STEP,
     TOKEN_TEXT,
 )
-from .gather import GATHERED
-from .naming import is_capture
 from .userwarn import warn_user
-from .validate import check_claims, damaged, read_root
+from .validate import check_claims, damaged, local_folder, read_root
 
 LABELS = (BATCH, TOKEN_ID, TOKEN_TEXT, TOKEN_STEP, TOKEN_MASK, DECODER_TOKEN_ID, DECODER_TOKEN_TEXT,
           DECODER_TOKEN_STEP, DECODER_TOKEN_MASK, INPUT_TEXT)
@@ -66,11 +62,7 @@ def _as_store(store: Any) -> tuple[Any, str]:
             return FsspecStore.from_url(where, read_only=True), where
         except (ImportError, ValueError, TypeError, OSError) as exc:
             raise StoreError(f"cannot open {where}: {exc}") from exc
-    if not os.path.exists(where):
-        raise StoreError(f"no trace at {where}: the path does not exist")
-    if not os.path.isdir(where):
-        raise StoreError(f"{where} is a file, not a trace store (a folder holding zarr.json)")
-    return LocalStore(where, read_only=True), where
+    return LocalStore(local_folder(where).root, read_only=True), where
 
 
 def read_attrs(store: Any) -> dict[str, Any]:
@@ -89,7 +81,10 @@ def open_trace(store: Any, *, complete_only: bool = False) -> Any:
     :class:`SchemaError`), and every chunk is checked as it is read (:class:`ChunkError`
     names the variable and chunk).
     """
+    import numpy as np
     import xarray as xr
+
+    from .checked_store import CheckedStore
 
     inner, where = _as_store(store)
     root = read_root(inner, where)
@@ -139,6 +134,8 @@ def _one_batch_chunks(ds: Any) -> Any:
     give them dask chunks of one batch along ``batch``, as the others have: a DataArray and
     its coordinates must agree on their chunks (``.chunks`` raises otherwise). A store whose
     variables are all gathered keeps its chunks."""
+    from .gather import GATHERED
+
     along = [name for name, var in ds.variables.items() if var.dims[:1] == (BATCH,)
              and var.chunks is not None]
     gathered = {name: ds.variables[name].attrs.get(GATHERED) for name in along}

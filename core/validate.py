@@ -10,17 +10,16 @@ so that no shape is trusted before the chunk files it claims are seen on disk: a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ._zarr_compat import _private_sync, _run_on_own_loop
-from .chunkcheck import ArrayLayout, layout_of
 from .errors import DamagedStoreError, SchemaError, StoreError
-from .format import (
+from .layout import ArrayLayout, layout_of
+from .schema import (
     BATCH,
     SCHEMA_VERSION,
     STATUS_ABORTED,
@@ -52,8 +51,33 @@ class RootDocument:
     documents: dict[str, dict[str, Any]]  # array name -> its consolidated metadata
 
 
+@dataclass(frozen=True)
+class LocalFolder:
+    """A trace in a local folder, read with plain file calls: checking its root document
+    imports neither zarr nor an event loop (``layerscope info`` starts fast)."""
+
+    root: str
+
+
+def local_folder(path: str) -> LocalFolder:
+    """The trace folder at ``path``; a path that is missing or a file is a :class:`StoreError`."""
+    if not os.path.exists(path):
+        raise StoreError(f"no trace at {path}: the path does not exist")
+    if not os.path.isdir(path):
+        raise StoreError(f"{path} is a file, not a trace store (a folder holding zarr.json)")
+    return LocalFolder(path)
+
+
+def _local_root(store: Any) -> str | None:
+    """The folder of a local store (a :class:`LocalFolder` or zarr's ``LocalStore``)."""
+    root = getattr(store, "root", None)
+    return os.fspath(root) if isinstance(root, (str, os.PathLike)) else None
+
+
 def run_sync(coroutine: Any) -> Any:
     """Run a store coroutine to its end from synchronous code (on zarr's loop where it can)."""
+    from ._zarr_compat import _private_sync, _run_on_own_loop
+
     sync = _private_sync()
     return sync(coroutine) if sync is not None else _run_on_own_loop(coroutine)
 
@@ -75,15 +99,14 @@ def being_replaced(where: str) -> StoreError:
 
 
 def read_root(store: Any, where: str) -> RootDocument:
-    """Read and check the root document of the trace in ``store`` (any zarr store)."""
-    from zarr.buffer import default_buffer_prototype
-
-    raw = run_sync(store.get("zarr.json", default_buffer_prototype()))
+    """Read and check the root document of the trace in ``store`` (any zarr store, or a
+    :class:`LocalFolder`)."""
+    raw = _read_local(store.root) if isinstance(store, LocalFolder) else _read_store(store)
     if raw is None:
         raise StoreError(f"{where} has no zarr.json: it is not a Zarr v3 group; is it a "
                          "layerscope trace?")
     try:
-        doc = json.loads(raw.to_bytes())
+        doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise damaged(where, f"its zarr.json is not JSON ({exc})") from None
     if not isinstance(doc, dict):
@@ -98,6 +121,22 @@ def read_root(store: Any, where: str) -> RootDocument:
     layouts = check_arrays(doc, attrs, where)
     metadata = doc["consolidated_metadata"]["metadata"]
     return RootDocument(attrs, layouts, {name: metadata[name] for name in layouts})
+
+
+def _read_local(folder: str) -> bytes | None:
+    """The root zarr.json's bytes, None where there is none (as zarr's ``LocalStore`` reads)."""
+    try:
+        with open(os.path.join(folder, "zarr.json"), "rb") as file:
+            return file.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def _read_store(store: Any) -> bytes | None:
+    from zarr.buffer import default_buffer_prototype
+
+    raw = run_sync(store.get("zarr.json", default_buffer_prototype()))
+    return None if raw is None else raw.to_bytes()
 
 
 def check_attrs(attrs: dict[str, Any], where: str) -> None:
@@ -190,54 +229,88 @@ def check_claims(store: Any, root: RootDocument, where: str) -> None:
     """Compare what the metadata claims with the chunk files present, before anything sized
     by a shape is built: the last committed row-chunk of the ``batch`` coordinate (every batch
     writes it) must exist, and an array with many chunk positions must have a file for each
-    position of one row-chunk (trailing dims are the same in every batch)."""
-    run_sync(_check_claims(store, root, where))
+    position of one row-chunk (trailing dims are the same in every batch). A local folder is
+    read with plain file calls, any other store through its coroutines."""
+    folder = _local_root(store)
+    if folder is None:
+        run_sync(_check_claims(store, root, where))
+        return
+    keys = _last_row_keys(root)
+    _check_last_rows(keys, [os.path.isfile(os.path.join(folder, key)) for key in keys], root,
+                     where)
+    _check_named(_folders_without_files(folder, sorted(root.layouts)), where)
+    for layout, trailing in _dense_layouts(root):
+        _check_count(layout, trailing, _count_folder_files(folder, layout), where)
 
 
 async def _check_claims(store: Any, root: RootDocument, where: str) -> None:
+    import asyncio
+
+    keys = _last_row_keys(root)
+    _check_last_rows(keys, await asyncio.gather(*(store.exists(key) for key in keys)), root,
+                     where)
+    names = sorted(root.layouts)
+    own = await asyncio.gather(*(store.exists(f"{name}/zarr.json") for name in names))
+    _check_named([name for name, exists in zip(names, own, strict=True)
+                  if not exists and not await _holds_any(store, f"{name}/")], where)
+    for layout, trailing in _dense_layouts(root):
+        _check_count(layout, trailing, await _count_files(store, layout), where)
+
+
+def _last_row_keys(root: RootDocument) -> list[str]:
+    """The chunk files of the last committed rows of (up to 8) arrays along ``batch``, the
+    batch coordinate first: every batch writes it."""
     rows = root.attrs.get("committed_samples", 0)
     with_rows = [layout for layout in root.layouts.values() if layout.batch_axis]
-    if rows and with_rows:
-        # the batch coordinate first: every batch writes it
-        with_rows.sort(key=lambda layout: layout.name != BATCH)
-        keys = [f"{layout.name}/{_last_row_chunk(layout, rows)}" for layout in with_rows[:8]]
-        found = await asyncio.gather(*(store.exists(key) for key in keys))
-        if not any(found):
-            raise damaged(where, f"{rows} committed samples are claimed, but the chunk files of "
-                          f"the last rows are absent ({keys[0]} and others)")
-    names = sorted(root.layouts)
-    for name in await _arrays_without_files(store, names):
-        # an array's own zarr.json may be lost (the root holds its metadata), but not the
-        # whole array: a name the store does not hold is a damaged root document
-        raise damaged(where, f"the root zarr.json names an array {name!r} of which the "
-                      "store holds no file")
+    if not rows:
+        return []
+    with_rows.sort(key=lambda layout: layout.name != BATCH)
+    return [f"{layout.name}/{_last_row_chunk(layout, rows)}" for layout in with_rows[:8]]
+
+
+def _check_last_rows(keys: list[str], found: list[bool], root: RootDocument,
+                     where: str) -> None:
+    if keys and not any(found):
+        raise damaged(where, f"{root.attrs.get('committed_samples', 0)} committed samples are "
+                      f"claimed, but the chunk files of the last rows are absent ({keys[0]} and "
+                      "others)")
+
+
+def _check_named(without_files: list[str], where: str) -> None:
+    # an array's own zarr.json may be lost (the root holds its metadata), but not the whole
+    # array: a name the store does not hold is a damaged root document
+    if without_files:
+        raise damaged(where, f"the root zarr.json names an array {without_files[0]!r} of "
+                      "which the store holds no file")
+
+
+def _dense_layouts(root: RootDocument) -> list[tuple[ArrayLayout, int]]:
+    """The arrays with more chunk positions per row-chunk than are checked without listing
+    their files, and that number."""
+    dense = []
     for layout in root.layouts.values():
         trailing = math.prod(layout.grid[1:]) if layout.batch_axis else math.prod(layout.grid)
-        if trailing <= LISTING_THRESHOLD:
-            continue
-        present = await _count_files(store, layout)
-        if present < trailing:
-            raise damaged(where, f"array {layout.name} claims shape {list(layout.shape)}, "
-                          f"{trailing} chunks per row-chunk, but holds {present} chunk files")
+        if trailing > LISTING_THRESHOLD:
+            dense.append((layout, trailing))
+    return dense
 
 
-async def _arrays_without_files(store: Any, names: list[str]) -> list[str]:
-    """The arrays among ``names`` of which ``store`` holds no file. A local store is read
-    with one listing of its folder (thousands of arrays: one ``exists`` each would cost more
-    than opening the trace)."""
-    root = getattr(store, "root", None)
-    if isinstance(root, (str, os.PathLike)):
-        root = os.fspath(root)
-        try:
-            with os.scandir(root) as entries:
-                folders = {entry.name for entry in entries if entry.is_dir(follow_symlinks=False)}
-        except OSError:
-            folders = set()
-        return [name for name in names
-                if name not in folders or not _folder_holds_any(os.path.join(root, name))]
-    own = await asyncio.gather(*(store.exists(f"{name}/zarr.json") for name in names))
-    return [name for name, exists in zip(names, own, strict=True)
-            if not exists and not await _holds_any(store, f"{name}/")]
+def _check_count(layout: ArrayLayout, trailing: int, present: int, where: str) -> None:
+    if present < trailing:
+        raise damaged(where, f"array {layout.name} claims shape {list(layout.shape)}, "
+                      f"{trailing} chunks per row-chunk, but holds {present} chunk files")
+
+
+def _folders_without_files(root: str, names: list[str]) -> list[str]:
+    """The arrays among ``names`` of which the folder ``root`` holds no file, from one listing
+    of it (thousands of arrays: one ``exists`` each would cost more than opening the trace)."""
+    try:
+        with os.scandir(root) as entries:
+            folders = {entry.name for entry in entries if entry.is_dir(follow_symlinks=False)}
+    except OSError:
+        folders = set()
+    return [name for name in names
+            if name not in folders or not _folder_holds_any(os.path.join(root, name))]
 
 
 def _folder_holds_any(folder: str) -> bool:
@@ -260,15 +333,20 @@ def _last_row_chunk(layout: ArrayLayout, rows: int) -> str:
     return layout.chunk_file(((rows - 1) // layout.chunks[0], *(0,) * (len(layout.chunks) - 1)))
 
 
-async def _count_files(store: Any, layout: ArrayLayout) -> int:
-    """How many chunk files ``layout``'s array holds (a local folder is listed directly)."""
-    root = getattr(store, "root", None)
-    if isinstance(root, (str, os.PathLike)) and layout.separator == ".":
+def _count_folder_files(root: str, layout: ArrayLayout) -> int:
+    """How many chunk files ``layout``'s array holds in the folder ``root`` (the files under
+    ``<name>/c``, as zarr's ``LocalStore`` lists them)."""
+    if layout.separator == ".":
         try:
             with os.scandir(os.path.join(root, layout.name)) as entries:
                 return sum(1 for entry in entries if entry.name.startswith("c."))
         except OSError:
             return 0
+    return sum(1 for path in Path(root, layout.name, "c").rglob("*")
+               if path.is_file() and not path.name.endswith("zarr.json"))
+
+
+async def _count_files(store: Any, layout: ArrayLayout) -> int:
     count = 0
     async for key in store.list_prefix(f"{layout.name}/c"):
         count += not key.endswith("zarr.json")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import HELP
 from ._args import tolerance
 
 
@@ -21,7 +22,7 @@ def register(subparsers: Any) -> None:
     defaults = DiffOptions()
     parser = subparsers.add_parser(
         "diff",
-        help="compare two traces (e.g. one model in two frameworks) and name the first divergence",
+        help=HELP["diff"],
         description=(
             "Pair the captured variables of two traces (by a name map, else by name, execution "
             "order, kind and dim sizes), line dims up by role, and compare every pair: max abs "

@@ -19,6 +19,7 @@ from layerscope.backends import detect
 from layerscope.core import LayerscopeError, Selection
 from layerscope.loading import load, model_folder
 
+from . import HELP
 from ._args import integer
 
 #: the most samples an estimate is asked about (a trillion: any real data set)
@@ -40,8 +41,7 @@ def register(subparsers: Any) -> None:
     from .trace import add_input_arguments  # here: trace imports this module too
 
     parser = subparsers.add_parser(
-        "estimate", help="say how many bytes a trace of N samples will take, and whether the "
-                         "disk has room for it",
+        "estimate", help=HELP["estimate"],
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="'minilm', a Hugging Face folder, or module:factory")

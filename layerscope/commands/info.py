@@ -8,11 +8,11 @@ from typing import Any
 
 from layerscope.core.info import format_summary, summarize
 
+from . import HELP
+
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "info", help="list the variables, dims, sizes and status of a trace, and what was not captured",
-    )
+    parser = subparsers.add_parser("info", help=HELP["info"])
     parser.add_argument("trace", help="path of a trace store (.zarr)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(run=run)

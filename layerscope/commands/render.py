@@ -9,6 +9,7 @@ from typing import Any
 from layerscope.core import open_trace
 from layerscope.core.naming import STACKS
 
+from . import HELP
 from ._args import DPI_RANGE, MAX_BINS, MAX_CELLS, MAX_TOP_K, index, integer
 
 ATTENTION_VIEWS = ("heatmap", "grid", "heads", "summary")
@@ -18,7 +19,7 @@ ACTIVATION_VIEWS = ("channels", "neurons", "top-tokens")
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "render", help="draw a view of a trace (PNG, SVG or PDF by the suffix of -o)",
+        "render", help=HELP["render"],
         description="Draw one view of a trace. The image format follows the suffix of -o.",
     )
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)

@@ -9,12 +9,13 @@ from typing import Any
 from layerscope.core import open_trace
 from layerscope.core.naming import STACKS
 
+from . import HELP
 from ._args import index, integer
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "report", help="write a self-contained HTML report of a trace (opens without a server)",
+        "report", help=HELP["report"],
         description="Draw the main views of a trace into one HTML file with inlined images.",
     )
     parser.add_argument("trace", metavar="TRACE", help="path of a layerscope trace (.zarr)")

@@ -16,6 +16,7 @@ from layerscope.core.info import human_bytes, summarize
 from layerscope.core.reduce_spec import split_specs
 from layerscope.loading import FRAMEWORKS, load, model_folder
 
+from . import HELP
 from ._args import MAX_BATCH_SIZE, MAX_TOKENS, integer
 from .estimate import check_disk, reusable
 
@@ -48,8 +49,7 @@ refused; --force skips the estimate.
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "trace", help="run a model on texts or images and write what happens inside it to a "
-                      "Zarr store",
+        "trace", help=HELP["trace"],
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="'minilm', a Hugging Face folder, or module:factory")

@@ -9,12 +9,11 @@ from typing import Any
 
 from layerscope.core.verify import verify
 
+from . import HELP
+
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "verify", help="read every chunk of a trace and report each damaged or missing one "
-                       "(exit 1 when any is)",
-    )
+    parser = subparsers.add_parser("verify", help=HELP["verify"])
     parser.add_argument("trace", help="path of a trace store (.zarr)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
