@@ -5,8 +5,10 @@ by trial (median of ``--trials``):
 
   mlp        400 residual MLP blocks (fc1, GELU, fc2), tensors of 4 x 16 x 64: every module
              captured, 1,601 variables; plain forward vs capture (the time per batch
-             includes opening and closing the store); the files the store holds per variable
-             and the time its close takes
+             includes opening and closing the store, and so creating every array), and vs
+             capture once the store exists (``--warm`` batches untimed first: the cost per
+             captured tensor); the files the store holds per variable and the time its
+             close takes
   llama      a Llama-style model (16 layers, hidden 256, batch 4 x 128 tokens), every module
              captured; plain forward vs capture vs a plain sequential write of the same bytes
              (one file, written through the page cache, the time per batch)
@@ -111,6 +113,23 @@ def capture(model: Any, inputs: Any) -> Run:
     return run
 
 
+def capture_steady(model: Any, inputs: Any, warm: int) -> Run:
+    """Capture's cost per batch once the store exists and its gathered chunks reuse memory:
+    ``warm`` batches untimed (array creation, the first groups' fresh chunk memory), then the
+    timed ones; the close untimed."""
+    def run(batches: int, workdir: Path) -> dict[str, float]:
+        path = fresh(workdir, "steady.zarr")
+        with torch.no_grad(), layerscope.trace(model, path):
+            for _ in range(warm):
+                call(model, inputs)
+            start = time.perf_counter()
+            for _ in range(batches):
+                call(model, inputs)
+            elapsed = time.perf_counter() - start
+        return {"time": elapsed}
+    return run
+
+
 def sequential_write(nbytes: int) -> Run:
     """One file, ``nbytes`` a batch, written as one ``write`` per batch (page cache)."""
     data = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
@@ -159,6 +178,9 @@ def main() -> None:
     parser.add_argument("--llama-batches", type=int, default=10,
                         help="batches per trial of the Llama rows (180 MB each)")
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--warm", type=int, default=32,
+                        help="untimed batches before the steady-state capture row's timed ones "
+                        "(two groups of gathered chunks: at most 16 batches each)")
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 keeps a forward on a "
@@ -171,7 +193,9 @@ def main() -> None:
     mlp, x = Blocks(400).eval(), torch.randn(4, 16, 64)
     with tempfile.TemporaryDirectory(dir=os.environ.get("LAYERSCOPE_BENCH_DIR")) as tmp:
         workdir = Path(tmp)
-        rows: dict[str, Run] = {"mlp plain": plain(mlp, x), "mlp capture": capture(mlp, x)}
+        rows: dict[str, Run] = {"mlp plain": plain(mlp, x), "mlp capture": capture(mlp, x),
+                                f"mlp capture after {args.warm}": capture_steady(mlp, x,
+                                                                              args.warm)}
         if not args.skip_llama:
             model, inputs = llama()
             rows["llama plain"], rows["llama capture"] = plain(model, inputs), \
