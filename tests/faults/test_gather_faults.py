@@ -41,20 +41,11 @@ CHILD = textwrap.dedent("""
 
     sys.path.insert(0, sys.argv[7])
     from test_gather_faults import GROUP, NAMES, batch
+    from _kill import killing
 
     path, mode, first, count, kill_at, width = sys.argv[1:7]
     first, count, width = int(first), int(count), int(width)
     kill_at, _, nth = kill_at.partition(":")
-
-    def killing(owner, name, nth):
-        original = getattr(owner, name)
-        calls = [0]
-        def wrapped(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(*args, **kwargs)
-        setattr(owner, name, wrapped)
 
     if kill_at == "flush":  # while a gathered chunk is written
         killing(chunkwrite.ChunkWriter, "write", int(nth))
@@ -188,16 +179,10 @@ def test_a_kill_while_an_append_rewrites_the_last_chunk(tmp_path, kill_at):
 
 @pytest.fixture()
 def tmpfs(tmp_path):
-    folder = tmp_path / "tmpfs"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs was refused: {mounted.stderr.strip()}")
-    try:
+    from ..tmpfs import mounted_tmpfs  # here: a child process imports this file as a script
+
+    with mounted_tmpfs(tmp_path / "tmpfs", "20m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def test_a_full_disk_while_gathered_chunks_are_written(tmp_path, tmpfs):

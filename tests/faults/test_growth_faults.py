@@ -40,20 +40,11 @@ CHILD = textwrap.dedent("""
 
     sys.path.insert(0, sys.argv[7])
     from test_growth_faults import batch
+    from _kill import killing
 
     path, mode, tag, first, count, kill_at = sys.argv[1:7]
     tag, first, count = int(tag), int(first), int(count)
     kill_at, _, nth = kill_at.partition(":")
-
-    def killing(owner, name, nth):
-        original = getattr(owner, name)
-        calls = [0]
-        def wrapped(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(*args, **kwargs)
-        setattr(owner, name, wrapped)
 
     if kill_at == "grow":  # as a longer pass grows every array with the token axis
         killing(writer_module, "grow_axis", int(nth))
