@@ -50,12 +50,7 @@ class ChunkFiles:
 
     def write(self, key: str, body: np.ndarray, trailer: bytes) -> None:
         """Write ``body`` (uint8, contiguous) then ``trailer`` as the file ``root/key``."""
-        path = os.path.join(self.root, key)
-        parent = os.path.dirname(path)
-        if parent not in self._dirs:
-            os.makedirs(parent, exist_ok=True)
-            self._refuse_links(parent)
-            self._dirs.add(parent)
+        path = self._made_folder(key)
         head = body.nbytes // ALIGN * ALIGN if self.direct else 0
         if head:
             try:
@@ -76,12 +71,7 @@ class ChunkFiles:
     def document(self, key: str, data: bytes) -> None:
         """Write a metadata document ``root/key`` in one step (a new file renamed into place),
         its folder made first, refusing links as :meth:`write` does."""
-        path = os.path.join(self.root, key)
-        parent = os.path.dirname(path)
-        if parent not in self._dirs:
-            os.makedirs(parent, exist_ok=True)
-            self._refuse_links(parent)
-            self._dirs.add(parent)
+        path = self._made_folder(key)
         if os.path.islink(path):
             raise StoreError(f"{path} is a symbolic link; layerscope writes nothing outside "
                              f"the store {self.root}. Remove it first")
@@ -100,6 +90,16 @@ class ChunkFiles:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+
+    def _made_folder(self, key: str) -> str:
+        """The path of ``root/key``, its folder made (once) and checked for links."""
+        path = os.path.join(self.root, key)
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._refuse_links(parent)
+            self._dirs.add(parent)
+        return path
 
     def _refuse_links(self, folder: str) -> None:
         """Refuse a folder that is, or lies below, a symbolic link inside the store."""
