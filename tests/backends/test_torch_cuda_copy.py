@@ -334,7 +334,13 @@ def test_failed_passes_leave_their_copies_behind_safely(tmp_path, monkeypatch, f
 
     model.blocks[2].register_forward_hook(fail)
     completed = []
-    with layerscope.trace(model, tmp_path / "t.zarr", "blocks.*"), torch.no_grad():
+    # a one-byte budget: each put waits for the writer to be done with the one before, so
+    # the pool has buffers back to hand out again (else how many it reuses is a race with
+    # the writer); small variables not gathered (a writer's first batch holds their copies
+    # until it decides whether to gather them: tests/core/test_gather.py)
+    options = StoreOptions(max_pending_bytes=1, gathering=GatherPolicy(enabled=False))
+    with layerscope.trace(model, tmp_path / "t.zarr", "blocks.*", options=options), \
+            torch.no_grad():
         for number, x in enumerate(inputs):
             failing[0] = number % 2 == 1
             try:
