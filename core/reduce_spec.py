@@ -52,16 +52,21 @@ class Step:
 
 def split_specs(text: str) -> list[str]:
     """``"output:topk(hidden,8),attention"`` -> its specs, split at commas outside brackets."""
-    specs, depth, current = [], 0, ""
-    for char in text:
+    return [s for s in _split_outside_brackets(text, ",") if s]
+
+
+def _split_outside_brackets(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` where no bracket is open, each part stripped."""
+    parts, depth, current = [], 0, ""
+    for char in text.strip():
         depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            specs.append(current.strip())
+        if char == separator and depth == 0:
+            parts.append(current.strip())
             current = ""
         else:
             current += char
-    specs.append(current.strip())
-    return [s for s in specs if s]
+    parts.append(current.strip())
+    return parts
 
 
 def spec_kind(spec: str) -> str:
@@ -80,15 +85,7 @@ def parse_chain(text: str) -> Chain:
 
 
 def _split_steps(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for char in text.strip():
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == ":" and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += char
-    parts.append(current.strip())
+    parts = _split_outside_brackets(text, ":")
     if not all(parts):
         raise CaptureError(f"{text!r} has an empty step; write steps as 'last:topk(8)'")
     return parts
