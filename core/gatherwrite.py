@@ -100,15 +100,11 @@ class GatheredWrites:
             def alloc(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
                 if direct or taken:
                     raise CaptureError("a snapshot takes one buffer")
-                dtype = np.dtype(dtype)
-                if writer._stored_dtype(dtype) == dtype:
-                    view = chunks.view(var, start, stop, tuple(shape), dtype)
-                    if view is not None:
-                        direct.append(view)
-                        return view
-                buffer = writer._pool.take(math.prod(shape) * dtype.itemsize)
-                taken.append(buffer)
-                return buffer.view(dtype).reshape(shape)
+                view = self.view_now(batch, var, tuple(shape), np.dtype(dtype))
+                if view is not None:
+                    direct.append(view)
+                    return view
+                return writer._pooled(tuple(shape), np.dtype(dtype), taken)
 
             try:
                 data = snapshot(data, alloc)

@@ -330,10 +330,7 @@ class TraceWriter:
         def alloc(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
             if taken:
                 raise CaptureError("a snapshot takes one buffer")
-            dtype = np.dtype(dtype)
-            buffer = self._pool.take(math.prod(shape) * dtype.itemsize)
-            taken.append(buffer)
-            return buffer.view(dtype).reshape(shape)
+            return self._pooled(tuple(shape), np.dtype(dtype), taken)
 
         try:
             held = snapshot(data, alloc)
@@ -346,6 +343,14 @@ class TraceWriter:
         nbytes = _nbytes(held)
         self._pool.acquire(nbytes)
         return _Task(batch, var, held, to_numpy, nbytes)
+
+    def _pooled(self, shape: tuple[int, ...], dtype: np.dtype,
+                taken: list[np.ndarray]) -> np.ndarray:
+        """Pool memory for a snapshot of ``shape`` and ``dtype``; its buffer is added to
+        ``taken`` (given back to the pool if the snapshot fails)."""
+        buffer = self._pool.take(math.prod(shape) * dtype.itemsize)
+        taken.append(buffer)
+        return buffer.view(dtype).reshape(shape)
 
     def end_batch(self) -> None:
         batch = self._current
