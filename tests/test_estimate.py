@@ -349,3 +349,24 @@ def test_chunk_rows_each_batch_writes_are_counted_without_listing_the_batches():
         ragged = [int(n) for n in rng.integers(1, 9, int(rng.integers(1, 12)))]
         assert Batches.of(ragged).chunk_rows_written(rows) == one_by_one(ragged, rows)
     assert Batches.uniform(10**12, 8).chunk_rows_written(8) == 10**12 // 8
+
+
+@pytest.mark.parametrize("in_blocks", [False, True])
+def test_the_estimate_gathers_small_variables_as_the_writer_does(in_blocks):
+    """40 small variables gather (chunks of several batches); the blocks a traced generate()
+    writes never do (pieces are never gathered), and do not count towards gathering."""
+    from layerscope._estimate.layout import Batches, gathered_batches
+    from layerscope._estimate.probe import Probe, ProbedArray
+    from layerscope.core.gather import GatherPolicy
+
+    def array(name: str, blocks: bool) -> ProbedArray:
+        return ProbedArray(name, ("batch", "token", "hidden"), (16, 64), 4, False, False, True,
+                           2, (), 0, 0, 0.0, blocks)
+
+    arrays = tuple(array(f"v{i}", in_blocks) for i in range(40)) + (array("label", False),)
+    probe = Probe(arrays, 0, True, 2, 0.0)
+    gathered = gathered_batches(probe, Batches.uniform(400, 4), GatherPolicy())
+    if in_blocks:
+        assert gathered == {}  # one countable small variable: too few to gather
+    else:
+        assert set(gathered) == {a.name for a in arrays} and set(gathered.values()) == {16}

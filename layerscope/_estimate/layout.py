@@ -78,9 +78,10 @@ class Batches:
 def gathered_batches(probe: Probe, batches: Batches, policy: GatherPolicy
                      ) -> dict[str, int]:
     """Array name -> batches per chunk of each small variable, as the writer decides at the
-    end of its first batch (``GatheredWrites.decide``); none where it would not gather."""
+    end of its first batch (``GatheredWrites.decide``); none where it would not gather. The
+    blocks of a traced ``generate()`` are written in pieces, never gathered."""
     sizes = {array.name: batches.first * math.prod(array.trailing) * array.itemsize
-             for array in probe.arrays if not array.text}
+             for array in probe.arrays if not array.text and not array.in_blocks}
     small = {name: size for name, size in sizes.items() if size <= policy.below}
     group = policy.group_batches(sum(small.values()), len(small))
     return dict.fromkeys(small, group) if group > 1 else {}

@@ -38,6 +38,9 @@ class ProbedArray:
     metadata_bytes: int  # its zarr.json
     text_bytes: int  # text arrays: the UTF-8 bytes of the probe's strings
     manifest_entry_bytes: float  # what one of its chunk files adds to a batch's manifest
+    #: written by a traced generate() block by block (never gathered): a generated variable
+    #: with a ``token``/``query`` axis
+    in_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,4 +149,6 @@ def _probed(name: str, array: Any, sizes: dict[str, int], entries: list[int]) ->
         bool(codecs) and isinstance(codecs[-1], Crc32cCodec), int(array.shape[0]), files,
         sizes.get(f"{name}/zarr.json", 0), text_bytes,
         float(np.mean(entries)) if entries else 0.0,
+        bool(array.attrs.get("generated")) and any(
+            d.removeprefix("decoder_") in ("token", "query") for d in dims[1:]),
     )
