@@ -179,5 +179,8 @@ def test_a_damaged_chunk_key_separator_is_not_read_as_fill_values(tmp_path):
     encoding = doc["consolidated_metadata"]["metadata"]["a@output"]["chunk_key_encoding"]
     encoding["configuration"]["separator"] = "/"
     root.write_text(json.dumps(doc))
-    with pytest.raises(layerscope.DamagedStoreError, match="chunk_key_encoding"):
+    # whichever read comes first says so: the array's own zarr.json disagrees with the root,
+    # or the manifest lists a chunk the damaged key encoding cannot name
+    with pytest.raises(layerscope.DamagedStoreError,
+                       match="chunk_key_encoding|no chunk of the arrays the root"):
         layerscope.open_trace(path)["a@output"].load()
