@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -128,10 +128,10 @@ class _Capture:
         # channels-first and vocabulary roles given this pass, by tensor: a container or an
         # activation passing a convolution's map (or a head's logits) on keeps its roles
         self._channels_first: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...]]] = {}
-        #: site -> (dims, dtype, stored dtype) of a lone output tensor an earlier pass stored
+        #: site -> (dtype, stored dtype) of a lone output tensor an earlier pass stored
         #: with no side effect on later sites (see _direct): the next may go straight to the
         #: writer's chunk memory (Recorder.put_direct), none of the labeling run again
-        self._direct: dict[str, tuple[int, torch.dtype, np.dtype]] = {}
+        self._direct: dict[str, tuple[torch.dtype, np.dtype]] = {}
 
     # -- passes ------------------------------------------------------------------------------
 
@@ -195,25 +195,27 @@ class _Capture:
     def _remember_direct(self, site: str, tensor: torch.Tensor) -> None:
         dtype = _host_dtype(tensor.dtype)
         if dtype is not None and tensor.layout == torch.strided:
-            self._direct[site] = (tensor.dim(), tensor.dtype, dtype)
+            self._direct[site] = (tensor.dtype, dtype)
 
     def _put_direct(self, site: str, output: Any) -> bool:
         """Store ``output`` the way :meth:`put` stored this site's last time, where that
         changed no state a later site reads (its roles, channels, sides): straight into the
         writer's chunk memory, if the writer takes it so (a gathered variable of that shape,
-        or shorter along token axes)."""
+        or shorter along token axes). Called for every captured module: the cheapest checks
+        (``is_cpu``, not ``device.type``) and no attention lookup where none was stored."""
         known = self._direct.get(site)
-        if known is None or not isinstance(self.recorder, Recorder) \
-                or type(output) is not torch.Tensor or output.dim() != known[0] \
-                or output.dtype != known[1] or output.device.type != "cpu" \
-                or output.layout != torch.strided:
+        if known is None or type(output) is not torch.Tensor or output.dtype is not known[0] \
+                or not output.is_cpu or output.layout is not torch.strided \
+                or not isinstance(self.recorder, Recorder):
             return False
-        seen = self._seen_attention.get(id(output))
-        if seen is not None and seen() is output:
-            return False
+        if self._seen_attention:
+            seen = self._seen_attention.get(id(output))
+            if seen is not None and seen() is output:
+                return False
+        source = output.detach() if output.requires_grad else output
         return self.recorder.put_direct(
-            site, "output", tuple(output.shape), known[2],
-            lambda memory: torch.from_numpy(memory).copy_(output.detach()))
+            site, "output", tuple(output.shape), known[1],
+            lambda memory: torch.from_numpy(memory).copy_(source))
 
     def _store(self, site: str, kind: str, tensor: torch.Tensor, roles: tuple[str, ...],
                module: nn.Module, attrs: Any = None) -> None:
@@ -245,8 +247,6 @@ class _Capture:
     def outputs(self, site: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                 output: Any, attention: bool, keep_outputs: bool) -> None:
         if not self.recorder.in_pass:
-            return
-        if keep_outputs and not attention and self._put_direct(site, output):
             return
         probabilities = self.attention.pop(module) if attention else None
         taken = probabilities.recomputed if probabilities is not None else None
@@ -287,12 +287,21 @@ class _Capture:
             keep_outputs = selection.wants("output", site)  # decided once, not per call
             if attention or keep_outputs:
                 self.handles.append(module.register_forward_hook(
-                    lambda m, a, k, o, s=site, att=attention, out=keep_outputs:
-                    self.outputs(s, m, a, k, o, att, out),
-                    with_kwargs=True))
+                    (lambda m, a, k, o, s=site, att=attention, out=keep_outputs:
+                     self.outputs(s, m, a, k, o, att, out)) if attention else
+                    self._output_hook(site), with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
         self.handles.extend(self.seq2seq.install(model))  # after the hooks above: see install
         self.handles.extend(self.routers.install())
+
+    def _output_hook(self, site: str) -> Callable[..., None]:
+        """The hook of a site whose outputs alone are taken, the usual site of a model
+        traced at every module: its direct way first (one call less for each of thousands
+        a batch). A hook returns None: anything else would replace the module's output."""
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if not self._put_direct(site, output):
+                self.outputs(site, module, args, kwargs, output, False, True)
+        return hook
 
     def remove(self) -> None:
         for handle in self.handles:

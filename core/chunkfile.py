@@ -30,6 +30,10 @@ from .hostpool import page_aligned
 from .manifest import write_local_file
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
+#: smaller chunks go through the page cache: written with O_DIRECT, a file of 160 KB took twice
+#: the time and as much CPU (benchmarks/README.md, "Many captured sites"); from 1 MB on,
+#: O_DIRECT takes a fraction of the CPU time
+DIRECT_FROM = 1 << 20
 _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere chunks go through the page cache
 #: O_NOFOLLOW: a chunk file that is a symlink is refused (ELOOP), never written through
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) \
@@ -51,7 +55,7 @@ class ChunkFiles:
     def write(self, key: str, body: np.ndarray, trailer: bytes) -> None:
         """Write ``body`` (uint8, contiguous) then ``trailer`` as the file ``root/key``."""
         path = self._made_folder(key)
-        head = body.nbytes // ALIGN * ALIGN if self.direct else 0
+        head = body.nbytes // ALIGN * ALIGN if self.direct and body.nbytes >= DIRECT_FROM else 0
         if head:
             try:
                 self._write_direct(path, self._aligned(body), head, trailer)

@@ -329,10 +329,10 @@ class Gatherer:
         with self.lock:  # at most what two groups took at once: memory is taken only when used
             self._free[flat.nbytes].append(flat)
 
-    def finished(self, group: FlushGroup, ok: bool) -> bool:
-        """One flush of ``group`` is done; True when that moved the durable rows."""
+    def finished(self, group: FlushGroup, ok: bool, count: int = 1) -> bool:
+        """``count`` flushes of ``group`` are done; True when that moved the durable rows."""
         with self.lock:
-            group.pending -= 1
+            group.pending -= count
             group.failed = group.failed or not ok
             return self._advance()
 

@@ -26,10 +26,11 @@ from ._zarr_compat import create_array, grow_rows, set_attributes
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import array_document, publish, save_array_documents
+from .direct import DirectSlot, slot_of
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
-from .gather import Chunk, FlushGroup, VarGather
-from .gatherwrite import GatheredWrites
+from .gather import GATHERED, Chunk, FlushGroup, VarGather
+from .gatherwrite import Flushes, GatheredWrites
 from .growth import (
     check_lengths,
     cut_document,
@@ -143,6 +144,7 @@ class TraceWriter:
         self._open: dict[int, _Batch] = {}
         #: each token axis's length in the current pass (see :mod:`.growth`)
         self._lengths: dict[str, int] = {}
+        self._slots: dict[str, DirectSlot] = {}  # put_direct's memory, per variable
         self._current: _Batch | None = None
         self._state_lock = threading.Lock()
         self._drained = threading.Condition(self._state_lock)
@@ -273,8 +275,22 @@ class TraceWriter:
         :meth:`put` must decide (a variable not seen, not gathered, or of another shape or
         dtype; a token axis longer than stored, or of another length than the pass's)."""
         var = self.variables.get(name)
+        if var is None or var.gather is None:
+            return False
+        view = slot_of(self, var, self._slots).memory(shape, dtype)  # the usual case, quickly
+        if view is None:  # the general way: a shorter pass, a dtype stored as another
+            return self._put_direct(var, shape, dtype, copy)
+        try:
+            copy(view)
+        except BaseException:
+            view[...] = var.gather.fill  # claimed, never copied: reads as the fill value
+            raise
+        return True
+
+    def _put_direct(self, var: _Variable, shape: tuple[int, ...], dtype: np.dtype,
+                    copy: Callable[[np.ndarray], Any]) -> bool:
         batch = self._current
-        if var is None or var.gather is None or batch is None or self._error is not None \
+        if var.gather is None or batch is None or self._error is not None \
                 or shape[0] != batch.size or len(shape) != len(var.dims):
             return False
         if var.growing is None:
@@ -512,7 +528,10 @@ class TraceWriter:
 
     def _create_array(self, var: _Variable, sample: np.ndarray,
                       region: Region | None = None) -> Any:
-        codecs = self.options.compression.codecs_for(sample)
+        batches = var.attrs.get(GATHERED, 1) if var.gather is not None else 1
+        # a gathered chunk holds several batches: compression is decided on the first one, as
+        # for every other variable (repeated inputs would make the whole chunk look compressible)
+        codecs = self.options.compression.codecs_for(sample[:max(1, len(sample) // batches)])
         with self._create_lock:
             if var.array is not None:
                 return var.array
@@ -555,13 +574,16 @@ class TraceWriter:
         """A worker: nothing it meets ends it but the stop mark, and every failure is
         recorded for the caller (a dead worker would leave the caller waiting for room)."""
         while True:
-            task = self._queue.get()
-            if task is _STOP:
+            item = self._queue.get()
+            if item is _STOP:
                 return
             try:
-                self._run(task)
+                if isinstance(item, Flushes):
+                    self._gathering.run_flushes(item)
+                else:
+                    self._run(item)
             except BaseException as exc:  # the bookkeeping itself failed
-                self._fail("chunk write", exc, f"{self._where}/{task.var.name}")
+                self._fail("chunk write", exc, self._where)
 
     def _run(self, task: _Task) -> None:
         batch = task.batch
@@ -679,9 +701,9 @@ class TraceWriter:
     def _to_host(self, task: _Task) -> np.ndarray:
         return self._stored(task.to_numpy(task.data))
 
-    def _task_done(self, batch: _Batch) -> None:
+    def _task_done(self, batch: _Batch, count: int = 1) -> None:
         with self._state_lock:
-            batch.pending -= 1
+            batch.pending -= count
             ready = batch.ended and batch.pending == 0
             if batch.pending == 0:
                 self._drained.notify_all()

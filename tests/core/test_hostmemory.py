@@ -12,7 +12,7 @@ import zarr
 
 import layerscope
 from layerscope.core import Compression, StoreOptions
-from layerscope.core.chunkfile import ALIGN, ChunkFiles
+from layerscope.core.chunkfile import ALIGN, DIRECT_FROM, ChunkFiles
 from layerscope.core.hostpool import HUGE_PAGE, HostPool
 
 from .test_writer import make_recorder
@@ -66,7 +66,7 @@ def test_pool_take_waits_for_room():
     thread.join()
 
 
-@pytest.mark.parametrize("size", [0, 10, ALIGN, 3 * ALIGN + 17])
+@pytest.mark.parametrize("size", [0, 10, ALIGN, 3 * ALIGN + 17, DIRECT_FROM + 3 * ALIGN + 17])
 @pytest.mark.parametrize("direct", [True, False])
 def test_chunk_file_holds_body_then_trailer(tmp_path, size, direct):
     files = ChunkFiles(tmp_path, direct)
@@ -88,7 +88,7 @@ def test_chunk_files_fall_back_where_o_direct_is_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", refuse_direct)
     files = ChunkFiles(tmp_path, direct=True)
-    body = np.zeros(4 * ALIGN, np.uint8) + 7
+    body = np.zeros(DIRECT_FROM, np.uint8) + 7  # smaller files go through the cache anyway
     files.write("c/0", body, b"x")
     assert (tmp_path / "c/0").read_bytes() == body.tobytes() + b"x"
     assert files.direct is False
@@ -126,7 +126,9 @@ def test_local_traces_write_chunk_bodies_with_o_direct(tmp_path, monkeypatch, di
     assert StoreOptions(**options).direct_io is direct_io
     recorder = make_recorder(path, compression=Compression(enabled=False), **options)
     recorder.begin_pass(2)
-    recorder.put("block", "output", np.ones((2, 4096), np.float32), ("batch", "hidden"))
+    # 1 MB: smaller chunks go through the page cache (chunkfile.DIRECT_FROM)
+    recorder.put("block", "output", np.ones((2, DIRECT_FROM // 8), np.float32),
+                 ("batch", "hidden"))
     recorder.end_pass()
     recorder.close()
     chunk_opens = [flags for name, flags in flags_seen if "block@output" in name
@@ -199,3 +201,19 @@ def test_a_cap_below_the_limit_bounds_what_waits_and_what_is_kept():
     thread.join()
     for buffer in held:
         pool.give(buffer)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
+@pytest.mark.parametrize("size", [DIRECT_FROM - ALIGN, DIRECT_FROM])
+def test_only_chunks_from_a_megabyte_are_written_with_o_direct(tmp_path, monkeypatch, size):
+    real_open, flags_seen = os.open, []
+
+    def watch(path, flags, *args, **kwargs):
+        flags_seen.append(flags)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watch)
+    body = np.zeros(size, np.uint8) + 7
+    ChunkFiles(tmp_path, direct=True).write("c/0", body, b"x")
+    assert (tmp_path / "c/0").read_bytes() == body.tobytes() + b"x"
+    assert bool(flags_seen[-1] & os.O_DIRECT) == (size >= DIRECT_FROM)

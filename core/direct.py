@@ -1,0 +1,78 @@
+"""The short way into a gathered chunk, for a model traced at hundreds of sites.
+
+:meth:`.writer.TraceWriter.put_direct` is called once per captured tensor, thousands of times
+a batch, and most calls repeat the last one: the same variable, the stored shape, the rows
+of the current batch in the chunk its previous batch went to. A :class:`DirectSlot` (one per
+gathered variable) remembers that chunk and what the checks found, and claims the rows with
+one list append under the gatherer's lock. Anything else (a new chunk, another shape, a
+shorter pass) goes the general way (:meth:`.gatherwrite.GatheredWrites.view_now`), which the
+slot then remembers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .growth import grows
+
+if TYPE_CHECKING:
+    from .gather import Chunk
+    from .writer import TraceWriter, _Variable
+
+
+class DirectSlot:
+    """One gathered variable's memory of its last direct put."""
+
+    __slots__ = ("_chunk", "_growing", "_shape", "_trailing", "var", "writer")
+
+    def __init__(self, writer: TraceWriter, var: _Variable) -> None:
+        self.writer, self.var = writer, var
+        self._chunk: Chunk | None = None
+        self._trailing: tuple[int, ...] | None = None
+        self._shape: tuple[int, ...] = ()
+        #: (dim, axis) of each axis whose length may change between passes
+        self._growing = tuple((dim, axis) for axis, dim in enumerate(var.dims) if axis
+                              and grows(dim))
+
+    def memory(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """The claimed chunk memory for this batch's rows of a tensor of exactly the stored
+        ``shape`` and ``dtype``; None where the general way must decide (nothing claimed)."""
+        writer, var = self.writer, self.var
+        batch, gather = writer._current, var.gather
+        if batch is None or gather is None or writer._error is not None:
+            return None
+        if var.trailing is not self._trailing or batch.size != self._shape[0]:
+            self._trailing = var.trailing
+            self._shape = (batch.size, *var.trailing)
+        if shape != self._shape or dtype != gather.dtype:
+            return None
+        lengths = writer._lengths
+        for dim, axis in self._growing:  # every variable of the pass agrees on its lengths
+            if lengths.setdefault(dim, shape[axis]) != shape[axis]:
+                return None
+        start = batch.start
+        chunk = self._chunk
+        if chunk is None or chunk.closed or chunk.buffer is None or start < chunk.start \
+                or start + batch.size > chunk.start + chunk.rows \
+                or gather.chunks.get(chunk.start) is not chunk:
+            view = writer._gathering.view_now(batch, var, self._shape, dtype)
+            self._chunk = gather.chunks.get(start // gather.rows * gather.rows) \
+                if view is not None else None
+            return view
+        lo = start - chunk.start
+        gatherer = writer._gathering.chunks
+        gatherer.holding = True
+        with gatherer.lock:  # writer threads read what is written when they flush
+            chunk.written.append((lo, lo + batch.size))
+            if chunk.first is None:  # a discarded batch had claimed it first
+                chunk.first = start
+        return chunk.buffer[lo:lo + batch.size]
+
+
+def slot_of(writer: TraceWriter, var: _Variable, slots: dict[str, Any]) -> DirectSlot:
+    slot = slots.get(var.name)
+    if slot is None or slot.var is not var:
+        slot = slots[var.name] = DirectSlot(writer, var)
+    return slot
