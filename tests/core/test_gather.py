@@ -269,3 +269,26 @@ def test_a_gathered_variable_then_written_in_pieces(tmp_path):
     ds = layerscope.open_trace(path)
     assert ds["x"].values.tobytes() == np.concatenate(want).tobytes()
     assert layerscope.verify(path).ok
+
+
+def test_compression_is_decided_on_the_first_batch_as_for_any_variable(tmp_path):
+    """A gathered chunk of one batch repeated (the same input every pass) shrinks under any
+    compressor; whether a variable is compressed is still decided on its first batch alone,
+    as for every other variable (random floats: stored as they are)."""
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, gathering=GatherPolicy(min_variables=1, batches=10))
+    data = np.random.default_rng(0).standard_normal((4, 16, 64), np.float32)
+    zeros = np.zeros_like(data)
+    for _ in range(10):  # ten copies of 16 KB: LZ4 finds the repeats
+        recorder.begin_pass(4)
+        recorder.put("noise", "output", data, ("batch", "token", "hidden"))
+        recorder.put("zeros", "output", zeros, ("batch", "token", "hidden"))
+        recorder.end_pass()
+    recorder.close()
+    codecs = {name: [c["name"] for c in json.loads((path / name / "zarr.json").read_text())
+                     ["codecs"]] for name in ("noise@output", "zeros@output")}
+    assert chunk_rows(path, "noise@output") == 40  # gathered: 10 batches a chunk
+    assert "blosc" not in codecs["noise@output"]
+    assert "blosc" in codecs["zeros@output"]
+    ds = layerscope.open_trace(path)
+    assert ds["noise@output"].values.tobytes() == np.concatenate([data] * 10).tobytes()
