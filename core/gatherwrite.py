@@ -35,6 +35,8 @@ class GatheredWrites:
         #: the first batch's small tensors, waiting for the decision to gather
         self.stash: list[_Task] = []
         self.stash_bytes = 0
+        #: the chunks of the last group queued as one task, some perhaps still to write
+        self.flushing: Flushes | None = None
 
     # -- which variables ---------------------------------------------------------------------
 
@@ -251,7 +253,10 @@ class GatheredWrites:
                     chunks.recycle(chunk)
                     chunks.finished(group, True)
             else:
-                self.queue_flushes(chunks.seal(closed, group, manifest), upto is None)
+                self.queue_flushes(chunks.seal(closed, group, manifest))
+        if upto is None and self.flushing is not None and self.flushing.chunks:
+            for _ in self.writer._workers[1:]:  # no model runs now: every thread helps
+                self.writer._queue.put(self.flushing)
         target = previous.commits if previous is not None and upto is not None and closed else 0
         chunks.wait(lambda: (chunks.in_flight_locked() <= (1 if upto is not None else 0)
                              and writer._published_samples >= target)
@@ -261,21 +266,20 @@ class GatheredWrites:
     def queue_flush(self, var: _Variable, chunk: Chunk) -> None:
         self.writer._queue.put(self.flush_task(var, chunk))
 
-    def queue_flushes(self, ready: list[tuple[_Variable, Chunk]], closing: bool) -> None:
+    def queue_flushes(self, ready: list[tuple[_Variable, Chunk]]) -> None:
         """Queue the flushes of a group's chunks as one task for one writer thread: a group
         of a model traced at many sites has thousands of chunks, and a task each woke the
         writer threads a thousand times while the model thread made them; two threads
         writing them held Python's lock against the model's thread twice as often (a group
-        end took 0.5 s of the model's time, against 0.1 s with one). At the close (no model
-        runs) every writer thread takes chunks from the list; where arrays are still to be
-        created (the first group), each chunk is a task of its own."""
+        end took 0.5 s of the model's time, against 0.1 s with one). At the close the other
+        threads join in (:meth:`close_chunks`). Where arrays are still to be created (the
+        first group), each chunk is a task of its own."""
         if any(var.chunk_writer is None for var, _ in ready):
             for var, chunk in ready:
                 self.queue_flush(var, chunk)
         elif ready:
-            shared = Flushes(ready)
-            for _ in range(len(self.writer._workers) if closing else 1):
-                self.writer._queue.put(shared)
+            self.flushing = Flushes(ready)
+            self.writer._queue.put(self.flushing)
 
     def run_flushes(self, flushes: Flushes) -> None:
         """A writer thread's task: a group's flushes. The usual chunk (its array and chunk

@@ -25,7 +25,7 @@ import numpy as np
 from ._zarr_compat import create_array, grow_rows, set_attributes
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
-from .commit import array_document, publish, save_array_documents
+from .commit import EntryCache, array_document, publish, save_array_documents
 from .direct import DirectSlot, slot_of
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
@@ -145,6 +145,7 @@ class TraceWriter:
         #: each token axis's length in the current pass (see :mod:`.growth`)
         self._lengths: dict[str, int] = {}
         self._slots: dict[str, DirectSlot] = {}  # put_direct's memory, per variable
+        self._root_entries = EntryCache()  # each array's root-document entry, kept
         self._current: _Batch | None = None
         self._state_lock = threading.Lock()
         self._drained = threading.Condition(self._state_lock)
@@ -773,7 +774,7 @@ class TraceWriter:
                          for v in self.variables.values() if v.document is not None}
         synced, self._synced = self._synced, set()
         publish(self.group, self.attrs, documents, self._published_samples,
-                self.options.durable, synced)
+                self.options.durable, synced, self._root_entries)
 
     @property
     def committed(self) -> tuple[int, int]:
