@@ -111,3 +111,45 @@ def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch
             length = value.shape[1]
             np.testing.assert_array_equal(got[:, :length], value, err_msg=f"{name} {number}")
             assert np.isnan(got[:, length:]).all(), name  # a shorter pass: filled
+
+
+class Failing(nn.Module):
+    """Raises once, when told to, half way through the model's blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("a pass that fails half way")
+        return x
+
+
+@pytest.mark.parametrize("failing", [3, 4])  # the last pass of a chunk, the first of one
+def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_whole(tmp_path,
+                                                                                  failing):
+    """The writer remembers the chunk each variable's last batch went to (core/direct.py); a
+    pass that fails after half its sites went there is discarded, and the pass that follows
+    takes the same rows again: its values, never the failed pass's, are stored."""
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    model.blocks.insert(6, Failing())
+    inputs = [torch.randn(4, 5, 16) for _ in range(6)]
+    kept = [x for number, x in enumerate(inputs) if number != failing]
+    expected = reference(model, kept)
+    path = tmp_path / "t.zarr"
+    with layerscope.trace(model, path, options=StoreOptions(gathering=GatherPolicy(batches=4))
+                          ), torch.no_grad():
+        for number, x in enumerate(inputs):
+            model.blocks[6].fail = number == failing
+            try:
+                model(x)
+            except RuntimeError:
+                assert number == failing
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 5
+    assert ds["blocks.0.fc1@output"].attrs["gathered_batches"] == 4
+    for name, passes in expected.items():
+        np.testing.assert_array_equal(ds[name].values, np.concatenate(passes), err_msg=name)
