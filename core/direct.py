@@ -11,6 +11,7 @@ slot then remembers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -71,8 +72,51 @@ class DirectSlot:
         return chunk.buffer[lo:lo + batch.size]
 
 
-def slot_of(writer: TraceWriter, var: _Variable, slots: dict[str, Any]) -> DirectSlot:
-    slot = slots.get(var.name)
+def put_direct(writer: TraceWriter, name: str, shape: tuple[int, ...], dtype: np.dtype,
+               copy: Callable[[np.ndarray], Any]) -> bool:
+    """:meth:`.writer.TraceWriter.put_direct`: the slot's way, else the general one."""
+    var = writer.variables.get(name)
+    if var is None or var.gather is None:
+        return False
+    slot = writer._slots.get(name)
     if slot is None or slot.var is not var:
-        slot = slots[var.name] = DirectSlot(writer, var)
-    return slot
+        slot = writer._slots[name] = DirectSlot(writer, var)
+    view, short = slot.memory(shape, dtype), False
+    if view is None:  # a shorter pass, a dtype stored as another, a batch of another size
+        claimed = _claim(writer, var, shape, dtype)
+        if claimed is None:
+            return False
+        view, short = claimed
+    fill = var.gather.fill
+    try:
+        if short:
+            view[...] = fill  # past the pass's length, as put() fills it
+            view = view[tuple(slice(0, n) for n in shape)]
+        copy(view)
+    except BaseException:
+        view[...] = fill  # claimed, never copied: reads as the fill value
+        raise
+    return True
+
+
+def _claim(writer: TraceWriter, var: _Variable, shape: tuple[int, ...], dtype: np.dtype
+           ) -> tuple[np.ndarray, bool] | None:
+    """The claimed chunk memory for ``shape`` the general way, and whether the tensor is
+    shorter than it along a token axis; None where put() must decide."""
+    batch = writer._current
+    if var.gather is None or batch is None or writer._error is not None \
+            or shape[0] != batch.size or len(shape) != len(var.dims):
+        return None
+    if var.growing is None:
+        var.growing = tuple(grows(d) for d in var.dims[1:])
+    short = False
+    for dim, size, stored, growing in zip(var.dims[1:], shape[1:], var.trailing, var.growing,
+                                          strict=True):
+        if size != stored:
+            if not growing or size > stored:
+                return None
+            short = True
+        if growing and writer._lengths.setdefault(dim, size) != size:
+            return None  # put() says why
+    view = writer._gathering.view_now(batch, var, (batch.size, *var.trailing), dtype)
+    return None if view is None else (view, short)

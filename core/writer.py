@@ -26,7 +26,7 @@ from ._zarr_compat import create_array, grow_rows, set_attributes
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import EntryCache, array_document, publish, save_array_documents
-from .direct import DirectSlot, slot_of
+from .direct import DirectSlot, put_direct
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .gather import GATHERED, Chunk, FlushGroup, VarGather
@@ -275,48 +275,7 @@ class TraceWriter:
         fills the chunk memory its rows go to, now. False, with nothing done, where
         :meth:`put` must decide (a variable not seen, not gathered, or of another shape or
         dtype; a token axis longer than stored, or of another length than the pass's)."""
-        var = self.variables.get(name)
-        if var is None or var.gather is None:
-            return False
-        view = slot_of(self, var, self._slots).memory(shape, dtype)  # the usual case, quickly
-        if view is None:  # the general way: a shorter pass, a dtype stored as another
-            return self._put_direct(var, shape, dtype, copy)
-        try:
-            copy(view)
-        except BaseException:
-            view[...] = var.gather.fill  # claimed, never copied: reads as the fill value
-            raise
-        return True
-
-    def _put_direct(self, var: _Variable, shape: tuple[int, ...], dtype: np.dtype,
-                    copy: Callable[[np.ndarray], Any]) -> bool:
-        batch = self._current
-        if var.gather is None or batch is None or self._error is not None \
-                or shape[0] != batch.size or len(shape) != len(var.dims):
-            return False
-        if var.growing is None:
-            var.growing = tuple(grows(d) for d in var.dims[1:])
-        short = False
-        for dim, size, stored, growing in zip(var.dims[1:], shape[1:], var.trailing,
-                                              var.growing, strict=True):
-            if size != stored:
-                if not growing or size > stored:
-                    return False
-                short = True
-            if growing and self._lengths.setdefault(dim, size) != size:
-                return False  # put() says why
-        view = self._gathering.view_now(batch, var, (batch.size, *var.trailing), dtype)
-        if view is None:
-            return False
-        try:
-            if short:
-                view[...] = var.gather.fill  # past the pass's length, as put() fills it
-                view = view[tuple(slice(0, n) for n in shape)]
-            copy(view)
-        except BaseException:
-            view[...] = var.gather.fill  # claimed, never copied: reads as the fill value
-            raise
-        return True
+        return put_direct(self, name, shape, dtype, copy)
 
     def declare(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
                 attrs: dict[str, Any]) -> None:
