@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from layerscope.core import CaptureError, Recorder, Selection, SiteInfo
+from layerscope.core.direct import SitePut
 from layerscope.core.naming import ROOT_SITE, hidden_size_of, move_batch_first
 from layerscope.core.reduce import PassMasks
 from layerscope.core.writer import Alloc
@@ -132,6 +133,7 @@ class _Capture:
         #: with no side effect on later sites (see _direct): the next may go straight to the
         #: writer's chunk memory (Recorder.put_direct), none of the labeling run again
         self._direct: dict[str, tuple[torch.dtype, np.dtype]] = {}
+        self._site_puts: dict[str, SitePut] = {}  # the recorder's put_direct, per site
 
     # -- passes ------------------------------------------------------------------------------
 
@@ -213,9 +215,19 @@ class _Capture:
             if seen is not None and seen() is output:
                 return False
         source = output.detach() if output.requires_grad else output
-        return self.recorder.put_direct(
-            site, "output", tuple(output.shape), known[1],
-            lambda memory: torch.from_numpy(memory).copy_(source))
+
+        def copy(memory: np.ndarray) -> None:
+            torch.from_numpy(memory).copy_(source)
+
+        recorder = self.recorder
+        site_put = self._site_puts.get(site)
+        if site_put is None or site_put.recorder is not recorder:
+            site_put = recorder.direct_site(site, "output")
+            if site_put is not None:
+                self._site_puts[site] = site_put
+        if site_put is not None and site_put.put(output.shape, known[1], copy):
+            return True
+        return recorder.put_direct(site, "output", tuple(output.shape), known[1], copy)
 
     def _store(self, site: str, kind: str, tensor: torch.Tensor, roles: tuple[str, ...],
                module: nn.Module, attrs: Any = None) -> None:

@@ -72,33 +72,67 @@ class DirectSlot:
         return chunk.buffer[lo:lo + batch.size]
 
 
-def put_direct(writer: TraceWriter, name: str, shape: tuple[int, ...], dtype: np.dtype,
-               copy: Callable[[np.ndarray], Any]) -> bool:
-    """:meth:`.writer.TraceWriter.put_direct`: the slot's way, else the general one."""
+class SitePut:
+    """One site's :meth:`.recorder.Recorder.put_direct` as a backend holds it, nothing looked
+    up again (a backend calls it for every captured module, thousands of times a batch):
+    the slot's way only (None from :meth:`put`: ask the recorder, which knows the others)."""
+
+    __slots__ = ("_calls", "_key", "_slot", "recorder")
+
+    def __init__(self, recorder: Any, calls: dict[tuple[str, str], int], key: tuple[str, str],
+                 slot: DirectSlot) -> None:
+        self.recorder, self._calls, self._key, self._slot = recorder, calls, key, slot
+
+    def put(self, shape: tuple[int, ...], dtype: np.dtype,
+            copy: Callable[[np.ndarray], Any]) -> bool:
+        if self._key in self._calls:  # not the site's first call in this pass
+            return False
+        view = self._slot.memory(shape, dtype)
+        if view is None:
+            return False
+        _copy(view, self._slot.var, copy)
+        self._calls[self._key] = 1
+        return True
+
+
+def slot_for(writer: TraceWriter, name: str) -> DirectSlot | None:
+    """Gathered variable ``name``'s slot; None for any other variable."""
     var = writer.variables.get(name)
     if var is None or var.gather is None:
-        return False
+        return None
     slot = writer._slots.get(name)
     if slot is None or slot.var is not var:
         slot = writer._slots[name] = DirectSlot(writer, var)
-    view, short = slot.memory(shape, dtype), False
+    return slot
+
+
+def put_direct(writer: TraceWriter, name: str, shape: tuple[int, ...], dtype: np.dtype,
+               copy: Callable[[np.ndarray], Any]) -> bool:
+    """:meth:`.writer.TraceWriter.put_direct`: the slot's way, else the general one."""
+    slot = slot_for(writer, name)
+    if slot is None:
+        return False
+    view, short, var = slot.memory(shape, dtype), False, slot.var
     if view is None:  # a shorter pass, a dtype stored as another, a batch of another size
         claimed = _claim(writer, var, shape, dtype)
         if claimed is None:
             return False
         view, short = claimed
-    fill = var.gather.fill
-    try:
-        if short:
-            view[...] = fill  # past the pass's length, as put() fills it
-            view = view[tuple(slice(0, n) for n in shape)]
-        copy(view)
-    except BaseException:
-        view[...] = fill  # claimed, never copied: reads as the fill value
-        raise
+    if short:
+        assert var.gather is not None
+        view[...] = var.gather.fill  # past the pass's length, as put() fills it
+        view = view[tuple(slice(0, n) for n in shape)]
+    _copy(view, var, copy)
     return True
 
 
+def _copy(view: np.ndarray, var: _Variable, copy: Callable[[np.ndarray], Any]) -> None:
+    assert var.gather is not None
+    try:
+        copy(view)
+    except BaseException:
+        view[...] = var.gather.fill  # claimed, never copied: reads as the fill value
+        raise
 def _claim(writer: TraceWriter, var: _Variable, shape: tuple[int, ...], dtype: np.dtype
            ) -> tuple[np.ndarray, bool] | None:
     """The claimed chunk memory for ``shape`` the general way, and whether the tensor is

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._reduce_numpy import OPS as NUMPY_OPS
+from .direct import SitePut
 from .errors import CaptureError
 from .format import (
     DECODER_TOKEN_ID,
@@ -209,6 +210,15 @@ class Recorder:
             return False
         self._calls[key] = 1
         return True
+
+    def direct_site(self, site: str, kind: str) -> SitePut | None:
+        """What :meth:`put_direct` does for ``(site, kind)``, bound to it for a backend to
+        keep (its :meth:`.direct.SitePut.put`); None where it would find no gathered
+        variable now (a backend asks again later: the first batch decides gathering)."""
+        key = (site, kind)
+        name = self._first_names.get(key)
+        slot = None if name is None or self.selection.reduces else self.writer.direct_slot(name)
+        return None if slot is None else SitePut(self, self._calls, key, slot)
 
     def _store(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
                module_type: str, to_numpy: ToNumpy, snapshot: Snapshot | None,

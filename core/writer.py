@@ -26,7 +26,7 @@ from ._zarr_compat import create_array, grow_rows, set_attributes
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import EntryCache, array_document, publish, save_array_documents
-from .direct import DirectSlot, put_direct
+from .direct import DirectSlot, put_direct, slot_for
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .gather import GATHERED, Chunk, FlushGroup, VarGather
@@ -276,6 +276,10 @@ class TraceWriter:
         :meth:`put` must decide (a variable not seen, not gathered, or of another shape or
         dtype; a token axis longer than stored, or of another length than the pass's)."""
         return put_direct(self, name, shape, dtype, copy)
+
+    def direct_slot(self, name: str) -> DirectSlot | None:
+        """Gathered variable ``name``'s memory of its last direct put (None: not gathered)."""
+        return slot_for(self, name)
 
     def declare(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
                 attrs: dict[str, Any]) -> None:
