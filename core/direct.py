@@ -32,7 +32,7 @@ class DirectSlot:
         self.writer, self.var = writer, var
         self._chunk: Chunk | None = None
         self._trailing: tuple[int, ...] | None = None
-        self._shape: tuple[int, ...] = ()
+        self._shape: tuple[int, ...] = (-1,)  # (batch size, *trailing) once a batch came
         #: (dim, axis) of each axis whose length may change between passes
         self._growing = tuple((dim, axis) for axis, dim in enumerate(var.dims) if axis
                               and grows(dim))
@@ -75,7 +75,7 @@ class DirectSlot:
 class SitePut:
     """One site's :meth:`.recorder.Recorder.put_direct` as a backend holds it, nothing looked
     up again (a backend calls it for every captured module, thousands of times a batch):
-    the slot's way only (None from :meth:`put`: ask the recorder, which knows the others)."""
+    the slot's way only (False from :meth:`put`: ask the recorder, which knows the others)."""
 
     __slots__ = ("_calls", "_key", "_slot", "recorder")
 
@@ -133,6 +133,8 @@ def _copy(view: np.ndarray, var: _Variable, copy: Callable[[np.ndarray], Any]) -
     except BaseException:
         view[...] = var.gather.fill  # claimed, never copied: reads as the fill value
         raise
+
+
 def _claim(writer: TraceWriter, var: _Variable, shape: tuple[int, ...], dtype: np.dtype
            ) -> tuple[np.ndarray, bool] | None:
     """The claimed chunk memory for ``shape`` the general way, and whether the tensor is
