@@ -131,9 +131,9 @@ class _Capture:
         self._channels_first: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...]]] = {}
         #: site -> (dtype, stored dtype) of a lone output tensor an earlier pass stored
         #: with no side effect on later sites (see _direct): the next may go straight to the
-        #: writer's chunk memory (Recorder.put_direct), none of the labeling run again
+        #: writer's chunk memory (Recorder.direct_site), none of the labeling run again
         self._direct: dict[str, tuple[torch.dtype, np.dtype]] = {}
-        self._site_puts: dict[str, SitePut] = {}  # the recorder's put_direct, per site
+        self._site_puts: dict[str, SitePut] = {}  # the recorder's direct_site, per site
 
     # -- passes ------------------------------------------------------------------------------
 
@@ -219,15 +219,13 @@ class _Capture:
         def copy(memory: np.ndarray) -> None:
             torch.from_numpy(memory).copy_(source)
 
-        recorder = self.recorder
         site_put = self._site_puts.get(site)
-        if site_put is None or site_put.recorder is not recorder:
-            site_put = recorder.direct_site(site, "output")
-            if site_put is not None:
-                self._site_puts[site] = site_put
-        if site_put is not None and site_put.put(output.shape, known[1], copy):
-            return True
-        return recorder.put_direct(site, "output", tuple(output.shape), known[1], copy)
+        if site_put is None or site_put.recorder is not self.recorder:
+            site_put = self.recorder.direct_site(site, "output")
+            if site_put is None:
+                return False
+            self._site_puts[site] = site_put
+        return site_put.put(tuple(output.shape), known[1], copy)
 
     def _store(self, site: str, kind: str, tensor: torch.Tensor, roles: tuple[str, ...],
                module: nn.Module, attrs: Any = None) -> None:

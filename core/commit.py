@@ -65,27 +65,15 @@ def _batch_first(doc: dict[str, Any]) -> bool:
 def root_document(attrs: dict[str, Any], arrays: dict[str, dict[str, Any]], rows: int,
                   cache: EntryCache | None = None) -> bytes:
     """``arrays``: name -> :func:`array_document`, cut here to ``rows`` along ``batch``;
-    ``cache`` keeps their encoded text between commits (the same bytes either way)."""
-    if cache is not None:
-        entries = ", ".join(f"{json.dumps(name)}: {cache.entry(name, arrays[name], rows)}"
-                            for name in sorted(arrays))
-        return (f'{{"zarr_format": 3, "node_type": "group", "attributes": '
-                f'{json.dumps(attrs, allow_nan=False)}, "consolidated_metadata": '
-                f'{{"kind": "inline", "must_understand": false, "metadata": {{{entries}}}}}}}'
-                ).encode()
-    metadata = {}
-    for name, doc in sorted(arrays.items()):
-        if _batch_first(doc):
-            doc = {**doc, "shape": [rows, *doc["shape"][1:]]}
-        metadata[name] = doc
-    doc = {
-        "zarr_format": 3,
-        "node_type": "group",
-        "attributes": attrs,
-        "consolidated_metadata": {"kind": "inline", "must_understand": False,
-                                  "metadata": metadata},
-    }
-    return json.dumps(doc, allow_nan=False).encode()  # no indent: keeps json's C encoder
+    ``cache`` keeps their encoded text between a writer's commits. What ``json.dumps`` of
+    the whole document gives (no indent: json's C encoder), assembled from the entries."""
+    cache = cache if cache is not None else EntryCache()
+    entries = ", ".join(f"{json.dumps(name)}: {cache.entry(name, arrays[name], rows)}"
+                        for name in sorted(arrays))
+    return (f'{{"zarr_format": 3, "node_type": "group", "attributes": '
+            f'{json.dumps(attrs, allow_nan=False)}, "consolidated_metadata": '
+            f'{{"kind": "inline", "must_understand": false, "metadata": {{{entries}}}}}}}'
+            ).encode()
 
 
 def published_shapes(group: Any) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,7 @@
 """The short way into a gathered chunk, for a model traced at hundreds of sites.
 
-:meth:`.writer.TraceWriter.put_direct` is called once per captured tensor, thousands of times
-a batch, and most calls repeat the last one: the same variable, the stored shape, the rows
+:meth:`SitePut.put` is called once per captured tensor, thousands of times a batch, and most
+calls repeat the last one: the same variable, the stored shape, the rows
 of the current batch in the chunk its previous batch went to. A :class:`DirectSlot` (one per
 gathered variable) remembers that chunk and what the checks found, and claims the rows with
 one list append under the gatherer's lock. Anything else (a new chunk, another shape, a
@@ -71,11 +71,34 @@ class DirectSlot:
                 chunk.first = start
         return chunk.buffer[lo:lo + batch.size]
 
+    def put(self, shape: tuple[int, ...], dtype: np.dtype,
+            copy: Callable[[np.ndarray], Any]) -> bool:
+        """``copy`` fills the claimed memory of this batch's rows: the remembered chunk's,
+        else the general way's (a shorter pass: filled past its length, as put() fills it).
+        False, with nothing claimed, where the writer's ``put`` must decide."""
+        view, short = self.memory(shape, dtype), False
+        if view is None:
+            claimed = _claim(self.writer, self.var, shape, dtype)
+            if claimed is None:
+                return False
+            view, short = claimed
+        gather = self.var.gather
+        assert gather is not None  # checked by both ways
+        try:
+            if short:
+                view[...] = gather.fill
+                view = view[tuple(slice(0, n) for n in shape)]
+            copy(view)
+        except BaseException:
+            view[...] = gather.fill  # claimed, never copied: reads as the fill value
+            raise
+        return True
+
 
 class SitePut:
-    """One site's :meth:`.recorder.Recorder.put_direct` as a backend holds it, nothing looked
-    up again (a backend calls it for every captured module, thousands of times a batch):
-    the slot's way only (False from :meth:`put`: ask the recorder, which knows the others)."""
+    """One site's direct way as a backend holds it (:meth:`.recorder.Recorder.direct_site`),
+    nothing looked up again: a backend calls it for every captured module, thousands of
+    times a batch."""
 
     __slots__ = ("_calls", "_key", "_slot", "recorder")
 
@@ -85,12 +108,12 @@ class SitePut:
 
     def put(self, shape: tuple[int, ...], dtype: np.dtype,
             copy: Callable[[np.ndarray], Any]) -> bool:
-        if self._key in self._calls:  # not the site's first call in this pass
+        """The recorder's ``put`` of the site's first call in this pass, taken as an earlier
+        pass took it: ``copy`` fills the chunk memory its rows go to, now. False, with
+        nothing done, where ``put`` must run (a later call of the site in the pass, a
+        variable no longer gathered, a shape or dtype the slot does not take)."""
+        if self._key in self._calls or not self._slot.put(shape, dtype, copy):
             return False
-        view = self._slot.memory(shape, dtype)
-        if view is None:
-            return False
-        _copy(view, self._slot.var, copy)
         self._calls[self._key] = 1
         return True
 
@@ -104,35 +127,6 @@ def slot_for(writer: TraceWriter, name: str) -> DirectSlot | None:
     if slot is None or slot.var is not var:
         slot = writer._slots[name] = DirectSlot(writer, var)
     return slot
-
-
-def put_direct(writer: TraceWriter, name: str, shape: tuple[int, ...], dtype: np.dtype,
-               copy: Callable[[np.ndarray], Any]) -> bool:
-    """:meth:`.writer.TraceWriter.put_direct`: the slot's way, else the general one."""
-    slot = slot_for(writer, name)
-    if slot is None:
-        return False
-    view, short, var = slot.memory(shape, dtype), False, slot.var
-    if view is None:  # a shorter pass, a dtype stored as another, a batch of another size
-        claimed = _claim(writer, var, shape, dtype)
-        if claimed is None:
-            return False
-        view, short = claimed
-    if short:
-        assert var.gather is not None
-        view[...] = var.gather.fill  # past the pass's length, as put() fills it
-        view = view[tuple(slice(0, n) for n in shape)]
-    _copy(view, var, copy)
-    return True
-
-
-def _copy(view: np.ndarray, var: _Variable, copy: Callable[[np.ndarray], Any]) -> None:
-    assert var.gather is not None
-    try:
-        copy(view)
-    except BaseException:
-        view[...] = var.gather.fill  # claimed, never copied: reads as the fill value
-        raise
 
 
 def _claim(writer: TraceWriter, var: _Variable, shape: tuple[int, ...], dtype: np.dtype

@@ -52,7 +52,7 @@ class Recorder:
         #: the stack its site's path names (elsewhere a module called ``decoder`` is no stack)
         self.encoder_decoder = False
         self._calls: dict[tuple[str, str], int] = {}
-        #: (site, kind) -> the name of its first call's variable (see put_direct)
+        #: (site, kind) -> the name of its first call's variable (see direct_site)
         self._first_names: dict[tuple[str, str], str] = {}
         self._texts: list[str] | None = None
         # site@kind -> why it is not captured; a store appended to keeps its earlier record
@@ -197,24 +197,12 @@ class Recorder:
         self._store(site, kind, tensor, roles, module_type, to_numpy, snapshot, attrs, region,
                     call_index)
 
-    def put_direct(self, site: str, kind: str, shape: tuple[int, ...], dtype: np.dtype,
-                   copy: Callable[[np.ndarray], Any]) -> bool:
-        """:meth:`put` of the first call of ``(site, kind)`` in this pass, taken as an earlier
-        pass took it, where the writer copies it straight into its variable's chunk memory
-        (:meth:`.TraceWriter.put_direct`): ``copy`` fills the memory it is handed. False,
-        with nothing done, where :meth:`put` must run (a backend then calls it)."""
-        key = (site, kind)
-        name = self._first_names.get(key)
-        if name is None or key in self._calls or self.selection.reduces \
-                or not self.writer.put_direct(name, shape, dtype, copy):
-            return False
-        self._calls[key] = 1
-        return True
-
     def direct_site(self, site: str, kind: str) -> SitePut | None:
-        """What :meth:`put_direct` does for ``(site, kind)``, bound to it for a backend to
-        keep (its :meth:`.direct.SitePut.put`); None where it would find no gathered
-        variable now (a backend asks again later: the first batch decides gathering)."""
+        """The way for ``(site, kind)`` straight into its variable's chunk memory, for a
+        backend to keep (:meth:`.direct.SitePut.put`: :meth:`put` of the site's first call
+        in a pass, taken as an earlier pass took it, no labeling run again); None where its
+        variable is not gathered now (a backend asks again later: the first batch decides
+        gathering) or the selection reduces tensors."""
         key = (site, kind)
         name = self._first_names.get(key)
         slot = None if name is None or self.selection.reduces else self.writer.direct_slot(name)

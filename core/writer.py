@@ -26,7 +26,7 @@ from ._zarr_compat import create_array, grow_rows, set_attributes
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import EntryCache, array_document, publish, save_array_documents
-from .direct import DirectSlot, put_direct, slot_for
+from .direct import DirectSlot, slot_for
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .gather import GATHERED, Chunk, FlushGroup, VarGather
@@ -78,7 +78,7 @@ class _Variable:
     lock: threading.Lock = field(default_factory=threading.Lock)
     gather: VarGather | None = None  # its chunks span several batches (see .gather)
     settled: bool = False  # whether this writer decided if it is gathered
-    #: whether each of its axes but the batch may change length between passes (put_direct)
+    #: whether each of its axes but the batch may change length between passes (.direct)
     growing: tuple[bool, ...] | None = None
 
 
@@ -144,7 +144,7 @@ class TraceWriter:
         self._open: dict[int, _Batch] = {}
         #: each token axis's length in the current pass (see :mod:`.growth`)
         self._lengths: dict[str, int] = {}
-        self._slots: dict[str, DirectSlot] = {}  # put_direct's memory, per variable
+        self._slots: dict[str, DirectSlot] = {}  # direct_slot's, per variable
         self._root_entries = EntryCache()  # each array's root-document entry, kept
         self._current: _Batch | None = None
         self._state_lock = threading.Lock()
@@ -268,17 +268,9 @@ class TraceWriter:
             task.batch.pending += 1
         self._queue.put(task)
 
-    def put_direct(self, name: str, shape: tuple[int, ...], dtype: np.dtype,
-                   copy: Callable[[np.ndarray], Any]) -> bool:
-        """What :meth:`put` does for a gathered variable's tensor of the stored shape (or
-        shorter along token axes), the common case of a model traced at many sites: ``copy``
-        fills the chunk memory its rows go to, now. False, with nothing done, where
-        :meth:`put` must decide (a variable not seen, not gathered, or of another shape or
-        dtype; a token axis longer than stored, or of another length than the pass's)."""
-        return put_direct(self, name, shape, dtype, copy)
-
     def direct_slot(self, name: str) -> DirectSlot | None:
-        """Gathered variable ``name``'s memory of its last direct put (None: not gathered)."""
+        """Gathered variable ``name``'s way straight into its chunk memory, the common case of
+        a model traced at many sites (see :mod:`.direct`); None where it is not gathered."""
         return slot_for(self, name)
 
     def declare(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],

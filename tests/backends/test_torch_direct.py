@@ -14,7 +14,6 @@ from torch import nn
 import layerscope
 from layerscope.core import StoreOptions
 from layerscope.core import direct as direct_module
-from layerscope.core import writer as writer_module
 from layerscope.core.gather import GatherPolicy
 
 
@@ -88,10 +87,7 @@ def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch
             return taken
         return put
 
-    # the two direct ways: a site's own (SitePut) and, where it says no, the writer's
     monkeypatch.setattr(direct_module.SitePut, "put", counted(direct_module.SitePut.put))
-    monkeypatch.setattr(writer_module.TraceWriter, "put_direct",
-                        counted(writer_module.TraceWriter.put_direct))
     path = tmp_path / "t.zarr"
     # chunks of two batches: the shorter passes after the longer one fill new chunks, and
     # later ones the memory of written ones (reused: what it held must not show)
