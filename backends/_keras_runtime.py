@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from layerscope.core.writer import Alloc
+from layerscope.core.writerecords import Alloc
 
 
 def keras_backend() -> str:

@@ -54,7 +54,7 @@ from torch import nn
 from layerscope.core import Recorder, Selection
 from layerscope.core.errors import CaptureError
 from layerscope.core.naming import variable_name
-from layerscope.core.writer import Snapshot, ToNumpy
+from layerscope.core.writerecords import Snapshot, ToNumpy
 
 from ._torch_generate_assembly import token_labels
 from ._torch_generate_request import GenerateRequest, read_request, sequences_of

@@ -26,7 +26,7 @@ from layerscope.core import CaptureError, Recorder, Selection, SiteInfo
 from layerscope.core.direct import SitePut
 from layerscope.core.naming import ROOT_SITE, hidden_size_of, move_batch_first
 from layerscope.core.reduce import PassMasks
-from layerscope.core.writer import Alloc
+from layerscope.core.writerecords import Alloc
 
 from . import _torch_cuda
 from ._attention import (

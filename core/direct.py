@@ -20,7 +20,8 @@ from .growth import grows
 
 if TYPE_CHECKING:
     from .gather import Chunk
-    from .writer import TraceWriter, _Variable
+    from .writer import TraceWriter
+    from .writerecords import Variable
 
 
 class DirectSlot:
@@ -28,7 +29,7 @@ class DirectSlot:
 
     __slots__ = ("_chunk", "_growing", "_shape", "_trailing", "var", "writer")
 
-    def __init__(self, writer: TraceWriter, var: _Variable) -> None:
+    def __init__(self, writer: TraceWriter, var: Variable) -> None:
         self.writer, self.var = writer, var
         self._chunk: Chunk | None = None
         self._trailing: tuple[int, ...] | None = None
@@ -129,7 +130,7 @@ def slot_for(writer: TraceWriter, name: str) -> DirectSlot | None:
     return slot
 
 
-def _claim(writer: TraceWriter, var: _Variable, shape: tuple[int, ...], dtype: np.dtype
+def _claim(writer: TraceWriter, var: Variable, shape: tuple[int, ...], dtype: np.dtype
            ) -> tuple[np.ndarray, bool] | None:
     """The claimed chunk memory for ``shape`` the general way, and whether the tensor is
     shorter than it along a token axis; None where put() must decide."""

@@ -22,7 +22,8 @@ from .gather import GATHERED, Chunk, Gatherer, VarGather
 if TYPE_CHECKING:
     from .chunkwrite import ChunkWriter, Entry
     from .region import Region
-    from .writer import Snapshot, ToNumpy, TraceWriter, _Batch, _Task, _Variable
+    from .writer import TraceWriter
+    from .writerecords import Batch, Snapshot, Task, ToNumpy, Variable
 
 
 class GatheredWrites:
@@ -33,7 +34,7 @@ class GatheredWrites:
         self.policy = writer.options.gathering
         self.chunks = Gatherer(self.policy, committed_samples)
         #: the first batch's small tensors, waiting for the decision to gather
-        self.stash: list[_Task] = []
+        self.stash: list[Task] = []
         self.stash_bytes = 0
         #: the chunks of the last group queued as one task, some perhaps still to write
         self.flushing: Flushes | None = None
@@ -44,12 +45,12 @@ class GatheredWrites:
         kind = getattr(getattr(data, "dtype", None), "kind", "f")
         return self.policy.enabled and nbytes <= self.policy.below and kind not in "UTOSV"
 
-    def undecided(self, var: _Variable, data: Any) -> bool:
+    def undecided(self, var: Variable, data: Any) -> bool:
         """Whether ``var`` waits for the end of this writer's first batch (see :meth:`decide`)."""
         return not self.chunks.decided and var.array is None \
             and self.is_small(data, _nbytes(data))
 
-    def settle(self, var: _Variable, batch: _Batch, data: Any, region: Region | None) -> None:
+    def settle(self, var: Variable, batch: Batch, data: Any, region: Region | None) -> None:
         """Decide once per writer whether ``var`` is gathered: a new small variable once the
         first batch chose to gather, an existing one whose chunks hold two batches or more;
         never one written in pieces (``region``, :mod:`.region`)."""
@@ -67,18 +68,18 @@ class GatheredWrites:
             self._gathered(var, self.chunks.group_batches, batch)
 
     @staticmethod
-    def _gathered(var: _Variable, batches: int, batch: _Batch) -> None:
+    def _gathered(var: Variable, batches: int, batch: Batch) -> None:
         """Gather new variable ``var``: chunks of ``batches`` batches like ``batch``; its
         attribute ``gathered_batches`` says so to readers (:func:`.reader.open_trace` gives
         it the dask chunks of one batch where other variables have those)."""
         var.gather = VarGather(batches * batch.size)
         var.attrs = {**var.attrs, GATHERED: batches}
 
-    def _preload(self, var: _Variable) -> None:
+    def _preload(self, var: Variable) -> None:
         """The committed rows of the chunk this writer's first rows fall into, read back:
         the chunk is written whole again, in one step (it holds committed rows)."""
         assert var.gather is not None
-        committed = self.writer._committed_samples
+        committed = self.writer.commits.samples
         start = committed // var.gather.rows * var.gather.rows
         if start == committed:
             return
@@ -92,7 +93,7 @@ class GatheredWrites:
 
     # -- puts --------------------------------------------------------------------------------
 
-    def put(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
+    def put(self, batch: Batch, var: Variable, data: Any, to_numpy: ToNumpy,
             snapshot: Snapshot | None) -> None:
         """Copy ``data`` into ``var``'s chunk in memory now where it can be; a device copy
         (or other data a writer thread must wait for) is placed there by a writer thread."""
@@ -137,7 +138,7 @@ class GatheredWrites:
         task.parts = chunks.claim(var, start, stop, deferred=True)
         writer._queue_task(task)
 
-    def view_now(self, batch: _Batch, var: _Variable, shape: tuple[int, ...],
+    def view_now(self, batch: Batch, var: Variable, shape: tuple[int, ...],
                  dtype: np.dtype) -> np.ndarray | None:
         """The chunk memory ``batch``'s rows of gathered ``var`` go to, claimed, for a tensor
         of ``shape`` and ``dtype`` to be copied into now; None where it cannot (see
@@ -146,7 +147,7 @@ class GatheredWrites:
             return None
         return self.chunks.view(var, batch.start, batch.start + batch.size, shape, dtype)
 
-    def ungather(self, var: _Variable) -> None:
+    def ungather(self, var: Variable) -> None:
         """``var`` is written in pieces from now on (a traced ``generate()`` appending to a
         store where it was gathered): its open chunks are written now, whole, on the
         caller's thread, and its later rows take the way of every other variable."""
@@ -162,7 +163,7 @@ class GatheredWrites:
             chunks.recycle(chunk)
         var.gather = None
 
-    def place_now(self, var: _Variable, start: int, stop: int, data: np.ndarray) -> bool:
+    def place_now(self, var: Variable, start: int, stop: int, data: np.ndarray) -> bool:
         """Copy host ``data`` into the chunk memory now; False where its dtype is not the
         stored one (a writer thread then reports it)."""
         assert var.gather is not None
@@ -172,7 +173,7 @@ class GatheredWrites:
         self.chunks.place(var, self.chunks.claim(var, start, stop, deferred=False), host)
         return True
 
-    def place(self, task: _Task, data: np.ndarray) -> None:
+    def place(self, task: Task, data: np.ndarray) -> None:
         """A writer thread's placement of ``task``'s host data into its claimed chunks."""
         var = task.var
         assert var.gather is not None and task.parts is not None
@@ -182,7 +183,7 @@ class GatheredWrites:
                               "new store")
         self.chunks.place(var, task.parts, data)
 
-    def stash_task(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
+    def stash_task(self, batch: Batch, var: Variable, data: Any, to_numpy: ToNumpy,
                    snapshot: Snapshot | None) -> None:
         """Hold a small tensor of this writer's first batch until the batch ends and decides
         whether small variables are gathered. Held in memory of its own, outside the host
@@ -196,7 +197,7 @@ class GatheredWrites:
         if self.stash_bytes > self.policy.memory // 4:
             self.decide(batch)
 
-    def decide(self, batch: _Batch) -> None:
+    def decide(self, batch: Batch) -> None:
         """At the end of this writer's first batch: gather its small variables, or write
         them as every other variable (too few of them, or too little memory to gain)."""
         stash, self.stash = self.stash, []
@@ -215,13 +216,13 @@ class GatheredWrites:
             if not self.place_now(var, batch.start, batch.start + batch.size, host):
                 raise SchemaError(f"{var.name}: dtype {host.dtype} cannot be stored")
 
-    def discard(self, batch: _Batch) -> None:
+    def discard(self, batch: Batch) -> None:
         self.stash, self.stash_bytes = [], 0
         self.chunks.unclaim(batch.start)
 
     # -- chunks closed, written, committed ---------------------------------------------------
 
-    def end_batch(self, batch: _Batch) -> None:
+    def end_batch(self, batch: Batch) -> None:
         """The model's side of a batch end, before the batch counts as ended."""
         if self.stash or not self.chunks.decided:
             self.decide(batch)
@@ -259,14 +260,14 @@ class GatheredWrites:
                 self.writer._queue.put(self.flushing)
         target = previous.commits if previous is not None and upto is not None and closed else 0
         chunks.wait(lambda: (chunks.in_flight_locked() <= (1 if upto is not None else 0)
-                             and writer._published_samples >= target)
+                             and writer.commits.published_samples >= target)
                     or writer._error is not None)
         return not closed and chunks.durable > durable
 
-    def queue_flush(self, var: _Variable, chunk: Chunk) -> None:
+    def queue_flush(self, var: Variable, chunk: Chunk) -> None:
         self.writer._queue.put(self.flush_task(var, chunk))
 
-    def queue_flushes(self, ready: list[tuple[_Variable, Chunk]]) -> None:
+    def queue_flushes(self, ready: list[tuple[Variable, Chunk]]) -> None:
         """Queue the flushes of a group's chunks as one task for one writer thread: a group
         of a model traced at many sites has thousands of chunks, and a task each woke the
         writer threads a thousand times while the model thread made them; two threads
@@ -309,7 +310,7 @@ class GatheredWrites:
                     writer._fail("chunk write", exc, f"{writer._where}/{var.name}")
                     self.chunks.recycle(chunk)
                     self.chunks.finished(group, False)
-                    writer._task_done(batch)
+                    writer.commits.task_done(batch)
                     continue
                 done.append(chunk)
         finally:
@@ -318,15 +319,15 @@ class GatheredWrites:
                 for chunk in done:
                     self.chunks.recycle(chunk)
                 if self.chunks.finished(group, True, len(done)):
-                    writer._commit_ready()
+                    writer.commits.ready()
             if plain:
                 with writer._drained:
                     batch.writing -= 1
                     writer._drained.notify_all()
             if done:
-                writer._task_done(batch, len(done))
+                writer.commits.task_done(batch, len(done))
 
-    def _whole_chunk(self, var: _Variable, chunk: Chunk, batch: _Batch
+    def _whole_chunk(self, var: Variable, chunk: Chunk, batch: Batch
                      ) -> tuple[ChunkWriter, np.ndarray] | None:
         """The chunk writer and data of ``chunk`` where :meth:`run_flushes` writes it itself,
         else None."""
@@ -338,21 +339,21 @@ class GatheredWrites:
         data = self.chunks.fill_gaps(var, chunk)
         return (writer, data) if writer.covers(chunk.start, data) else None
 
-    def flush_task(self, var: _Variable, chunk: Chunk) -> _Task:
+    def flush_task(self, var: Variable, chunk: Chunk) -> Task:
         assert chunk.flush is not None
         group, batch = chunk.flush
         task = self.writer._task(batch, var, None, _identity, 0)
         task.chunk, task.group = chunk, group
         return task
 
-    def chunk_data(self, task: _Task) -> np.ndarray:
+    def chunk_data(self, task: Task) -> np.ndarray:
         """A flush's data: the whole chunk, fill values where no rows were placed."""
         assert task.chunk is not None
         data = self.chunks.fill_gaps(task.var, task.chunk)
         task.shape = tuple(data.shape[1:])
         return data
 
-    def task_done(self, task: _Task, ok: bool) -> None:
+    def task_done(self, task: Task, ok: bool) -> None:
         """A placement into a gathered chunk or a chunk's flush is over (done or not)."""
         if task.parts is not None:
             for chunk in self.chunks.placed(task.parts):
@@ -360,7 +361,7 @@ class GatheredWrites:
         if task.chunk is not None and task.group is not None:
             self.chunks.recycle(task.chunk)
             if self.chunks.finished(task.group, ok):
-                self.writer._commit_ready()
+                self.writer.commits.ready()
 
     def notify(self) -> None:
         """Wake a caller waiting in :meth:`close_chunks` (a commit, or a failure)."""
@@ -372,13 +373,13 @@ class Flushes:
     """The chunks of one group to write, taken by the writer threads it was queued to
     (:meth:`GatheredWrites.run_flushes`)."""
 
-    def __init__(self, chunks: list[tuple[_Variable, Chunk]]) -> None:
+    def __init__(self, chunks: list[tuple[Variable, Chunk]]) -> None:
         flush = chunks[0][1].flush
         assert flush is not None  # sealed
         self.group, self.batch = flush  # one seal: one group, one manifest batch
         self.chunks = deque(chunks)
 
-    def take(self) -> Iterator[tuple[_Variable, Chunk]]:
+    def take(self) -> Iterator[tuple[Variable, Chunk]]:
         while True:
             try:
                 yield self.chunks.popleft()  # atomic: threads share the deque

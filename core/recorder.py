@@ -34,7 +34,8 @@ from .naming import layer_index, stack_of, variable_name
 from .reduce import FULL, ArrayOps, PassMasks, Piece, apply_chains
 from .region import Region
 from .selection import Selection
-from .writer import Snapshot, ToNumpy, TraceWriter, _as_numpy
+from .writer import TraceWriter
+from .writerecords import Snapshot, ToNumpy, as_numpy
 
 TokenDecoder = Callable[[Sequence[int]], list[str]]
 
@@ -169,7 +170,7 @@ class Recorder:
     # -- captured tensors --------------------------------------------------------------------
 
     def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
-            module_type: str = "", to_numpy: ToNumpy = _as_numpy,
+            module_type: str = "", to_numpy: ToNumpy = as_numpy,
             snapshot: Snapshot | None = None, attrs: Mapping[str, Any] | None = None,
             region: Region | None = None, call_index: int | None = None) -> None:
         """Queue one captured tensor whose first axis is the batch. ``attrs``: more variable
@@ -294,7 +295,7 @@ class Recorder:
         pieces = self.reduce(site, kind, array, roles, NUMPY_OPS, masks)
         self._backend_reduces = False  # reduce() took this backend for one that reduces
         for piece in pieces:
-            self._store(site, piece.kind, piece.value, piece.roles, module_type, _as_numpy,
+            self._store(site, piece.kind, piece.value, piece.roles, module_type, as_numpy,
                         None, {**(attrs or {}), **piece.attrs})
 
     def _record_skipped(self) -> None:

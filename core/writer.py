@@ -5,8 +5,9 @@ is queued and the caller returns at once; worker threads copy it to host memory,
 and write it. A byte budget bounds what may wait in the queue, so memory stays flat whatever
 the number of batches. A batch is committed (``committed_batches`` / ``committed_samples`` in
 the group attributes, together with consolidated metadata) only after every chunk of it and
-of all earlier batches is on disk; a reader never trusts rows past that. Token axes may take
-a new length in every pass (:mod:`.growth`): longer passes grow them, shorter ones are filled.
+of all earlier batches is on disk (:mod:`.committing`); a reader never trusts rows past
+that. Token axes may take a new length in every pass (:mod:`.growth`): longer passes grow
+them, shorter ones are filled.
 Small variables of a model traced at many sites are gathered into chunks of several batches,
 written whole and committed in groups (:mod:`.gather`).
 """
@@ -16,8 +17,6 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,11 +24,12 @@ import numpy as np
 from ._zarr_compat import create_array, grow_rows, set_attributes
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
-from .commit import EntryCache, array_document, publish, save_array_documents
+from .commit import array_document, save_array_documents
+from .committing import Commits, StepFailed
 from .direct import DirectSlot, slot_for
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
-from .gather import GATHERED, Chunk, FlushGroup, VarGather
+from .gather import GATHERED
 from .gatherwrite import Flushes, GatheredWrites
 from .growth import (
     check_lengths,
@@ -41,16 +41,11 @@ from .growth import (
 )
 from .hostpool import HostPool
 from .lock import adopt_lock
-from .manifest import MANIFEST_DIR, write_manifest
 from .naming import DimRegistry, plain_role
 from .region import Region
 from .reopen import invalidate_uncommitted, load_variables
+from .writerecords import Batch, Snapshot, Task, ToNumpy, Variable, as_numpy
 
-ToNumpy = Callable[[Any], np.ndarray]
-#: (host shape, numpy dtype) -> an empty array in memory the writer owns and reuses
-Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
-#: copies a framework tensor out of the model, into ``alloc``'s memory where it can
-Snapshot = Callable[[Any, Alloc], Any]
 AUTO_BUDGET_MIN = 64 << 20
 AUTO_BUDGET_MAX = 1 << 30
 _STOP = object()
@@ -60,63 +55,6 @@ ARRAY_CONFIG = {"write_empty_chunks": True}
 #: chunk files named c.<i>.<j>... side by side in the array's folder: a "/" separator would
 #: create a folder per batch for every variable, which costs the writer more than the file
 CHUNK_KEYS = {"name": "default", "separator": "."}
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-    return np.asarray(value)
-
-
-@dataclass
-class _Variable:
-    name: str
-    dims: tuple[str, ...]
-    trailing: tuple[int, ...]
-    attrs: dict[str, Any]
-    array: Any = None  # the zarr array once created
-    document: dict[str, Any] | None = None  # its consolidated metadata, made once
-    chunk_writer: ChunkWriter | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    gather: VarGather | None = None  # its chunks span several batches (see .gather)
-    settled: bool = False  # whether this writer decided if it is gathered
-    #: whether each of its axes but the batch may change length between passes (.direct)
-    growing: tuple[bool, ...] | None = None
-
-
-@dataclass
-class _Batch:
-    number: int
-    start: int
-    size: int
-    pending: int = 0  # tasks queued and not yet done
-    writing: int = 0  # tasks a worker is writing now (counted by workers only)
-    ended: bool = False
-    failed: bool = False
-    wrote: bool = False  # a worker started writing for it
-    pieces: bool = False  # it had pieces of variables (.region): positions a later batch skips
-    nbytes: int = 0
-    #: the token axes' stored lengths once this batch has been put (published at its commit)
-    lengths: dict[str, int] = field(default_factory=dict)
-    #: chunk files written for this batch: key -> (file size, crc32c), for its manifest
-    chunks: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-
-@dataclass
-class _Task:
-    batch: _Batch
-    var: _Variable
-    data: Any
-    to_numpy: ToNumpy
-    nbytes: int
-    buffer: np.ndarray | None = None  # the pool memory ``data`` lives in
-    #: the variable's stored shape per sample when this was put: what its batch fills
-    #: (token axes grown by later passes are theirs: they commit with them)
-    shape: tuple[int, ...] = ()
-    region: Region | None = None  # where a piece of the batch's rows goes (.region)
-    #: a gathered variable's rows: the chunk pieces they fill in memory (see .gather)
-    parts: list[tuple[Chunk, int, int]] | None = None
-    #: a gathered chunk written whole, at row ``chunk.start``, for its flush group
-    chunk: Chunk | None = None
-    group: FlushGroup | None = None
 
 
 class TraceWriter:
@@ -139,21 +77,14 @@ class TraceWriter:
         self.dims = DimRegistry()
         self._rows = committed_samples
         self._batches = committed_batches
-        self._committed = committed_batches
-        self._committed_samples = committed_samples
-        self._open: dict[int, _Batch] = {}
+        self._open: dict[int, Batch] = {}
         #: each token axis's length in the current pass (see :mod:`.growth`)
         self._lengths: dict[str, int] = {}
         self._slots: dict[str, DirectSlot] = {}  # direct_slot's, per variable
-        self._root_entries = EntryCache()  # each array's root-document entry, kept
-        self._current: _Batch | None = None
+        self._current: Batch | None = None
         self._state_lock = threading.Lock()
         self._drained = threading.Condition(self._state_lock)
         self._create_lock = threading.Lock()
-        self._publish_lock = threading.Lock()
-        #: what the root document says is committed: batches move to ``_committed`` when
-        #: their chunks are written, and here once their manifests and root document are
-        self._published, self._published_samples = committed_batches, committed_samples
         self._error: BaseException | None = None
         self._failed_step = self._failed_where = ""
         self._where = _store_name(group)
@@ -166,19 +97,17 @@ class TraceWriter:
         # caller holds a lock the workers need (queue.Queue takes a Python-level Condition)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._files = local_chunk_files(group.store, options.direct_io, options.durable)
-        self._unpublished: list[_Batch] = []  # committed, manifest not yet written
-        self._synced: set[str] = set()  # folders with new files, flushed at a durable commit
         self._gathering = GatheredWrites(self, committed_samples)  # see .gather
-        self.variables: dict[str, _Variable] = load_variables(group, self.dims, _Variable,
-                                                              ARRAY_CONFIG)
-        #: token axes' lengths as of the last batch committed / published (see .growth)
-        self._committed_lengths = self._published_lengths = self._token_lengths()
+        self.variables: dict[str, Variable] = load_variables(group, self.dims, Variable,
+                                                             ARRAY_CONFIG)
+        self.commits = Commits(self, committed_batches, committed_samples,
+                               self._token_lengths())
         self._invalidated = invalidate_uncommitted(self.variables, self._files,
                                                    committed_samples, options.durable)
         self._discarded_from: int | None = None
         self.attrs["status"] = STATUS_WRITING
         try:
-            self._write_root()
+            self.commits.write_root()
         except OSError as exc:
             raise WriterError(f"writing the trace failed at the commit that creates {self._where}: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -204,7 +133,7 @@ class TraceWriter:
         if self._discarded_from is not None:
             self._forget_discarded()
         with self._state_lock:
-            batch = _Batch(self._batches, self._rows, size)
+            batch = Batch(self._batches, self._rows, size)
             self._open[batch.number] = batch
         if self._invalidated:  # listed in the manifest of the first batch appended
             entries, self._invalidated = self._invalidated, []
@@ -217,7 +146,7 @@ class TraceWriter:
                  {"description": "global sample index across appends"})
 
     def put(self, name: str, data: Any, roles: tuple[str, ...], attrs: dict[str, Any],
-            to_numpy: ToNumpy = _as_numpy, snapshot: Snapshot | None = None,
+            to_numpy: ToNumpy = as_numpy, snapshot: Snapshot | None = None,
             region: Region | None = None) -> None:
         """Queue ``data`` (batch axis first) as rows of the current batch of variable ``name``.
 
@@ -257,13 +186,13 @@ class TraceWriter:
             batch.nbytes += task.nbytes
         self._queue_task(task)
 
-    def _task(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
-              nbytes: int) -> _Task:
-        task = _Task(batch, var, data, to_numpy, nbytes)
+    def _task(self, batch: Batch, var: Variable, data: Any, to_numpy: ToNumpy,
+              nbytes: int) -> Task:
+        task = Task(batch, var, data, to_numpy, nbytes)
         task.shape = var.trailing
         return task
 
-    def _queue_task(self, task: _Task) -> None:
+    def _queue_task(self, task: Task) -> None:
         with self._state_lock:
             task.batch.pending += 1
         self._queue.put(task)
@@ -290,13 +219,13 @@ class TraceWriter:
         pool would keep that much memory for reuse until the trace ends."""
         self._pool.set_cap(nbytes)
 
-    def _hold(self, batch: _Batch, var: _Variable, data: Any, to_numpy: ToNumpy,
-              snapshot: Snapshot | None) -> _Task:
+    def _hold(self, batch: Batch, var: Variable, data: Any, to_numpy: ToNumpy,
+              snapshot: Snapshot | None) -> Task:
         """The task for ``data``, its bytes counted against the budget (waiting for room)."""
         if snapshot is None:
             nbytes = _nbytes(data)
             self._pool.acquire(nbytes)
-            return _Task(batch, var, data, to_numpy, nbytes)
+            return Task(batch, var, data, to_numpy, nbytes)
         taken: list[np.ndarray] = []
 
         def alloc(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -311,10 +240,10 @@ class TraceWriter:
                 self._pool.give(buffer)
             raise
         if taken:
-            return _Task(batch, var, held, to_numpy, taken[0].nbytes, taken[0])
+            return Task(batch, var, held, to_numpy, taken[0].nbytes, taken[0])
         nbytes = _nbytes(held)
         self._pool.acquire(nbytes)
-        return _Task(batch, var, held, to_numpy, nbytes)
+        return Task(batch, var, held, to_numpy, nbytes)
 
     def _pooled(self, shape: tuple[int, ...], dtype: np.dtype,
                 taken: list[np.ndarray]) -> np.ndarray:
@@ -340,7 +269,7 @@ class TraceWriter:
         if self._gathering.chunks.holding and self._gathering.close_chunks(self._rows):
             ready = True
         if ready:
-            self._commit_ready()
+            self.commits.ready()
         self.raise_if_failed()
 
     def discard_batch(self) -> None:
@@ -404,7 +333,7 @@ class TraceWriter:
                 worker.join()
         self._pool.clear()
         self._gathering.chunks.drop_all()
-        self._commit_ready(final=True)
+        self.commits.ready(final=True)
         if self._error is None:
             try:
                 self._save_array_metadata()
@@ -441,18 +370,12 @@ class TraceWriter:
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update group attributes, published together with the committed metadata."""
-        with self._publish_lock:
-            self.attrs.update(attrs)
-            try:
-                self._write_root()
-            except BaseException as exc:
-                self._fail("commit", exc, self._where)
-                raise
+        self.commits.set_attrs(attrs)
 
     # -- variables ---------------------------------------------------------------------------
 
     def _variable(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
-                  attrs: dict[str, Any]) -> _Variable:
+                  attrs: dict[str, Any]) -> Variable:
         var = self.variables.get(name)
         if var is None:
             dims = self.dims.resolve(roles, shape, self._lengths)
@@ -463,7 +386,7 @@ class TraceWriter:
                      "order": len(self.variables)}
             # stored at the longest length seen: a shorter tensor is filled
             trailing = tuple(self.dims.sizes[d] for d in dims[1:])
-            var = _Variable(name, dims, trailing, attrs)
+            var = Variable(name, dims, trailing, attrs)
             with self._create_lock:  # a later growth finds it
                 self.variables[name] = var
         else:
@@ -482,7 +405,7 @@ class TraceWriter:
             if var.gather is not None and var.gather.chunks:
                 self._gathering.chunks.regrow(var)
 
-    def _create_array(self, var: _Variable, sample: np.ndarray,
+    def _create_array(self, var: Variable, sample: np.ndarray,
                       region: Region | None = None) -> Any:
         batches = var.attrs.get(GATHERED, 1) if var.gather is not None else 1
         # a gathered chunk holds several batches: compression is decided on the first one, as
@@ -519,8 +442,8 @@ class TraceWriter:
         documents = {}
         for var in self.variables.values():
             if var.document is not None:
-                doc = cut_document(var.document, self._published_lengths)
-                documents[var.name] = {**doc, "shape": [self._committed_samples,
+                doc = cut_document(var.document, self.commits.published_lengths)
+                documents[var.name] = {**doc, "shape": [self.commits.samples,
                                                         *doc["shape"][1:]]}
         save_array_documents(self.group, documents, self.options.durable)
 
@@ -541,7 +464,7 @@ class TraceWriter:
             except BaseException as exc:  # the bookkeeping itself failed
                 self._fail("chunk write", exc, self._where)
 
-    def _run(self, task: _Task) -> None:
+    def _run(self, task: Task) -> None:
         batch = task.batch
         with self._state_lock:
             run = self._error is None and batch.size > 0
@@ -555,7 +478,7 @@ class TraceWriter:
             if run:
                 self._write(task)
                 ok = True
-        except _StepFailed as exc:
+        except StepFailed as exc:
             batch.failed = True
             self._fail(exc.step, exc.error, exc.where)
         except BaseException as exc:  # surfaces in the caller at the next call
@@ -572,9 +495,9 @@ class TraceWriter:
                     batch.writing -= 1
                     self._drained.notify_all()
             self._gathering.task_done(task, ok)
-            self._task_done(batch)
+            self.commits.task_done(batch)
 
-    def _write(self, task: _Task) -> None:
+    def _write(self, task: Task) -> None:
         var = task.var
         if task.parts is not None:  # a gathered variable's rows: into its chunk in memory
             self._gathering.place(task, self._to_host(task))
@@ -588,7 +511,7 @@ class TraceWriter:
             try:
                 self._create_array(var, data, task.region)
             except BaseException as exc:
-                raise _StepFailed("array creation", exc, f"{self._where}/{var.name}") from exc
+                raise StepFailed("array creation", exc, f"{self._where}/{var.name}") from exc
         array = var.array
         if data.dtype.kind in "UTO":
             data = data.astype(str)
@@ -606,7 +529,7 @@ class TraceWriter:
         with var.lock:
             if var.chunk_writer is None:
                 var.chunk_writer = ChunkWriter(array, self._files)
-                self._synced.add(var.name)
+                self.commits.synced.add(var.name)
             writer = var.chunk_writer
             offset = region.offset if region else None
             if not writer.covers(start, data, offset):
@@ -629,7 +552,7 @@ class TraceWriter:
                      replace=task.chunk is not None and task.chunk.existing)
         self._record(task.batch, entries)
 
-    def _record(self, batch: _Batch, entries: list[Entry] | None) -> None:
+    def _record(self, batch: Batch, entries: list[Entry] | None) -> None:
         """Note the chunk files written for ``batch``; an open batch that wrote one of them
         earlier gets its new bytes too (its manifest must describe the file as it is)."""
         if not entries:
@@ -654,96 +577,14 @@ class TraceWriter:
             data = data.astype(target)
         return np.ascontiguousarray(data)
 
-    def _to_host(self, task: _Task) -> np.ndarray:
+    def _to_host(self, task: Task) -> np.ndarray:
         return self._stored(task.to_numpy(task.data))
-
-    def _task_done(self, batch: _Batch, count: int = 1) -> None:
-        with self._state_lock:
-            batch.pending -= count
-            ready = batch.ended and batch.pending == 0
-            if batch.pending == 0:
-                self._drained.notify_all()
-        if ready:
-            self._commit_ready()
-
-    def _commit_ready(self, final: bool = False) -> None:
-        """Commit, in order, every finished batch that follows the last committed one.
-
-        A batch is finished when every task of it is written and no gathered chunk holds its
-        rows in memory only. After a failure nothing is published until ``final`` (the
-        close): batches whose chunks were all written before it are then committed with their
-        manifests, as far as the store still takes writes."""
-        with self._state_lock:
-            committed, samples = self._committed, self._committed_samples
-            lengths = self._committed_lengths
-            while committed in self._open:
-                batch = self._open[committed]
-                if not batch.ended or batch.pending or batch.failed \
-                        or self._gathering.chunks.holds(batch.start + batch.size):
-                    break
-                del self._open[committed]
-                self._unpublished.append(batch)
-                committed += 1
-                samples = batch.start + batch.size
-                lengths = batch.lengths
-            self._committed, self._committed_samples = committed, samples
-            self._committed_lengths = lengths
-        if self._error is None or final:
-            try:
-                self._publish()
-            except _StepFailed as exc:
-                self._fail(exc.step, exc.error, exc.where)
-            except BaseException as exc:
-                self._fail("commit", exc, self._where)
-
-    def _publish(self) -> None:
-        with self._publish_lock:
-            with self._state_lock:
-                committed, samples = self._committed, self._committed_samples
-                lengths = self._committed_lengths
-                if committed == self._published:
-                    return
-                batches, self._unpublished = self._unpublished, []
-            if self.options.checksums:
-                for done, batch in enumerate(batches):  # before the root document
-                    try:
-                        write_manifest(self.group.store, batch.number, batch.chunks,
-                                       self.options.durable)
-                    except BaseException as exc:
-                        with self._state_lock:  # not committed: a later publish retries
-                            self._unpublished[:0] = batches[done:]
-                        raise _StepFailed("manifest write", exc,
-                                          f"{self._where}/{MANIFEST_DIR}") from exc
-                self._synced.add(MANIFEST_DIR)
-            self._published, self._published_samples = committed, samples
-            self._published_lengths = lengths
-            self._lock.renew()
-            self.attrs.update(committed_batches=committed, committed_samples=samples,
-                              status=STATUS_WRITING)
-            self._write_root()
-        self._gathering.notify()  # a caller may wait for this commit (see .gatherwrite)
-
-    def _write_root(self) -> None:
-        with self._create_lock:  # no array is half-created while its metadata is read
-            documents = {v.name: cut_document(v.document, self._published_lengths)
-                         for v in self.variables.values() if v.document is not None}
-        synced, self._synced = self._synced, set()
-        publish(self.group, self.attrs, documents, self._published_samples,
-                self.options.durable, synced, self._root_entries)
 
     @property
     def committed(self) -> tuple[int, int]:
         """(batches, samples) the root document commits: a batch whose chunks were written
         but whose manifest was not, because a failure came first, is not among them."""
-        return self._published, self._published_samples
-
-
-class _StepFailed(Exception):
-    """A failure inside a write, tagged with the step and the path it concerns."""
-
-    def __init__(self, step: str, error: BaseException, where: str) -> None:
-        super().__init__(step)
-        self.step, self.error, self.where = step, error, where
+        return self.commits.published, self.commits.published_samples
 
 
 def _store_name(group: Any) -> str:

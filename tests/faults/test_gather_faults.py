@@ -32,7 +32,7 @@ CHILD = textwrap.dedent("""
     import layerscope.core.chunkfile as chunkfile
     import layerscope.core.chunkwrite as chunkwrite
     import layerscope.core.store as store
-    import layerscope.core.writer as writer_module
+    import layerscope.core.committing as committing
     from layerscope.core import Selection, StoreOptions, WriterError
     from layerscope.core.format import new_group_attrs
     from layerscope.core.gather import GatherPolicy
@@ -54,7 +54,7 @@ CHILD = textwrap.dedent("""
     elif kill_at == "rewrite":  # a rewritten chunk in place, before its batch commits
         killing(chunkfile.ChunkFiles, "replace", int(nth))
     elif kill_at == "publish":
-        killing(writer_module, "publish", int(nth))
+        killing(committing, "publish", int(nth))
 
     options = StoreOptions(mode=mode, gathering=GatherPolicy(min_variables=1, batches=GROUP))
     attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())

@@ -31,6 +31,7 @@ CHILD = textwrap.dedent("""
     import numpy as np
     import layerscope.core.chunkwrite as chunkwrite
     import layerscope.core.store as store
+    import layerscope.core.committing as committing
     import layerscope.core.writer as writer_module
     from layerscope.core import Selection, StoreOptions
     from layerscope.core.format import new_group_attrs
@@ -51,7 +52,7 @@ CHILD = textwrap.dedent("""
     elif kill_at == "chunks":  # while the chunks of grown arrays are written
         killing(chunkwrite.ChunkWriter, "write", int(nth))
     elif kill_at == "publish":  # while a commit with the grown shape is published
-        killing(writer_module, "publish", int(nth))
+        killing(committing, "publish", int(nth))
     elif kill_at == "pieces":  # while zarr writes a piece of a batch (see below)
         import zarr
         killing(zarr.Array, "__setitem__", int(nth))

@@ -27,7 +27,7 @@ CHILD = textwrap.dedent("""
     import layerscope.core.commit as commit
     import layerscope.core.manifest as manifest
     import layerscope.core.store as store
-    import layerscope.core.writer as writer_module
+    import layerscope.core.committing as committing
     from layerscope.core import Selection, StoreOptions
     from layerscope.core.format import new_group_attrs
     from layerscope.core.recorder import Recorder
@@ -51,9 +51,9 @@ CHILD = textwrap.dedent("""
     elif kill_at == "create":  # between the tombstone / lock and the new root document
         killing(store, "write_root")
     elif kill_at == "manifest":
-        killing(writer_module, "write_manifest")
+        killing(committing, "write_manifest")
     elif kill_at == "publish":
-        killing(writer_module, "publish")
+        killing(committing, "publish")
     elif kill_at == "replace":  # the root document's own rename
         killing(manifest.os, "replace")
 

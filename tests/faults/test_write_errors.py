@@ -14,6 +14,7 @@ import pytest
 
 import layerscope
 import layerscope.core.chunkfile as chunkfile
+import layerscope.core.committing as committing
 import layerscope.core.writer as writer_module
 from layerscope.core import WriterError
 
@@ -95,9 +96,9 @@ def failing_at(count, persistent=False):
 STEPS = {
     # step named in the error -> (object, attribute) a failure is injected into
     "chunk write": (chunkfile.ChunkFiles, "write"),
-    "commit": (writer_module, "publish"),
+    "commit": (committing, "publish"),
     "close": (writer_module, "save_array_documents"),
-    "manifest write": (writer_module, "write_manifest"),
+    "manifest write": (committing, "write_manifest"),
     "array creation": (writer_module, "create_array"),
 }
 

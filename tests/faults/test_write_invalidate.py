@@ -21,7 +21,7 @@ from ..core.test_writer import make_recorder
 CHILD = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
-    import layerscope.core.writer as writer_module
+    import layerscope.core.committing as committing
     from layerscope.core import Selection, StoreOptions
     from layerscope.core.format import new_group_attrs
     from layerscope.core.recorder import Recorder
@@ -30,13 +30,13 @@ CHILD = textwrap.dedent("""
 
     path, size = sys.argv[1], int(sys.argv[2])
     calls = [0]
-    original = writer_module.publish
+    original = committing.publish
     def publish(*args, **kwargs):  # the start of the append, then the batch's commit
         calls[0] += 1
         if calls[0] == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
-    writer_module.publish = publish
+    committing.publish = publish
     attrs = new_group_attrs("numpy", "0", {"class": "test"}, Selection().to_json())
     group, existing = open_group_for_writing(path, "a", attrs)
     recorder = Recorder(TraceWriter(group, StoreOptions(mode="a"),

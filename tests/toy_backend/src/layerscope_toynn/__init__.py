@@ -28,7 +28,7 @@ from layerscope.core.naming import (
     hidden_size_of,
     move_batch_first,
 )
-from layerscope.core.writer import Alloc
+from layerscope.core.writerecords import Alloc
 
 
 def _toynn() -> Any:
