@@ -7,11 +7,15 @@ by trial (median of ``--trials``):
              captured, 1,601 variables; plain forward vs capture (the time per batch
              includes opening and closing the store, and so creating every array), and vs
              capture once the store exists (``--warm`` batches untimed first: the cost per
-             captured tensor); the files the store holds per variable and the time its
-             close takes
+             captured tensor); each against a plain sequential write of the same bytes
+             (one file, after the same untimed batches), timed until the writes return and
+             until they are on the disk: where the disk cannot take the bytes as fast as the
+             model makes them, no capture can be faster; the files the store holds per
+             variable and the time its close takes
   llama      a Llama-style model (16 layers, hidden 256, batch 4 x 128 tokens), every module
              captured; plain forward vs capture vs a plain sequential write of the same bytes
-             (one file, written through the page cache, the time per batch)
+             (one file, the time per batch until the writes return and until they are on
+             the disk)
   open/info  a store of 2,000 variables (500 blocks): layerscope.open_trace vs
              xarray.open_zarr(consolidated=True) on the same store; `layerscope info` in the
              process (what the command does after its imports) and as a command
@@ -130,17 +134,29 @@ def capture_steady(model: Any, inputs: Any, warm: int) -> Run:
     return run
 
 
-def sequential_write(nbytes: int) -> Run:
-    """One file, ``nbytes`` a batch, written as one ``write`` per batch (page cache)."""
+def sequential_write(nbytes: int, warm: int = 0) -> Run:
+    """One file, ``nbytes`` a batch, written as one ``write`` per batch: the time the writes
+    take to return (``time``: the page cache may hold them, at memory speed, or make the
+    writer wait for the disk) and the time until they are on the disk (``synced``: fsync
+    included). ``warm`` batches are written and synced untimed first, as the steady-state
+    capture row writes them."""
     data = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
 
     def run(batches: int, workdir: Path) -> dict[str, float]:
         path = fresh(workdir, "plain.bin")
-        start = time.perf_counter()
         with open(path, "wb") as file:
+            for _ in range(warm):
+                file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+            start = time.perf_counter()
             for _ in range(batches):
                 file.write(data)
-        return {"time": time.perf_counter() - start}
+            file.flush()
+            written = time.perf_counter()
+            os.fsync(file.fileno())
+            synced = time.perf_counter()
+        return {"time": written - start, "synced": synced - start}
     return run
 
 
@@ -193,9 +209,13 @@ def main() -> None:
     mlp, x = Blocks(400).eval(), torch.randn(4, 16, 64)
     with tempfile.TemporaryDirectory(dir=os.environ.get("LAYERSCOPE_BENCH_DIR")) as tmp:
         workdir = Path(tmp)
-        rows: dict[str, Run] = {"mlp plain": plain(mlp, x), "mlp capture": capture(mlp, x),
-                                f"mlp capture after {args.warm}": capture_steady(mlp, x,
-                                                                              args.warm)}
+        probe = capture(mlp, x)(args.batches, workdir)
+        mlp_bytes = int(probe["bytes"]) // args.batches
+        rows: dict[str, Run] = {
+            "mlp plain": plain(mlp, x), "mlp capture": capture(mlp, x),
+            "mlp sequential write": sequential_write(mlp_bytes),
+            f"mlp capture after {args.warm}": capture_steady(mlp, x, args.warm),
+            f"mlp sequential write after {args.warm}": sequential_write(mlp_bytes, args.warm)}
         if not args.skip_llama:
             model, inputs = llama()
             rows["llama plain"], rows["llama capture"] = plain(model, inputs), \
@@ -241,11 +261,23 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
     for name in results:
         base = per["mlp plain"] if name.startswith("mlp") else per.get("llama plain", 1.0)
         print(f"{name:<34} {per[name] * 1e3:>9.1f} {per[name] / base:>8.2f}x")
-    if "llama capture" in per:
-        print(f"llama capture vs sequential write: "
-              f"{per['llama capture'] / per['llama sequential write']:.2f}x  "
-              f"({median(results['llama capture'], 'bytes') / args.llama_batches / 2**20:.1f} MB a "
-              f"batch, {median(results['llama capture'], 'variables'):.0f} variables)")
+    print("sequential writes of the same bytes, ms/batch: until the writes return (page "
+          "cache) / until they are on the disk (fsync); capture against each")
+    steady = f"after {args.warm}"
+    for model, capture_row, write_row in (
+            ("mlp", "mlp capture", "mlp sequential write"),
+            ("mlp", f"mlp capture {steady}", f"mlp sequential write {steady}"),
+            ("llama", "llama capture", "llama sequential write")):
+        if write_row not in results:
+            continue
+        count = args.llama_batches if model == "llama" else args.batches
+        written, synced = per[write_row], median(results[write_row], "synced") / count
+        print(f"  {write_row:<31} {written * 1e3:7.1f} / {synced * 1e3:7.1f}   {capture_row}: "
+              f"{per[capture_row] / written:.2f}x / {per[capture_row] / synced:.2f}x")
+    print(f"bytes a batch: mlp {median(mlp, 'bytes') / args.batches / 2**20:.1f} MB"
+          + (f", llama {median(results['llama capture'], 'bytes') / args.llama_batches / 2**20:.1f}"
+             f" MB ({median(results['llama capture'], 'variables'):.0f} variables)"
+             if "llama capture" in results else ""))
     print(f"mlp store: {median(mlp, 'variables'):.0f} variables, "
           f"{median(mlp, 'files'):.0f} files, at most {median(mlp, 'per variable'):.0f} files "
           f"in one variable's folder, {median(mlp, 'bytes') / 2**20:.1f} MB")
