@@ -1,4 +1,4 @@
-"""The short way into a gathered chunk, for a model traced at hundreds of sites.
+"""The short way into the writer, for a model traced at hundreds of sites.
 
 :meth:`SitePut.put` is called once per captured tensor, thousands of times a batch, and most
 calls repeat the last one: the same variable, the stored shape, the rows
@@ -6,7 +6,9 @@ of the current batch in the chunk its previous batch went to. A :class:`DirectSl
 gathered variable) remembers that chunk and what the checks found, and claims the rows with
 one list append under the gatherer's lock. Anything else (a new chunk, another shape, a
 shorter pass) goes the general way (:meth:`.gatherwrite.GatheredWrites.view_now`), which the
-slot then remembers.
+slot then remembers. A :class:`QueuedSlot` (a variable with chunks of its own batch: large
+tensors) copies a tensor of the stored shape into pool memory and queues its write, as the
+writer's ``put`` does once its checks found nothing new.
 """
 
 from __future__ import annotations
@@ -96,6 +98,55 @@ class DirectSlot:
         return True
 
 
+class QueuedSlot:
+    """A variable that is not gathered: a tensor of exactly its stored shape, in a batch
+    after the first (the budget and gathering decided), is copied into pool memory and its
+    write queued; anything else is the writer's ``put``'s to decide."""
+
+    __slots__ = ("_grows", "_growing", "_shape", "_trailing", "var", "writer")
+
+    def __init__(self, writer: TraceWriter, var: Variable) -> None:
+        self.writer, self.var = writer, var
+        self._trailing: tuple[int, ...] | None = None
+        self._shape: tuple[int, ...] = (-1,)
+        self._grows = tuple(grows(dim) for dim in var.dims[1:])
+        self._growing = tuple((dim, axis) for axis, dim in enumerate(var.dims) if axis
+                              and grows(dim))
+
+    def put(self, shape: tuple[int, ...], dtype: np.dtype,
+            copy: Callable[[np.ndarray], Any]) -> bool:
+        """``copy`` fills pool memory of ``shape`` and ``dtype`` (the data a snapshot would
+        hold: a pass shorter along token axes is filled past its length by the writer's
+        thread, as for ``put``); False, with nothing done, where ``put`` must decide."""
+        writer, var = self.writer, self.var
+        batch = writer._current
+        if batch is None or var.gather is not None or not var.settled \
+                or writer._error is not None or writer._sizing_budget \
+                or not writer._gathering.chunks.decided:
+            return False
+        if var.trailing is not self._trailing or batch.size != self._shape[0]:
+            self._trailing = var.trailing
+            self._shape = (batch.size, *var.trailing)
+        if shape != self._shape and not self._shorter(shape):
+            return False
+        lengths = writer._lengths
+        for dim, axis in self._growing:  # every variable of the pass agrees on its lengths
+            if lengths.setdefault(dim, shape[axis]) != shape[axis]:
+                return False
+        writer.queue_copy(batch, var, shape, dtype, copy)
+        return True
+
+    def _shorter(self, shape: tuple[int, ...]) -> bool:
+        """Whether ``shape`` is the stored one but shorter along token axes."""
+        stored = self._shape
+        return len(shape) == len(stored) and shape[0] == stored[0] and all(
+            size == full or (growing and size < full)
+            for size, full, growing in zip(shape[1:], stored[1:], self._grows, strict=True))
+
+
+Slot = DirectSlot | QueuedSlot
+
+
 class SitePut:
     """One site's direct way as a backend holds it (:meth:`.recorder.Recorder.direct_site`),
     nothing looked up again: a backend calls it for every captured module, thousands of
@@ -104,13 +155,13 @@ class SitePut:
     __slots__ = ("_calls", "_key", "_slot", "recorder")
 
     def __init__(self, recorder: Any, calls: dict[tuple[str, str], int], key: tuple[str, str],
-                 slot: DirectSlot) -> None:
+                 slot: Slot) -> None:
         self.recorder, self._calls, self._key, self._slot = recorder, calls, key, slot
 
     def put(self, shape: tuple[int, ...], dtype: np.dtype,
             copy: Callable[[np.ndarray], Any]) -> bool:
         """The recorder's ``put`` of the site's first call in this pass, taken as an earlier
-        pass took it: ``copy`` fills the chunk memory its rows go to, now. False, with
+        pass took it: ``copy`` fills the memory its rows go to, now. False, with
         nothing done, where ``put`` must run (a later call of the site in the pass, a
         variable no longer gathered, a shape or dtype the slot does not take)."""
         if self._key in self._calls or not self._slot.put(shape, dtype, copy):
@@ -119,14 +170,16 @@ class SitePut:
         return True
 
 
-def slot_for(writer: TraceWriter, name: str) -> DirectSlot | None:
-    """Gathered variable ``name``'s slot; None for any other variable."""
+def slot_for(writer: TraceWriter, name: str) -> Slot | None:
+    """Variable ``name``'s slot, of the kind its gathering asks for; None for a variable
+    not yet known or settled (the first batch decides gathering)."""
     var = writer.variables.get(name)
-    if var is None or var.gather is None:
+    if var is None or not var.settled:
         return None
+    kind = QueuedSlot if var.gather is None else DirectSlot
     slot = writer._slots.get(name)
-    if slot is None or slot.var is not var:
-        slot = writer._slots[name] = DirectSlot(writer, var)
+    if slot is None or type(slot) is not kind or slot.var is not var:
+        slot = writer._slots[name] = kind(writer, var)
     return slot
 
 

@@ -199,11 +199,12 @@ class Recorder:
                     call_index)
 
     def direct_site(self, site: str, kind: str) -> SitePut | None:
-        """The way for ``(site, kind)`` straight into its variable's chunk memory, for a
-        backend to keep (:meth:`.direct.SitePut.put`: :meth:`put` of the site's first call
-        in a pass, taken as an earlier pass took it, no labeling run again); None where its
-        variable is not gathered now (a backend asks again later: the first batch decides
-        gathering) or the selection reduces tensors."""
+        """The way for ``(site, kind)`` straight into the writer (its variable's chunk
+        memory, or pool memory queued for writing), for a backend to keep
+        (:meth:`.direct.SitePut.put`: :meth:`put` of the site's first call in a pass, taken
+        as an earlier pass took it, no labeling run again); None where its variable is not
+        settled yet (a backend asks again later: the first batch decides gathering) or the
+        selection reduces tensors."""
         key = (site, kind)
         name = self._first_names.get(key)
         slot = None if name is None or self.selection.reduces else self.writer.direct_slot(name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import array_document, save_array_documents
 from .committing import Commits, StepFailed
-from .direct import DirectSlot, slot_for
+from .direct import Slot, slot_for
 from .errors import CaptureError, SchemaError, WriterError
 from .format import BATCH, STATUS_WRITING, StoreOptions
 from .gather import GATHERED
@@ -80,7 +81,7 @@ class TraceWriter:
         self._open: dict[int, Batch] = {}
         #: each token axis's length in the current pass (see :mod:`.growth`)
         self._lengths: dict[str, int] = {}
-        self._slots: dict[str, DirectSlot] = {}  # direct_slot's, per variable
+        self._slots: dict[str, Slot] = {}  # direct_slot's, per variable
         self._current: Batch | None = None
         self._state_lock = threading.Lock()
         self._drained = threading.Condition(self._state_lock)
@@ -197,10 +198,26 @@ class TraceWriter:
             task.batch.pending += 1
         self._queue.put(task)
 
-    def direct_slot(self, name: str) -> DirectSlot | None:
-        """Gathered variable ``name``'s way straight into its chunk memory, the common case of
-        a model traced at many sites (see :mod:`.direct`); None where it is not gathered."""
+    def direct_slot(self, name: str) -> Slot | None:
+        """Variable ``name``'s short way in, for a backend that puts the same tensors pass
+        after pass (see :mod:`.direct`); None where it is not known and settled yet."""
         return slot_for(self, name)
+
+    def queue_copy(self, batch: Batch, var: Variable, shape: tuple[int, ...], dtype: np.dtype,
+                   copy: Callable[[np.ndarray], Any]) -> None:
+        """Queue the write of rows ``copy`` puts into pool memory of ``shape`` and ``dtype``:
+        what :meth:`put` queues for a snapshot, once a :class:`.direct.QueuedSlot` checked
+        them as ``put`` would."""
+        taken: list[np.ndarray] = []
+        view = self._pooled(shape, np.dtype(dtype), taken)
+        try:
+            copy(view)
+        except BaseException:
+            self._pool.give(taken[0])
+            raise
+        task = Task(batch, var, view, as_numpy, taken[0].nbytes, taken[0])
+        task.shape = var.trailing
+        self._queue_task(task)
 
     def declare(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
                 attrs: dict[str, Any]) -> None:

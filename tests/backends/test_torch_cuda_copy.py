@@ -223,9 +223,7 @@ def test_trace_through_the_side_stream(tmp_path, monkeypatch, fake, dtype):
     threads wait on the events and store the values bit for bit; the model's thread never
     waits on an event, and the model's stream never waits at all; buffers are reused."""
     copies = DeviceCopies(fake)
-    monkeypatch.setattr(_torch_cuda, "COPIES", copies)
-    monkeypatch.setattr(torch_backend, "snapshot",
-                        lambda tensor, alloc=None: copies.copy(tensor.detach()))
+    fake_cuda_path(monkeypatch, copies)
     torch.manual_seed(0)
     model = Blocks(dtype).eval()
     inputs = [torch.randn(4, 5, 6, dtype=dtype) for _ in range(5)]
@@ -264,9 +262,12 @@ def test_trace_through_the_side_stream(tmp_path, monkeypatch, fake, dtype):
 
 
 def fake_cuda_path(monkeypatch: pytest.MonkeyPatch, copies: DeviceCopies) -> None:
+    """Every captured tensor down the fake CUDA path. CPU tensors stand in for a device's:
+    their direct way into the writer (CPU tensors only) is closed, as it is for a device's."""
     monkeypatch.setattr(_torch_cuda, "COPIES", copies)
     monkeypatch.setattr(torch_backend, "snapshot",
                         lambda tensor, alloc=None: copies.copy(tensor.detach()))
+    monkeypatch.setattr(torch_backend._Capture, "_put_direct", lambda self, site, output: False)
 
 
 def test_a_device_error_at_the_event_surfaces_in_the_caller(tmp_path, monkeypatch, fake):

@@ -1,8 +1,8 @@
 """A model traced at many sites: after its first pass, a site's lone output tensor of the
-shape it had goes straight into its gathered chunk (``_Capture._put_direct``, no labeling run
-again). Every value must equal the model's own, whatever makes a tensor leave that path: a
-smaller last batch, a longer sequence, a module called twice in a pass, an in-place op after
-the hook, bfloat16."""
+shape it had goes straight into its gathered chunk, or (a variable that is not gathered) into
+pool memory queued for writing (``_Capture._put_direct``, no labeling run again). Every value
+must equal the model's own, whatever makes a tensor leave that path: a smaller last batch, a
+longer sequence, a module called twice in a pass, an in-place op after the hook, bfloat16."""
 
 from __future__ import annotations
 
@@ -69,8 +69,10 @@ def reference(model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, list[np
     return values
 
 
+@pytest.mark.parametrize("gathered", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch, dtype):
+def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch, dtype,
+                                                           gathered):
     torch.manual_seed(0)
     model = Blocks().to(dtype).eval()
     # batch 4 of 5 positions; then a longer pass, a shorter one, a smaller last batch
@@ -91,17 +93,17 @@ def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch
     path = tmp_path / "t.zarr"
     # chunks of two batches: the shorter passes after the longer one fill new chunks, and
     # later ones the memory of written ones (reused: what it held must not show)
-    options = StoreOptions(gathering=GatherPolicy(batches=2))
+    options = StoreOptions(gathering=GatherPolicy(enabled=gathered, batches=2))
     with layerscope.trace(model, path, options=options), torch.no_grad():
         for x in inputs:
             model(x)
 
-    # straight to the chunks: every block's four outputs and the first call of ``shared``,
-    # in each pass after the first but the longer one (the store grows) and the smaller last
-    # batch; shorter passes go too
+    # the direct way: every block's four outputs and the first call of ``shared``, in each
+    # pass after the first but the longer one (the store grows) and the smaller last batch;
+    # shorter passes go too
     assert sum(direct) >= (4 * 12 + 1) * 4
     ds = layerscope.open_trace(path)
-    assert ds["blocks.0.fc1@output"].attrs["gathered_batches"] == 2
+    assert ds["blocks.0.fc1@output"].attrs.get("gathered_batches") == (2 if gathered else None)
     assert "shared@output.call1" in ds
     rows = np.cumsum([0] + [b for b, _ in shapes])
     for name, passes in expected.items():
@@ -128,9 +130,9 @@ class Failing(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("failing", [3, 4])  # the last pass of a chunk, the first of one
-def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_whole(tmp_path,
-                                                                                  failing):
+@pytest.mark.parametrize(("failing", "gathered"), [(3, True), (4, True), (3, False)])
+def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_whole(
+        tmp_path, failing, gathered):
     """The writer remembers the chunk each variable's last batch went to (core/direct.py); a
     pass that fails after half its sites went there is discarded, and the pass that follows
     takes the same rows again: its values, never the failed pass's, are stored."""
@@ -141,8 +143,8 @@ def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_who
     kept = [x for number, x in enumerate(inputs) if number != failing]
     expected = reference(model, kept)
     path = tmp_path / "t.zarr"
-    with layerscope.trace(model, path, options=StoreOptions(gathering=GatherPolicy(batches=4))
-                          ), torch.no_grad():
+    options = StoreOptions(gathering=GatherPolicy(enabled=gathered, batches=4))
+    with layerscope.trace(model, path, options=options), torch.no_grad():
         for number, x in enumerate(inputs):
             model.blocks[6].fail = number == failing
             try:
@@ -151,6 +153,6 @@ def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_who
                 assert number == failing
     ds = layerscope.open_trace(path)
     assert ds.attrs["committed_batches"] == 5
-    assert ds["blocks.0.fc1@output"].attrs["gathered_batches"] == 4
+    assert ds["blocks.0.fc1@output"].attrs.get("gathered_batches") == (4 if gathered else None)
     for name, passes in expected.items():
         np.testing.assert_array_equal(ds[name].values, np.concatenate(passes), err_msg=name)

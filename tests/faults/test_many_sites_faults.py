@@ -41,8 +41,9 @@ CHILD = textwrap.dedent("""
     net = model()
     options = StoreOptions(gathering=GatherPolicy(batches=GROUP))
     print("ready", flush=True)
+    # far more batches than the kill waits for: about 7 ms each on a fast machine
     with torch.no_grad(), layerscope.trace(net, sys.argv[1], options=options):
-        for number, x in enumerate(inputs(400)):
+        for number, x in enumerate(inputs(4000)):
             net(x)
             print("ended", number, flush=True)
 """)
