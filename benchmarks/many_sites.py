@@ -13,9 +13,10 @@ by trial (median of ``--trials``):
              model makes them, no capture can be faster; the files the store holds per
              variable and the time its close takes
   llama      a Llama-style model (16 layers, hidden 256, batch 4 x 128 tokens), every module
-             captured; plain forward vs capture vs a plain sequential write of the same bytes
-             (one file, the time per batch until the writes return and until they are on
-             the disk)
+             captured; plain forward vs capture (the store's creation and close included) vs
+             capture once the store exists (2 batches untimed first) vs a plain sequential
+             write of the same bytes (one file, the time per batch until the writes return
+             and until they are on the disk)
   open/info  a store of 2,000 variables (500 blocks): layerscope.open_trace vs
              xarray.open_zarr(consolidated=True) on the same store; `layerscope info` in the
              process (what the command does after its imports) and as a command
@@ -82,6 +83,8 @@ def llama() -> tuple[Any, dict[str, Any]]:
 
 
 Run = Callable[[int, Path], dict[str, float]]
+#: untimed batches before the Llama-style model's steady-state row: its arrays exist then
+LLAMA_WARM = 2
 
 
 def plain(model: Any, inputs: Any) -> Run:
@@ -220,6 +223,7 @@ def main() -> None:
             model, inputs = llama()
             rows["llama plain"], rows["llama capture"] = plain(model, inputs), \
                 capture(model, inputs)
+            rows[f"llama capture after {LLAMA_WARM}"] = capture_steady(model, inputs, LLAMA_WARM)
             probe = capture(model, inputs)(1, workdir)
             rows["llama sequential write"] = sequential_write(int(probe["bytes"]))
         batches = {name: args.llama_batches if name.startswith("llama") else args.batches
@@ -267,7 +271,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
     for model, capture_row, write_row in (
             ("mlp", "mlp capture", "mlp sequential write"),
             ("mlp", f"mlp capture {steady}", f"mlp sequential write {steady}"),
-            ("llama", "llama capture", "llama sequential write")):
+            ("llama", "llama capture", "llama sequential write"),
+            ("llama", f"llama capture after {LLAMA_WARM}", "llama sequential write")):
         if write_row not in results:
             continue
         count = args.llama_batches if model == "llama" else args.batches
