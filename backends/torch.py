@@ -130,8 +130,8 @@ class _Capture:
         # activation passing a convolution's map (or a head's logits) on keeps its roles
         self._channels_first: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...]]] = {}
         #: site -> (dtype, stored dtype) of a lone output tensor an earlier pass stored
-        #: with no side effect on later sites (see _direct): the next may go straight to the
-        #: writer's chunk memory (Recorder.direct_site), none of the labeling run again
+        #: with no side effect on later sites (see _put_direct): the next may go straight to
+        #: the writer (Recorder.direct_site), none of the labeling run again
         self._direct: dict[str, tuple[torch.dtype, np.dtype]] = {}
         self._site_puts: dict[str, SitePut] = {}  # the recorder's direct_site, per site
 
@@ -202,9 +202,10 @@ class _Capture:
     def _put_direct(self, site: str, output: Any) -> bool:
         """Store ``output`` the way :meth:`put` stored this site's last time, where that
         changed no state a later site reads (its roles, channels, sides): straight into the
-        writer's chunk memory, if the writer takes it so (a gathered variable of that shape,
-        or shorter along token axes). Called for every captured module: the cheapest checks
-        (``is_cpu``, not ``device.type``) and no attention lookup where none was stored."""
+        writer, if it takes it so (a tensor of the variable's stored shape, or shorter along
+        token axes: copied into its gathered chunk, or into pool memory and queued; see
+        core/direct.py). Called for every captured module: the cheapest checks (``is_cpu``,
+        not ``device.type``) and no attention lookup where none was stored."""
         known = self._direct.get(site)
         if known is None or type(output) is not torch.Tensor or output.dtype is not known[0] \
                 or not output.is_cpu or output.layout is not torch.strided \
