@@ -6,7 +6,7 @@ of the current batch in the chunk its previous batch went to. A :class:`DirectSl
 gathered variable) remembers that chunk and what the checks found, and claims the rows with
 one list append under the gatherer's lock. Anything else (a new chunk, another shape, a
 shorter pass) goes the general way (:meth:`.gatherwrite.GatheredWrites.view_now`), which the
-slot then remembers. A :class:`QueuedSlot` (a variable with chunks of its own batch: large
+slot then remembers. A :class:`QueuedSlot` (a variable whose chunks hold one batch: large
 tensors) copies a tensor of the stored shape into pool memory and queues its write, as the
 writer's ``put`` does once its checks found nothing new.
 """
@@ -99,9 +99,9 @@ class DirectSlot:
 
 
 class QueuedSlot:
-    """A variable that is not gathered: a tensor of exactly its stored shape, in a batch
-    after the first (the budget and gathering decided), is copied into pool memory and its
-    write queued; anything else is the writer's ``put``'s to decide."""
+    """A variable that is not gathered: a tensor of its stored shape (or shorter along token
+    axes), in a batch after the first (the budget and gathering decided), is copied into pool
+    memory and its write queued; anything else is the writer's ``put``'s to decide."""
 
     __slots__ = ("_grows", "_growing", "_shape", "_trailing", "var", "writer")
 
