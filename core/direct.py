@@ -6,8 +6,8 @@ of the current batch in the chunk its previous batch went to. A :class:`DirectSl
 gathered variable) remembers that chunk and what the checks found, and claims the rows with
 one list append under the gatherer's lock. Anything else (a new chunk, another shape, a
 shorter pass) goes the general way (:meth:`.gatherwrite.GatheredWrites.view_now`), which the
-slot then remembers. A :class:`QueuedSlot` (a variable whose chunks hold one batch: large
-tensors) copies a tensor of the stored shape into pool memory and queues its write, as the
+slot then remembers. A :class:`QueuedSlot` (a variable that is not gathered: large tensors,
+or every variable of a store that gathers none) copies a tensor of the stored shape into pool memory and queues its write, as the
 writer's ``put`` does once its checks found nothing new.
 """
 
