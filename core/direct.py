@@ -7,8 +7,8 @@ gathered variable) remembers that chunk and what the checks found, and claims th
 one list append under the gatherer's lock. Anything else (a new chunk, another shape, a
 shorter pass) goes the general way (:meth:`.gatherwrite.GatheredWrites.view_now`), which the
 slot then remembers. A :class:`QueuedSlot` (a variable that is not gathered: large tensors,
-or every variable of a store that gathers none) copies a tensor of the stored shape into pool memory and queues its write, as the
-writer's ``put`` does once its checks found nothing new.
+or every variable of a store that gathers none) copies a tensor of the stored shape into pool
+memory and queues its write, as the writer's ``put`` does once its checks found nothing new.
 """
 
 from __future__ import annotations
