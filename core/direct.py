@@ -120,9 +120,8 @@ class QueuedSlot:
         thread, as for ``put``); False, with nothing done, where ``put`` must decide."""
         writer, var = self.writer, self.var
         batch = writer._current
-        if batch is None or var.gather is not None or not var.settled \
-                or writer._error is not None or writer._sizing_budget \
-                or not writer._gathering.chunks.decided:
+        if batch is None or var.gather is not None or writer._error is not None \
+                or writer._sizing_budget:
             return False
         if var.trailing is not self._trailing or batch.size != self._shape[0]:
             self._trailing = var.trailing
@@ -172,9 +171,11 @@ class SitePut:
 
 def slot_for(writer: TraceWriter, name: str) -> Slot | None:
     """Variable ``name``'s slot, of the kind its gathering asks for; None for a variable
-    not yet known or settled (the first batch decides gathering)."""
+    not yet known, and for every variable until the writer's first batch has decided which
+    are gathered (a slot taken earlier would be of the wrong kind for good: a backend keeps
+    it)."""
     var = writer.variables.get(name)
-    if var is None or not var.settled:
+    if var is None or not var.settled or not writer._gathering.chunks.decided:
         return None
     kind = QueuedSlot if var.gather is None else DirectSlot
     slot = writer._slots.get(name)

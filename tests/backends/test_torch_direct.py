@@ -81,11 +81,14 @@ def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch
     expected = reference(model, inputs)
 
     direct = []
+    short_sites = set()  # the sites whose first call of a pass went the short way
 
     def counted(original):
         def put(self, *args, **kwargs):
             taken = original(self, *args, **kwargs)
             direct.append(taken)
+            if taken:
+                short_sites.add(self._key[0])
             return taken
         return put
 
@@ -102,6 +105,10 @@ def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch
     # pass after the first but the longer one (the store grows) and the smaller last batch;
     # shorter passes go too
     assert sum(direct) >= (4 * 12 + 1) * 4
+    # every site: ``shared`` too, whose second call in the first pass asked for its way in
+    # before that pass had decided whether its variable is gathered
+    blocks = {f"blocks.{i}{part}" for i in range(12) for part in ("", ".fc1", ".act", ".fc2")}
+    assert short_sites == {"root", "shared", *blocks}, short_sites
     ds = layerscope.open_trace(path)
     assert ds["blocks.0.fc1@output"].attrs.get("gathered_batches") == (2 if gathered else None)
     assert "shared@output.call1" in ds
