@@ -45,7 +45,7 @@ from .lock import adopt_lock
 from .naming import DimRegistry, plain_role
 from .region import Region
 from .reopen import invalidate_uncommitted, load_variables
-from .writerecords import Batch, Snapshot, Task, ToNumpy, Variable, as_numpy
+from .writerecords import Alloc, Batch, Snapshot, Task, ToNumpy, Variable, as_numpy
 
 AUTO_BUDGET_MIN = 64 << 20
 AUTO_BUDGET_MAX = 1 << 30
@@ -208,14 +208,12 @@ class TraceWriter:
         """Queue the write of rows ``copy`` puts into pool memory of ``shape`` and ``dtype``:
         what :meth:`put` queues for a snapshot, once a :class:`.direct.QueuedSlot` checked
         them as ``put`` would."""
-        taken: list[np.ndarray] = []
-        view = self._pooled(shape, np.dtype(dtype), taken)
-        try:
-            copy(view)
-        except BaseException:
-            self._pool.give(taken[0])
-            raise
-        task = Task(batch, var, view, as_numpy, taken[0].nbytes, taken[0])
+        def snapshot(_: Any, alloc: Alloc) -> np.ndarray:
+            memory = alloc(shape, dtype)
+            copy(memory)
+            return memory
+
+        task = self._hold(batch, var, None, as_numpy, snapshot)
         task.shape = var.trailing
         self._queue_task(task)
 
