@@ -105,8 +105,9 @@ def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs,
     assert "No space left on device" in str(error) and str(path) in str(error)
     # the first group (it creates the arrays, a task per chunk) and the second (one writer
     # task for the group) fit in 8 MB: the disk fills in a later group's task; without
-    # gathering, 1.6 MB a batch
-    assert check(path, given, gathered) >= 2 * GROUP
+    # gathering (1.6 MB a batch, and the arrays' own files) the disk fills within a few
+    # batches, after the first commits
+    assert check(path, given, gathered) >= (2 * GROUP if gathered else 1)
 
 
 @pytest.mark.parametrize("gathered", [True, False])
