@@ -30,10 +30,13 @@ from .hostpool import page_aligned
 from .manifest import write_local_file
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
-#: smaller chunks go through the page cache: written with O_DIRECT, a file of 160 KB took twice
-#: the time and as much CPU (benchmarks/README.md, "Many captured sites"); from 1 MB on,
-#: O_DIRECT takes a fraction of the CPU time
-DIRECT_FROM = 1 << 20
+#: smaller chunks go through the page cache (their bytes are few). From 64 KiB on, a page-cache
+#: write costs the writer thread CPU in proportion to its bytes, several times that of an
+#: O_DIRECT write where the cache takes pages the machine has not touched yet (a long trace
+#: grows the cache; on a virtual machine each such page is a fault on the host): 160 KB
+#: took 500-650 us of CPU against about 100 us with O_DIRECT, and a writer thread's CPU is
+#: taken from the model (benchmarks/README.md, "Many captured sites")
+DIRECT_FROM = 64 << 10
 _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere chunks go through the page cache
 #: O_NOFOLLOW: a chunk file that is a symlink is refused (ELOOP), never written through
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) \

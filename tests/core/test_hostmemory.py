@@ -126,7 +126,7 @@ def test_local_traces_write_chunk_bodies_with_o_direct(tmp_path, monkeypatch, di
     assert StoreOptions(**options).direct_io is direct_io
     recorder = make_recorder(path, compression=Compression(enabled=False), **options)
     recorder.begin_pass(2)
-    # 1 MB: smaller chunks go through the page cache (chunkfile.DIRECT_FROM)
+    # DIRECT_FROM bytes: smaller chunks go through the page cache
     recorder.put("block", "output", np.ones((2, DIRECT_FROM // 8), np.float32),
                  ("batch", "hidden"))
     recorder.end_pass()
