@@ -140,8 +140,9 @@ class ChunkFiles:
         fd = os.open(path, _CREATE | _DIRECT, 0o666)
         try:
             _write_all(fd, [body[:head]])
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_DIRECT)
+            # F_SETFL sets only the status flags; of those this file has O_DIRECT alone (no
+            # F_GETFL: each call hands Python's lock to the model's thread and back)
+            fcntl.fcntl(fd, fcntl.F_SETFL, 0)
             _write_all(fd, [body[head:], trailer])
             if self.durable:
                 os.fsync(fd)
