@@ -351,6 +351,10 @@ class Gatherer:
         return self.holding and stop > self.durable
 
     def drop_all(self) -> None:
+        """Forget every chunk; the spare chunk memory is given back by a thread of its own:
+        unmapping a group's thousands of buffers took 0.14 s of a store's close."""
         self.by_end.clear()
         with self.lock:
-            self._free.clear()
+            spare, self._free = self._free, defaultdict(list)
+        if spare:  # an mmap lets go of Python's lock while it unmaps
+            threading.Thread(target=spare.clear, name="layerscope-free", daemon=True).start()
