@@ -42,6 +42,9 @@ class Commits:
         #: what the root document says is committed, under ``lock``
         self.published, self.published_samples = batches, samples
         self.published_lengths = lengths
+        #: the samples the root document on disk commits: ``published_samples`` once its
+        #: write returned (a caller that waits for a commit to survive a kill waits for this)
+        self.root_samples = samples
         self.lock = threading.Lock()
         self.unpublished: list[Batch] = []  # committed, manifest not yet written
         self.synced: set[str] = set()  # folders with new files, flushed at a durable commit
@@ -134,3 +137,4 @@ class Commits:
         synced, self.synced = self.synced, set()
         publish(writer.group, writer.attrs, documents, self.published_samples,
                 writer.options.durable, synced, self.entries)
+        self.root_samples = self.published_samples

@@ -260,7 +260,7 @@ class GatheredWrites:
                 self.writer._queue.put(self.flushing)
         target = previous.commits if previous is not None and upto is not None and closed else 0
         chunks.wait(lambda: (chunks.in_flight_locked() <= (1 if upto is not None else 0)
-                             and writer.commits.published_samples >= target)
+                             and writer.commits.root_samples >= target)
                     or writer._error is not None)
         return not closed and chunks.durable > durable
 
