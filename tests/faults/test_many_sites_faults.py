@@ -103,11 +103,18 @@ def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs,
     assert error is not None, "the tmpfs never filled up"
     assert time.monotonic() - started < 10
     assert "No space left on device" in str(error) and str(path) in str(error)
-    # the first group (it creates the arrays, a task per chunk) and the second (one writer
-    # task for the group) fit in 8 MB: the disk fills in a later group's task; without
-    # gathering (1.6 MB a batch, and the arrays' own files) the disk fills within a few
-    # batches, after the first commits
-    assert check(path, given, gathered) >= (2 * GROUP if gathered else 1)
+    committed = check(path, given, gathered)
+    if gathered:
+        # two groups fit in 8 MB, and a third group's chunks are queued only once the
+        # first is committed (the model waits for that at the second group's end): the
+        # first always commits. The disk fills in a later group's writes, which may run
+        # before the previous group's root document is written: a group whose commit meets
+        # the full disk is lost, within the bound a kill has (2G - 1 ended batches)
+        assert committed >= max(GROUP, given - (2 * GROUP - 1)), (committed, given)
+    else:
+        # 1.6 MB a batch, and the arrays' own files: the disk fills within a few batches,
+        # after the first commits
+        assert committed >= 1
 
 
 @pytest.mark.parametrize("gathered", [True, False])
