@@ -21,26 +21,13 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ._rawfile import ALIGN, DIRECT, direct_head, write_cached, write_direct
 from .errors import StoreError
 from .hostpool import page_aligned
 from .manifest import write_local_file
-
-ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
-#: smaller chunks go through the page cache (their bytes are few). From 64 KiB on, a page-cache
-#: write costs the writer thread CPU in proportion to its bytes, several times that of an
-#: O_DIRECT write where the cache takes pages the machine has not touched yet (a long trace
-#: grows the cache; on a virtual machine each such page is a fault on the host): 160 KB
-#: took 500-650 us of CPU against about 100 us with O_DIRECT, and a writer thread's CPU is
-#: taken from the model (benchmarks/README.md, "Many captured sites")
-DIRECT_FROM = 64 << 10
-_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere chunks go through the page cache
-#: O_NOFOLLOW: a chunk file that is a symlink is refused (ELOOP), never written through
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) \
-    | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 _READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
@@ -50,35 +37,29 @@ class ChunkFiles:
 
     def __init__(self, root: Path, direct: bool = True, durable: bool = False) -> None:
         self.root = os.fspath(root)
-        self.direct = bool(direct and _DIRECT)
+        self.direct = bool(direct and DIRECT)
         self.durable = durable  # fsync each file before it is closed
         self._dirs: set[str] = set()
         self._scratch = threading.local()
 
     def write(self, key: str, body: np.ndarray, trailer: bytes) -> None:
         """Write ``body`` (uint8, contiguous) then ``trailer`` as the file ``root/key``."""
-        path = self._made_folder(key)
-        head = body.nbytes // ALIGN * ALIGN if self.direct and body.nbytes >= DIRECT_FROM else 0
+        path = self.path(key)
+        head = direct_head(body.nbytes, self.direct)
         if head:
             try:
-                self._write_direct(path, self._aligned(body), head, trailer)
+                write_direct(path, self._aligned(body), head, trailer, self.durable)
                 return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self.direct = False  # this filesystem refuses O_DIRECT: write through the cache
-        fd = os.open(path, _CREATE, 0o666)
-        try:
-            _write_all(fd, [body, trailer])
-            if self.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_cached(path, [body, trailer], self.durable)
 
     def document(self, key: str, data: bytes) -> None:
         """Write a metadata document ``root/key`` in one step (a new file renamed into place),
         its folder made first, refusing links as :meth:`write` does."""
-        path = self._made_folder(key)
+        path = self.path(key)
         if os.path.islink(path):
             raise StoreError(f"{path} is a symbolic link; layerscope writes nothing outside "
                              f"the store {self.root}. Remove it first")
@@ -98,7 +79,7 @@ class ChunkFiles:
                 os.unlink(temporary)
             raise
 
-    def _made_folder(self, key: str) -> str:
+    def path(self, key: str) -> str:
         """The path of ``root/key``, its folder made (once) and checked for links."""
         path = os.path.join(self.root, key)
         parent = os.path.dirname(path)
@@ -134,21 +115,6 @@ class ChunkFiles:
         finally:
             os.close(fd)
 
-    def _write_direct(self, path: str, body: np.ndarray, head: int, trailer: bytes) -> None:
-        import fcntl  # only where O_DIRECT exists, i.e. on Linux
-
-        fd = os.open(path, _CREATE | _DIRECT, 0o666)
-        try:
-            _write_all(fd, [body[:head]])
-            # F_SETFL sets only the status flags; of those this file has O_DIRECT alone (no
-            # F_GETFL: each call hands Python's lock to the model's thread and back)
-            fcntl.fcntl(fd, fcntl.F_SETFL, 0)
-            _write_all(fd, [body[head:], trailer])
-            if self.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _aligned(self, body: np.ndarray) -> np.ndarray:
         """``body`` itself when page-aligned, else a copy in this thread's aligned scratch."""
         if body.ctypes.data % ALIGN == 0:
@@ -163,14 +129,3 @@ class ChunkFiles:
         out[...] = body
         return out
 
-
-def _write_all(fd: int, parts: list[Any]) -> None:
-    """``os.writev`` until every byte is written (a write may stop short)."""
-    views = [memoryview(part).cast("B") for part in parts if len(part)]
-    while views:
-        written = os.writev(fd, views) if hasattr(os, "writev") else os.write(fd, views[0])
-        while views and written >= views[0].nbytes:
-            written -= views[0].nbytes
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]

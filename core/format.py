@@ -108,6 +108,10 @@ class StoreOptions:
     #: small variables of a model traced at many sites: chunks of several batches, committed
     #: in groups (core/gather.py; docs/guarantees.md says what a crash can lose then)
     gathering: GatherPolicy = GatherPolicy()
+    #: on Linux, a group of many gathered chunks is written by a process of its own, so that
+    #: writing thousands of small files takes no turns of Python's lock from the model's
+    #: thread (core/chunkproc.py); False: the writer threads write them
+    chunk_process: bool = True
 
 
 def new_group_attrs(

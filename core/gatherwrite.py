@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import chunkproc
 from ._zarr_compat import grow_rows
+from .chunkproc import PROCESS_FROM, ChunkProcess, ChunkWriteFailed
 from .errors import CaptureError, SchemaError
 from .gather import GATHERED, Chunk, Gatherer, VarGather
 
@@ -38,6 +40,11 @@ class GatheredWrites:
         self.stash_bytes = 0
         #: the chunks of the last group queued as one task, some perhaps still to write
         self.flushing: Flushes | None = None
+        files = writer._files
+        #: where a group's chunk files are written by a process of their own (local stores)
+        self.process = ChunkProcess(files.direct, files.durable) \
+            if files is not None and writer.options.chunk_process and chunkproc.available() \
+            else None
 
     # -- which variables ---------------------------------------------------------------------
 
@@ -297,7 +304,10 @@ class GatheredWrites:
         done: list[Chunk] = []
         entries: list[Entry] | None = [] if writer.options.checksums else None
         try:
-            for var, chunk in flushes.take():
+            chunks: Iterable[tuple[Variable, Chunk]] = flushes.take()
+            if plain and self.process is not None and len(flushes.chunks) >= PROCESS_FROM:
+                chunks = self._write_in_process(self.process, flushes, entries, done)
+            for var, chunk in chunks:
                 whole = self._whole_chunk(var, chunk, batch) if plain else None
                 if whole is None:
                     writer._run(self.flush_task(var, chunk))
@@ -306,11 +316,7 @@ class GatheredWrites:
                     with var.lock:
                         whole[0].write(chunk.start, whole[1], entries)
                 except BaseException as exc:
-                    batch.failed = True
-                    writer._fail("chunk write", exc, f"{writer._where}/{var.name}")
-                    self.chunks.recycle(chunk)
-                    self.chunks.finished(group, False)
-                    writer.commits.task_done(batch)
+                    self._flush_failed(var, chunk, flushes, exc)
                     continue
                 done.append(chunk)
         finally:
@@ -326,6 +332,65 @@ class GatheredWrites:
                     writer._drained.notify_all()
             if done:
                 writer.commits.task_done(batch, len(done))
+
+    def _write_in_process(self, process: ChunkProcess, flushes: Flushes,
+                          entries: list[Entry] | None, done: list[Chunk]
+                          ) -> list[tuple[Variable, Chunk]]:
+        """Write the group's usual chunks (stored as their own memory) by the chunk-writing
+        process, in one request; the chunks it does not take, and those after a failure,
+        are returned for :meth:`run_flushes`'s usual way."""
+        rest: list[tuple[Variable, Chunk]] = []
+        sent: list[tuple[Variable, Chunk, str]] = []
+        jobs: list[tuple[str, np.ndarray, bool]] = []
+        for var, chunk in flushes.take():  # all of them: the other threads find none left
+            job = self._process_job(var, chunk, flushes.batch)
+            if job is None:
+                rest.append((var, chunk))
+                continue
+            key, path, body, checksum = job
+            sent.append((var, chunk, key))
+            jobs.append((path, body, checksum))
+        if not jobs:
+            return rest
+        try:
+            crcs, failed = process.write(jobs), None
+        except ChunkWriteFailed as exc:
+            crcs, failed = exc.crcs, exc
+        for (_, chunk, key), (_, body, checksum), crc in zip(sent, jobs, crcs, strict=False):
+            if entries is not None:  # as ChunkWriter.write records them
+                entries.append((key, body.nbytes + (4 if checksum else 0), crc))
+            done.append(chunk)
+        if failed is not None:
+            var, chunk, _ = sent[len(crcs)]
+            self._flush_failed(var, chunk, flushes, failed.error)
+            rest.extend((var, chunk) for var, chunk, _ in sent[len(crcs) + 1:])
+        return rest
+
+    def _process_job(self, var: Variable, chunk: Chunk, batch: Batch
+                     ) -> tuple[str, str, np.ndarray, bool] | None:
+        """``(key, path, body, checksum)`` of a chunk the process can write: one whole
+        chunk of the array, stored as its own memory, in a local store's file."""
+        whole = self._whole_chunk(var, chunk, batch)
+        if whole is None:
+            return None
+        writer, data = whole
+        encoder, files = writer.encoder, writer.files
+        if files is None or encoder is None or not writer.raw or not data.dtype.isnative \
+                or tuple(data.shape) != encoder.chunks or not data.flags.c_contiguous:
+            return None
+        with var.lock:
+            key = writer.prefix + encoder.chunk_key(
+                (chunk.start // encoder.chunks[0], *(0,) * (data.ndim - 1)))
+        return key, files.path(key), data.view(np.uint8).reshape(-1), encoder.checksum
+
+    def _flush_failed(self, var: Variable, chunk: Chunk, flushes: Flushes,
+                      error: BaseException) -> None:
+        writer, batch = self.writer, flushes.batch
+        batch.failed = True
+        writer._fail("chunk write", error, f"{writer._where}/{var.name}")
+        self.chunks.recycle(chunk)
+        self.chunks.finished(flushes.group, False)
+        writer.commits.task_done(batch)
 
     def _whole_chunk(self, var: Variable, chunk: Chunk, batch: Batch
                      ) -> tuple[ChunkWriter, np.ndarray] | None:

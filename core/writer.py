@@ -346,6 +346,8 @@ class TraceWriter:
                 self._queue.put(_STOP)
             for worker in self._workers:
                 worker.join()
+            if self._gathering.process is not None:
+                self._gathering.process.close()
         self._pool.clear()
         self._gathering.chunks.drop_all()
         self.commits.ready(final=True)

@@ -12,7 +12,8 @@ import zarr
 
 import layerscope
 from layerscope.core import Compression, StoreOptions
-from layerscope.core.chunkfile import ALIGN, DIRECT_FROM, ChunkFiles
+from layerscope.core._rawfile import ALIGN, DIRECT_FROM
+from layerscope.core.chunkfile import ChunkFiles
 from layerscope.core.hostpool import HUGE_PAGE, HostPool
 
 from .test_writer import make_recorder

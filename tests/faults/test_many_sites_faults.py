@@ -1,7 +1,8 @@
 """A PyTorch model traced at every module (its outputs gathered, taken the direct way into the
-chunk memory and written a group at a time by one writer task; or, gathering off, copied the
-short way into pool memory and written a task each) under faults: a disk that fills up (a real
-tmpfs) and SIGKILL at random moments. What docs/guarantees.md promises holds: the store opens
+chunk memory and written a group at a time by the chunk-writing process or by one writer
+task; or, gathering off, copied the short way into pool memory and written a task each)
+under faults: a disk that fills up (a real tmpfs), SIGKILL at random moments, and the chunk
+process killed. What docs/guarantees.md promises holds: the store opens
 at its last commit with every committed row equal to the model's own output, `verify` passes,
 and a kill of the gathering writer loses at most 2G - 1 of the batches that ended."""
 
@@ -36,15 +37,15 @@ CHILD = textwrap.dedent("""
     import layerscope
     sys.path.insert(0, sys.argv[2])  # the checkout: its tests package
     from layerscope.core import StoreOptions
-    from layerscope.core.gather import GatherPolicy
-    from tests.faults.test_many_sites_faults import GROUP, inputs, model
+    from layerscope.core import gatherwrite
+    from tests.faults.test_many_sites_faults import inputs, model, options
 
     net = model()
-    options = StoreOptions(gathering=GatherPolicy(enabled=sys.argv[3] == "gathered",
-                                                  batches=GROUP))
+    if sys.argv[3] == "process":  # every group's chunks written by the chunk process
+        gatherwrite.PROCESS_FROM = 1
     print("ready", flush=True)
     # far more batches than the kill waits for: about 7 ms each on a fast machine
-    with torch.no_grad(), layerscope.trace(net, sys.argv[1], options=options):
+    with torch.no_grad(), layerscope.trace(net, sys.argv[1], options=options(sys.argv[3])):
         for number, x in enumerate(inputs(4000)):
             net(x)
             print("ended", number, flush=True)
@@ -59,6 +60,30 @@ def model() -> Blocks:
 def inputs(count: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return [torch.randn(SIZE, TOKENS, WIDTH, generator=generator) for _ in range(count)]
+
+
+def options(mode: str) -> StoreOptions:
+    """``process``: gathered, a group's chunks written by the chunk process (where the test
+    lowers its threshold to one chunk); ``thread``: by the writer threads; ``plain``: not
+    gathered."""
+    return StoreOptions(gathering=GatherPolicy(enabled=mode != "plain", batches=GROUP),
+                        chunk_process=mode == "process")
+
+
+def chunk_processes(parent: int) -> list[int]:
+    """The chunk-writing processes that ``parent`` started and that still run."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                argv = file.read().split(b"\0")
+        except OSError:
+            continue
+        script = next((i for i, arg in enumerate(argv) if arg.endswith(b"_chunk_child.py")),
+                      None)  # then its request and reply pipes, then the pid that started it
+        if script is not None and argv[script + 3:script + 4] == [str(parent).encode()]:
+            found.append(int(entry))
+    return found
 
 
 def check(path, batches_given: int, gathered: bool = True) -> int:
@@ -87,13 +112,17 @@ def small_tmpfs(tmp_path):
         yield folder
 
 
-@pytest.mark.parametrize("gathered", [True, False])
-def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs, gathered):
+@pytest.mark.parametrize("mode", ["process", "thread", "plain"])
+def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs, mode,
+                                                                    monkeypatch):
+    from layerscope.core import gatherwrite
+
+    monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1)  # this model has 50 variables
     path = small_tmpfs / "t.zarr"
     net, given, error = model(), 0, None
-    options = StoreOptions(gathering=GatherPolicy(enabled=gathered, batches=GROUP))
+    gathered = mode != "plain"
     try:
-        with torch.no_grad(), layerscope.trace(net, path, options=options):
+        with torch.no_grad(), layerscope.trace(net, path, options=options(mode)):
             for x in inputs(40):
                 started = time.monotonic()
                 net(x)
@@ -117,22 +146,26 @@ def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs,
         assert committed >= 1
 
 
-@pytest.mark.parametrize("gathered", [True, False])
-def test_a_kill_at_random_moments_loses_at_most_two_groups(tmp_path, gathered):
+@pytest.mark.parametrize("mode", ["process", "thread", "plain"])
+def test_a_kill_at_random_moments_loses_at_most_two_groups(tmp_path, mode):
+    gathered = mode != "plain"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     rng = random.Random(5)
     seen = []
     for trial in range(3):
         path = tmp_path / f"t{trial}.zarr"
-        child = subprocess.Popen([sys.executable, "-P", str(script), str(path), ROOT,
-                                  "gathered" if gathered else "plain"],
+        child = subprocess.Popen([sys.executable, "-P", str(script), str(path), ROOT, mode],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(1.0, 3.0))
         child.send_signal(signal.SIGKILL)
         out, err = child.communicate(timeout=60)
         assert child.returncode == -signal.SIGKILL, err[-2000:]
+        deadline = time.monotonic() + 10  # its chunk process sees the pipe close, and ends
+        while chunk_processes(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not chunk_processes(child.pid)
         done = max((int(line.split()[1]) + 1 for line in out.splitlines()
                     if line.startswith("ended ")), default=0)
         committed = check(path, done + 1, gathered)
@@ -141,3 +174,28 @@ def test_a_kill_at_random_moments_loses_at_most_two_groups(tmp_path, gathered):
         seen.append((done, committed))
     # the kills landed mid-stream, after commits
     assert any(done > 3 * GROUP and committed for done, committed in seen), seen
+
+
+def test_a_killed_chunk_process_is_a_writer_error_and_committed_groups_survive(
+        tmp_path, monkeypatch):
+    from layerscope.core import gatherwrite
+
+    monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1)
+    path, net, given, error, killed = tmp_path / "t.zarr", model(), 0, None, None
+    try:
+        with torch.no_grad(), layerscope.trace(net, path, options=options("process")) as run:
+            for x in inputs(40):
+                net(x)
+                given += 1
+                process = run.recorder.writer._gathering.process._child
+                if killed is None and given >= 3 * GROUP and process is not None:
+                    killed = process.pid
+                    os.kill(killed, signal.SIGKILL)
+    except WriterError as exc:
+        error = exc
+    assert killed is not None, "the chunk process never started"
+    assert error is not None and f"chunk-writing process (pid {killed}) ended" in str(error)
+    assert "chunk write" in str(error) and str(path) in str(error)
+    assert given < 40
+    assert check(path, given) >= max(GROUP, given - (2 * GROUP - 1))
+    assert not chunk_processes(os.getpid())

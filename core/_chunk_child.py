@@ -1,0 +1,105 @@
+"""The chunk-writing process's program (:mod:`.chunkproc` starts it as a script of its own:
+it imports no more than the standard library, ``crc32c`` and :mod:`._rawfile`).
+
+Each request on the request pipe is an 8-byte length, a pickled list of ``(path, nbytes,
+checksum)`` and then each chunk's ``nbytes`` of body in that order. Each body is written as
+the file ``path`` (its page-aligned head with ``O_DIRECT``, the rest and, with ``checksum``,
+its crc32c through the page cache), and one reply goes back: the bodies' crc32c, in order, up
+to the first failure, and that failure as ``(errno, strerror, path)`` or None. After a
+failure the remaining bodies are read and dropped, so that the next request starts in step.
+
+The process ends when its request pipe closes, or once the process that started it is gone
+(checked before each file: an orphan writes at most one more file).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import mmap
+import os
+import pickle
+import struct
+import sys
+
+import crc32c
+
+
+def main() -> None:
+    requests, replies, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    direct, durable = sys.argv[4] == "direct", sys.argv[5] == "durable"
+    raw = _rawfile()
+    memory = memoryview(b"")
+    while True:
+        size = _read(requests, 8)
+        if size is None:
+            return
+        header = _read(requests, struct.unpack("<Q", size)[0])
+        if header is None:
+            return
+        crcs: list[int] = []
+        failure = None
+        for path, nbytes, checksum in pickle.loads(header):
+            if len(memory) < nbytes:  # page-aligned, as O_DIRECT needs
+                memory = memoryview(mmap.mmap(-1, -(-nbytes // raw.ALIGN) * raw.ALIGN))
+            body = memory[:nbytes]
+            if not _read_into(requests, body) or os.getppid() != parent:
+                return
+            if failure is not None:
+                continue
+            crc = crc32c.crc32c(body)
+            trailer = crc.to_bytes(4, "little") if checksum else b""
+            try:
+                direct = _write(raw, path, body, trailer, direct, durable)
+            except OSError as exc:
+                failure = (exc.errno, exc.strerror, path)
+                continue
+            crcs.append(crc)
+        reply = pickle.dumps((crcs, failure))
+        raw.write_all(replies, [struct.pack("<Q", len(reply)), reply])
+
+
+def _write(raw, path: str, body: memoryview, trailer: bytes, direct: bool,
+           durable: bool) -> bool:
+    """Write one file as ChunkFiles.write does; False once the file system refuses O_DIRECT."""
+    head = raw.direct_head(len(body), direct)
+    if head:
+        try:
+            raw.write_direct(path, body, head, trailer, durable)
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            direct = False
+    raw.write_cached(path, [body, trailer], durable)
+    return direct
+
+
+def _read(fd: int, nbytes: int) -> bytes | None:
+    out = bytearray(nbytes)
+    return bytes(out) if _read_into(fd, memoryview(out)) else None
+
+
+def _read_into(fd: int, view: memoryview) -> bool:
+    """Fill ``view`` from ``fd``; False where the pipe closed first."""
+    done = 0
+    while done < len(view):
+        got = os.readv(fd, [view[done:]])
+        if got == 0:
+            return False
+        done += got
+    return True
+
+
+def _rawfile():
+    """:mod:`._rawfile`, loaded from beside this file without importing layerscope."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rawfile.py")
+    spec = importlib.util.spec_from_file_location("_layerscope_rawfile", here)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Writing one chunk file: its page-aligned head with ``O_DIRECT``, the rest through the
+page cache. Standard library only: the chunk-writing process (:mod:`._chunk_child`) runs it
+without importing layerscope, numpy or zarr.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
+#: smaller chunks go through the page cache (their bytes are few). From 64 KiB on, a page-cache
+#: write costs the writer thread CPU in proportion to its bytes, several times that of an
+#: O_DIRECT write where the cache takes pages the machine has not touched yet (a long trace
+#: grows the cache; on a virtual machine each such page is a fault on the host): 160 KB
+#: took 500-650 us of CPU against about 100 us with O_DIRECT, and a writer thread's CPU is
+#: taken from the model (benchmarks/README.md, "Many captured sites")
+DIRECT_FROM = 64 << 10
+DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere chunks go through the page cache
+#: O_NOFOLLOW: a chunk file that is a symlink is refused (ELOOP), never written through
+CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) \
+    | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def direct_head(nbytes: int, direct: bool) -> int:
+    """The bytes of a body of ``nbytes`` to write with ``O_DIRECT`` (0: none)."""
+    return nbytes // ALIGN * ALIGN if direct and DIRECT and nbytes >= DIRECT_FROM else 0
+
+
+def write_direct(path: str, body: Any, head: int, trailer: bytes, durable: bool) -> None:
+    """``body`` (page-aligned memory) and ``trailer`` as the file ``path``, the first
+    ``head`` bytes with ``O_DIRECT``. EINVAL: the file system refuses ``O_DIRECT``."""
+    import fcntl  # only where O_DIRECT exists, i.e. on Linux
+
+    view = memoryview(body).cast("B")
+    fd = os.open(path, CREATE | DIRECT, 0o666)
+    try:
+        write_all(fd, [view[:head]])
+        # F_SETFL sets only the status flags; of those this file has O_DIRECT alone (no
+        # F_GETFL: each call hands Python's lock to the model's thread and back)
+        fcntl.fcntl(fd, fcntl.F_SETFL, 0)
+        write_all(fd, [view[head:], trailer])
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_cached(path: str, parts: list[Any], durable: bool) -> None:
+    """``parts`` as the file ``path``, through the page cache."""
+    fd = os.open(path, CREATE, 0o666)
+    try:
+        write_all(fd, parts)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, parts: list[Any]) -> None:
+    """``os.writev`` until every byte is written (a write may stop short)."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        written = os.writev(fd, views) if hasattr(os, "writev") else os.write(fd, views[0])
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]

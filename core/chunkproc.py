@@ -1,0 +1,147 @@
+"""A process of its own that writes a gathered group's chunk files.
+
+A model traced at every module closes thousands of small gathered chunks a group. Written by
+a writer thread, each file took five system calls and some Python, and every one of them
+handed Python's lock to the model's thread and back: while a group was written the model's
+batches took twice as long (benchmarks/README.md, "Many captured sites"). Here the writer
+thread sends the group's chunks down a pipe, one system call a chunk, and waits for the reply
+without the lock; the process (:mod:`._chunk_child`) checksums and writes the files.
+
+Faults: a chunk the process could not write comes back as the ``OSError`` it met, with the
+chunks before it written; a process that ends (killed) is a failure of every chunk not
+reported written. Chunks reach disk only for rows not yet committed (:mod:`.chunkfile`), so
+what the process leaves behind is never trusted by a reader.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from ._rawfile import write_all
+
+#: a group of fewer gathered chunks is written by the writer thread itself: the process would
+#: save little, and a store of a few variables never starts it
+PROCESS_FROM = 64
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_chunk_child.py")
+_PIPE_BYTES = 1 << 20  # a chunk in one write where Linux allows it (pipe-max-size)
+
+
+class ChunkWriteFailed(Exception):
+    """The chunks before ``index`` were written (``crcs``); that one failed with ``error``."""
+
+    def __init__(self, index: int, crcs: list[int], error: BaseException) -> None:
+        super().__init__(str(error))
+        self.index, self.crcs, self.error = index, crcs, error
+
+
+class ChunkProcessEnded(OSError):
+    """The chunk-writing process ended before it answered."""
+
+
+def available() -> bool:
+    """Where a process writes chunks: Linux (elsewhere the writer threads do)."""
+    return sys.platform.startswith("linux")
+
+
+class ChunkProcess:
+    """The process, started at the first :meth:`write`; one request at a time."""
+
+    def __init__(self, direct: bool, durable: bool) -> None:
+        self.direct, self.durable = direct, durable
+        self._lock = threading.Lock()
+        self._child: subprocess.Popen[bytes] | None = None
+        self._requests = self._replies = -1
+
+    def write(self, jobs: list[tuple[str, Any, bool]]) -> list[int]:
+        """Write each ``(path, body, checksum)``: ``body`` (contiguous uint8) as the file
+        ``path``, its crc32c after it where ``checksum``. Returns every body's crc32c;
+        raises :class:`ChunkWriteFailed` at the first chunk not written."""
+        with self._lock:
+            self._start()
+            header = pickle.dumps([(path, body.nbytes, checksum)
+                                   for path, body, checksum in jobs])
+            try:
+                write_all(self._requests, [struct.pack("<Q", len(header)), header])
+                for _, body, _ in jobs:
+                    write_all(self._requests, [body])
+                size = self._read(8)
+                crcs, failure = pickle.loads(self._read(struct.unpack("<Q", size)[0]))
+            except (OSError, EOFError) as exc:  # a broken pipe, or no reply: it is gone
+                raise ChunkWriteFailed(0, [], self._ended(exc)) from exc
+        if failure is not None:
+            code, message, path = failure
+            raise ChunkWriteFailed(len(crcs), crcs, OSError(code, message, path))
+        return crcs
+
+    def close(self) -> None:
+        """End the process (it writes nothing more: every request was answered)."""
+        with self._lock:
+            child, self._child = self._child, None
+            if child is None:
+                return
+            for fd in (self._requests, self._replies):
+                os.close(fd)
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    def _start(self) -> None:
+        if self._child is not None:
+            if self._child.poll() is None:
+                return
+            raise self._ended(None)
+        requests_read, requests_write = os.pipe()
+        replies_read, replies_write = os.pipe()
+        try:
+            import fcntl
+
+            fcntl.fcntl(requests_write, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        except (ImportError, AttributeError, OSError):
+            pass  # a smaller pipe: a chunk takes more than one write
+        try:
+            # -P: the modules beside the script never shadow the standard library's
+            self._child = subprocess.Popen(
+                [sys.executable, "-P", _CHILD, str(requests_read), str(replies_write),
+                 str(os.getpid()), "direct" if self.direct else "cached",
+                 "durable" if self.durable else "lazy"],
+                pass_fds=(requests_read, replies_write), stdin=subprocess.DEVNULL)
+        except BaseException:
+            for fd in (requests_write, replies_read):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (requests_read, replies_write):
+                os.close(fd)
+        self._requests, self._replies = requests_write, replies_read
+
+    def _read(self, nbytes: int) -> bytes:
+        parts, left = [], nbytes
+        while left:
+            part = os.read(self._replies, left)
+            if not part:
+                raise EOFError("no reply")
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    def _ended(self, cause: BaseException | None) -> ChunkProcessEnded:
+        child = self._child
+        code = None
+        if child is not None:
+            try:
+                code = child.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # it closed its pipes yet runs: stop it
+                child.kill()
+                code = child.wait()
+        return ChunkProcessEnded(
+            f"the chunk-writing process (pid {getattr(child, 'pid', '?')}) ended with exit "
+            f"code {code} before it wrote the group's chunks"
+            + (f" ({cause})" if cause is not None else ""))
