@@ -14,7 +14,6 @@ The process ends when its request pipe closes, or once the process that started 
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import mmap
 import os
@@ -50,29 +49,13 @@ def main() -> None:
             crc = crc32c.crc32c(body)
             trailer = crc.to_bytes(4, "little") if checksum else b""
             try:
-                direct = _write(raw, path, body, trailer, direct, durable)
+                direct = raw.write_file(path, body, trailer, direct, durable)
             except OSError as exc:
                 failure = (exc.errno, exc.strerror, path)
                 continue
             crcs.append(crc)
         reply = pickle.dumps((crcs, failure))
         raw.write_all(replies, [struct.pack("<Q", len(reply)), reply])
-
-
-def _write(raw, path: str, body: memoryview, trailer: bytes, direct: bool,
-           durable: bool) -> bool:
-    """Write one file as ChunkFiles.write does; False once the file system refuses O_DIRECT."""
-    head = raw.direct_head(len(body), direct)
-    if head:
-        try:
-            raw.write_direct(path, body, head, trailer, durable)
-            return True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            direct = False
-    raw.write_cached(path, [body, trailer], durable)
-    return direct
 
 
 def _read(fd: int, nbytes: int) -> bytes | None:

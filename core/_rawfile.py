@@ -5,7 +5,9 @@ without importing layerscope, numpy or zarr.
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 from typing import Any
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
@@ -20,6 +22,24 @@ DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere chunks go through the pa
 #: O_NOFOLLOW: a chunk file that is a symlink is refused (ELOOP), never written through
 CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) \
     | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def write_file(path: str, body: Any, trailer: bytes, direct: bool, durable: bool,
+               aligned: Callable[[Any], Any] = lambda body: body) -> bool:
+    """``body`` then ``trailer`` as the file ``path``: the page-aligned head of ``aligned(body)``
+    with ``O_DIRECT`` where ``direct`` and the body is large enough. Returns ``direct``, False
+    once the file system refused ``O_DIRECT`` (the file then went through the page cache)."""
+    head = direct_head(len(memoryview(body).cast("B")), direct)
+    if head:
+        try:
+            write_direct(path, aligned(body), head, trailer, durable)
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            direct = False
+    write_cached(path, [body, trailer], durable)
+    return direct
 
 
 def direct_head(nbytes: int, direct: bool) -> int:

@@ -16,7 +16,6 @@ written by :meth:`ChunkFiles.replace`: a new file renamed over the old.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 import uuid
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._rawfile import ALIGN, DIRECT, direct_head, write_cached, write_direct
+from ._rawfile import ALIGN, DIRECT, write_file
 from .errors import StoreError
 from .hostpool import page_aligned
 from .manifest import write_local_file
@@ -44,17 +43,8 @@ class ChunkFiles:
 
     def write(self, key: str, body: np.ndarray, trailer: bytes) -> None:
         """Write ``body`` (uint8, contiguous) then ``trailer`` as the file ``root/key``."""
-        path = self.path(key)
-        head = direct_head(body.nbytes, self.direct)
-        if head:
-            try:
-                write_direct(path, self._aligned(body), head, trailer, self.durable)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.direct = False  # this filesystem refuses O_DIRECT: write through the cache
-        write_cached(path, [body, trailer], self.durable)
+        self.direct = write_file(self.path(key), body, trailer, self.direct, self.durable,
+                                 self._aligned)
 
     def document(self, key: str, data: bytes) -> None:
         """Write a metadata document ``root/key`` in one step (a new file renamed into place),

@@ -33,11 +33,12 @@ _PIPE_BYTES = 1 << 20  # a chunk in one write where Linux allows it (pipe-max-si
 
 
 class ChunkWriteFailed(Exception):
-    """The chunks before ``index`` were written (``crcs``); that one failed with ``error``."""
+    """The chunks whose crc32c are ``crcs`` were written; the one after them failed with
+    ``error``."""
 
-    def __init__(self, index: int, crcs: list[int], error: BaseException) -> None:
+    def __init__(self, crcs: list[int], error: BaseException) -> None:
         super().__init__(str(error))
-        self.index, self.crcs, self.error = index, crcs, error
+        self.crcs, self.error = crcs, error
 
 
 class ChunkProcessEnded(OSError):
@@ -63,20 +64,21 @@ class ChunkProcess:
         ``path``, its crc32c after it where ``checksum``. Returns every body's crc32c;
         raises :class:`ChunkWriteFailed` at the first chunk not written."""
         with self._lock:
-            self._start()
             header = pickle.dumps([(path, body.nbytes, checksum)
                                    for path, body, checksum in jobs])
             try:
+                self._start()  # a process that cannot start, or ended, fails the first chunk
                 write_all(self._requests, [struct.pack("<Q", len(header)), header])
                 for _, body, _ in jobs:
                     write_all(self._requests, [body])
                 size = self._read(8)
                 crcs, failure = pickle.loads(self._read(struct.unpack("<Q", size)[0]))
             except (OSError, EOFError) as exc:  # a broken pipe, or no reply: it is gone
-                raise ChunkWriteFailed(0, [], self._ended(exc)) from exc
+                ended = exc if isinstance(exc, ChunkProcessEnded) else self._ended(exc)
+                raise ChunkWriteFailed([], ended) from exc
         if failure is not None:
             code, message, path = failure
-            raise ChunkWriteFailed(len(crcs), crcs, OSError(code, message, path))
+            raise ChunkWriteFailed(crcs, OSError(code, message, path))
         return crcs
 
     def close(self) -> None:

@@ -381,7 +381,7 @@ class GatheredWrites:
         with var.lock:
             key = writer.prefix + encoder.chunk_key(
                 (chunk.start // encoder.chunks[0], *(0,) * (data.ndim - 1)))
-        return key, files.path(key), data.view(np.uint8).reshape(-1), encoder.checksum
+        return key, files.path(key), encoder.encode(data), encoder.checksum
 
     def _flush_failed(self, var: Variable, chunk: Chunk, flushes: Flushes,
                       error: BaseException) -> None:
