@@ -356,6 +356,8 @@ class GatheredWrites:
             crcs, failed = process.write(jobs), None
         except ChunkWriteFailed as exc:
             crcs, failed = exc.crcs, exc
+        except Exception as exc:  # still every taken chunk must be counted done or failed
+            crcs, failed = [], ChunkWriteFailed([], exc)
         for (_, chunk, key), (_, body, checksum), crc in zip(sent, jobs, crcs, strict=False):
             if entries is not None:  # as ChunkWriter.write records them
                 entries.append((key, body.nbytes + (4 if checksum else 0), crc))
@@ -378,9 +380,8 @@ class GatheredWrites:
         if files is None or encoder is None or not writer.raw or not data.dtype.isnative \
                 or tuple(data.shape) != encoder.chunks or not data.flags.c_contiguous:
             return None
-        with var.lock:
-            key = writer.prefix + encoder.chunk_key(
-                (chunk.start // encoder.chunks[0], *(0,) * (data.ndim - 1)))
+        key = writer.prefix + encoder.chunk_key(
+            (chunk.start // encoder.chunks[0], *(0,) * (data.ndim - 1)))
         return key, files.path(key), encoder.encode(data), encoder.checksum
 
     def _flush_failed(self, var: Variable, chunk: Chunk, flushes: Flushes,
