@@ -1,8 +1,9 @@
 """A PyTorch model traced at every module (its outputs gathered, taken the direct way into the
 chunk memory and written a group at a time by the chunk-writing process or by one writer
 task; or, gathering off, copied the short way into pool memory and written a task each)
-under faults: a disk that fills up (a real tmpfs), SIGKILL at random moments, and the chunk
-process killed. What docs/guarantees.md promises holds: the store opens
+under faults: a disk that fills up (a real tmpfs), SIGKILL at random moments, the chunk
+process killed, chunk files it wrote damaged, and two traces at once, each with its chunk
+process. What docs/guarantees.md promises holds: the store opens
 at its last commit with every committed row equal to the model's own output, `verify` passes,
 and a kill of the gathering writer loses at most 2G - 1 of the batches that ended."""
 
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 import layerscope
-from layerscope.core import StoreOptions, WriterError
+from layerscope.core import ChunkError, StoreOptions, WriterError
 from layerscope.core.gather import GatherPolicy
 
 from ..backends.test_torch_direct import Blocks, reference
@@ -198,4 +200,79 @@ def test_a_killed_chunk_process_is_a_writer_error_and_committed_groups_survive(
     assert "chunk write" in str(error) and str(path) in str(error)
     assert given < 40
     assert check(path, given) >= max(GROUP, given - (2 * GROUP - 1))
+    assert not chunk_processes(os.getpid())
+
+
+def trace_in_process_mode(net, path, count: int) -> float:
+    """Trace ``count`` batches, the groups written by the chunk process; returns the seconds
+    the close took."""
+    with torch.no_grad(), layerscope.trace(net, path, options=options("process")):
+        for x in inputs(count):
+            net(x)
+        closing = time.monotonic()
+    return time.monotonic() - closing
+
+
+@pytest.fixture()
+def process_writes(monkeypatch):
+    """Every group written by the chunk process; the pids of the processes that wrote."""
+    from layerscope.core import chunkproc, gatherwrite
+
+    monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1)
+    pids: set[int] = set()
+    write = chunkproc.ChunkProcess.write
+
+    def counted(self, jobs):
+        crcs = write(self, jobs)
+        assert self._child is not None
+        pids.add(self._child.pid)
+        return crcs
+
+    monkeypatch.setattr(chunkproc.ChunkProcess, "write", counted)
+    return pids
+
+
+def test_damaged_chunks_the_process_wrote_are_named(tmp_path, process_writes):
+    path = tmp_path / "t.zarr"
+    trace_in_process_mode(model(), path, 3 * GROUP)
+    assert len(process_writes) == 1, "the chunk process wrote no group"
+    assert check(path, 3 * GROUP) == 3 * GROUP
+    files = sorted((path / "blocks.3.fc2@output").glob("c.*"))
+    assert [f.name for f in files] == ["c.0.0.0", "c.1.0.0", "c.2.0.0"]
+    data = bytearray(files[1].read_bytes())
+    data[len(data) // 3] ^= 0x40
+    files[1].write_bytes(bytes(data))
+    files[2].write_bytes(files[2].read_bytes()[:-100])
+    ds = layerscope.open_trace(path)
+    with pytest.raises(ChunkError, match=r"blocks\.3\.fc2@output/c\.[12]\.0\.0"):
+        ds["blocks.3.fc2@output"].load()
+    expected = reference(model(), inputs(3 * GROUP))["blocks.3.fc1@output"]
+    assert ds["blocks.3.fc1@output"].values.tobytes() == np.concatenate(expected).tobytes()
+    faults = {fault.key for fault in layerscope.verify(path).faults}
+    assert faults == {"blocks.3.fc2@output/c.1.0.0", "blocks.3.fc2@output/c.2.0.0"}
+
+
+def test_two_traces_at_once_each_with_its_chunk_process(tmp_path, process_writes):
+    """Two traces in one process, in two threads: each has a chunk process of its own, both
+    stores are exact, and each close ends its process at once (a process that misses the
+    end of its requests is waited for 10 s, then killed)."""
+    batches, errors, closes = 5 * GROUP, [], []
+
+    def run(net, path):
+        try:
+            closes.append(trace_in_process_mode(net, path, batches))
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(model(), tmp_path / f"t{n}.zarr"))
+               for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert len(process_writes) == 2 and len(closes) == 2
+    assert max(closes) < 8, closes  # a close waits 10 s for a process that does not end
+    for n in (0, 1):
+        assert check(tmp_path / f"t{n}.zarr", batches) == batches
     assert not chunk_processes(os.getpid())
