@@ -28,6 +28,9 @@ from ._rawfile import write_all
 #: a group of fewer gathered chunks is written by the writer thread itself: the process would
 #: save little, and a store of a few variables never starts it
 PROCESS_FROM = 64
+#: chunks a request: between requests another writer thread may take a share of the group
+#: (at the close, when no model runs)
+REQUEST_CHUNKS = 256
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_chunk_child.py")
 _PIPE_BYTES = 1 << 20  # a chunk in one write where Linux allows it (pipe-max-size)
 

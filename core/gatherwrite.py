@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator
+from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import chunkproc
 from ._zarr_compat import grow_rows
-from .chunkproc import PROCESS_FROM, ChunkProcess, ChunkWriteFailed
+from .chunkproc import PROCESS_FROM, REQUEST_CHUNKS, ChunkProcess, ChunkWriteFailed
 from .errors import CaptureError, SchemaError
 from .gather import GATHERED, Chunk, Gatherer, VarGather
 
@@ -305,8 +306,11 @@ class GatheredWrites:
         entries: list[Entry] | None = [] if writer.options.checksums else None
         try:
             chunks: Iterable[tuple[Variable, Chunk]] = flushes.take()
-            if plain and self.process is not None and len(flushes.chunks) >= PROCESS_FROM:
-                chunks = self._write_in_process(self.process, flushes, entries, done)
+            if plain and self.process is not None and not flushes.by_process \
+                    and len(flushes.chunks) >= PROCESS_FROM:
+                flushes.by_process = True  # a thread that joins writes its own share
+                chunks = chain(self._write_in_process(self.process, flushes, entries, done),
+                               flushes.take())
             for var, chunk in chunks:
                 whole = self._whole_chunk(var, chunk, batch) if plain else None
                 if whole is None:
@@ -337,36 +341,43 @@ class GatheredWrites:
                           entries: list[Entry] | None, done: list[Chunk]
                           ) -> list[tuple[Variable, Chunk]]:
         """Write the group's usual chunks (stored as their own memory) by the chunk-writing
-        process, in one request; the chunks it does not take, and those after a failure,
-        are returned for :meth:`run_flushes`'s usual way."""
+        process, :data:`REQUEST_CHUNKS` a request; the chunks it does not take, and the one
+        that failed's followers, are returned for :meth:`run_flushes`'s usual way (which also
+        takes any left after a failure). Between requests other threads may take chunks:
+        at the close every writer thread writes a share (:meth:`close_chunks`)."""
         rest: list[tuple[Variable, Chunk]] = []
-        sent: list[tuple[Variable, Chunk, str]] = []
-        jobs: list[tuple[str, np.ndarray, bool]] = []
-        for var, chunk in flushes.take():  # all of them: the other threads find none left
-            job = self._process_job(var, chunk, flushes.batch)
-            if job is None:
-                rest.append((var, chunk))
+        while True:
+            taken = list(islice(flushes.take(), REQUEST_CHUNKS))
+            if not taken:
+                return rest
+            sent: list[tuple[Variable, Chunk, str]] = []
+            jobs: list[tuple[str, np.ndarray, bool]] = []
+            for var, chunk in taken:
+                job = self._process_job(var, chunk, flushes.batch)
+                if job is None:
+                    rest.append((var, chunk))
+                    continue
+                key, path, body, checksum = job
+                sent.append((var, chunk, key))
+                jobs.append((path, body, checksum))
+            if not jobs:
                 continue
-            key, path, body, checksum = job
-            sent.append((var, chunk, key))
-            jobs.append((path, body, checksum))
-        if not jobs:
-            return rest
-        try:
-            crcs, failed = process.write(jobs), None
-        except ChunkWriteFailed as exc:
-            crcs, failed = exc.crcs, exc
-        except Exception as exc:  # still every taken chunk must be counted done or failed
-            crcs, failed = [], ChunkWriteFailed([], exc)
-        for (_, chunk, key), (_, body, checksum), crc in zip(sent, jobs, crcs, strict=False):
-            if entries is not None:  # as ChunkWriter.write records them
-                entries.append((key, body.nbytes + (4 if checksum else 0), crc))
-            done.append(chunk)
-        if failed is not None:
-            var, chunk, _ = sent[len(crcs)]
-            self._flush_failed(var, chunk, flushes, failed.error)
-            rest.extend((var, chunk) for var, chunk, _ in sent[len(crcs) + 1:])
-        return rest
+            try:
+                crcs, failed = process.write(jobs), None
+            except ChunkWriteFailed as exc:
+                crcs, failed = exc.crcs, exc
+            except Exception as exc:  # still every taken chunk must be counted done or failed
+                crcs, failed = [], ChunkWriteFailed([], exc)
+            for (_, chunk, key), (_, body, checksum), crc in zip(sent, jobs, crcs,
+                                                                 strict=False):
+                if entries is not None:  # as ChunkWriter.write records them
+                    entries.append((key, body.nbytes + (4 if checksum else 0), crc))
+                done.append(chunk)
+            if failed is not None:
+                var, chunk, _ = sent[len(crcs)]
+                self._flush_failed(var, chunk, flushes, failed.error)
+                rest.extend((var, chunk) for var, chunk, _ in sent[len(crcs) + 1:])
+                return rest
 
     def _process_job(self, var: Variable, chunk: Chunk, batch: Batch
                      ) -> tuple[str, str, np.ndarray, bool] | None:
@@ -444,6 +455,7 @@ class Flushes:
         assert flush is not None  # sealed
         self.group, self.batch = flush  # one seal: one group, one manifest batch
         self.chunks = deque(chunks)
+        self.by_process = False  # a thread sends them to the chunk process
 
     def take(self) -> Iterator[tuple[Variable, Chunk]]:
         while True:

@@ -30,6 +30,7 @@ from layerscope.core.gather import GatherPolicy
 from ..backends.test_torch_direct import Blocks, reference
 
 GROUP = 2  # batches per gathered chunk
+SLICE = 7  # chunks a request to the chunk process: a group of 50 takes several
 WIDTH, TOKENS, SIZE = 64, 16, 8  # 32 KB a variable a batch, 50 variables: 1.6 MB a batch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,11 +41,11 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])  # the checkout: its tests package
     from layerscope.core import StoreOptions
     from layerscope.core import gatherwrite
-    from tests.faults.test_many_sites_faults import inputs, model, options
+    from tests.faults.test_many_sites_faults import SLICE, inputs, model, options
 
     net = model()
     if sys.argv[3] == "process":  # every group's chunks written by the chunk process
-        gatherwrite.PROCESS_FROM = 1
+        gatherwrite.PROCESS_FROM, gatherwrite.REQUEST_CHUNKS = 1, SLICE
     print("ready", flush=True)
     # far more batches than the kill waits for: about 7 ms each on a fast machine
     with torch.no_grad(), layerscope.trace(net, sys.argv[1], options=options(sys.argv[3])):
@@ -120,6 +121,7 @@ def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs,
     from layerscope.core import gatherwrite
 
     monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1)  # this model has 50 variables
+    monkeypatch.setattr(gatherwrite, "REQUEST_CHUNKS", SLICE)
     path = small_tmpfs / "t.zarr"
     net, given, error = model(), 0, None
     gathered = mode != "plain"
@@ -183,6 +185,7 @@ def test_a_killed_chunk_process_is_a_writer_error_and_committed_groups_survive(
     from layerscope.core import gatherwrite
 
     monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1)
+    monkeypatch.setattr(gatherwrite, "REQUEST_CHUNKS", SLICE)
     path, net, given, error, killed = tmp_path / "t.zarr", model(), 0, None, None
     try:
         with torch.no_grad(), layerscope.trace(net, path, options=options("process")) as run:
@@ -219,6 +222,7 @@ def process_writes(monkeypatch):
     from layerscope.core import chunkproc, gatherwrite
 
     monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1)
+    monkeypatch.setattr(gatherwrite, "REQUEST_CHUNKS", SLICE)
     pids: set[int] = set()
     write = chunkproc.ChunkProcess.write
 
