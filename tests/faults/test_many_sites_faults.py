@@ -28,6 +28,7 @@ from layerscope.core import ChunkError, StoreOptions, WriterError
 from layerscope.core.gather import GatherPolicy
 
 from ..backends.test_torch_direct import Blocks, reference
+from .damage import flip_byte
 
 GROUP = 2  # batches per gathered chunk
 SLICE = 7  # chunks a request to the chunk process: a group of 50 takes several
@@ -243,10 +244,8 @@ def test_damaged_chunks_the_process_wrote_are_named(tmp_path, process_writes):
     assert check(path, 3 * GROUP) == 3 * GROUP
     files = sorted((path / "blocks.3.fc2@output").glob("c.*"))
     assert [f.name for f in files] == ["c.0.0.0", "c.1.0.0", "c.2.0.0"]
-    data = bytearray(files[1].read_bytes())
-    data[len(data) // 3] ^= 0x40
-    files[1].write_bytes(bytes(data))
-    files[2].write_bytes(files[2].read_bytes()[:-100])
+    flip_byte(files[1], files[1].stat().st_size // 3, 0x40)
+    files[2].write_bytes(files[2].read_bytes()[:-100])  # cut short
     ds = layerscope.open_trace(path)
     with pytest.raises(ChunkError, match=r"blocks\.3\.fc2@output/c\.[12]\.0\.0"):
         ds["blocks.3.fc2@output"].load()
