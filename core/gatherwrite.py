@@ -341,10 +341,11 @@ class GatheredWrites:
                           entries: list[Entry] | None, done: list[Chunk]
                           ) -> list[tuple[Variable, Chunk]]:
         """Write the group's usual chunks (stored as their own memory) by the chunk-writing
-        process, :data:`REQUEST_CHUNKS` a request; the chunks it does not take, and the one
-        that failed's followers, are returned for :meth:`run_flushes`'s usual way (which also
-        takes any left after a failure). Between requests other threads may take chunks:
-        at the close every writer thread writes a share (:meth:`close_chunks`)."""
+        process, :data:`REQUEST_CHUNKS` a request, until the chunks run out, a request finds
+        none it can take, or one fails. Returns the chunks taken but not sent, and those
+        after a failed one, for :meth:`run_flushes`'s usual way (which then takes whatever
+        is left). Between requests other threads may take chunks: at the close every writer
+        thread writes a share (:meth:`close_chunks`)."""
         rest: list[tuple[Variable, Chunk]] = []
         while True:
             taken = list(islice(flushes.take(), REQUEST_CHUNKS))
@@ -360,8 +361,8 @@ class GatheredWrites:
                 key, path, body, checksum = job
                 sent.append((var, chunk, key))
                 jobs.append((path, body, checksum))
-            if not jobs:
-                continue
+            if not jobs:  # a group of compressed arrays: every writer thread may take a share
+                return rest
             try:
                 crcs, failed = process.write(jobs), None
             except ChunkWriteFailed as exc:
@@ -382,14 +383,17 @@ class GatheredWrites:
     def _process_job(self, var: Variable, chunk: Chunk, batch: Batch
                      ) -> tuple[str, str, np.ndarray, bool] | None:
         """``(key, path, body, checksum)`` of a chunk the process can write: one whole
-        chunk of the array, stored as its own memory, in a local store's file."""
+        chunk of the array, stored as its own memory, in a local store's file. The array's
+        own checks first: a chunk of a compressed array is not filled here in vain."""
+        writer = var.chunk_writer
+        if writer is None or writer.files is None or writer.encoder is None or not writer.raw:
+            return None
         whole = self._whole_chunk(var, chunk, batch)
         if whole is None:
             return None
-        writer, data = whole
-        encoder, files = writer.encoder, writer.files
-        if files is None or encoder is None or not writer.raw or not data.dtype.isnative \
-                or tuple(data.shape) != encoder.chunks or not data.flags.c_contiguous:
+        data, encoder, files = whole[1], writer.encoder, writer.files
+        if not data.dtype.isnative or tuple(data.shape) != encoder.chunks \
+                or not data.flags.c_contiguous:
             return None
         key = writer.prefix + encoder.chunk_key(
             (chunk.start // encoder.chunks[0], *(0,) * (data.ndim - 1)))

@@ -9,6 +9,7 @@ and a kill of the gathering writer loses at most 2G - 1 of the batches that ende
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 import layerscope
-from layerscope.core import ChunkError, StoreOptions, WriterError
+from layerscope.core import ChunkError, Compression, StoreOptions, WriterError
 from layerscope.core.gather import GatherPolicy
 
 from ..backends.test_torch_direct import Blocks, reference
@@ -279,3 +280,18 @@ def test_two_traces_at_once_each_with_its_chunk_process(tmp_path, process_writes
     for n in (0, 1):
         assert check(tmp_path / f"t{n}.zarr", batches) == batches
     assert not chunk_processes(os.getpid())
+
+
+def test_compressed_groups_are_written_by_the_writer_threads(tmp_path, process_writes):
+    """Compressed chunks are not the chunk process's to write (it writes a chunk's own memory):
+    every group goes the writer threads' way, and the store is exact."""
+    path, net = tmp_path / "t.zarr", model()
+    compressed = StoreOptions(gathering=GatherPolicy(batches=GROUP),
+                              compression=Compression(min_saving=0))
+    with torch.no_grad(), layerscope.trace(net, path, options=compressed):
+        for x in inputs(3 * GROUP):
+            net(x)
+    assert not process_writes
+    codecs = json.loads((path / "blocks.0.fc1@output" / "zarr.json").read_text())["codecs"]
+    assert [codec["name"] for codec in codecs] == ["bytes", "blosc", "crc32c"]
+    assert check(path, 3 * GROUP) == 3 * GROUP
