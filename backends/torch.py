@@ -129,10 +129,10 @@ class _Capture:
         # channels-first and vocabulary roles given this pass, by tensor: a container or an
         # activation passing a convolution's map (or a head's logits) on keeps its roles
         self._channels_first: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...]]] = {}
-        #: site -> (dtype, stored dtype) of a lone output tensor an earlier pass stored
-        #: with no side effect on later sites (see _put_direct): the next may go straight to
-        #: the writer (Recorder.direct_site), none of the labeling run again
-        self._direct: dict[str, tuple[torch.dtype, np.dtype]] = {}
+        #: site -> (dtype, stored dtype, same bytes) of a lone output tensor an earlier pass
+        #: stored with no side effect on later sites (see _put_direct): the next may go
+        #: straight to the writer (Recorder.direct_site), none of the labeling run again
+        self._direct: dict[str, tuple[torch.dtype, np.dtype, bool]] = {}
         self._site_puts: dict[str, SitePut] = {}  # the recorder's direct_site, per site
 
     # -- passes ------------------------------------------------------------------------------
@@ -197,7 +197,9 @@ class _Capture:
     def _remember_direct(self, site: str, tensor: torch.Tensor) -> None:
         dtype = _host_dtype(tensor.dtype)
         if dtype is not None and tensor.layout == torch.strided:
-            self._direct[site] = (tensor.dtype, dtype)
+            # bfloat16 is stored as float32; complex tensors may be conjugate views
+            same_bytes = tensor.element_size() == dtype.itemsize and not tensor.is_complex()
+            self._direct[site] = (tensor.dtype, dtype, same_bytes)
 
     def _put_direct(self, site: str, output: Any) -> bool:
         """Store ``output`` the way :meth:`put` stored this site's last time, where that
@@ -208,25 +210,31 @@ class _Capture:
         not ``device.type``) and no attention lookup where none was stored."""
         known = self._direct.get(site)
         if known is None or type(output) is not torch.Tensor or output.dtype is not known[0] \
-                or not output.is_cpu or output.layout is not torch.strided \
-                or not isinstance(self.recorder, Recorder):
+                or not output.is_cpu or output.layout is not torch.strided:
             return False
         if self._seen_attention:
             seen = self._seen_attention.get(id(output))
             if seen is not None and seen() is output:
                 return False
+        site_put = self._site_puts.get(site)
+        if site_put is None or site_put.recorder is not self.recorder:
+            if not isinstance(self.recorder, Recorder):  # generate() collects its steps
+                return False
+            site_put = self.recorder.direct_site(site, "output")
+            if site_put is None:
+                return False
+            self._site_puts[site] = site_put
+        if known[2] and output.is_contiguous() and not output.is_neg():
+            address = output.data_ptr()  # the same bytes, in order (0: no memory, empty)
+            if address and site_put.put_raw(output.shape, known[1], address):
+                return True
+        shape = tuple(output.shape)
         source = output.detach() if output.requires_grad else output
 
         def copy(memory: np.ndarray) -> None:
             torch.from_numpy(memory).copy_(source)
 
-        site_put = self._site_puts.get(site)
-        if site_put is None or site_put.recorder is not self.recorder:
-            site_put = self.recorder.direct_site(site, "output")
-            if site_put is None:
-                return False
-            self._site_puts[site] = site_put
-        return site_put.put(tuple(output.shape), known[1], copy)
+        return site_put.put(shape, known[1], copy)
 
     def _store(self, site: str, kind: str, tensor: torch.Tensor, roles: tuple[str, ...],
                module: nn.Module, attrs: Any = None) -> None:

@@ -4,21 +4,31 @@
 calls repeat the last one: the same variable, the stored shape, the rows
 of the current batch in the chunk its previous batch went to. A :class:`DirectSlot` (one per
 gathered variable) remembers that chunk and what the checks found, and claims the rows with
-one list append under the gatherer's lock. Anything else (a new chunk, another shape, a
-shorter pass) goes the general way (:meth:`.gatherwrite.GatheredWrites.view_now`), which the
-slot then remembers. A :class:`QueuedSlot` (a variable that is not gathered: large tensors,
-or every variable of a store that gathers none) copies a tensor of the stored shape into pool
-memory and queues its write, as the writer's ``put`` does once its checks found nothing new.
+one list append; a tensor that lies in order in memory, in the bytes it is stored as, is
+then copied there with one ``memmove`` from its address (:meth:`SitePut.put_raw`). Anything
+else (a new chunk, another shape, a shorter pass) goes the general way
+(:meth:`.gatherwrite.GatheredWrites.view_now`), which the slot then remembers. A
+:class:`QueuedSlot` (a variable that is not gathered: large tensors, or every variable of a
+store that gathers none) copies a tensor of the stored shape into pool memory and queues its
+write, as the writer's ``put`` does once its checks found nothing new.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .growth import grows
+
+#: ``memmove(dest, source, count)`` that keeps Python's lock: one batch of a gathered
+#: variable (at most :attr:`.gather.GatherPolicy.below` bytes) copies in less time than a
+#: hand-over of the lock to a writer thread and back takes
+_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_size_t)(ctypes.memmove)
+_ELSEWHERE, _REFUSED = -1, -2  # DirectSlot.claim_remembered: no rows claimed
 
 if TYPE_CHECKING:
     from .gather import Chunk
@@ -29,11 +39,16 @@ if TYPE_CHECKING:
 class DirectSlot:
     """One gathered variable's memory of its last direct put."""
 
-    __slots__ = ("_chunk", "_growing", "_shape", "_trailing", "var", "writer")
+    __slots__ = ("_buffer", "_chunk", "_growing", "_shape", "_trailing", "address",
+                 "row_bytes", "var", "writer")
 
     def __init__(self, writer: TraceWriter, var: Variable) -> None:
         self.writer, self.var = writer, var
         self._chunk: Chunk | None = None
+        #: the remembered chunk's memory (it may be replaced: a token axis grew), where it
+        #: starts and its bytes a row
+        self._buffer: np.ndarray | None = None
+        self.address = self.row_bytes = 0
         self._trailing: tuple[int, ...] | None = None
         self._shape: tuple[int, ...] = (-1,)  # (batch size, *trailing) once a batch came
         #: (dim, axis) of each axis whose length may change between passes
@@ -43,36 +58,54 @@ class DirectSlot:
     def memory(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """The claimed chunk memory for this batch's rows of a tensor of exactly the stored
         ``shape`` and ``dtype``; None where the general way must decide (nothing claimed)."""
+        lo = self.claim_remembered(shape, dtype)
+        if lo >= 0:
+            assert self._buffer is not None
+            return self._buffer[lo:lo + shape[0]]
+        if lo == _REFUSED:
+            return None
+        batch, gather = self.writer._current, self.var.gather
+        assert batch is not None and gather is not None  # or refused
+        view = self.writer._gathering.view_now(batch, self.var, self._shape, dtype)
+        chunk = gather.chunks.get(batch.start // gather.rows * gather.rows) \
+            if view is not None else None
+        self._chunk, self._buffer = chunk, None if chunk is None else chunk.buffer
+        if self._buffer is not None:
+            self.address = self._buffer.ctypes.data
+            self.row_bytes = self._buffer[0].nbytes
+        return view
+
+    def claim_remembered(self, shape: tuple[int, ...], dtype: np.dtype) -> int:
+        """Claim this batch's rows in the remembered chunk: their first row in it;
+        ``_ELSEWHERE`` where they fall into no remembered chunk (nothing claimed: the general
+        way decides), ``_REFUSED`` where put() must decide."""
         writer, var = self.writer, self.var
         batch, gather = writer._current, var.gather
         if batch is None or gather is None or writer._error is not None:
-            return None
+            return _REFUSED
         if var.trailing is not self._trailing or batch.size != self._shape[0]:
             self._trailing = var.trailing
             self._shape = (batch.size, *var.trailing)
         if shape != self._shape or dtype != gather.dtype:
-            return None
+            return _REFUSED
         lengths = writer._lengths
         for dim, axis in self._growing:  # every variable of the pass agrees on its lengths
             if lengths.setdefault(dim, shape[axis]) != shape[axis]:
-                return None
+                return _REFUSED
         start = batch.start
         chunk = self._chunk
-        if chunk is None or chunk.closed or chunk.buffer is None or start < chunk.start \
+        if chunk is None or chunk.closed or chunk.buffer is not self._buffer \
+                or self._buffer is None or start < chunk.start \
                 or start + batch.size > chunk.start + chunk.rows \
                 or gather.chunks.get(chunk.start) is not chunk:
-            view = writer._gathering.view_now(batch, var, self._shape, dtype)
-            self._chunk = gather.chunks.get(start // gather.rows * gather.rows) \
-                if view is not None else None
-            return view
+            return _ELSEWHERE
         lo = start - chunk.start
-        gatherer = writer._gathering.chunks
-        gatherer.holding = True
-        with gatherer.lock:  # writer threads read what is written when they flush
-            chunk.written.append((lo, lo + batch.size))
-            if chunk.first is None:  # a discarded batch had claimed it first
-                chunk.first = start
-        return chunk.buffer[lo:lo + batch.size]
+        # no lock: only this thread reads and writes an open chunk's rows (a writer thread
+        # reads them once the chunk is closed, on this thread, at a batch end)
+        chunk.written.append((lo, lo + batch.size))
+        if chunk.first is None:  # a discarded batch had claimed it first
+            chunk.first = start
+        return lo
 
     def put(self, shape: tuple[int, ...], dtype: np.dtype,
             copy: Callable[[np.ndarray], Any]) -> bool:
@@ -156,6 +189,21 @@ class SitePut:
     def __init__(self, recorder: Any, calls: dict[tuple[str, str], int], key: tuple[str, str],
                  slot: Slot) -> None:
         self.recorder, self._calls, self._key, self._slot = recorder, calls, key, slot
+
+    def put_raw(self, shape: tuple[int, ...], dtype: np.dtype, address: int) -> bool:
+        """:meth:`put` of a tensor that lies C-contiguous at ``address``, where it goes into
+        the chunk its variable's last batch went to (the usual case of a model traced at
+        every module): copied with one ``memmove``, no array made for it. False, with
+        nothing done, where :meth:`put` must decide."""
+        slot = self._slot
+        if type(slot) is not DirectSlot or self._key in self._calls:
+            return False
+        lo = slot.claim_remembered(shape, dtype)
+        if lo < 0:
+            return False
+        _memmove(slot.address + lo * slot.row_bytes, address, shape[0] * slot.row_bytes)
+        self._calls[self._key] = 1
+        return True
 
     def put(self, shape: tuple[int, ...], dtype: np.dtype,
             copy: Callable[[np.ndarray], Any]) -> bool:

@@ -70,7 +70,7 @@ def reference(model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, list[np
 
 
 @pytest.mark.parametrize("gathered", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch, dtype,
                                                            gathered):
     torch.manual_seed(0)
@@ -93,6 +93,8 @@ def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch
         return put
 
     monkeypatch.setattr(direct_module.SitePut, "put", counted(direct_module.SitePut.put))
+    monkeypatch.setattr(direct_module.SitePut, "put_raw",
+                        counted(direct_module.SitePut.put_raw))
     path = tmp_path / "t.zarr"
     # chunks of two batches: the shorter passes after the longer one fill new chunks, and
     # later ones the memory of written ones (reused: what it held must not show)
@@ -161,5 +163,55 @@ def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_who
     ds = layerscope.open_trace(path)
     assert ds.attrs["committed_batches"] == 5
     assert ds["blocks.0.fc1@output"].attrs.get("gathered_batches") == (4 if gathered else None)
+    for name, passes in expected.items():
+        np.testing.assert_array_equal(ds[name].values, np.concatenate(passes), err_msg=name)
+
+
+class Transposed(nn.Module):
+    """Hands on a view of its input: the same shape (square), other strides."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+class Expanded(nn.Module):
+    """Hands on a view that repeats one token (a stride of 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1].expand(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_only_a_contiguous_tensor_is_copied_by_its_address(tmp_path, monkeypatch, dtype):
+    """The short way copies a tensor's memory as it lies (``SitePut.put_raw``) only where it
+    lies in order, in the bytes it is stored as (bfloat16 is stored as float32: never); a
+    view with other strides goes the array way, and all store the model's values."""
+    torch.manual_seed(0)
+    model = Blocks().to(dtype).eval()
+    model.blocks.insert(3, Transposed())
+    model.blocks.insert(7, Expanded())
+    inputs = [torch.randn(4, 16, 16, dtype=dtype) for _ in range(8)]  # tokens = width
+    expected = reference(model, inputs)
+    raw: dict[str, int] = {}
+    put_raw = direct_module.SitePut.put_raw
+
+    def counted(self, *args):
+        taken = put_raw(self, *args)
+        raw[self._key[0]] = raw.get(self._key[0], 0) + taken
+        return taken
+
+    monkeypatch.setattr(direct_module.SitePut, "put_raw", counted)
+    path = tmp_path / "t.zarr"
+    options = StoreOptions(gathering=GatherPolicy(batches=4))
+    with layerscope.trace(model, path, options=options), torch.no_grad():
+        for x in inputs:
+            model(x)
+    assert raw.get("blocks.3", 0) == raw.get("blocks.7", 0) == 0, raw
+    if dtype == torch.bfloat16:
+        assert not any(raw.values()), raw
+    else:  # the others: by address
+        assert raw["blocks.2.fc1"] >= 2 and raw["blocks.8"] >= 2, raw
+    ds = layerscope.open_trace(path)
+    assert ds["blocks.3@output"].attrs.get("gathered_batches") == 4
     for name, passes in expected.items():
         np.testing.assert_array_equal(ds[name].values, np.concatenate(passes), err_msg=name)

@@ -114,13 +114,16 @@ def test_every_pass_holds_what_a_trace_of_it_alone_holds(tmp_path, monkeypatch, 
         passes.append(make_inputs(3, 4))
 
     direct: list[bool] = []
-    put = direct_module.SitePut.put
 
-    def counted(self: Any, *args: Any) -> bool:
-        direct.append(put(self, *args))
-        return direct[-1]
+    def counted(put: Any) -> Any:
+        def put_counted(self: Any, *args: Any) -> bool:
+            direct.append(put(self, *args))
+            return direct[-1]
+        return put_counted
 
-    monkeypatch.setattr(direct_module.SitePut, "put", counted)
+    for method in ("put", "put_raw"):  # put_raw: a contiguous tensor, copied by address
+        monkeypatch.setattr(direct_module.SitePut, method,
+                            counted(getattr(direct_module.SitePut, method)))
     together = _trace(model, tmp_path / "together.zarr", passes, gathered)
     assert (sum(direct) > 0) == (family not in GENERAL_ONLY), sum(direct)
     monkeypatch.undo()
