@@ -141,10 +141,20 @@ class Failing(nn.Module):
 
 @pytest.mark.parametrize(("failing", "gathered"), [(3, True), (4, True), (3, False)])
 def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_whole(
-        tmp_path, failing, gathered):
+        tmp_path, monkeypatch, failing, gathered):
     """The writer remembers the chunk each variable's last batch went to (core/direct.py); a
     pass that fails after half its sites went there is discarded, and the pass that follows
     takes the same rows again: its values, never the failed pass's, are stored."""
+    raw_in_failing_pass: list[bool] = []
+    put_raw = direct_module.SitePut.put_raw
+
+    def counted(self, *args):
+        taken = put_raw(self, *args)
+        if model.blocks[6].fail:  # the failing pass, before its failure
+            raw_in_failing_pass.append(taken)
+        return taken
+
+    monkeypatch.setattr(direct_module.SitePut, "put_raw", counted)
     torch.manual_seed(0)
     model = Blocks().eval()
     model.blocks.insert(6, Failing())
@@ -160,6 +170,8 @@ def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_who
                 model(x)
             except RuntimeError:
                 assert number == failing
+    # copied by address into the rows the failed pass claimed: rows 12-16 of the first chunk
+    assert any(raw_in_failing_pass) == (gathered and failing == 3), raw_in_failing_pass
     ds = layerscope.open_trace(path)
     assert ds.attrs["committed_batches"] == 5
     assert ds["blocks.0.fc1@output"].attrs.get("gathered_batches") == (4 if gathered else None)
