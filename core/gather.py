@@ -260,9 +260,12 @@ class Gatherer:
                     self.recycle(chunk)
                 else:
                     closed.append((var, chunk))
+        last = self.groups[-1].rows if self.groups else self.durable
+        if not closed and any(chunk.first is not None and chunk.first <= last
+                              for chunks in self.by_end.values() for _, chunk in chunks):
+            return None, closed  # the usual batch end: one chunk looked at, not every one
         held_from = min((chunk.first for chunks in self.by_end.values() for _, chunk in chunks
                          if chunk.first is not None), default=rows)
-        last = self.groups[-1].rows if self.groups else self.durable
         if held_from <= last and not closed:
             return None, closed
         group = FlushGroup(max(held_from, last), pending=len(closed))
