@@ -224,7 +224,7 @@ class _Capture:
             if site_put is None:
                 return False
             self._site_puts[site] = site_put
-        if known[2] and output.is_contiguous() and not output.is_neg():
+        if site_put.by_address and known[2] and output.is_contiguous() and not output.is_neg():
             address = output.data_ptr()  # the same bytes, in order (0: no memory, empty)
             if address and site_put.put_raw(output.shape, known[1], address):
                 return True

@@ -100,8 +100,8 @@ class DirectSlot:
                 or gather.chunks.get(chunk.start) is not chunk:
             return _ELSEWHERE
         lo = start - chunk.start
-        # no lock: only this thread reads and writes an open chunk's rows (a writer thread
-        # reads them once the chunk is closed, on this thread, at a batch end)
+        # no lock: only this thread reads and writes an open chunk's ``written`` (a writer
+        # thread reads it once the chunk is closed, on this thread, at a batch end)
         chunk.written.append((lo, lo + batch.size))
         if chunk.first is None:  # a discarded batch had claimed it first
             chunk.first = start
@@ -184,11 +184,14 @@ class SitePut:
     nothing looked up again: a backend calls it for every captured module, thousands of
     times a batch."""
 
-    __slots__ = ("_calls", "_key", "_slot", "recorder")
+    __slots__ = ("_calls", "_key", "_slot", "by_address", "recorder")
 
     def __init__(self, recorder: Any, calls: dict[tuple[str, str], int], key: tuple[str, str],
                  slot: Slot) -> None:
         self.recorder, self._calls, self._key, self._slot = recorder, calls, key, slot
+        #: whether :meth:`put_raw` may take a tensor (a gathered variable): a backend asks
+        #: before it reads a tensor's layout and address
+        self.by_address = type(slot) is DirectSlot
 
     def put_raw(self, shape: tuple[int, ...], dtype: np.dtype, address: int) -> bool:
         """:meth:`put` of a tensor that lies C-contiguous at ``address``, where it goes into
@@ -196,8 +199,9 @@ class SitePut:
         every module): copied with one ``memmove``, no array made for it. False, with
         nothing done, where :meth:`put` must decide."""
         slot = self._slot
-        if type(slot) is not DirectSlot or self._key in self._calls:
+        if not self.by_address or self._key in self._calls:
             return False
+        assert isinstance(slot, DirectSlot)
         lo = slot.claim_remembered(shape, dtype)
         if lo < 0:
             return False

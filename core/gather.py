@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,11 +262,9 @@ class Gatherer:
                 else:
                     closed.append((var, chunk))
         last = self.groups[-1].rows if self.groups else self.durable
-        if not closed and any(chunk.first is not None and chunk.first <= last
-                              for chunks in self.by_end.values() for _, chunk in chunks):
+        if not closed and any(first <= last for first in self._firsts()):
             return None, closed  # the usual batch end: one chunk looked at, not every one
-        held_from = min((chunk.first for chunks in self.by_end.values() for _, chunk in chunks
-                         if chunk.first is not None), default=rows)
+        held_from = min(self._firsts(), default=rows)
         if held_from <= last and not closed:
             return None, closed
         group = FlushGroup(max(held_from, last), pending=len(closed))
@@ -273,6 +272,13 @@ class Gatherer:
             self.groups.append(group)
             self._advance()
         return group, closed
+
+    def _firsts(self) -> Iterator[int]:
+        """The first row this writer claimed in each open chunk that has one."""
+        for chunks in self.by_end.values():
+            for _, chunk in chunks:
+                if chunk.first is not None:
+                    yield chunk.first
 
     def seal(self, closed: list[tuple[Any, Chunk]], group: FlushGroup, batch: Any
              ) -> list[tuple[Any, Chunk]]:
