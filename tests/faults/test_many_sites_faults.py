@@ -43,18 +43,38 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])  # the checkout: its tests package
     from layerscope.core import StoreOptions
     from layerscope.core import gatherwrite
-    from tests.faults.test_many_sites_faults import SLICE, inputs, model, options
+    from tests.faults.test_many_sites_faults import SLICE, count_address_copies, inputs, model, options
 
     net = model()
     if sys.argv[3] == "process":  # every group's chunks written by the chunk process
         gatherwrite.PROCESS_FROM, gatherwrite.REQUEST_CHUNKS = 1, SLICE
+    copies = count_address_copies(setattr)
     print("ready", flush=True)
     # far more batches than the kill waits for: about 7 ms each on a fast machine
     with torch.no_grad(), layerscope.trace(net, sys.argv[1], options=options(sys.argv[3])):
         for number, x in enumerate(inputs(4000)):
             net(x)
-            print("ended", number, flush=True)
+            print("ended", number, len(copies), flush=True)
 """)
+
+
+def count_address_copies(patch) -> list[str]:
+    """The sites whose outputs were copied into their chunks by address
+    (``SitePut.put_raw``), as ``patch(object, name, value)`` (``setattr`` or a
+    monkeypatch's) installs the count."""
+    from layerscope.core import direct
+
+    copies: list[str] = []
+    put_raw = direct.SitePut.put_raw
+
+    def counted(self, *args):
+        taken = put_raw(self, *args)
+        if taken:
+            copies.append(self._key[0])
+        return taken
+
+    patch(direct.SitePut, "put_raw", counted)
+    return copies
 
 
 def model() -> Blocks:
@@ -119,7 +139,9 @@ def small_tmpfs(tmp_path):
 
 @pytest.mark.parametrize("mode", ["process", "thread", "plain"])
 def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs, mode,
-                                                                    process_writes):
+                                                                    process_writes,
+                                                                    monkeypatch):
+    copies = count_address_copies(monkeypatch.setattr)
     path = small_tmpfs / "t.zarr"
     net, given, error = model(), 0, None
     gathered = mode != "plain"
@@ -136,6 +158,8 @@ def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs,
     assert "No space left on device" in str(error) and str(path) in str(error)
     # the first group creates the arrays, a task a chunk; the process takes the later ones
     assert bool(process_writes) == (mode == "process")
+    # a gathered site's second batch in a chunk is copied by its address: all 50 sites
+    assert len(set(copies)) == (50 if gathered else 0), copies
     committed = check(path, given, gathered)
     if gathered:
         # two groups fit in 8 MB, and a third group's chunks are queued only once the
@@ -170,8 +194,10 @@ def test_a_kill_at_random_moments_loses_at_most_two_groups(tmp_path, mode):
         while chunk_processes(child.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not chunk_processes(child.pid)
-        done = max((int(line.split()[1]) + 1 for line in out.splitlines()
-                    if line.startswith("ended ")), default=0)
+        ended = [line.split() for line in out.splitlines() if line.startswith("ended ")]
+        done = int(ended[-1][1]) + 1 if ended else 0
+        if done >= GROUP:  # a gathered site's second batch in a chunk: copied by address
+            assert (int(ended[-1][2]) >= 50) == gathered, ended[-1]
         committed = check(path, done + 1, gathered)
         if gathered:  # without gathering, what may wait is the writer's budget (64 MB here)
             assert committed >= done - (2 * GROUP - 1), (committed, done)
