@@ -2,9 +2,11 @@
 it imports no more than the standard library, ``crc32c`` and :mod:`._rawfile`).
 
 Each request on the request pipe is an 8-byte length, a pickled list of ``(path, nbytes,
-checksum)`` and then each chunk's ``nbytes`` of body in that order. Each body is written as
-the file ``path`` (its page-aligned head with ``O_DIRECT``, the rest and, with ``checksum``,
-its crc32c through the page cache), and one reply goes back: the bodies' crc32c, in order, up
+length, checksum)`` and then each chunk's ``nbytes`` of body in that order. Each body is
+written as the file ``path`` (its page-aligned head with ``O_DIRECT``, the rest and, with
+``checksum``, its crc32c through the page cache), zeros up to ``length`` where the body is
+shorter (a hole: the unused rows of a chunk; the checksum covers them), and one reply goes
+back: the bodies' crc32c, in order, up
 to the first failure, and that failure as ``(errno, strerror, path)`` or None. After a
 failure the remaining bodies are read and dropped, so that the next request starts in step.
 
@@ -28,7 +30,7 @@ def main() -> None:
     requests, replies, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     direct, durable = sys.argv[4] == "direct", sys.argv[5] == "durable"
     raw = _rawfile()
-    memory = memoryview(b"")
+    memory = zeros = memoryview(b"")
     while True:
         size = _read(requests, 8)
         if size is None:
@@ -38,7 +40,7 @@ def main() -> None:
             return
         crcs: list[int] = []
         failure = None
-        for path, nbytes, checksum in pickle.loads(header):
+        for path, nbytes, length, checksum in pickle.loads(header):
             if len(memory) < nbytes:  # page-aligned, as O_DIRECT needs
                 memory = memoryview(mmap.mmap(-1, -(-nbytes // raw.ALIGN) * raw.ALIGN))
             body = memory[:nbytes]
@@ -47,9 +49,13 @@ def main() -> None:
             if failure is not None:
                 continue
             crc = crc32c.crc32c(body)
+            if length > nbytes:
+                if len(zeros) < length - nbytes:
+                    zeros = memoryview(bytes(length - nbytes))
+                crc = crc32c.crc32c(zeros[:length - nbytes], crc)
             trailer = crc.to_bytes(4, "little") if checksum else b""
             try:
-                direct = raw.write_file(path, body, trailer, direct, durable)
+                direct = raw.write_file(path, body, trailer, direct, durable, length=length)
             except OSError as exc:
                 failure = (exc.errno, exc.strerror, path)
                 continue

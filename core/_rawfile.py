@@ -25,20 +25,23 @@ CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) \
 
 
 def write_file(path: str, body: Any, trailer: bytes, direct: bool, durable: bool,
-               aligned: Callable[[Any], Any] = lambda body: body) -> bool:
+               aligned: Callable[[Any], Any] = lambda body: body,
+               length: int | None = None) -> bool:
     """``body`` then ``trailer`` as the file ``path``: the page-aligned head of ``aligned(body)``
-    with ``O_DIRECT`` where ``direct`` and the body is large enough. Returns ``direct``, False
-    once the file system refused ``O_DIRECT`` (the file then went through the page cache)."""
+    with ``O_DIRECT`` where ``direct`` and the body is large enough. ``length`` (at least
+    the body's): the trailer starts there, the bytes between read as zeros (a hole: nothing
+    is written for them). Returns ``direct``, False once the file system refused
+    ``O_DIRECT`` (the file then went through the page cache)."""
     head = direct_head(len(memoryview(body).cast("B")), direct)
     if head:
         try:
-            write_direct(path, aligned(body), head, trailer, durable)
+            write_direct(path, aligned(body), head, trailer, durable, length)
             return True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             direct = False
-    write_cached(path, [body, trailer], durable)
+    write_cached(path, body, trailer, durable, length)
     return direct
 
 
@@ -47,9 +50,11 @@ def direct_head(nbytes: int, direct: bool) -> int:
     return nbytes // ALIGN * ALIGN if direct and DIRECT and nbytes >= DIRECT_FROM else 0
 
 
-def write_direct(path: str, body: Any, head: int, trailer: bytes, durable: bool) -> None:
-    """``body`` (page-aligned memory) and ``trailer`` as the file ``path``, the first
-    ``head`` bytes with ``O_DIRECT``. EINVAL: the file system refuses ``O_DIRECT``."""
+def write_direct(path: str, body: Any, head: int, trailer: bytes, durable: bool,
+                 length: int | None = None) -> None:
+    """``body`` (page-aligned memory) and ``trailer`` as the file ``path`` (the trailer at
+    ``length``, see :func:`write_file`), the first ``head`` bytes with ``O_DIRECT``. EINVAL:
+    the file system refuses ``O_DIRECT``."""
     import fcntl  # only where O_DIRECT exists, i.e. on Linux
 
     view = memoryview(body).cast("B")
@@ -59,22 +64,39 @@ def write_direct(path: str, body: Any, head: int, trailer: bytes, durable: bool)
         # F_SETFL sets only the status flags; of those this file has O_DIRECT alone (no
         # F_GETFL: each call hands Python's lock to the model's thread and back)
         fcntl.fcntl(fd, fcntl.F_SETFL, 0)
-        write_all(fd, [view[head:], trailer])
+        _write_tail(fd, view, head, trailer, length)
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_cached(path: str, parts: list[Any], durable: bool) -> None:
-    """``parts`` as the file ``path``, through the page cache."""
+def write_cached(path: str, body: Any, trailer: bytes, durable: bool,
+                 length: int | None = None) -> None:
+    """``body`` and ``trailer`` as the file ``path`` (the trailer at ``length``, see
+    :func:`write_file`), through the page cache."""
     fd = os.open(path, CREATE, 0o666)
     try:
-        write_all(fd, parts)
+        _write_tail(fd, memoryview(body).cast("B"), 0, trailer, length)
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_tail(fd: int, view: memoryview, start: int, trailer: bytes,
+                length: int | None) -> None:
+    """``view[start:]`` (written up to ``start`` already) and ``trailer``; the trailer at
+    offset ``length`` where that lies past the body, zeros between (a hole)."""
+    if length is None or length <= view.nbytes:
+        write_all(fd, [view[start:], trailer])
+        return
+    write_all(fd, [view[start:]])
+    if trailer:
+        os.lseek(fd, length, os.SEEK_SET)
+        write_all(fd, [trailer])
+    else:
+        os.ftruncate(fd, length)
 
 
 def write_all(fd: int, parts: list[Any]) -> None:

@@ -41,10 +41,12 @@ class ChunkFiles:
         self._dirs: set[str] = set()
         self._scratch = threading.local()
 
-    def write(self, key: str, body: np.ndarray, trailer: bytes) -> None:
-        """Write ``body`` (uint8, contiguous) then ``trailer`` as the file ``root/key``."""
+    def write(self, key: str, body: np.ndarray, trailer: bytes,
+              length: int | None = None) -> None:
+        """Write ``body`` (uint8, contiguous) then ``trailer`` as the file ``root/key``; the
+        trailer at ``length`` where the body is shorter, zeros between (a hole)."""
         self.direct = write_file(self.path(key), body, trailer, self.direct, self.durable,
-                                 self._aligned)
+                                 self._aligned, length)
 
     def document(self, key: str, data: bytes) -> None:
         """Write a metadata document ``root/key`` in one step (a new file renamed into place),
@@ -55,13 +57,14 @@ class ChunkFiles:
                              f"the store {self.root}. Remove it first")
         write_local_file(Path(path), data, self.durable)
 
-    def replace(self, key: str, body: np.ndarray, trailer: bytes) -> None:
+    def replace(self, key: str, body: np.ndarray, trailer: bytes,
+                length: int | None = None) -> None:
         """Write the file ``root/key`` in one step: a new file (mode 0666 less the umask),
         renamed over the old one once written, so a crash leaves the old file or the new."""
         path = os.path.join(self.root, key)
         parent, name = os.path.split(path)
         temporary = os.path.join(parent, f".{name}.{uuid.uuid4().hex}")
-        self.write(os.path.relpath(temporary, self.root), body, trailer)
+        self.write(os.path.relpath(temporary, self.root), body, trailer, length)
         try:
             os.replace(temporary, path)
         except BaseException:

@@ -62,17 +62,19 @@ class ChunkProcess:
         self._child: subprocess.Popen[bytes] | None = None
         self._requests = self._replies = -1
 
-    def write(self, jobs: list[tuple[str, Any, bool]]) -> list[int]:
-        """Write each ``(path, body, checksum)``: ``body`` (contiguous uint8) as the file
-        ``path``, its crc32c after it where ``checksum``. Returns every body's crc32c;
-        raises :class:`ChunkWriteFailed` at the first chunk not written."""
+    def write(self, jobs: list[tuple[str, Any, int, bool]]) -> list[int]:
+        """Write each ``(path, body, length, checksum)``: ``body`` (contiguous uint8) as the
+        file ``path``, zeros after it up to ``length`` bytes (a hole, see
+        :func:`._rawfile.write_file`), the crc32c of those bytes after them where
+        ``checksum``. Returns every file's crc32c; raises :class:`ChunkWriteFailed` at the
+        first chunk not written."""
         with self._lock:
-            header = pickle.dumps([(path, body.nbytes, checksum)
-                                   for path, body, checksum in jobs])
+            header = pickle.dumps([(path, body.nbytes, max(length, body.nbytes), checksum)
+                                   for path, body, length, checksum in jobs])
             try:
                 self._start()  # a process that cannot start, or ended, fails the first chunk
                 write_all(self._requests, [struct.pack("<Q", len(header)), header])
-                for _, body, _ in jobs:
+                for _, body, _, _ in jobs:
                     write_all(self._requests, [body])
                 size = self._read(8)
                 crcs, failure = pickle.loads(self._read(struct.unpack("<Q", size)[0]))

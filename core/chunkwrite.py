@@ -20,6 +20,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
+from ._rawfile import ALIGN
 from ._zarr_compat import chunk_encoder, chunk_key, chunk_setter, get_bytes
 from .chunkfile import ChunkFiles
 from .errors import WriterError
@@ -80,12 +81,16 @@ class ChunkWriter:
                                                    strict=True))
 
     def write(self, start: int, data: np.ndarray, entries: list[Entry] | None = None,
-              offset: tuple[int, ...] | None = None, replace: bool = False) -> None:
+              offset: tuple[int, ...] | None = None, replace: bool = False,
+              used: int | None = None) -> None:
         """Write ``data`` at row ``start`` (and ``offset`` along the other axes); only where
         :meth:`covers` said yes. ``entries`` gets each file's key, size and crc32c for the
         manifest (see :mod:`.manifest`: the chunk's own checksum where it has one, i.e. the
         crc32c of the body). ``replace``: the chunks may hold committed rows already, so each
-        file is replaced in one step (a new file renamed over it), never rewritten in place."""
+        file is replaced in one step (a new file renamed over it), never rewritten in place.
+        ``used``: a gathered chunk's rows a reader may see (:attr:`.gather.Chunk.used`), the
+        rows after them zero bytes in ``data``; in a local file of a chunk stored as its own
+        memory only the pages holding the used rows are written, the rest is a hole."""
         encoder = self.encoder
         if encoder is None or not self.enabled:
             raise WriterError(f"{self.array.path}: chunks cannot be written past zarr here; "
@@ -100,11 +105,13 @@ class ChunkWriter:
             if block.shape != chunks:  # an edge chunk: whole, fill values past the end
                 block = _filled(block, chunks, self.array.fill_value)
             body = encoder.encode(np.ascontiguousarray(block))
-            crc = _crc32c(body) if encoder.checksum or entries is not None else 0
+            written = self.written_bytes(body, used)  # the rest: a hole, read as zeros
+            crc = _crc32c(body[:written], body.nbytes - written) \
+                if encoder.checksum or entries is not None else 0
             trailer = crc.to_bytes(4, "little") if encoder.checksum else b""
             key = self.prefix + encoder.chunk_key(tuple(a + i for a, i in
                                                         zip(first, index, strict=True)))
-            self._store(key, body, trailer, replace)
+            self._store(key, body, trailer, replace, written)
             if entries is not None:  # with a trailer or without, the body's crc32c
                 entries.append((key, body.nbytes + len(trailer), crc))
 
@@ -133,12 +140,23 @@ class ChunkWriter:
             return None
         return key, len(data), recorded_crc(data, self.checksum)
 
-    def _store(self, key: str, body: np.ndarray, trailer: bytes, replace: bool) -> None:
+    def written_bytes(self, body: np.ndarray, used: int | None) -> int:
+        """The bytes of a chunk's ``body`` to write where a reader sees only its first
+        ``used`` rows: those rows' pages in a local file of a chunk stored as its own memory
+        (the rest a hole, zeros), else all."""
+        rows = self.encoder.chunks[0] if self.encoder is not None else 0
+        if used is None or used >= rows or self.files is None or not self.raw:
+            return body.nbytes
+        return min(body.nbytes, -(-body.nbytes * used // rows // ALIGN) * ALIGN)
+
+    def _store(self, key: str, body: np.ndarray, trailer: bytes, replace: bool,
+               written: int) -> None:
         if self.files is not None:
+            part, length = body[:written], body.nbytes
             if replace:
-                self.files.replace(key, body, trailer)
+                self.files.replace(key, part, trailer, length)
             else:
-                self.files.write(key, body, trailer)
+                self.files.write(key, part, trailer, length)
             return
         assert self.setter is not None  # enabled
         self.setter(key, np.concatenate([body, np.frombuffer(trailer, dtype=np.uint8)]))
@@ -157,13 +175,27 @@ def _ends_in_crc32c(array: Any) -> bool:
     return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
 
-def _crc32c(body: np.ndarray) -> int:
+def _crc32c(body: np.ndarray, zeros: int = 0) -> int:
+    """The crc32c of ``body`` followed by ``zeros`` zero bytes (a hole after it)."""
     # the crc32c package can let go of the GIL while it runs (google_crc32c holds it), so
     # that the model's Python thread is not kept waiting by a writer thread checksumming a
     # large chunk; below 1 MB (40 us) it holds it: taking it back would cost the model's
     # thread more (it waits for the writer's next Python after every hand-over)
-    mode = 1 if body.nbytes >= LET_GO_FROM else 0
-    return int(crc32c.crc32c(body.data, gil_release_mode=mode))
+    mode = 1 if body.nbytes + zeros >= LET_GO_FROM else 0
+    crc = crc32c.crc32c(body.data, gil_release_mode=mode)
+    if zeros:
+        crc = crc32c.crc32c(_zeros(zeros), crc, gil_release_mode=mode)
+    return int(crc)
+
+
+def _zeros(count: int) -> memoryview:
+    global _ZEROS
+    if len(_ZEROS) < count:
+        _ZEROS = memoryview(bytes(count))  # threads that hold the old one keep it
+    return _ZEROS[:count]
+
+
+_ZEROS = memoryview(b"")
 
 
 LET_GO_FROM = 1 << 20  # bytes

@@ -70,10 +70,14 @@ class Chunk:
     """One gathered chunk being filled: rows ``start .. start + rows`` of one variable."""
 
     __slots__ = ("buffer", "closed", "deferred", "existing", "first", "flush", "rows", "start",
-                 "written")
+                 "used", "written")
 
     def __init__(self, start: int, rows: int) -> None:
         self.start, self.rows = start, rows
+        #: the rows a reader may ever see: all but those past the last batch of a trace that
+        #: ended inside this chunk (set at the close). The others are written as a hole
+        #: (zeros, no bytes): a store appended to rewrites this chunk first (core/reopen.py)
+        self.used = rows
         self.buffer: np.ndarray | None = None
         self.written: list[tuple[int, int]] = []  # row ranges placed, relative to start
         self.first: int | None = None  # the first row claimed by this writer (absolute)
@@ -260,6 +264,7 @@ class Gatherer:
                 if chunk.first is None:
                     self.recycle(chunk)
                 else:
+                    chunk.used = min(chunk.rows, max(rows - chunk.start, 0))
                     closed.append((var, chunk))
         last = self.groups[-1].rows if self.groups else self.durable
         if not closed and any(first <= last for first in self._firsts()):

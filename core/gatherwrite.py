@@ -318,7 +318,7 @@ class GatheredWrites:
                     continue
                 try:
                     with var.lock:
-                        whole[0].write(chunk.start, whole[1], entries)
+                        whole[0].write(chunk.start, whole[1], entries, used=chunk.used)
                 except BaseException as exc:
                     self._flush_failed(var, chunk, flushes, exc)
                     continue
@@ -352,15 +352,15 @@ class GatheredWrites:
             if not taken:
                 return rest
             sent: list[tuple[Variable, Chunk, str]] = []
-            jobs: list[tuple[str, np.ndarray, bool]] = []
+            jobs: list[tuple[str, np.ndarray, int, bool]] = []
             for var, chunk in taken:
                 job = self._process_job(var, chunk, flushes.batch)
                 if job is None:
                     rest.append((var, chunk))
                     continue
-                key, path, body, checksum = job
+                key, path, body, length, checksum = job
                 sent.append((var, chunk, key))
-                jobs.append((path, body, checksum))
+                jobs.append((path, body, length, checksum))
             if not jobs:  # a group of compressed arrays: every writer thread may take a share
                 return rest
             try:
@@ -369,10 +369,10 @@ class GatheredWrites:
                 crcs, failed = exc.crcs, exc
             except Exception as exc:  # still every taken chunk must be counted done or failed
                 crcs, failed = [], ChunkWriteFailed([], exc)
-            for (_, chunk, key), (_, body, checksum), crc in zip(sent, jobs, crcs,
-                                                                 strict=False):
+            for (_, chunk, key), (_, _, length, checksum), crc in zip(sent, jobs, crcs,
+                                                                      strict=False):
                 if entries is not None:  # as ChunkWriter.write records them
-                    entries.append((key, body.nbytes + (4 if checksum else 0), crc))
+                    entries.append((key, length + (4 if checksum else 0), crc))
                 done.append(chunk)
             if failed is not None:
                 var, chunk, _ = sent[len(crcs)]
@@ -381,10 +381,12 @@ class GatheredWrites:
                 return rest
 
     def _process_job(self, var: Variable, chunk: Chunk, batch: Batch
-                     ) -> tuple[str, str, np.ndarray, bool] | None:
-        """``(key, path, body, checksum)`` of a chunk the process can write: one whole
-        chunk of the array, stored as its own memory, in a local store's file. The array's
-        own checks first: a chunk of a compressed array is not filled here in vain."""
+                     ) -> tuple[str, str, np.ndarray, int, bool] | None:
+        """``(key, path, body, length, checksum)`` of a chunk the process can write: one
+        whole chunk of the array, stored as its own memory, in a local store's file, of
+        ``length`` bytes; ``body``, its first bytes, holds the chunk's used rows (the
+        process writes the rest as a hole). The array's own checks first: a chunk of a
+        compressed array is not filled here in vain."""
         writer = var.chunk_writer
         if writer is None or writer.files is None or writer.encoder is None or not writer.raw:
             return None
@@ -397,7 +399,9 @@ class GatheredWrites:
             return None
         key = writer.prefix + encoder.chunk_key(
             (chunk.start // encoder.chunks[0], *(0,) * (data.ndim - 1)))
-        return key, files.path(key), encoder.encode(data), encoder.checksum
+        body = encoder.encode(data)
+        return (key, files.path(key), body[:writer.written_bytes(body, chunk.used)],
+                body.nbytes, encoder.checksum)
 
     def _flush_failed(self, var: Variable, chunk: Chunk, flushes: Flushes,
                       error: BaseException) -> None:

@@ -565,8 +565,9 @@ class TraceWriter:
                 self._record(task.batch, entries)
                 return
         # whole chunks nobody else writes; one that holds committed rows is replaced whole
-        writer.write(start, data, entries, offset,
-                     replace=task.chunk is not None and task.chunk.existing)
+        chunk = task.chunk
+        writer.write(start, data, entries, offset, replace=chunk is not None and chunk.existing,
+                     used=chunk.used if chunk is not None else None)
         self._record(task.batch, entries)
 
     def _record(self, batch: Batch, entries: list[Entry] | None) -> None:

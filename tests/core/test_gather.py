@@ -292,3 +292,62 @@ def test_compression_is_decided_on_the_first_batch_as_for_any_variable(tmp_path)
     assert "blosc" in codecs["zeros@output"]
     ds = layerscope.open_trace(path)
     assert ds["noise@output"].values.tobytes() == np.concatenate([data] * 10).tobytes()
+
+
+@pytest.mark.parametrize("by_process", [False, True], ids=["threads", "process"])
+def test_the_rows_past_the_last_batch_are_a_hole_in_the_last_chunk(tmp_path, monkeypatch,
+                                                                   by_process):
+    """A trace that ends inside its gathered chunks writes only the pages of the rows it
+    used: the rest of each file is a hole (zeros nobody wrote), the checksum covers it,
+    and an append that skips a variable reads fill values there, not the hole's zeros."""
+    from layerscope.core import chunkproc, gatherwrite
+
+    monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1 if by_process else 10**9)
+    holes: list[int] = []  # the hole each chunk sent to the process had
+    send = chunkproc.ChunkProcess.write
+
+    def spied(self, jobs):
+        holes.extend(length - body.nbytes for _, body, length, _ in jobs)
+        return send(self, jobs)
+
+    monkeypatch.setattr(chunkproc.ChunkProcess, "write", spied)
+    path = tmp_path / "t.zarr"
+    row = np.arange(1024, dtype=np.float32)  # 4 KiB: a batch of 4 rows is 16 KiB
+    recorder = make_recorder(path, gathering=GATHER, chunk_process=by_process)
+    given = []
+    for number in range(10):  # chunks of 4 batches (16 rows): the third holds 2 of them
+        data = row + np.arange(number * 4, number * 4 + 4, dtype=np.float32)[:, None]
+        recorder.begin_pass(4)
+        for name in ("kept", "skipped"):
+            recorder.put(name, "output", data, ("batch", "hidden"), snapshot=snapshot)
+        recorder.end_pass()
+        given.append(data)
+    recorder.close()
+    # the first group makes the arrays, by the writer threads (the second too where it is
+    # queued before they are made); the process takes the last: two 16-row chunks of 8 rows
+    # and the batch coordinate's (128 bytes: no hole)
+    assert set(holes) <= {0, 8 * 4096}
+    assert holes.count(8 * 4096) == (2 if by_process else 0)
+    full = 16 * 4096
+    last = path / "kept@output" / "c.2.0"
+    assert last.stat().st_size == full + 4  # zarr's chunk: the whole chunk, its crc32c
+    assert last.stat().st_blocks * 512 <= full // 2 + 4096, "the unused rows were written"
+    assert (path / "kept@output" / "c.0.0").stat().st_blocks * 512 >= full
+    assert layerscope.verify(path).ok
+    ds = layerscope.open_trace(path)
+    for name in ("kept", "skipped"):
+        assert ds[f"{name}@output"].values.tobytes() == np.concatenate(given).tobytes()
+
+    recorder = make_recorder(path, "a", gathering=GATHER, chunk_process=by_process)
+    recorder.begin_pass(4)
+    recorder.put("kept", "output", np.tile(row + 99, (4, 1)), ("batch", "hidden"),
+                 snapshot=snapshot)
+    recorder.end_pass()
+    recorder.close()
+    assert layerscope.verify(path).ok
+    ds = layerscope.open_trace(path)
+    np.testing.assert_array_equal(ds["kept@output"].values,
+                                  np.concatenate([*given, np.tile(row + 99, (4, 1))]))
+    skipped = ds["skipped@output"].values
+    assert skipped[:40].tobytes() == np.concatenate(given).tobytes()
+    assert np.isnan(skipped[40:]).all()  # fill values, not the hole's zeros
