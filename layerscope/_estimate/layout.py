@@ -4,7 +4,8 @@ the writer would make, by the writer's own chunk rule (``core.chunking.chunk_sha
 A chunk holds whole samples along ``batch`` and whole trailing chunks; zarr writes every chunk
 at its full shape, so a token axis chunked past its length (``core.growth.token_chunk``) and
 the last, partly filled chunk along ``batch`` cost their fill values too: in full where the
-writer stores a variable as it is, next to nothing where it compresses it. What a compressed
+writer stores a variable as it is, next to nothing where it compresses it (and a gathered
+variable's last chunk, stored as it is, only the pages of its used rows: the rest is a hole). What a compressed
 sample costs is measured on the probe's own chunk files. Small variables of a model traced at
 many sites are gathered into chunks of several batches (``core.gather``): where the writer's
 first batch would gather, their chunks are that many batches long.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from layerscope.core._rawfile import ALIGN
 from layerscope.core.chunking import ChunkPolicy, chunk_shape
 from layerscope.core.gather import GatherPolicy
 
@@ -109,7 +111,11 @@ def array_footprint(array: ProbedArray, batches: Batches, policy: ChunkPolicy,
     else:
         full = last = rows * math.prod(inner) * array.itemsize + overhead
     stored = per_row * ((chunk_rows - 1) * full + last)
-    allocated = per_row * ((chunk_rows - 1) * rounded(full, block) + rounded(last, block))
+    last_allocated = rounded(last, block)
+    if gathered > 1 and not array.compressed and not array.text:
+        last_allocated = holed_allocation(int(full) - overhead, rows, filled_last, overhead,
+                                          block)
+    allocated = per_row * ((chunk_rows - 1) * rounded(full, block) + last_allocated)
     if array.text:
         raw = samples * array.text_bytes / max(1, array.rows)
     else:
@@ -120,6 +126,18 @@ def array_footprint(array: ProbedArray, batches: Batches, policy: ChunkPolicy,
     return Footprint(round(raw), round(stored) + array.metadata_bytes,
                      allocated + rounded(array.metadata_bytes, block) + block,  # + its folder
                      chunk_rows * per_row + 1, round(manifest))
+
+
+def holed_allocation(body: int, rows: int, used: int, trailer: int, block: int) -> int:
+    """Disk a gathered chunk file of ``body`` bytes (``rows`` rows, ``used`` of them used)
+    and a ``trailer`` occupies: only the pages of the used rows are written, the rest up to
+    the trailer is a hole (``ChunkWriter.written_bytes``)."""
+    written = min(body, -(-body * used // rows // ALIGN) * ALIGN)
+    if written >= body:
+        return rounded(body + trailer, block)
+    blocks = -(-written // block)
+    ends = {body // block, (body + trailer - 1) // block} if trailer else set()
+    return block * (blocks + sum(1 for index in ends if index >= blocks))
 
 
 def store_footprint(probe: Probe, batches: Batches, policy: ChunkPolicy, block: int,
