@@ -4,11 +4,11 @@ the writer would make, by the writer's own chunk rule (``core.chunking.chunk_sha
 A chunk holds whole samples along ``batch`` and whole trailing chunks; zarr writes every chunk
 at its full shape, so a token axis chunked past its length (``core.growth.token_chunk``) and
 the last, partly filled chunk along ``batch`` cost their fill values too: in full where the
-writer stores a variable as it is, next to nothing where it compresses it (and a gathered
-variable's last chunk, stored as it is, only the pages of its used rows: the rest is a hole). What a compressed
+writer stores a variable as it is, next to nothing where it compresses it. What a compressed
 sample costs is measured on the probe's own chunk files. Small variables of a model traced at
 many sites are gathered into chunks of several batches (``core.gather``): where the writer's
-first batch would gather, their chunks are that many batches long.
+first batch would gather, their chunks are that many batches long, and the last one, stored
+as it is, takes only the pages of its used rows (the rest of the file is a hole).
 """
 
 from __future__ import annotations
