@@ -11,7 +11,8 @@ by trial (median of ``--trials``):
              (one file, after the same untimed batches), timed until the writes return and
              until they are on the disk: where the disk cannot take the bytes as fast as the
              model makes them, no capture can be faster; the files the store holds per
-             variable and the time its close takes
+             variable and the time its close takes; and a trace of one batch: its close
+             (every array created, every chunk written) and the disk its store takes
   llama      a Llama-style model (16 layers, hidden 256, batch 4 x 128 tokens), every module
              captured; plain forward vs capture (the store's creation and close included) vs
              capture once the store exists (2 batches untimed first) vs a plain sequential
@@ -114,8 +115,9 @@ def capture(model: Any, inputs: Any) -> Run:
             end = time.perf_counter()
         arrays = [p for p in path.iterdir() if (p / "zarr.json").is_file()]
         files = sum(len(files) for _, _, files in os.walk(path))
+        allocated = sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
         return {"time": end - start, "close": end - closing, "bytes": folder_bytes(path),
-                "files": files, "variables": len(arrays),
+                "allocated": allocated, "files": files, "variables": len(arrays),
                 "per variable": max(sum(1 for _ in os.scandir(p)) for p in arrays)}
     return run
 
@@ -216,6 +218,7 @@ def main() -> None:
         mlp_bytes = int(probe["bytes"]) // args.batches
         rows: dict[str, Run] = {
             "mlp plain": plain(mlp, x), "mlp capture": capture(mlp, x),
+            "mlp capture, 1 batch": capture(mlp, x),
             "mlp sequential write": sequential_write(mlp_bytes),
             f"mlp capture after {args.warm}": capture_steady(mlp, x, args.warm),
             f"mlp sequential write after {args.warm}": sequential_write(mlp_bytes, args.warm)}
@@ -226,8 +229,8 @@ def main() -> None:
             rows[f"llama capture after {LLAMA_WARM}"] = capture_steady(model, inputs, LLAMA_WARM)
             probe = capture(model, inputs)(1, workdir)
             rows["llama sequential write"] = sequential_write(int(probe["bytes"]))
-        batches = {name: args.llama_batches if name.startswith("llama") else args.batches
-                   for name in rows}
+        batches = {name: args.llama_batches if name.startswith("llama") else
+                   1 if name.endswith("1 batch") else args.batches for name in rows}
         results = interleaved(rows, batches, args.trials, workdir)
         store = fresh(workdir, "2000.zarr")
         wide = Blocks(500).eval()
@@ -257,7 +260,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
            open_zarr: float, open_trace: float, info: float, command: float,
            store: Path) -> None:
     per = {name: median(rows, "time") / (args.llama_batches if name.startswith("llama")
-                                          else args.batches) for name, rows in results.items()}
+                                          else 1 if name.endswith("1 batch") else args.batches)
+           for name, rows in results.items()}
     mlp = results["mlp capture"]
     print(f"{args.batches} batches (llama: {args.llama_batches}) x {args.trials} trials, torch "
           f"threads {torch.get_num_threads()}; medians")
@@ -287,6 +291,10 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
           f"{median(mlp, 'files'):.0f} files, at most {median(mlp, 'per variable'):.0f} files "
           f"in one variable's folder, {median(mlp, 'bytes') / 2**20:.1f} MB")
     print(f"close (the mlp store, {args.batches} batches): {median(mlp, 'close'):.3f} s")
+    one = results["mlp capture, 1 batch"]
+    print(f"close (the mlp store, 1 batch): {median(one, 'close'):.3f} s; its store "
+          f"{median(one, 'allocated') / 2**20:.1f} MB on the disk "
+          f"({median(one, 'bytes') / 2**20:.1f} MB in its files' lengths)")
     if "llama capture" in results:
         print(f"close (the llama store): {median(results['llama capture'], 'close'):.3f} s")
     variables = sum(1 for p in store.iterdir() if (p / "zarr.json").is_file())
