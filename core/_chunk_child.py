@@ -5,10 +5,10 @@ Each request on the request pipe is an 8-byte length, a pickled list of ``(path,
 length, checksum)`` and then each chunk's ``nbytes`` of body in that order. Each body is
 written as the file ``path`` (its page-aligned head with ``O_DIRECT``, the rest and, with
 ``checksum``, its crc32c through the page cache), zeros up to ``length`` where the body is
-shorter (a hole: the unused rows of a chunk; the checksum covers them), and one reply goes
-back: the bodies' crc32c, in order, up
-to the first failure, and that failure as ``(errno, strerror, path)`` or None. After a
-failure the remaining bodies are read and dropped, so that the next request starts in step.
+shorter (a hole: the unused rows of a chunk; the checksum covers them). One reply goes back:
+the files' crc32c, in order, up to the first failure, and that failure as ``(errno,
+strerror, path)`` or None. After a failure the remaining bodies are read and dropped, so that
+the next request starts in step.
 
 The process ends when its request pipe closes, or once the process that started it is gone
 (checked before each file: an orphan writes at most one more file).
@@ -30,7 +30,7 @@ def main() -> None:
     requests, replies, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     direct, durable = sys.argv[4] == "direct", sys.argv[5] == "durable"
     raw = _rawfile()
-    memory = zeros = memoryview(b"")
+    memory = memoryview(b"")
     while True:
         size = _read(requests, 8)
         if size is None:
@@ -49,10 +49,8 @@ def main() -> None:
             if failure is not None:
                 continue
             crc = crc32c.crc32c(body)
-            if length > nbytes:
-                if len(zeros) < length - nbytes:
-                    zeros = memoryview(bytes(length - nbytes))
-                crc = crc32c.crc32c(zeros[:length - nbytes], crc)
+            if length > nbytes:  # the hole reads as zeros
+                crc = crc32c.crc32c(raw.zeros(length - nbytes), crc)
             trailer = crc.to_bytes(4, "little") if checksum else b""
             try:
                 direct = raw.write_file(path, body, trailer, direct, durable, length=length)

@@ -45,6 +45,23 @@ def write_file(path: str, body: Any, trailer: bytes, direct: bool, durable: bool
     return direct
 
 
+def used_bytes(nbytes: int, used: int, rows: int) -> int:
+    """The bytes to write of a body of ``nbytes`` (``rows`` rows) whose first ``used`` rows
+    alone are ever read: the pages that hold them (the rest of the file is left a hole)."""
+    return min(nbytes, -(-nbytes * used // rows // ALIGN) * ALIGN)
+
+
+def zeros(count: int) -> memoryview:
+    """``count`` zero bytes (to checksum a hole), from one buffer kept for the next call."""
+    global _ZEROS
+    if len(_ZEROS) < count:
+        _ZEROS = memoryview(bytes(count))  # a thread holding the old one keeps it
+    return _ZEROS[:count]
+
+
+_ZEROS = memoryview(b"")
+
+
 def direct_head(nbytes: int, direct: bool) -> int:
     """The bytes of a body of ``nbytes`` to write with ``O_DIRECT`` (0: none)."""
     return nbytes // ALIGN * ALIGN if direct and DIRECT and nbytes >= DIRECT_FROM else 0

@@ -20,7 +20,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from ._rawfile import ALIGN
+from ._rawfile import used_bytes, zeros
 from ._zarr_compat import chunk_encoder, chunk_key, chunk_setter, get_bytes
 from .chunkfile import ChunkFiles
 from .errors import WriterError
@@ -88,9 +88,9 @@ class ChunkWriter:
         manifest (see :mod:`.manifest`: the chunk's own checksum where it has one, i.e. the
         crc32c of the body). ``replace``: the chunks may hold committed rows already, so each
         file is replaced in one step (a new file renamed over it), never rewritten in place.
-        ``used``: a gathered chunk's rows a reader may see (:attr:`.gather.Chunk.used`), the
-        rows after them zero bytes in ``data``; in a local file of a chunk stored as its own
-        memory only the pages holding the used rows are written, the rest is a hole."""
+        ``used``: a gathered chunk's rows a reader may see (:attr:`.gather.Chunk.used`); in a
+        local file of a chunk stored as its own memory only the pages holding them are
+        written, the rest is a hole (zeros, which the checksum covers)."""
         encoder = self.encoder
         if encoder is None or not self.enabled:
             raise WriterError(f"{self.array.path}: chunks cannot be written past zarr here; "
@@ -142,12 +142,11 @@ class ChunkWriter:
 
     def written_bytes(self, body: np.ndarray, used: int | None) -> int:
         """The bytes of a chunk's ``body`` to write where a reader sees only its first
-        ``used`` rows: those rows' pages in a local file of a chunk stored as its own memory
-        (the rest a hole, zeros), else all."""
-        rows = self.encoder.chunks[0] if self.encoder is not None else 0
-        if used is None or used >= rows or self.files is None or not self.raw:
+        ``used`` rows: those rows' pages (:func:`._rawfile.used_bytes`) in a local file of a
+        chunk stored as its own memory, else all."""
+        if used is None or self.files is None or self.encoder is None or not self.raw:
             return body.nbytes
-        return min(body.nbytes, -(-body.nbytes * used // rows // ALIGN) * ALIGN)
+        return used_bytes(body.nbytes, used, self.encoder.chunks[0])
 
     def _store(self, key: str, body: np.ndarray, trailer: bytes, replace: bool,
                written: int) -> None:
@@ -175,27 +174,17 @@ def _ends_in_crc32c(array: Any) -> bool:
     return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
 
-def _crc32c(body: np.ndarray, zeros: int = 0) -> int:
-    """The crc32c of ``body`` followed by ``zeros`` zero bytes (a hole after it)."""
+def _crc32c(body: np.ndarray, hole: int = 0) -> int:
+    """The crc32c of ``body`` followed by ``hole`` zero bytes (a hole in the file after it)."""
     # the crc32c package can let go of the GIL while it runs (google_crc32c holds it), so
     # that the model's Python thread is not kept waiting by a writer thread checksumming a
     # large chunk; below 1 MB (40 us) it holds it: taking it back would cost the model's
     # thread more (it waits for the writer's next Python after every hand-over)
-    mode = 1 if body.nbytes + zeros >= LET_GO_FROM else 0
+    mode = 1 if body.nbytes + hole >= LET_GO_FROM else 0
     crc = crc32c.crc32c(body.data, gil_release_mode=mode)
-    if zeros:
-        crc = crc32c.crc32c(_zeros(zeros), crc, gil_release_mode=mode)
+    if hole:
+        crc = crc32c.crc32c(zeros(hole), crc, gil_release_mode=mode)
     return int(crc)
-
-
-def _zeros(count: int) -> memoryview:
-    global _ZEROS
-    if len(_ZEROS) < count:
-        _ZEROS = memoryview(bytes(count))  # threads that hold the old one keep it
-    return _ZEROS[:count]
-
-
-_ZEROS = memoryview(b"")
 
 
 LET_GO_FROM = 1 << 20  # bytes

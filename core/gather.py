@@ -75,8 +75,9 @@ class Chunk:
     def __init__(self, start: int, rows: int) -> None:
         self.start, self.rows = start, rows
         #: the rows a reader may ever see: all but those past the last batch of a trace that
-        #: ended inside this chunk (set at the close). The others are written as a hole
-        #: (zeros, no bytes): a store appended to rewrites this chunk first (core/reopen.py)
+        #: ended inside this chunk (set at the close). In a local file of an uncompressed
+        #: chunk the others are a hole (zeros, no byte written): a store appended to rewrites
+        #: this chunk first (core/reopen.py)
         self.used = rows
         self.buffer: np.ndarray | None = None
         self.written: list[tuple[int, int]] = []  # row ranges placed, relative to start

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from layerscope.core._rawfile import ALIGN
+from layerscope.core._rawfile import used_bytes
 from layerscope.core.chunking import ChunkPolicy, chunk_shape
 from layerscope.core.gather import GatherPolicy
 
@@ -113,8 +113,8 @@ def array_footprint(array: ProbedArray, batches: Batches, policy: ChunkPolicy,
     stored = per_row * ((chunk_rows - 1) * full + last)
     last_allocated = rounded(last, block)
     if gathered > 1 and not array.compressed and not array.text:
-        last_allocated = holed_allocation(int(full) - overhead, rows, filled_last, overhead,
-                                          block)
+        body = rows * math.prod(inner) * array.itemsize
+        last_allocated = holed_allocation(body, rows, filled_last, overhead, block)
     allocated = per_row * ((chunk_rows - 1) * rounded(full, block) + last_allocated)
     if array.text:
         raw = samples * array.text_bytes / max(1, array.rows)
@@ -132,7 +132,7 @@ def holed_allocation(body: int, rows: int, used: int, trailer: int, block: int) 
     """Disk a gathered chunk file of ``body`` bytes (``rows`` rows, ``used`` of them used)
     and a ``trailer`` occupies: only the pages of the used rows are written, the rest up to
     the trailer is a hole (``ChunkWriter.written_bytes``)."""
-    written = min(body, -(-body * used // rows // ALIGN) * ALIGN)
+    written = used_bytes(body, used, rows)
     if written >= body:
         return rounded(body + trailer, block)
     blocks = -(-written // block)
