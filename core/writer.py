@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._zarr_compat import create_array, grow_rows, set_attributes
+from ._zarr_compat import create_array, grow_rows, set_attributes, set_bytes, set_shape
 from .chunking import chunk_shape
 from .chunkwrite import ChunkWriter, Entry, local_chunk_files
 from .commit import array_document, save_array_documents
@@ -424,10 +424,21 @@ class TraceWriter:
 
     def _create_array(self, var: Variable, sample: np.ndarray,
                       region: Region | None = None) -> Any:
+        """Create ``var``'s array and write its ``zarr.json``.
+
+        The file is written outside ``_create_lock``: at a close that creates a thousand
+        arrays, the two writer threads make their folders and files side by side instead of
+        one waiting for the other's disk. Its shape is a placeholder either way (the close
+        writes each array's own ``zarr.json`` with the committed rows); what commits publish
+        is ``var.document``, set only once the file exists.
+        """
+        if var.array is not None:
+            return var.array
         batches = var.attrs.get(GATHERED, 1) if var.gather is not None else 1
         # a gathered chunk holds several batches: compression is decided on the first one, as
         # for every other variable (repeated inputs would make the whole chunk look compressible)
         codecs = self.options.compression.codecs_for(sample[:max(1, len(sample) // batches)])
+        documents: list[tuple[str, bytes]] = []
         with self._create_lock:
             if var.array is not None:
                 return var.array
@@ -439,13 +450,34 @@ class TraceWriter:
             kind = sample.dtype.kind
             fill = fill_value_for(sample.dtype)
             dtype: Any = str if kind in "UTO" else sample.dtype
-            var.array, var.document = create_array(
-                self.group, var.name, self._files.document if self._files else None,
+            deferred = kind not in "UTO"  # text arrays: zarr's own path, which writes itself
+            attributes = var.attrs
+            array, document = create_array(
+                self.group, var.name, (lambda key, data: documents.append((key, data)))
+                if deferred else self._files.document if self._files else None,
                 shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=codecs,
                 chunk_key_encoding=CHUNK_KEYS, dimension_names=list(var.dims),
-                attributes=var.attrs, config=ARRAY_CONFIG,
+                attributes=attributes, config=ARRAY_CONFIG,
             )
-            return var.array
+            if not documents:
+                var.array, var.document = array, document
+                return array
+        for key, data in documents:
+            if self._files is not None:
+                self._files.document(key, data)
+            else:
+                set_bytes(self.group.store, key, data)
+        with self._create_lock:
+            if var.array is not None:  # another thread created it meanwhile: its own file
+                return var.array
+            if tuple(array.shape[1:]) != var.trailing:  # a token axis grew meanwhile
+                set_shape(array, (0, *var.trailing))
+                document = array_document(array)
+            if var.attrs is not attributes:  # update_attrs meanwhile
+                set_attributes(array, var.attrs)
+                document = array_document(array)
+            var.array, var.document = array, document
+            return array
 
     def _save_array_metadata(self) -> None:
         """Write each array's own ``zarr.json`` with the committed rows.

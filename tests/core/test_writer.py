@@ -263,3 +263,48 @@ def test_compression_is_decided_on_the_whole_first_batch(tmp_path):
     meta = json.loads((path / "attn@attention" / "zarr.json").read_text())
     assert [codec["name"] for codec in meta["codecs"]] == ["bytes", "blosc", "crc32c"]
     np.testing.assert_array_equal(layerscope.open_trace(path)["attn@attention"].values, data)
+
+
+def test_an_axis_grown_while_an_array_is_created_reaches_it(tmp_path):
+    """A writer thread writes a new array's zarr.json outside the lock that growth and
+    attribute updates take: what they change meanwhile still reaches the array."""
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, workers=1)
+    writer = recorder.writer
+    files, write_document = writer._files, writer._files.document
+    met = []
+    created = threading.Event()
+
+    def meanwhile() -> None:  # what the model's thread may do while the file is written
+        writer._grow({"token": 7})
+        writer.update_attrs("block.0@output", {"extra": 1})
+
+    def document(key, data):
+        if key.startswith("block.0@output/") and not met:
+            other = threading.Thread(target=meanwhile)
+            other.start()
+            other.join(10)
+            met.append(not other.is_alive())  # False: it waited for the lock
+            created.set()
+        write_document(key, data)
+
+    files.document = document
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((4, 5, 8), np.float32)
+    recorder.begin_pass(4)
+    recorder.put("block.0", "output", first, ("batch", "token", "hidden"), "Block")
+    recorder.end_pass()
+    assert created.wait(30)  # the next pass must not grow the axis before the array exists
+    second = rng.standard_normal((4, 7, 8), np.float32)
+    recorder.begin_pass(4)
+    recorder.put("block.0", "output", second, ("batch", "token", "hidden"), "Block")
+    recorder.end_pass()
+    recorder.close()
+    assert met == [True]
+    ds = layerscope.open_trace(path)
+    values = ds["block.0@output"]
+    assert values.sizes["token"] == 7 and values.attrs["extra"] == 1
+    np.testing.assert_array_equal(values.values[:4, :5], first)
+    assert np.isnan(values.values[:4, 5:]).all()
+    np.testing.assert_array_equal(values.values[4:], second)
+    assert zarr.open_array(path / "block.0@output", mode="r").shape == (8, 7, 8)
