@@ -12,7 +12,9 @@ by trial (median of ``--trials``):
              until they are on the disk: where the disk cannot take the bytes as fast as the
              model makes them, no capture can be faster; the files the store holds per
              variable and the time its close takes; and a trace of one batch: its close
-             (every array created, every chunk written) and the disk its store takes
+             (every array created, every chunk written) and the disk its store takes,
+             against a plain loop making the same folders and files (the file system's
+             floor under that close)
   llama      a Llama-style model (16 layers, hidden 256, batch 4 x 128 tokens), every module
              captured; plain forward vs capture (the store's creation and close included) vs
              capture once the store exists (2 batches untimed first) vs a plain sequential
@@ -86,6 +88,8 @@ def llama() -> tuple[Any, dict[str, Any]]:
 Run = Callable[[int, Path], dict[str, float]]
 #: untimed batches before the Llama-style model's steady-state row: its arrays exist then
 LLAMA_WARM = 2
+#: the floor under a one-batch close: the file system making that store's folders and files
+FILES_ROW = "mlp store's files, 1 batch"
 
 
 def plain(model: Any, inputs: Any) -> Run:
@@ -165,6 +169,35 @@ def sequential_write(nbytes: int, warm: int = 0) -> Run:
     return run
 
 
+def layout(store: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The folders of ``store`` (parents first) and its files with the bytes each has on the
+    disk (a hole is no bytes)."""
+    folders, files = [], []
+    for folder, _, names in os.walk(store):
+        relative = os.path.relpath(folder, store)
+        folders.append(relative)
+        files += [(os.path.join(relative, name), os.stat(os.path.join(folder, name)).st_blocks
+                   * 512) for name in names]
+    return folders, files
+
+
+def make_files(folders: list[str], files: list[tuple[str, int]]) -> Run:
+    """A plain loop on one thread that makes ``folders`` and writes ``files`` (path, bytes):
+    what the file system alone takes for a close that creates every array."""
+    payload = memoryview(bytes(max((size for _, size in files), default=0)))
+
+    def run(batches: int, workdir: Path) -> dict[str, float]:
+        root = fresh(workdir, "files")
+        start = time.perf_counter()
+        for folder in folders:
+            os.mkdir(root / folder)
+        for name, size in files:
+            with open(root / name, "wb") as file:
+                file.write(payload[:size])
+        return {"time": time.perf_counter() - start}
+    return run
+
+
 def interleaved(rows: dict[str, Run], batches: dict[str, int], trials: int, workdir: Path
                 ) -> dict[str, list[dict[str, float]]]:
     for run in rows.values():  # warm up every path once
@@ -216,9 +249,13 @@ def main() -> None:
         workdir = Path(tmp)
         probe = capture(mlp, x)(args.batches, workdir)
         mlp_bytes = int(probe["bytes"]) // args.batches
+        one_batch = fresh(workdir, "one.zarr")
+        with torch.no_grad(), layerscope.trace(mlp, one_batch):
+            call(mlp, x)
         rows: dict[str, Run] = {
             "mlp plain": plain(mlp, x), "mlp capture": capture(mlp, x),
             "mlp capture, 1 batch": capture(mlp, x),
+            FILES_ROW: make_files(*layout(one_batch)),
             "mlp sequential write": sequential_write(mlp_bytes),
             f"mlp capture after {args.warm}": capture_steady(mlp, x, args.warm),
             f"mlp sequential write after {args.warm}": sequential_write(mlp_bytes, args.warm)}
@@ -267,6 +304,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
           f"threads {torch.get_num_threads()}; medians")
     print(f"{'row':<34} {'ms/batch':>9} {'vs plain':>9}")
     for name in results:
+        if name == FILES_ROW:  # no forward in it: reported with the close below
+            continue
         base = per["mlp plain"] if name.startswith("mlp") else per.get("llama plain", 1.0)
         print(f"{name:<34} {per[name] * 1e3:>9.1f} {per[name] / base:>8.2f}x")
     print("sequential writes of the same bytes, ms/batch: until the writes return (page "
@@ -294,7 +333,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
     one = results["mlp capture, 1 batch"]
     print(f"close (the mlp store, 1 batch): {median(one, 'close'):.3f} s; its store "
           f"{median(one, 'allocated') / 2**20:.1f} MB on the disk "
-          f"({median(one, 'bytes') / 2**20:.1f} MB in its files' lengths)")
+          f"({median(one, 'bytes') / 2**20:.1f} MB in its files' lengths); making its "
+          f"{median(one, 'files'):.0f} files and their folders in a plain loop (one thread, "
+          f"the bytes each has on the disk): {median(results[FILES_ROW], 'time'):.3f} s")
     if "llama capture" in results:
         print(f"close (the llama store): {median(results['llama capture'], 'close'):.3f} s")
     variables = sum(1 for p in store.iterdir() if (p / "zarr.json").is_file())
