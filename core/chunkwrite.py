@@ -14,6 +14,7 @@ appended to a copy of it. On a local store the files are written directly
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,15 @@ class ChunkWriter:
         if used is None or self.files is None or self.encoder is None or not self.raw:
             return body.nbytes
         return used_bytes(body.nbytes, used, self.encoder.chunks[0])
+
+    def rows_written(self, used: int, rows: int) -> int:
+        """The rows of a chunk of ``rows`` whose first ``used`` alone are read that
+        :meth:`write` puts on the disk (those whose bytes :meth:`written_bytes` takes): the
+        others need no value."""
+        if used >= rows or self.files is None or self.encoder is None or not self.raw:
+            return rows
+        row_bytes = math.prod(self.encoder.chunks[1:]) * self.array.dtype.itemsize
+        return min(rows, -(-used_bytes(rows * row_bytes, used, rows) // row_bytes))
 
     def _store(self, key: str, body: np.ndarray, trailer: bytes, replace: bool,
                written: int) -> None:

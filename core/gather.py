@@ -322,16 +322,21 @@ class Gatherer:
 
     # -- flushes (writer threads) ------------------------------------------------------------
 
-    def fill_gaps(self, var: Any, chunk: Chunk) -> np.ndarray:
-        """The chunk's memory with every row nobody placed set to the fill value."""
+    def fill_gaps(self, var: Any, chunk: Chunk, through: int | None = None) -> np.ndarray:
+        """The chunk's memory with every row nobody placed set to the fill value, up to row
+        ``through`` (None: all). Rows past a chunk's used ones are read by nobody; an
+        uncompressed chunk writes only their first page or so (the rest is a hole), and at
+        a close that ends a thousand chunks after one batch, filling them all is most of
+        their writing."""
         buffer = self.memory(var, chunk)
+        end = chunk.rows if through is None else min(through, chunk.rows)
         row = 0
         for lo, hi in sorted(chunk.written):
-            if lo > row:
-                buffer[row:lo] = var.gather.fill
+            if lo > row and row < end:
+                buffer[row:min(lo, end)] = var.gather.fill
             row = max(row, hi)
-        if row < chunk.rows:
-            buffer[row:] = var.gather.fill
+        if row < end:
+            buffer[row:end] = var.gather.fill
         return buffer
 
     def recycle(self, chunk: Chunk) -> None:

@@ -421,7 +421,7 @@ class GatheredWrites:
                 or self.writer._error is not None or batch.size <= 0 \
                 or var.array.dtype != var.gather.dtype:
             return None
-        data = self.chunks.fill_gaps(var, chunk)
+        data = self.chunks.fill_gaps(var, chunk, writer.rows_written(chunk.used, chunk.rows))
         return (writer, data) if writer.covers(chunk.start, data) else None
 
     def flush_task(self, var: Variable, chunk: Chunk) -> Task:
@@ -433,10 +433,22 @@ class GatheredWrites:
 
     def chunk_data(self, task: Task) -> np.ndarray:
         """A flush's data: the whole chunk, fill values where no rows were placed."""
-        assert task.chunk is not None
-        data = self.chunks.fill_gaps(task.var, task.chunk)
+        chunk, var = task.chunk, task.var
+        assert chunk is not None
+        if var.chunk_writer is not None:
+            through = var.chunk_writer.rows_written(chunk.used, chunk.rows)
+        else:  # the array's first batch (its compression probe), the rest in fill_written
+            through = max(chunk.used, chunk.rows // var.attrs.get(GATHERED, 1))
+        data = self.chunks.fill_gaps(var, chunk, through)
         task.shape = tuple(data.shape[1:])
         return data
+
+    def fill_written(self, task: Task, writer: ChunkWriter) -> None:
+        """Fill the rows of a chunk that ends past its used ones which ``writer`` (made after
+        :meth:`chunk_data`) puts on the disk."""
+        chunk = task.chunk
+        if chunk is not None and chunk.used < chunk.rows:
+            self.chunks.fill_gaps(task.var, chunk, writer.rows_written(chunk.used, chunk.rows))
 
     def task_done(self, task: Task, ok: bool) -> None:
         """A placement into a gathered chunk or a chunk's flush is over (done or not)."""

@@ -580,6 +580,7 @@ class TraceWriter:
                 var.chunk_writer = ChunkWriter(array, self._files)
                 self.commits.synced.add(var.name)
             writer = var.chunk_writer
+            self._gathering.fill_written(task, writer)
             offset = region.offset if region else None
             if not writer.covers(start, data, offset):
                 if array.shape[0] < stop:  # zarr checks the bounds of what it writes

@@ -294,6 +294,35 @@ def test_compression_is_decided_on_the_first_batch_as_for_any_variable(tmp_path)
     assert ds["noise@output"].values.tobytes() == np.concatenate([data] * 10).tobytes()
 
 
+@pytest.mark.parametrize(("batches", "by_process"), [(1, False), (5, False), (5, True)],
+                         ids=["created-at-close", "threads", "process"])
+def test_the_written_rows_past_the_last_batch_hold_fill_values(tmp_path, monkeypatch,
+                                                               batches, by_process):
+    """The page that ends a part-used chunk's rows holds fill values past them, not what
+    its memory held before; only the rows past that page are left unfilled (a hole). In a
+    one-batch trace the array is created only once its chunk is filled, at the close."""
+    from layerscope.core import gatherwrite
+
+    monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1 if by_process else 10**9)
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, gathering=GATHER, chunk_process=by_process)
+    rng = np.random.default_rng(0)
+    for _ in range(batches):  # 5: a second group (the process's, where asked) of one batch
+        data = rng.standard_normal((4, 100), np.float32)  # 400-byte rows, incompressible
+        recorder.begin_pass(4)
+        recorder.put("kept", "output", data, ("batch", "hidden"), snapshot=snapshot)
+        recorder.end_pass()
+    recorder.close()
+    last = f"c.{(batches - 1) // 4}.0"
+    body = np.fromfile(path / "kept@output" / last, np.float32)[:-1]  # less its crc32c
+    assert body.size == 16 * 100
+    written, hole = body[:1024], body[1024:]  # one page written: 4 rows, 6.24 past them
+    assert written[:400].tobytes() == data.tobytes()
+    assert np.isnan(written[400:]).all(), "rows past the used ones hold old memory"
+    assert (hole == 0).all()
+    assert layerscope.verify(path).ok
+
+
 @pytest.mark.parametrize("by_process", [False, True], ids=["threads", "process"])
 def test_the_rows_past_the_last_batch_are_a_hole_in_the_last_chunk(tmp_path, monkeypatch,
                                                                    by_process):
