@@ -28,6 +28,7 @@ without a file lists nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -63,10 +64,11 @@ def manifest_document(batch: int, chunks: Entries) -> bytes:
                                                   in sorted(chunks.items())}}).encode()
 
 
-def write_local_file(path: Path, data: bytes, durable: bool = False) -> None:
+def write_local_file(path: str | os.PathLike[str], data: bytes, durable: bool = False) -> None:
     """Write ``data`` as ``path`` in one step: a temporary file (mode 0666 less the umask)
     renamed over it; with ``durable``, the file's bytes reach the disk before the rename."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
         | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(tmp, flags, 0o666)
@@ -81,7 +83,8 @@ def write_local_file(path: Path, data: bytes, durable: bool = False) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 

@@ -127,3 +127,20 @@ def test_a_link_made_while_writing_is_not_followed(tmp_path):
         one_batch(recorder, seed=1)
         recorder.close()
     assert not (outside / "target").exists()
+
+
+def test_a_link_in_place_of_a_new_arrays_folder_is_not_followed(tmp_path):
+    """A new array's folder is made with one mkdir, unchecked; a link already in its place
+    makes that mkdir fail, and the link is then refused."""
+    path, outside = tmp_path / "t.zarr", tmp_path / "outside"
+    outside.mkdir()
+    recorder = open_recorder(path, "w-")
+    one_batch(recorder)
+    os.symlink(outside, path / "b@output")
+    with pytest.raises(WriterError, match="symbolic link"):
+        recorder.begin_pass(4)
+        recorder.put("b", "output", np.zeros((4, 6, 8), np.float32),
+                     ("batch", "token", "hidden"))
+        recorder.end_pass()
+        recorder.close()
+    assert list(outside.iterdir()) == []
