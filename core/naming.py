@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from .errors import CaptureError
@@ -141,7 +142,8 @@ class DimRegistry:
 
     def _free_name(self, role: str, size: int, taken: list[str],
                    lengths: dict[str, int] | None = None) -> str:
-        candidates = [role, f"{role}_{size}", *(f"{role}_{size}_{i}" for i in range(2, 64))]
+        # made one at a time: nearly every axis takes the first name (thousands of sites)
+        candidates = chain((role, f"{role}_{size}"), (f"{role}_{size}_{i}" for i in range(2, 64)))
         for name in candidates:
             if name in taken:
                 continue
