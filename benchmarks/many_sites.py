@@ -198,6 +198,12 @@ def make_files(folders: list[str], files: list[tuple[str, int]]) -> Run:
     return run
 
 
+def batches_of(name: str, args: argparse.Namespace) -> int:
+    """The batches a trial of row ``name`` runs."""
+    return args.llama_batches if name.startswith("llama") else \
+        1 if name.endswith("1 batch") else args.batches
+
+
 def interleaved(rows: dict[str, Run], batches: dict[str, int], trials: int, workdir: Path
                 ) -> dict[str, list[dict[str, float]]]:
     for run in rows.values():  # warm up every path once
@@ -266,8 +272,7 @@ def main() -> None:
             rows[f"llama capture after {LLAMA_WARM}"] = capture_steady(model, inputs, LLAMA_WARM)
             probe = capture(model, inputs)(1, workdir)
             rows["llama sequential write"] = sequential_write(int(probe["bytes"]))
-        batches = {name: args.llama_batches if name.startswith("llama") else
-                   1 if name.endswith("1 batch") else args.batches for name in rows}
+        batches = {name: batches_of(name, args) for name in rows}
         results = interleaved(rows, batches, args.trials, workdir)
         store = fresh(workdir, "2000.zarr")
         wide = Blocks(500).eval()
@@ -296,9 +301,7 @@ def measure_open(store: Path, trials: int) -> tuple[float, float, float, float]:
 def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]],
            open_zarr: float, open_trace: float, info: float, command: float,
            store: Path) -> None:
-    per = {name: median(rows, "time") / (args.llama_batches if name.startswith("llama")
-                                          else 1 if name.endswith("1 batch") else args.batches)
-           for name, rows in results.items()}
+    per = {name: median(rows, "time") / batches_of(name, args) for name, rows in results.items()}
     mlp = results["mlp capture"]
     print(f"{args.batches} batches (llama: {args.llama_batches}) x {args.trials} trials, torch "
           f"threads {torch.get_num_threads()}; medians")

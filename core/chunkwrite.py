@@ -141,20 +141,28 @@ class ChunkWriter:
             return None
         return key, len(data), recorded_crc(data, self.checksum)
 
+    @property
+    def raw_files(self) -> bool:
+        """Whether chunks go to a local store's files as their own memory: what the chunk
+        process writes, and where a part-used chunk's unused rows may be a hole."""
+        return self.files is not None and self.raw
+
     def written_bytes(self, body: np.ndarray, used: int | None) -> int:
         """The bytes of a chunk's ``body`` to write where a reader sees only its first
-        ``used`` rows: those rows' pages (:func:`._rawfile.used_bytes`) in a local file of a
-        chunk stored as its own memory, else all."""
-        if used is None or self.files is None or self.encoder is None or not self.raw:
+        ``used`` rows: those rows' pages (:func:`._rawfile.used_bytes`) where
+        :attr:`raw_files`, else all."""
+        if used is None or not self.raw_files:
             return body.nbytes
+        assert self.encoder is not None  # raw
         return used_bytes(body.nbytes, used, self.encoder.chunks[0])
 
     def rows_written(self, used: int, rows: int) -> int:
         """The rows of a chunk of ``rows`` whose first ``used`` alone are read that
         :meth:`write` puts on the disk (those whose bytes :meth:`written_bytes` takes): the
         others need no value."""
-        if used >= rows or self.files is None or self.encoder is None or not self.raw:
+        if used >= rows or not self.raw_files:
             return rows
+        assert self.encoder is not None  # raw
         row_bytes = math.prod(self.encoder.chunks[1:]) * self.array.dtype.itemsize
         return min(rows, -(-used_bytes(rows * row_bytes, used, rows) // row_bytes))
 

@@ -388,12 +388,13 @@ class GatheredWrites:
         process writes the rest as a hole). The array's own checks first: a chunk of a
         compressed array is not filled here in vain."""
         writer = var.chunk_writer
-        if writer is None or writer.files is None or writer.encoder is None or not writer.raw:
+        if writer is None or not writer.raw_files:
             return None
         whole = self._whole_chunk(var, chunk, batch)
         if whole is None:
             return None
         data, encoder, files = whole[1], writer.encoder, writer.files
+        assert encoder is not None and files is not None  # raw_files
         if not data.dtype.isnative or tuple(data.shape) != encoder.chunks \
                 or not data.flags.c_contiguous:
             return None

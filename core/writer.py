@@ -450,11 +450,14 @@ class TraceWriter:
             kind = sample.dtype.kind
             fill = fill_value_for(sample.dtype)
             dtype: Any = str if kind in "UTO" else sample.dtype
-            deferred = kind not in "UTO"  # text arrays: zarr's own path, which writes itself
+            if kind in "UTO":  # zarr's own path, which writes the file itself, here
+                write = self._files.document if self._files else None
+            else:
+                def write(key: str, data: bytes) -> None:
+                    documents.append((key, data))
             attributes = var.attrs
             array, document = create_array(
-                self.group, var.name, (lambda key, data: documents.append((key, data)))
-                if deferred else self._files.document if self._files else None,
+                self.group, var.name, write,
                 shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=codecs,
                 chunk_key_encoding=CHUNK_KEYS, dimension_names=list(var.dims),
                 attributes=attributes, config=ARRAY_CONFIG,
