@@ -87,27 +87,41 @@ def test_root_document_and_manifest_files_follow_the_umask(tmp_path):
 
 def test_durable_commits_flush_files_and_folders_before_the_root_document(tmp_path,
                                                                          monkeypatch):
+    """Each durable commit (not the store's creation) flushes its root document's new file
+    before renaming it into place and the store's folder after; every chunk file is flushed before the last commit.
+    Steps are told apart by path: writer threads create arrays (their own ``zarr.json``,
+    renamed into place too) and flush chunks while a commit runs."""
     order = []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
-        order.append("fsync")
+        order.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
     def replace(src, dst):
-        if os.path.basename(src).startswith(".zarr.json."):  # the commit's, not zarr's own
-            order.append(f"replace {os.path.basename(dst)}")
+        order.append(("replace", os.fspath(src), os.fspath(dst)))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     write(tmp_path / "plain.zarr", [4, 4], texts=False)
-    assert "fsync" not in order
+    assert not any(step[0] == "fsync" for step in order)
     order.clear()
-    write(tmp_path / "durable.zarr", [4, 4], texts=False, durable=True)
-    roots = [i for i, step in enumerate(order) if step == "replace zarr.json"]
-    assert roots and all(order[i - 1] == "fsync" and order[i + 1] == "fsync" for i in roots), order
-    assert order.count("fsync") > 2 * len(roots)
+    store = tmp_path / "durable.zarr"
+    write(store, [4, 4], texts=False, durable=True)
+    synced = [(i, step[1]) for i, step in enumerate(order) if step[0] == "fsync"]
+    roots = [(i, step[1]) for i, step in enumerate(order)
+             if step[0] == "replace" and step[2] == str(store / "zarr.json")]
+    roots = roots[1:]  # the store's creation: an empty store, nothing committed yet
+    assert len(roots) >= 2, order  # a commit a batch at least
+    for number, (at, new_file) in enumerate(roots):
+        until = roots[number + 1][0] if number + 1 < len(roots) else len(order)
+        assert any(path == new_file for i, path in synced if i < at), (new_file, order)
+        assert any(path == str(store) for i, path in synced if at < i < until), order
+    last = roots[-1][0]
+    before_last = {path for i, path in synced if i < last}
+    chunks = [str(store / key) for key in chunk_files(store)]
+    assert chunks and set(chunks) <= before_last, sorted(set(chunks) - before_last)
     assert manifest_module.fsync_dir is commit_module.fsync_dir
 
 
