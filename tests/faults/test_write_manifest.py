@@ -88,9 +88,9 @@ def test_root_document_and_manifest_files_follow_the_umask(tmp_path):
 def test_durable_commits_flush_files_and_folders_before_the_root_document(tmp_path,
                                                                          monkeypatch):
     """Each durable commit (not the store's creation) flushes its root document's new file
-    before renaming it into place and the store's folder after; every chunk file is flushed before the last commit.
-    Steps are told apart by path: writer threads create arrays (their own ``zarr.json``,
-    renamed into place too) and flush chunks while a commit runs."""
+    before renaming it into place and the store's folder after; every chunk file is flushed
+    before the last commit. Steps are told apart by path: writer threads create arrays
+    (their own ``zarr.json``, renamed into place too) and flush chunks while a commit runs."""
     order = []
     real_fsync, real_replace = os.fsync, os.replace
 
