@@ -86,6 +86,8 @@ class TraceWriter:
         self._state_lock = threading.Lock()
         self._drained = threading.Condition(self._state_lock)
         self._create_lock = threading.Lock()
+        #: variable name -> set once the thread creating its array is done
+        self._creating: dict[str, threading.Event] = {}
         self._error: BaseException | None = None
         self._failed_step = self._failed_where = ""
         self._where = _store_name(group)
@@ -430,18 +432,34 @@ class TraceWriter:
         arrays, the two writer threads make their folders and files side by side instead of
         one waiting for the other's disk. Its shape is a placeholder either way (the close
         writes each array's own ``zarr.json`` with the committed rows); what commits publish
-        is ``var.document``, set only once the file exists.
+        is ``var.document``, set only once the file exists. One thread creates an array: a
+        second writing the file too could leave other codecs there than the published ones
+        (each decides compression on its own batch).
         """
-        if var.array is not None:
-            return var.array
+        while True:  # one thread creates it; another that needs it meanwhile waits
+            with self._create_lock:
+                if var.array is not None:
+                    return var.array
+                creating = self._creating.get(var.name)
+                if creating is None:
+                    creating = self._creating[var.name] = threading.Event()
+                    break
+            creating.wait()  # then it exists, or its creation failed: try again
+        try:
+            return self._make_array(var, sample, region)
+        finally:
+            with self._create_lock:
+                del self._creating[var.name]
+            creating.set()
+
+    def _make_array(self, var: Variable, sample: np.ndarray, region: Region | None) -> Any:
+        """:meth:`_create_array`'s work, by the one thread that creates ``var``'s array."""
         batches = var.attrs.get(GATHERED, 1) if var.gather is not None else 1
         # a gathered chunk holds several batches: compression is decided on the first one, as
         # for every other variable (repeated inputs would make the whole chunk look compressible)
         codecs = self.options.compression.codecs_for(sample[:max(1, len(sample) // batches)])
         documents: list[tuple[str, bytes]] = []
         with self._create_lock:
-            if var.array is not None:
-                return var.array
             shape = (0, *var.trailing)
             chunks = chunk_shape(shape, var.dims, sample.dtype.itemsize, sample.shape[0],
                                  self.options.chunks, region.chunks if region else None)
@@ -471,8 +489,6 @@ class TraceWriter:
             else:
                 set_bytes(self.group.store, key, data)
         with self._create_lock:
-            if var.array is not None:  # another thread created it meanwhile: its own file
-                return var.array
             if tuple(array.shape[1:]) != var.trailing:  # a token axis grew meanwhile
                 set_shape(array, (0, *var.trailing))
                 document = array_document(array)
