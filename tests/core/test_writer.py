@@ -308,3 +308,32 @@ def test_an_axis_grown_while_an_array_is_created_reaches_it(tmp_path):
     assert np.isnan(values.values[:4, 5:]).all()
     np.testing.assert_array_equal(values.values[4:], second)
     assert zarr.open_array(path / "block.0@output", mode="r").shape == (8, 7, 8)
+
+
+def test_two_threads_that_need_one_array_create_it_once(tmp_path):
+    """Each writer thread decides compression on its own batch: were both to write the
+    array's zarr.json, the file could hold other codecs than those a commit publishes."""
+    recorder = make_recorder(tmp_path / "t.zarr")
+    writer = recorder.writer
+    var = writer._variable("v@output", ("batch", "hidden"), (4, 256), {})
+    files, write_document, written = writer._files, writer._files.document, []
+
+    def slow_document(key, data):
+        written.append(key)
+        threading.Event().wait(0.3)  # the other thread arrives meanwhile
+        write_document(key, data)
+
+    files.document = slow_document
+    samples = [np.zeros((4, 256), np.float32),  # compressible
+               np.random.default_rng(0).standard_normal((4, 256), np.float32)]
+    threads = [threading.Thread(target=writer._create_array, args=(var, sample))
+               for sample in samples]
+    for thread in threads:
+        thread.start()
+        threading.Event().wait(0.05)
+    for thread in threads:
+        thread.join(10)
+    assert written == ["v@output/zarr.json"]
+    on_disk = json.loads((tmp_path / "t.zarr" / "v@output" / "zarr.json").read_text())
+    assert on_disk["codecs"] == var.document["codecs"]
+    recorder.close()
