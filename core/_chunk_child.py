@@ -2,12 +2,15 @@
 it imports no more than the standard library, ``crc32c`` and :mod:`._rawfile`).
 
 Each request on the request pipe is an 8-byte length, a pickled list of ``(path, nbytes,
-length, checksum)`` and then each chunk's ``nbytes`` of body in that order. Each body is
-written as the file ``path`` (its page-aligned head with ``O_DIRECT``, the rest and, with
-``checksum``, its crc32c through the page cache), zeros up to ``length`` where the body is
-shorter (a hole: the unused rows of a chunk; the checksum covers them). One reply goes back:
-the files' crc32c, in order, up to the first failure, and that failure as ``(errno,
-strerror, path)`` or None. After a failure the remaining bodies are read and dropped, so that
+length, checksum, kind)`` and then each file's ``nbytes`` of body in that order. A chunk
+(``kind`` :data:`CHUNK`) is written as the file ``path`` (its page-aligned head with
+``O_DIRECT``, the rest and, with ``checksum``, its crc32c through the page cache), zeros up
+to ``length`` where the body is shorter (a hole: the unused rows of a chunk; the checksum
+covers them). A new array's ``zarr.json`` (:data:`DOCUMENT`, or :data:`DOCUMENT_NEW_FOLDER`
+to make its folder first) is written in one step, a temporary file renamed into place
+(:func:`._rawfile.write_document`). One reply goes back: each file's crc32c (0 for a
+document), in order, up to the first failure, and that failure as ``(errno, strerror,
+path)`` or None. After a failure the remaining bodies are read and dropped, so that
 the next request starts in step.
 
 The process ends when its request pipe closes, or once the process that started it is gone
@@ -25,6 +28,8 @@ import sys
 
 import crc32c
 
+CHUNK, DOCUMENT, DOCUMENT_NEW_FOLDER = "chunk", "document", "document, new folder"
+
 
 def main() -> None:
     requests, replies, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -40,13 +45,21 @@ def main() -> None:
             return
         crcs: list[int] = []
         failure = None
-        for path, nbytes, length, checksum in pickle.loads(header):
+        for path, nbytes, length, checksum, kind in pickle.loads(header):
             if len(memory) < nbytes:  # page-aligned, as O_DIRECT needs
                 memory = memoryview(mmap.mmap(-1, -(-nbytes // raw.ALIGN) * raw.ALIGN))
             body = memory[:nbytes]
             if not _read_into(requests, body) or os.getppid() != parent:
                 return
             if failure is not None:
+                continue
+            if kind != CHUNK:
+                try:
+                    raw.write_document(path, body, durable, kind == DOCUMENT_NEW_FOLDER)
+                except OSError as exc:
+                    failure = (exc.errno, exc.strerror, exc.filename or path)
+                    continue
+                crcs.append(0)
                 continue
             crc = crc32c.crc32c(body)
             if length > nbytes:  # the hole reads as zeros

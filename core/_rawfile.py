@@ -116,13 +116,63 @@ def _write_tail(fd: int, view: memoryview, start: int, trailer: bytes,
         os.ftruncate(fd, length)
 
 
+def write_document(path: str, data: Any, durable: bool = False,
+                   new_folder: bool = False) -> None:
+    """Write ``data`` as ``path`` in one step: a temporary file (mode 0666 less the umask)
+    renamed over it; with ``durable``, the file's bytes reach the disk before the rename.
+
+    ``new_folder``: the folder is made first, with one ``mkdir`` (an array's folder right
+    under a checked one: what ``mkdir`` makes is no link); one already in its place is
+    refused if it is a symbolic link, and so is a link at ``path`` in it (``ELOOP``)."""
+    folder, name = os.path.split(path)
+    if new_folder:
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            for checked in (folder, path):
+                if os.path.islink(checked):
+                    raise OSError(errno.ELOOP, "a symbolic link; layerscope writes nothing "
+                                  "outside the store. Remove it first", checked) from None
+    tmp = os.path.join(folder, f".{name}.{os.urandom(16).hex()}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o666)
+    try:
+        try:
+            write_all(fd, [data])
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def write_all(fd: int, parts: list[Any]) -> None:
-    """``os.writev`` until every byte is written (a write may stop short)."""
+    """``os.writev`` until every byte is written (a write may stop short), as few calls as
+    the system allows: each call hands Python's lock to another thread and back."""
     views = [memoryview(part).cast("B") for part in parts if len(part)]
-    while views:
-        written = os.writev(fd, views) if hasattr(os, "writev") else os.write(fd, views[0])
-        while views and written >= views[0].nbytes:
-            written -= views[0].nbytes
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
+    first = 0
+    while first < len(views):
+        batch = views[first:first + _IOV_MAX]
+        written = os.writev(fd, batch) if hasattr(os, "writev") else os.write(fd, batch[0])
+        while first < len(views) and written >= views[first].nbytes:
+            written -= views[first].nbytes
+            first += 1
+        if written:
+            views[first] = views[first][written:]
+
+
+def _iov_max() -> int:
+    try:
+        return max(1, min(os.sysconf("SC_IOV_MAX"), 1024))
+    except (AttributeError, ValueError, OSError):
+        return 16
+
+
+_IOV_MAX = _iov_max()  # buffers one writev takes

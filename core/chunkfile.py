@@ -82,6 +82,22 @@ class ChunkFiles:
             self._make_folder(parent)
         return path
 
+    def made_by_process(self, folder: str) -> bool:
+        """Whether the chunk process is to make ``folder``, a new array's, with one
+        ``mkdir`` (it lies right under the root or a folder checked before, as in
+        :meth:`_make_folder`); else it exists already or is made and checked here."""
+        if folder in self._dirs:
+            return False
+        above = os.path.dirname(folder)
+        if above == self.root or above in self._dirs:
+            return True
+        self._make_folder(folder)
+        return False
+
+    def made(self, folder: str) -> None:
+        """``folder`` was made (by the chunk process) and needs no check."""
+        self._dirs.add(folder)
+
     def _make_folder(self, folder: str) -> bool:
         """Make ``folder`` and refuse links in it; True where this call made it.
 

@@ -23,7 +23,10 @@ import sys
 import threading
 from typing import Any
 
+from ._chunk_child import CHUNK, DOCUMENT, DOCUMENT_NEW_FOLDER
 from ._rawfile import write_all
+
+__all__ = ["CHUNK", "DOCUMENT", "DOCUMENT_NEW_FOLDER", "ChunkProcess", "ChunkWriteFailed"]
 
 #: a group of fewer gathered chunks is written by the writer thread itself: the process would
 #: save little, and a store of a few variables never starts it
@@ -62,20 +65,23 @@ class ChunkProcess:
         self._child: subprocess.Popen[bytes] | None = None
         self._requests = self._replies = -1
 
-    def write(self, jobs: list[tuple[str, Any, int, bool]]) -> list[int]:
-        """Write each ``(path, body, length, checksum)``: ``body`` (contiguous uint8) as the
-        file ``path``, zeros after it up to ``length`` bytes (a hole, see
-        :func:`._rawfile.write_file`), the crc32c of those bytes after them where
-        ``checksum``. Returns every file's crc32c; raises :class:`ChunkWriteFailed` at the
-        first chunk not written."""
+    def write(self, jobs: list[tuple[str, Any, int, bool, str]]) -> list[int]:
+        """Write each ``(path, body, length, checksum, kind)``. A chunk (``kind``
+        :data:`CHUNK`): ``body`` (contiguous uint8) as the file ``path``, zeros after it up
+        to ``length`` bytes (a hole, see :func:`._rawfile.write_file`), the crc32c of those
+        bytes after them where ``checksum``. A new array's ``zarr.json`` (:data:`DOCUMENT`,
+        :data:`DOCUMENT_NEW_FOLDER`): ``body`` in one step, see :mod:`._chunk_child`.
+        Returns every file's crc32c (0 for a document); raises :class:`ChunkWriteFailed`
+        at the first file not written."""
         with self._lock:
-            header = pickle.dumps([(path, body.nbytes, max(length, body.nbytes), checksum)
-                                   for path, body, length, checksum in jobs])
+            header = pickle.dumps([(path, body.nbytes, max(length, body.nbytes), checksum, kind)
+                                   for path, body, length, checksum, kind in jobs])
             try:
                 self._start()  # a process that cannot start, or ended, fails the first chunk
-                write_all(self._requests, [struct.pack("<Q", len(header)), header])
-                for _, body, _, _ in jobs:
-                    write_all(self._requests, [body])
+                # one call for the lot where the system allows: each hands Python's lock to the
+                # model's thread and back
+                write_all(self._requests, [struct.pack("<Q", len(header)), header,
+                                           *(job[1] for job in jobs)])
                 size = self._read(8)
                 crcs, failure = pickle.loads(self._read(struct.unpack("<Q", size)[0]))
             except (OSError, EOFError) as exc:  # a broken pipe, or no reply: it is gone

@@ -9,23 +9,34 @@ report placements and flushes done through :meth:`GatheredWrites.task_done`.
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from . import chunkproc
 from ._zarr_compat import grow_rows
-from .chunkproc import PROCESS_FROM, REQUEST_CHUNKS, ChunkProcess, ChunkWriteFailed
+from .chunkproc import (
+    CHUNK,
+    DOCUMENT,
+    DOCUMENT_NEW_FOLDER,
+    PROCESS_FROM,
+    REQUEST_CHUNKS,
+    ChunkProcess,
+    ChunkWriteFailed,
+)
+from .chunkwrite import ChunkWriter
 from .errors import CaptureError, SchemaError
 from .gather import GATHERED, Chunk, Gatherer, VarGather
 
 if TYPE_CHECKING:
-    from .chunkwrite import ChunkWriter, Entry
+    from .chunkwrite import Entry
     from .region import Region
-    from .writer import TraceWriter
+    from .writer import NewArray, TraceWriter
     from .writerecords import Batch, Snapshot, Task, ToNumpy, Variable
 
 
@@ -282,12 +293,14 @@ class GatheredWrites:
         writing them held Python's lock against the model's thread twice as often (a group
         end took 0.5 s of the model's time, against 0.1 s with one). At the close the other
         threads join in (:meth:`close_chunks`). Where arrays are still to be created (the
-        first group), each chunk is a task of its own."""
-        if any(var.chunk_writer is None for var, _ in ready):
+        first group), their files go to the chunk process too (:meth:`_new_array_jobs`);
+        without it, each chunk is a task of its own."""
+        creating = any(var.chunk_writer is None for var, _ in ready)
+        if creating and (self.process is None or len(ready) < PROCESS_FROM):
             for var, chunk in ready:
                 self.queue_flush(var, chunk)
         elif ready:
-            self.flushing = Flushes(ready)
+            self.flushing = Flushes(ready, creating)
             self.writer._queue.put(self.flushing)
 
     def run_flushes(self, flushes: Flushes) -> None:
@@ -306,8 +319,11 @@ class GatheredWrites:
         entries: list[Entry] | None = [] if writer.options.checksums else None
         try:
             chunks: Iterable[tuple[Variable, Chunk]] = flushes.take()
-            if plain and self.process is not None and not flushes.by_process \
-                    and len(flushes.chunks) >= PROCESS_FROM:
+            # where arrays are created, Python makes them and the process their files: every
+            # thread sends its share, one making arrays while the other waits for the process
+            if plain and self.process is not None \
+                    and (flushes.creating or not flushes.by_process) \
+                    and len(flushes.chunks) >= (1 if flushes.creating else PROCESS_FROM):
                 flushes.by_process = True  # a thread that joins writes its own share
                 chunks = chain(self._write_in_process(self.process, flushes, entries, done),
                                flushes.take())
@@ -342,55 +358,123 @@ class GatheredWrites:
                           ) -> list[tuple[Variable, Chunk]]:
         """Write the group's usual chunks (stored as their own memory) by the chunk-writing
         process, :data:`REQUEST_CHUNKS` a request, until the chunks run out, a request finds
-        none it can take, or one fails. Returns the chunks taken but not sent, and those
-        after a failed one, for :meth:`run_flushes`'s usual way (which then takes whatever
-        is left). Between requests other threads may take chunks: at the close every writer
-        thread writes a share (:meth:`close_chunks`)."""
+        none it can take, or one fails; the arrays they need made here first, their
+        ``zarr.json`` written by the process too. Returns the chunks taken but not sent, and
+        those after a failed one, for :meth:`run_flushes`'s usual way (which then takes
+        whatever is left). Between requests other threads may take chunks: at the close
+        every writer thread writes a share (:meth:`close_chunks`)."""
         rest: list[tuple[Variable, Chunk]] = []
         while True:
             taken = list(islice(flushes.take(), REQUEST_CHUNKS))
             if not taken:
                 return rest
-            sent: list[tuple[Variable, Chunk, str]] = []
-            jobs: list[tuple[str, np.ndarray, int, bool]] = []
-            for var, chunk in taken:
-                job = self._process_job(var, chunk, flushes.batch)
-                if job is None:
-                    rest.append((var, chunk))
-                    continue
-                key, path, body, length, checksum = job
-                sent.append((var, chunk, key))
-                jobs.append((path, body, length, checksum))
-            if not jobs:  # a group of compressed arrays: every writer thread may take a share
-                return rest
+            request = _Request()
             try:
-                crcs, failed = process.write(jobs), None
-            except ChunkWriteFailed as exc:
-                crcs, failed = exc.crcs, exc
-            except Exception as exc:  # still every taken chunk must be counted done or failed
-                crcs, failed = [], ChunkWriteFailed([], exc)
-            for (_, chunk, key), (_, _, length, checksum), crc in zip(sent, jobs, crcs,
-                                                                      strict=False):
-                if entries is not None:  # as ChunkWriter.write records them
-                    entries.append((key, length + (4 if checksum else 0), crc))
-                done.append(chunk)
-            if failed is not None:
-                var, chunk, _ = sent[len(crcs)]
-                self._flush_failed(var, chunk, flushes, failed.error)
-                rest.extend((var, chunk) for var, chunk, _ in sent[len(crcs) + 1:])
-                return rest
+                for var, chunk in taken:
+                    if var.chunk_writer is None and self._new_array_jobs(var, chunk, flushes,
+                                                                         request):
+                        continue
+                    job = self._process_job(var, chunk, flushes.batch)
+                    if job is None:
+                        rest.append((var, chunk))
+                    else:
+                        request.add_chunk(var, chunk, job)
+                if not request.jobs:  # a group of compressed arrays: every thread may help
+                    return rest
+                try:
+                    crcs, failed = process.write(request.jobs), None
+                except ChunkWriteFailed as exc:
+                    crcs, failed = exc.crcs, exc
+                except Exception as exc:  # still every taken chunk must be counted done or failed
+                    crcs, failed = [], ChunkWriteFailed([], exc)
+                if not self._written(request, crcs, failed, flushes, entries, done, rest):
+                    return rest
+            finally:
+                for var, creating in request.creating:
+                    self.writer.end_creation(var, creating)
 
-    def _process_job(self, var: Variable, chunk: Chunk, batch: Batch
+    def _written(self, request: _Request, crcs: list[int], failed: ChunkWriteFailed | None,
+                 flushes: Flushes, entries: list[Entry] | None, done: list[Chunk],
+                 rest: list[tuple[Variable, Chunk]]) -> bool:
+        """Count a request's files written (``crcs``, in order): a new array is published
+        once its ``zarr.json`` is; True where none failed. A chunk whose file or array's
+        file failed fails; those after it go to ``rest``."""
+        for job, crc, what in zip(request.jobs, crcs, request.meaning, strict=False):
+            if isinstance(what, _NewArray):
+                self.writer.publish_array(what.var, what.made, what.chunk_writer)
+                if what.folder is not None:
+                    what.chunk_writer.files.made(what.folder)  # type: ignore[union-attr]
+                continue
+            var, chunk, key = what
+            if entries is not None:  # as ChunkWriter.write records them
+                entries.append((key, job[2] + (4 if job[3] else 0), crc))
+            done.append(chunk)
+        if failed is None:
+            return True
+        after = request.meaning[len(crcs):]
+        failing = after.pop(0)
+        if isinstance(failing, _NewArray):  # its chunk, next, fails with it
+            failing = after.pop(0)
+        assert not isinstance(failing, _NewArray)
+        self._flush_failed(failing[0], failing[1], flushes, failed.error)
+        rest.extend((what[0], what[1]) for what in after if not isinstance(what, _NewArray))
+        return False
+
+    def _new_array_jobs(self, var: Variable, chunk: Chunk, flushes: Flushes,
+                        request: _Request) -> bool:
+        """Make the array of ``chunk``, gathered ``var``'s first, in memory and add its
+        ``zarr.json`` and the chunk to ``request``: the array is published once the process
+        wrote that file (:meth:`_written`). False where this thread does not create it
+        (another does, or it failed: the usual way makes it again and reports the failure),
+        or where the process cannot write its chunks (compressed: its file is written
+        here and the array published)."""
+        writer, files = self.writer, self.writer._files
+        if var.gather is None or chunk.existing or files is None or flushes.batch.size <= 0:
+            return False
+        creating = writer.claim_creation(var)
+        if creating is None:
+            return False
+        request.creating.append((var, creating))
+        try:
+            made = writer.new_array(var, self.chunks.fill_gaps(var, chunk,
+                                                               self._probe_rows(var, chunk)))
+            chunk_writer = ChunkWriter(made.array, files)
+            if not made.documents or not chunk_writer.raw_files:
+                for key, data in made.documents:
+                    writer.write_document(key, data)
+                writer.publish_array(var, made, chunk_writer)
+                return False
+            self.chunks.fill_gaps(var, chunk, chunk_writer.rows_written(chunk.used, chunk.rows))
+            job = self._process_job(var, chunk, flushes.batch, chunk_writer)
+            if job is None:
+                return False
+            (key, data), = made.documents
+            path = os.path.join(files.root, key)
+            folder = os.path.dirname(path)
+            new_folder = files.made_by_process(folder)  # else made and checked here
+        except Exception:
+            return False
+        request.jobs.append((path, memoryview(data), len(data), False,
+                             DOCUMENT_NEW_FOLDER if new_folder else DOCUMENT))
+        request.meaning.append(_NewArray(var, made, chunk_writer,
+                                         folder if new_folder else None))
+        request.add_chunk(var, chunk, job)
+        return True
+
+    def _process_job(self, var: Variable, chunk: Chunk, batch: Batch,
+                     writer: ChunkWriter | None = None
                      ) -> tuple[str, str, np.ndarray, int, bool] | None:
         """``(key, path, body, length, checksum)`` of a chunk the process can write: one
         whole chunk of the array, stored as its own memory, in a local store's file, of
         ``length`` bytes; ``body``, its first bytes, holds the chunk's used rows (the
         process writes the rest as a hole). The array's own checks first: a chunk of a
-        compressed array is not filled here in vain."""
-        writer = var.chunk_writer
+        compressed array is not filled here in vain. ``writer``: a new array's, not yet
+        published (its folder is not made here: the process makes it)."""
+        new = writer is not None
+        writer = writer or var.chunk_writer
         if writer is None or not writer.raw_files:
             return None
-        whole = self._whole_chunk(var, chunk, batch)
+        whole = self._whole_chunk(var, chunk, batch, writer)
         if whole is None:
             return None
         data, encoder, files = whole[1], writer.encoder, writer.files
@@ -401,8 +485,8 @@ class GatheredWrites:
         key = writer.prefix + encoder.chunk_key(
             (chunk.start // encoder.chunks[0], *(0,) * (data.ndim - 1)))
         body = encoder.encode(data)
-        return (key, files.path(key), body[:writer.written_bytes(body, chunk.used)],
-                body.nbytes, encoder.checksum)
+        return (key, os.path.join(files.root, key) if new else files.path(key),
+                body[:writer.written_bytes(body, chunk.used)], body.nbytes, encoder.checksum)
 
     def _flush_failed(self, var: Variable, chunk: Chunk, flushes: Flushes,
                       error: BaseException) -> None:
@@ -413,14 +497,15 @@ class GatheredWrites:
         self.chunks.finished(flushes.group, False)
         writer.commits.task_done(batch)
 
-    def _whole_chunk(self, var: Variable, chunk: Chunk, batch: Batch
+    def _whole_chunk(self, var: Variable, chunk: Chunk, batch: Batch,
+                     writer: ChunkWriter | None = None
                      ) -> tuple[ChunkWriter, np.ndarray] | None:
-        """The chunk writer and data of ``chunk`` where :meth:`run_flushes` writes it itself,
-        else None."""
-        writer = var.chunk_writer
+        """The chunk writer (``var``'s, or ``writer``) and data of ``chunk`` where
+        :meth:`run_flushes` writes it itself, else None."""
+        writer = writer or var.chunk_writer
         if writer is None or var.gather is None or chunk.existing \
                 or self.writer._error is not None or batch.size <= 0 \
-                or var.array.dtype != var.gather.dtype:
+                or writer.array.dtype != var.gather.dtype:
             return None
         data = self.chunks.fill_gaps(var, chunk, writer.rows_written(chunk.used, chunk.rows))
         return (writer, data) if writer.covers(chunk.start, data) else None
@@ -439,10 +524,16 @@ class GatheredWrites:
         if var.chunk_writer is not None:
             through = var.chunk_writer.rows_written(chunk.used, chunk.rows)
         else:  # the array's first batch (its compression probe), the rest in fill_written
-            through = max(chunk.used, chunk.rows // var.attrs.get(GATHERED, 1))
+            through = self._probe_rows(var, chunk)
         data = self.chunks.fill_gaps(var, chunk, through)
         task.shape = tuple(data.shape[1:])
         return data
+
+    @staticmethod
+    def _probe_rows(var: Variable, chunk: Chunk) -> int:
+        """The rows of ``var``'s first chunk filled before its array exists: its used ones,
+        and the first batch's, which decide its compression."""
+        return max(chunk.used, chunk.rows // var.attrs.get(GATHERED, 1))
 
     def fill_written(self, task: Task, writer: ChunkWriter) -> None:
         """Fill the rows of a chunk that ends past its used ones which ``writer`` (made after
@@ -471,12 +562,13 @@ class Flushes:
     """The chunks of one group to write, taken by the writer threads it was queued to
     (:meth:`GatheredWrites.run_flushes`)."""
 
-    def __init__(self, chunks: list[tuple[Variable, Chunk]]) -> None:
+    def __init__(self, chunks: list[tuple[Variable, Chunk]], creating: bool = False) -> None:
         flush = chunks[0][1].flush
         assert flush is not None  # sealed
         self.group, self.batch = flush  # one seal: one group, one manifest batch
         self.chunks = deque(chunks)
         self.by_process = False  # a thread sends them to the chunk process
+        self.creating = creating  # some of their arrays are still to be created
 
     def take(self) -> Iterator[tuple[Variable, Chunk]]:
         while True:
@@ -484,6 +576,32 @@ class Flushes:
                 yield self.chunks.popleft()  # atomic: threads share the deque
             except IndexError:
                 return
+
+
+class _NewArray(NamedTuple):
+    """A new array whose ``zarr.json`` a request writes (:meth:`GatheredWrites._written`)."""
+
+    var: Variable
+    made: NewArray
+    chunk_writer: ChunkWriter
+    folder: str | None  # made by the process
+
+
+class _Request:
+    """One request to the chunk process: its jobs, and what each stands for."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, Any, int, bool, str]] = []
+        #: per job: a new array (its zarr.json) or a chunk, ``(var, chunk, key)``
+        self.meaning: list[_NewArray | tuple[Variable, Chunk, str]] = []
+        #: the arrays this request's thread claimed to create, released when it is over
+        self.creating: list[tuple[Variable, threading.Event]] = []
+
+    def add_chunk(self, var: Variable, chunk: Chunk,
+                  job: tuple[str, str, np.ndarray, int, bool]) -> None:
+        key, path, body, length, checksum = job
+        self.jobs.append((path, body, length, checksum, CHUNK))
+        self.meaning.append((var, chunk, key))
 
 
 def _identity(value: Any) -> Any:

@@ -28,16 +28,15 @@ without a file lists nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import crc32c
 
+from ._rawfile import write_document
 from .errors import DamagedStoreError
 
 MANIFEST_DIR = "_layerscope/chunks"
@@ -67,25 +66,7 @@ def manifest_document(batch: int, chunks: Entries) -> bytes:
 def write_local_file(path: str | os.PathLike[str], data: bytes, durable: bool = False) -> None:
     """Write ``data`` as ``path`` in one step: a temporary file (mode 0666 less the umask)
     renamed over it; with ``durable``, the file's bytes reach the disk before the rename."""
-    folder, name = os.path.split(os.fspath(path))
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
-        | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, 0o666)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_document(os.fspath(path), data, durable)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

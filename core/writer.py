@@ -18,7 +18,7 @@ import math
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -441,19 +441,39 @@ class TraceWriter:
                 if var.array is not None:
                     return var.array
                 creating = self._creating.get(var.name)
-                if creating is None:
-                    creating = self._creating[var.name] = threading.Event()
+            if creating is None:
+                creating = self.claim_creation(var)
+                if creating is not None:
                     break
-            creating.wait()  # then it exists, or its creation failed: try again
+            else:
+                creating.wait()  # then it exists, or its creation failed: try again
         try:
-            return self._make_array(var, sample, region)
+            made = self.new_array(var, sample, region)
+            for key, data in made.documents:
+                self.write_document(key, data)
+            return self.publish_array(var, made)
         finally:
-            with self._create_lock:
-                del self._creating[var.name]
-            creating.set()
+            self.end_creation(var, creating)
 
-    def _make_array(self, var: Variable, sample: np.ndarray, region: Region | None) -> Any:
-        """:meth:`_create_array`'s work, by the one thread that creates ``var``'s array."""
+    def claim_creation(self, var: Variable) -> threading.Event | None:
+        """Make this thread the one that creates ``var``'s array: the event others wait on
+        until :meth:`end_creation`. None where it exists or another thread creates it."""
+        with self._create_lock:
+            if var.array is not None or var.name in self._creating:
+                return None
+            creating = self._creating[var.name] = threading.Event()
+            return creating
+
+    def end_creation(self, var: Variable, creating: threading.Event) -> None:
+        with self._create_lock:
+            del self._creating[var.name]
+        creating.set()
+
+    def new_array(self, var: Variable, sample: np.ndarray, region: Region | None = None
+                  ) -> NewArray:
+        """``var``'s array, made in memory by the thread that claimed its creation; its
+        ``zarr.json`` still to write (``documents``), except for text arrays (zarr's own
+        path writes it)."""
         batches = var.attrs.get(GATHERED, 1) if var.gather is not None else 1
         # a gathered chunk holds several batches: compression is decided on the first one, as
         # for every other variable (repeated inputs would make the whole chunk look compressible)
@@ -480,21 +500,29 @@ class TraceWriter:
                 chunk_key_encoding=CHUNK_KEYS, dimension_names=list(var.dims),
                 attributes=attributes, config=ARRAY_CONFIG,
             )
-            if not documents:
-                var.array, var.document = array, document
-                return array
-        for key, data in documents:
-            if self._files is not None:
-                self._files.document(key, data)
-            else:
-                set_bytes(self.group.store, key, data)
+        return NewArray(array, document, attributes, documents)
+
+    def write_document(self, key: str, data: bytes) -> None:
+        if self._files is not None:
+            self._files.document(key, data)
+        else:
+            set_bytes(self.group.store, key, data)
+
+    def publish_array(self, var: Variable, made: NewArray,
+                      chunk_writer: ChunkWriter | None = None) -> Any:
+        """Make ``var``'s array, its ``zarr.json`` written, the one commits publish; what a
+        token axis's growth or an attribute update changed meanwhile applied to it first."""
+        array, document = made.array, made.document
         with self._create_lock:
-            if tuple(array.shape[1:]) != var.trailing:  # a token axis grew meanwhile
+            if made.documents and tuple(array.shape[1:]) != var.trailing:  # an axis grew
                 set_shape(array, (0, *var.trailing))
                 document = array_document(array)
-            if var.attrs is not attributes:  # update_attrs meanwhile
+            if made.documents and var.attrs is not made.attributes:  # update_attrs meanwhile
                 set_attributes(array, var.attrs)
                 document = array_document(array)
+            if chunk_writer is not None:
+                var.chunk_writer = chunk_writer
+                self.commits.synced.add(var.name)
             var.array, var.document = array, document
             return array
 
@@ -655,6 +683,15 @@ class TraceWriter:
         """(batches, samples) the root document commits: a batch whose chunks were written
         but whose manifest was not, because a failure came first, is not among them."""
         return self.commits.published, self.commits.published_samples
+
+
+class NewArray(NamedTuple):
+    """An array made in memory (:meth:`TraceWriter.new_array`), not yet published."""
+
+    array: Any
+    document: dict[str, Any]
+    attributes: dict[str, Any]  # ``var.attrs`` as it was: an update since is applied
+    documents: list[tuple[str, bytes]]  # (key, bytes) of the files still to write
 
 
 def _store_name(group: Any) -> str:

@@ -336,7 +336,8 @@ def test_the_rows_past_the_last_batch_are_a_hole_in_the_last_chunk(tmp_path, mon
     send = chunkproc.ChunkProcess.write
 
     def spied(self, jobs):
-        holes.extend(length - body.nbytes for _, body, length, _ in jobs)
+        holes.extend(length - body.nbytes for _, body, length, _, kind in jobs
+                     if kind == chunkproc.CHUNK)
         return send(self, jobs)
 
     monkeypatch.setattr(chunkproc.ChunkProcess, "write", spied)
@@ -352,9 +353,8 @@ def test_the_rows_past_the_last_batch_are_a_hole_in_the_last_chunk(tmp_path, mon
         recorder.end_pass()
         given.append(data)
     recorder.close()
-    # the first group makes the arrays, by the writer threads (the second too where it is
-    # queued before they are made); the process takes the last: two 16-row chunks of 8 rows
-    # and the batch coordinate's (128 bytes: no hole)
+    # the process writes every group (the first with its arrays' zarr.json); the last: two
+    # 16-row chunks of 8 rows and the batch coordinate's (128 bytes: no hole)
     assert set(holes) <= {0, 8 * 4096}
     assert holes.count(8 * 4096) == (2 if by_process else 0)
     full = 16 * 4096

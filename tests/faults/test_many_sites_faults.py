@@ -156,7 +156,7 @@ def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs,
     assert error is not None, "the tmpfs never filled up"
     assert time.monotonic() - started < 10
     assert "No space left on device" in str(error) and str(path) in str(error)
-    # the first group creates the arrays, a task a chunk; the process takes the later ones
+    # the process writes every group, the first with its arrays' files
     assert bool(process_writes) == (mode == "process")
     # a gathered site's second batch in a chunk is copied by its address: all 50 sites
     assert len(set(copies)) == (50 if gathered else 0), copies
@@ -323,3 +323,75 @@ def test_compressed_groups_are_written_by_the_writer_threads(tmp_path, process_w
     codecs = json.loads((path / "blocks.0.fc1@output" / "zarr.json").read_text())["codecs"]
     assert [codec["name"] for codec in codecs] == ["bytes", "blosc", "crc32c"]
     assert check(path, 3 * GROUP) == 3 * GROUP
+
+
+@pytest.fixture()
+def process_jobs(monkeypatch, process_writes):
+    """Every group written by the chunk process (the first with its arrays' files); the
+    ``(path, kind)`` of each file sent to it."""
+    from layerscope.core import chunkproc
+
+    sent: list[tuple[str, str]] = []
+    write = chunkproc.ChunkProcess.write
+
+    def spied(self, jobs):
+        sent.extend((path, kind) for path, _, _, _, kind in jobs)
+        return write(self, jobs)
+
+    monkeypatch.setattr(chunkproc.ChunkProcess, "write", spied)
+    return sent
+
+
+def test_the_chunk_process_writes_the_new_arrays_files(tmp_path, process_jobs):
+    """A one-batch trace creates every array at the close: their folders and ``zarr.json``
+    are made by the chunk process with their first chunks, each array's own file holds what
+    the root's consolidated metadata says of it, and the values are exact."""
+    from layerscope.core.chunkproc import CHUNK, DOCUMENT_NEW_FOLDER
+
+    path = tmp_path / "t.zarr"
+    trace_in_process_mode(model(), path, 1)
+    documents = {os.path.relpath(p, path) for p, kind in process_jobs
+                 if kind == DOCUMENT_NEW_FOLDER}
+    root = json.loads((path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    # a compressed array's chunks are not the process's: its file is written by the thread
+    raw = {f"{name}/zarr.json" for name in reference(model(), inputs(1))
+           if "blosc" not in json.dumps(root[name]["codecs"])}
+    assert len(raw) > 40 and raw <= documents, raw - documents
+    assert sum(kind == CHUNK for _, kind in process_jobs) >= len(raw)
+    for key in documents:
+        name = os.path.dirname(key)
+        own = json.loads((path / key).read_text())
+        assert own["codecs"] == root[name]["codecs"] and own["attributes"]["gathered_batches"] \
+            == GROUP, name
+        assert not [f for f in (path / name).iterdir() if f.name.startswith(".")], name
+    assert check(path, 1) == 1
+
+
+@pytest.mark.parametrize("in_place", ["file", "link"])
+def test_a_new_arrays_folder_the_process_cannot_make_fails_the_trace(tmp_path, process_jobs,
+                                                                   in_place):
+    """A file, or a link to a folder outside the store, where the chunk process is to make a
+    new array's folder: the trace fails naming it, nothing is written through the link, the
+    array is not published, and the store opens at its last commit (none here)."""
+    path, outside = tmp_path / "t.zarr", tmp_path / "outside"
+    outside.mkdir()
+    net, error = model(), None
+    blocked = path / "blocks.3.fc2@output"
+    try:
+        with torch.no_grad(), layerscope.trace(net, path, options=options("process")) as run:
+            if in_place == "file":
+                blocked.write_bytes(b"not a folder")
+            else:
+                os.symlink(outside, blocked)
+            for x in inputs(2 * GROUP):
+                net(x)
+    except WriterError as exc:
+        error = exc
+    assert error is not None and "blocks.3.fc2@output" in str(error)
+    assert ("symbolic link" if in_place == "link" else "Not a directory") in str(error)
+    assert list(outside.iterdir()) == []
+    if in_place == "file":
+        assert blocked.read_bytes() == b"not a folder"
+    assert any(os.path.dirname(p) == str(blocked) for p, _ in process_jobs)
+    assert run.recorder.writer.variables["blocks.3.fc2@output"].document is None
+    assert check(path, 2 * GROUP) == 0
