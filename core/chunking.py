@@ -40,15 +40,17 @@ def chunk_shape(
     fixed = fixed or {}
     trailing = [fixed[i] if i in fixed else token_chunk(n) if is_token_axis(dim) else max(1, n)
                 for i, (n, dim) in enumerate(zip(shape[1:], dims[1:], strict=True))]
-    preferred = ("head", "query")
-    split_order = sorted(
-        (i for i in range(len(trailing)) if i not in fixed),
-        key=lambda i: (next((k for k, p in enumerate(preferred) if dims[i + 1].startswith(p)),
-                            len(preferred)), -max(1, shape[i + 1])),
-    )
-    for axis in split_order:
-        while _nbytes(trailing, itemsize) > policy.max_bytes and trailing[axis] > 1:
-            trailing[axis] = (trailing[axis] + 1) // 2
+    if _nbytes(trailing, itemsize) > policy.max_bytes:  # a model of a thousand sites: rarely
+        preferred = ("head", "query")
+        split_order = sorted(
+            (i for i in range(len(trailing)) if i not in fixed),
+            key=lambda i: (next((k for k, p in enumerate(preferred)
+                                 if dims[i + 1].startswith(p)), len(preferred)),
+                           -max(1, shape[i + 1])),
+        )
+        for axis in split_order:
+            while _nbytes(trailing, itemsize) > policy.max_bytes and trailing[axis] > 1:
+                trailing[axis] = (trailing[axis] + 1) // 2
     per_sample = _nbytes(trailing, itemsize)
     samples = max(1, min(batch_size, policy.target_bytes // per_sample))
     return (samples, *trailing)

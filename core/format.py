@@ -56,16 +56,23 @@ class Compression:
 
     def codecs_for(self, sample: Any) -> list[Any]:
         """The codecs for a variable whose first batch is ``sample`` (a numpy array)."""
+        compress = self.enabled and self.worth_compressing(sample)
+        made = _CODECS.get((self, compress))
+        if made is None:  # zarr's codec objects are immutable: a store of a thousand
+            made = _CODECS[self, compress] = self._codecs(compress)  # arrays shares them
+        return list(made)
+
+    def _codecs(self, compress: bool) -> tuple[Any, ...]:
         from zarr.codecs import BloscCodec, Crc32cCodec
 
         codecs: list[Any] = []
-        if self.enabled and self.worth_compressing(sample):
+        if compress:
             blosc: Any = BloscCodec  # cname/shuffle are checked by the codec itself
             codecs.append(blosc(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle,
                                 blocksize=self.blocksize))
         if self.checksum:
             codecs.append(Crc32cCodec())
-        return codecs
+        return tuple(codecs)
 
     def worth_compressing(self, sample: Any) -> bool:
         if self.min_saving <= 0 or sample.dtype.kind not in "biuf" or not sample.size:
@@ -79,6 +86,7 @@ class Compression:
 
 
 PROBE_BYTES = 4 << 20  # how much of a variable's first batch decides its compression
+_CODECS: dict[tuple[Compression, bool], tuple[Any, ...]] = {}
 _SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
