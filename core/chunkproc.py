@@ -34,6 +34,10 @@ PROCESS_FROM = 64
 #: chunks a request: between requests another writer thread may take a share of the group
 #: (at the close, when no model runs)
 REQUEST_CHUNKS = 256
+#: chunks a request where their arrays are made too: requests that fit the pipe, so that the
+#: writer thread makes the next while the process writes the one before (a first chunk of a
+#: one-batch trace is a few pages; with its ``zarr.json`` about 17 KB for 1 KB of Python)
+CREATE_REQUEST_CHUNKS = 32
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_chunk_child.py")
 _PIPE_BYTES = 1 << 20  # a chunk in one write where Linux allows it (pipe-max-size)
 
@@ -57,11 +61,13 @@ def available() -> bool:
 
 
 class ChunkProcess:
-    """The process, started at the first :meth:`write`; one request at a time."""
+    """The process, started at the first request (or by :meth:`start`). A caller holding
+    :attr:`lock` may :meth:`send` a request before the reply to the one before is read
+    (:meth:`receive`, in order): the process writes one while the caller makes the next."""
 
     def __init__(self, direct: bool, durable: bool) -> None:
         self.direct, self.durable = direct, durable
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
         self._requests = self._replies = -1
 
@@ -73,28 +79,52 @@ class ChunkProcess:
         :data:`DOCUMENT_NEW_FOLDER`): ``body`` in one step, see :mod:`._chunk_child`.
         Returns every file's crc32c (0 for a document); raises :class:`ChunkWriteFailed`
         at the first file not written."""
-        with self._lock:
-            header = pickle.dumps([(path, body.nbytes, max(length, body.nbytes), checksum, kind)
-                                   for path, body, length, checksum, kind in jobs])
+        with self.lock:
+            self.send(jobs)
+            return self.receive()
+
+    def start(self) -> None:
+        """Start the process now, if it is not running: it starts while the caller goes on
+        (an interpreter takes tens of milliseconds to start)."""
+        with self.lock:
             try:
-                self._start()  # a process that cannot start, or ended, fails the first chunk
-                # one call for the lot where the system allows: each hands Python's lock to the
-                # model's thread and back
-                write_all(self._requests, [struct.pack("<Q", len(header)), header,
-                                           *(job[1] for job in jobs)])
-                size = self._read(8)
-                crcs, failure = pickle.loads(self._read(struct.unpack("<Q", size)[0]))
-            except (OSError, EOFError) as exc:  # a broken pipe, or no reply: it is gone
-                ended = exc if isinstance(exc, ChunkProcessEnded) else self._ended(exc)
-                raise ChunkWriteFailed([], ended) from exc
+                self._start()
+            except OSError:
+                pass  # the first request reports it
+
+    def send(self, jobs: list[tuple[str, Any, int, bool, str]]) -> None:
+        """Send a request of :meth:`write`'s ``jobs`` (with :attr:`lock` held); raises
+        :class:`ChunkWriteFailed` where the process cannot take it (then read no reply)."""
+        header = pickle.dumps([(path, body.nbytes, max(length, body.nbytes), checksum, kind)
+                               for path, body, length, checksum, kind in jobs])
+        try:
+            self._start()  # a process that cannot start, or ended, fails the first chunk
+            # one call for the lot where the system allows: each hands Python's lock to the
+            # model's thread and back
+            write_all(self._requests, [struct.pack("<Q", len(header)), header,
+                                       *(job[1] for job in jobs)])
+        except OSError as exc:  # a broken pipe: it is gone
+            raise ChunkWriteFailed([], self._gone(exc)) from exc
+
+    def receive(self) -> list[int]:
+        """The reply to the oldest request sent and not yet answered (with :attr:`lock`
+        held): as :meth:`write` returns or raises."""
+        try:
+            size = self._read(8)
+            crcs, failure = pickle.loads(self._read(struct.unpack("<Q", size)[0]))
+        except (OSError, EOFError) as exc:  # no reply: it is gone
+            raise ChunkWriteFailed([], self._gone(exc)) from exc
         if failure is not None:
             code, message, path = failure
             raise ChunkWriteFailed(crcs, OSError(code, message, path))
         return crcs
 
+    def _gone(self, exc: BaseException) -> BaseException:
+        return exc if isinstance(exc, ChunkProcessEnded) else self._ended(exc)
+
     def close(self) -> None:
         """End the process (it writes nothing more: every request was answered)."""
-        with self._lock:
+        with self.lock:
             child, self._child = self._child, None
             if child is None:
                 return

@@ -22,6 +22,7 @@ from . import chunkproc
 from ._zarr_compat import grow_rows
 from .chunkproc import (
     CHUNK,
+    CREATE_REQUEST_CHUNKS,
     DOCUMENT,
     DOCUMENT_NEW_FOLDER,
     PROCESS_FROM,
@@ -223,6 +224,8 @@ class GatheredWrites:
         small, self.stash_bytes = self.stash_bytes, 0
         batches = self.policy.group_batches(small, len(stash))
         self.chunks.decided, self.chunks.group_batches = True, batches
+        if batches > 1 and len(stash) >= PROCESS_FROM and self.process is not None:
+            self.process.start()  # its interpreter starts while the first group fills
         for task in stash:
             task.var.settled = True
             if batches < 2:
@@ -274,8 +277,11 @@ class GatheredWrites:
                     chunks.finished(group, True)
             else:
                 self.queue_flushes(chunks.seal(closed, group, manifest))
-        if upto is None and self.flushing is not None and self.flushing.chunks:
-            for _ in self.writer._workers[1:]:  # no model runs now: every thread helps
+        # no model runs now: every thread helps; not where arrays are made, which is Python's
+        # work: one thread makes them while the process writes their files
+        if upto is None and self.flushing is not None and self.flushing.chunks \
+                and not self.flushing.creating:
+            for _ in self.writer._workers[1:]:
                 self.writer._queue.put(self.flushing)
         target = previous.commits if previous is not None and upto is not None and closed else 0
         chunks.wait(lambda: (chunks.in_flight_locked() <= (1 if upto is not None else 0)
@@ -319,10 +325,7 @@ class GatheredWrites:
         entries: list[Entry] | None = [] if writer.options.checksums else None
         try:
             chunks: Iterable[tuple[Variable, Chunk]] = flushes.take()
-            # where arrays are created, Python makes them and the process their files: every
-            # thread sends its share, one making arrays while the other waits for the process
-            if plain and self.process is not None \
-                    and (flushes.creating or not flushes.by_process) \
+            if plain and self.process is not None and not flushes.by_process \
                     and len(flushes.chunks) >= (1 if flushes.creating else PROCESS_FROM):
                 flushes.by_process = True  # a thread that joins writes its own share
                 chunks = chain(self._write_in_process(self.process, flushes, entries, done),
@@ -359,39 +362,85 @@ class GatheredWrites:
         """Write the group's usual chunks (stored as their own memory) by the chunk-writing
         process, :data:`REQUEST_CHUNKS` a request, until the chunks run out, a request finds
         none it can take, or one fails; the arrays they need made here first, their
-        ``zarr.json`` written by the process too. Returns the chunks taken but not sent, and
-        those after a failed one, for :meth:`run_flushes`'s usual way (which then takes
-        whatever is left). Between requests other threads may take chunks: at the close
-        every writer thread writes a share (:meth:`close_chunks`)."""
+        ``zarr.json`` written by the process too. Each request is made and sent while the
+        process writes the one before (at a close that creates a thousand arrays, making
+        them is Python's work and writing their files the process's: side by side). Returns
+        the chunks taken but not sent, and those after a failed one, for
+        :meth:`run_flushes`'s usual way (which then takes whatever is left). Other threads
+        may take chunks meanwhile: at the close every writer thread writes a share
+        (:meth:`close_chunks`)."""
         rest: list[tuple[Variable, Chunk]] = []
-        while True:
-            taken = list(islice(flushes.take(), REQUEST_CHUNKS))
-            if not taken:
-                return rest
-            request = _Request()
+        sent: deque[_Request] = deque()
+        with process.lock:
             try:
-                for var, chunk in taken:
-                    if var.chunk_writer is None and self._new_array_jobs(var, chunk, flushes,
-                                                                         request):
-                        continue
-                    job = self._process_job(var, chunk, flushes.batch)
-                    if job is None:
-                        rest.append((var, chunk))
-                    else:
-                        request.add_chunk(var, chunk, job)
-                if not request.jobs:  # a group of compressed arrays: every thread may help
-                    return rest
+                ok = True
+                while ok:
+                    taken = list(islice(flushes.take(), CREATE_REQUEST_CHUNKS
+                                        if flushes.creating else REQUEST_CHUNKS))
+                    request = self._request(taken, flushes, rest)
+                    if not request.jobs:  # none left, or compressed: every thread may help
+                        self._end_creations(request)
+                        break
+                    try:
+                        process.send(request.jobs)
+                    except ChunkWriteFailed as exc:
+                        request.failure = exc
+                    sent.append(request)
+                    if len(sent) > 1 or request.failure is not None:
+                        ok = self._answered(process, sent.popleft(), flushes, entries, done,
+                                            rest)
+                while sent:
+                    self._answered(process, sent.popleft(), flushes, entries, done, rest)
+            finally:
+                for request in sent:  # only where something above raised
+                    self._end_creations(request)
+        return rest
+
+    def _request(self, taken: list[tuple[Variable, Chunk]], flushes: Flushes,
+                 rest: list[tuple[Variable, Chunk]]) -> _Request:
+        """A request for the ``taken`` chunks the process can write (the others go to
+        ``rest``), with the files of the arrays they need made."""
+        request = _Request()
+        try:
+            for var, chunk in taken:
+                if var.chunk_writer is None and self._new_array_jobs(var, chunk, flushes,
+                                                                     request):
+                    continue
+                job = self._process_job(var, chunk, flushes.batch)
+                if job is None:
+                    rest.append((var, chunk))
+                else:
+                    request.add_chunk(var, chunk, job)
+        except BaseException:
+            self._end_creations(request)
+            raise
+        return request
+
+    def _answered(self, process: ChunkProcess, request: _Request, flushes: Flushes,
+                  entries: list[Entry] | None, done: list[Chunk],
+                  rest: list[tuple[Variable, Chunk]]) -> bool:
+        """Read the reply to ``request`` (the oldest sent) and count its files; True where
+        none failed."""
+        try:
+            failed = request.failure
+            crcs: list[int] = []
+            if failed is None:
                 try:
-                    crcs, failed = process.write(request.jobs), None
+                    crcs = process.receive()
                 except ChunkWriteFailed as exc:
                     crcs, failed = exc.crcs, exc
-                except Exception as exc:  # still every taken chunk must be counted done or failed
-                    crcs, failed = [], ChunkWriteFailed([], exc)
-                if not self._written(request, crcs, failed, flushes, entries, done, rest):
-                    return rest
-            finally:
-                for var, creating in request.creating:
-                    self.writer.end_creation(var, creating)
+                except Exception as exc:  # still every chunk must be counted done or failed
+                    failed = ChunkWriteFailed([], exc)
+            return self._written(request, crcs, failed, flushes, entries, done, rest)
+        finally:
+            self._end_creations(request)
+
+    def _end_creations(self, request: _Request) -> None:
+        """The arrays ``request`` claimed to create are made (published) or not: another
+        thread that waits for one goes on."""
+        for var, creating in request.creating:
+            self.writer.end_creation(var, creating)
+        request.creating.clear()
 
     def _written(self, request: _Request, crcs: list[int], failed: ChunkWriteFailed | None,
                  flushes: Flushes, entries: list[Entry] | None, done: list[Chunk],
@@ -596,6 +645,7 @@ class _Request:
         self.meaning: list[_NewArray | tuple[Variable, Chunk, str]] = []
         #: the arrays this request's thread claimed to create, released when it is over
         self.creating: list[tuple[Variable, threading.Event]] = []
+        self.failure: ChunkWriteFailed | None = None  # it could not be sent
 
     def add_chunk(self, var: Variable, chunk: Chunk,
                   job: tuple[str, str, np.ndarray, int, bool]) -> None:

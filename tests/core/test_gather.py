@@ -333,14 +333,14 @@ def test_the_rows_past_the_last_batch_are_a_hole_in_the_last_chunk(tmp_path, mon
 
     monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1 if by_process else 10**9)
     holes: list[int] = []  # the hole each chunk sent to the process had
-    send = chunkproc.ChunkProcess.write
+    send = chunkproc.ChunkProcess.send
 
     def spied(self, jobs):
         holes.extend(length - body.nbytes for _, body, length, _, kind in jobs
                      if kind == chunkproc.CHUNK)
         return send(self, jobs)
 
-    monkeypatch.setattr(chunkproc.ChunkProcess, "write", spied)
+    monkeypatch.setattr(chunkproc.ChunkProcess, "send", spied)
     path = tmp_path / "t.zarr"
     row = np.arange(1024, dtype=np.float32)  # 4 KiB: a batch of 4 rows is 16 KiB
     recorder = make_recorder(path, gathering=GATHER, chunk_process=by_process)

@@ -253,16 +253,16 @@ def process_writes(monkeypatch):
     monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1)
     monkeypatch.setattr(gatherwrite, "REQUEST_CHUNKS", SLICE)
     pids: set[int] = set()
-    write = chunkproc.ChunkProcess.write
+    send = chunkproc.ChunkProcess.send
 
     def counted(self, jobs):
         try:
-            return write(self, jobs)
+            return send(self, jobs)
         finally:
             if self._child is not None:
                 pids.add(self._child.pid)
 
-    monkeypatch.setattr(chunkproc.ChunkProcess, "write", counted)
+    monkeypatch.setattr(chunkproc.ChunkProcess, "send", counted)
     return pids
 
 
@@ -332,13 +332,13 @@ def process_jobs(monkeypatch, process_writes):
     from layerscope.core import chunkproc
 
     sent: list[tuple[str, str]] = []
-    write = chunkproc.ChunkProcess.write
+    send = chunkproc.ChunkProcess.send
 
     def spied(self, jobs):
         sent.extend((path, kind) for path, _, _, _, kind in jobs)
-        return write(self, jobs)
+        return send(self, jobs)
 
-    monkeypatch.setattr(chunkproc.ChunkProcess, "write", spied)
+    monkeypatch.setattr(chunkproc.ChunkProcess, "send", spied)
     return sent
 
 
