@@ -68,10 +68,30 @@ def chunk_encoder(array: Any) -> ChunkEncoder | None:
     """An encoder for ``array``'s whole chunks, or None: write them with ``array[...] = data``.
 
     None where this zarr lacks an internal the encoder needs, or where one of the array's
-    codecs cannot encode synchronously (sharding, numcodecs wrappers).
+    codecs cannot encode synchronously (sharding, numcodecs wrappers). Arrays made from one
+    template (:func:`create_array`) share their metadata's parts, and so one encoder.
     """
     if not PRIVATE_API:
         return None
+    metadata = array.metadata
+    parts = tuple(getattr(metadata, name, None) for name in _ENCODER_PARTS) + (array.config,)
+    kept = _ENCODERS.get(tuple(map(id, parts)))
+    if kept is not None and all(a is b for a, b in zip(kept[0], parts, strict=True)):
+        return kept[1]
+    encoder = _chunk_encoder(array)
+    if len(_ENCODERS) > _MEMO_SIZE:
+        _ENCODERS.clear()
+    _ENCODERS[tuple(map(id, parts))] = (parts, encoder)  # the parts kept: their ids stay theirs
+    return encoder
+
+
+#: what an encoder is made of; arrays whose metadata shares these objects share it
+_ENCODER_PARTS = ("chunk_grid", "codecs", "data_type", "fill_value", "chunk_key_encoding")
+_ENCODERS: dict[tuple[int, ...], tuple[tuple[Any, ...], ChunkEncoder | None]] = {}
+_MEMO_SIZE = 4096
+
+
+def _chunk_encoder(array: Any) -> ChunkEncoder | None:
     from zarr.buffer import default_buffer_prototype
     from zarr.codecs import Crc32cCodec
 
@@ -260,30 +280,58 @@ def create_array(group: Any, name: str, write: Callable[[str, bytes], None] | No
         return array, json.loads(json.dumps(array.metadata.to_dict(), allow_nan=True))
     attributes = options.pop("attributes", {})
     names = options.pop("dimension_names", None)
-    config = options.get("config")
-    layout = json.dumps({key: repr(value) for key, value in sorted(options.items())})
+    path = f"{group.path}/{name}" if group.path else name
+    layout = (type(group.store), *((key, _token(value)) for key, value in sorted(options.items())))
     template = _TEMPLATES.get(layout)
     if template is None:
-        made = zarr.create_array(zarr.storage.MemoryStore(), **options)
-        template = _TEMPLATES[layout] = (made.metadata,
-                                         json.loads(json.dumps(made.metadata.to_dict())))
+        made = zarr.create_array(zarr.storage.MemoryStore(), **options).metadata
+        # zarr's codec pipeline for the store's kind, made once: arrays of a layout share it
+        # (it holds their codecs, no state); the store itself is not kept
+        shared = AsyncArray(made, StorePath(group.store, path), options.get("config"))
+        object.__setattr__(shared, "store_path", None)
+        template = _TEMPLATES[layout] = (made, json.loads(json.dumps(made.to_dict())), shared)
     metadata = copy.copy(template[0])  # a frozen dataclass: its own names and attributes
     object.__setattr__(metadata, "attributes", dict(attributes))
     object.__setattr__(metadata, "dimension_names", None if names is None else tuple(names))
     document = {**template[1], "attributes": attributes,
                 "dimension_names": None if names is None else list(names)}
-    path = f"{group.path}/{name}" if group.path else name
     encoded = json.dumps(document, allow_nan=False).encode()
     if write is not None:
         write(f"{path}/zarr.json", encoded)
     else:
         set_bytes(group.store, f"{path}/zarr.json", encoded)
-    return zarr.Array(AsyncArray(metadata, StorePath(group.store, path), config)), document
+    array = copy.copy(template[2])
+    object.__setattr__(array, "metadata", metadata)
+    object.__setattr__(array, "store_path", StorePath(group.store, path))
+    return zarr.Array(array), document
 
 
-#: layout (the creation options less names and attributes) -> zarr's metadata for it, and
-#: that metadata as a JSON document
-_TEMPLATES: dict[str, tuple[Any, dict[str, Any]]] = {}
+#: layout (the store's kind and the creation options less names and attributes) -> zarr's
+#: metadata for it, that metadata as a JSON document, and an array of it without a store
+_TEMPLATES: dict[tuple[Any, ...], tuple[Any, dict[str, Any], Any]] = {}
+
+
+def _token(value: Any) -> Any:
+    """``value`` as part of a layout's key. Immutable objects of zarr's (codecs) and numpy's
+    (dtypes) are named by a ``repr`` made once per object: making the ``repr`` of every
+    creation option took a tenth of an array's creation in a close that makes a thousand."""
+    kind = type(value)
+    if kind in (int, str, bool, type(None), np.dtype) or isinstance(value, np.dtype):
+        return value
+    if kind in (tuple, list):
+        return (kind.__name__, *map(_token, value))
+    params = getattr(value, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        return repr(value)  # a float (NaN is no key), a dict (it may change): each time
+    kept = _REPRS.get(id(value))
+    if kept is None or kept[0] is not value:
+        if len(_REPRS) > _MEMO_SIZE:
+            _REPRS.clear()
+        kept = _REPRS[id(value)] = (value, repr(value))  # the object kept: its id stays its own
+    return kept[1]
+
+
+_REPRS: dict[int, tuple[Any, str]] = {}
 
 
 def grow_rows(array: Any, rows: int) -> None:

@@ -126,6 +126,66 @@ def test_the_public_fallback_stores_the_same_trace(tmp_path, monkeypatch):
     assert _chunk_files(path) == _chunk_files(fast)
 
 
+def test_arrays_of_one_layout_share_zarrs_objects_and_arrays_of_others_do_not(tmp_path):
+    """``create_array`` makes zarr's metadata, codec pipeline and chunk encoder once a layout
+    (the store's kind and every option but names and attributes): each array it makes has
+    the metadata zarr itself gives for its options, its own path, and the chunk encoder of
+    its own codecs, fill value and dtype."""
+    import dataclasses
+
+    from zarr.codecs import BloscCodec, Crc32cCodec
+    from zarr.core.array import AsyncArray
+
+    def options(**changed):
+        base = dict(shape=(0, 3, 5), chunks=(4, 3, 5), dtype=np.dtype("float32"),
+                    fill_value=float("nan"), compressors=[Crc32cCodec()],
+                    chunk_key_encoding=CHUNK_KEYS, config={"write_empty_chunks": True})
+        return {**base, **changed}
+
+    layouts = {
+        "plain": options(), "again": options(),
+        "compressed": options(compressors=[BloscCodec(cname="lz4", clevel=1), Crc32cCodec()]),
+        "zero fill": options(fill_value=0.0), "ints": options(dtype=np.dtype("int32"),
+                                                              fill_value=0),
+        "wider": options(shape=(0, 3, 6), chunks=(4, 3, 6)),
+    }
+    stores = {"memory": zarr.storage.MemoryStore(), "local": zarr.storage.LocalStore(tmp_path)}
+    made = {}
+    for kind, store in stores.items():
+        group, reference = zarr.open_group(store, mode="w"), zarr.open_group({}, mode="w")
+        for name, layout in layouts.items():
+            extra = dict(dimension_names=["batch", name, "x"], attributes={"site": name})
+            array, document = _zarr_compat.create_array(group, name, **layout, **extra)
+            expected = reference.create_array(name, **layout, **extra).metadata.to_dict()
+            assert json.loads(json.dumps(array.metadata.to_dict())) == document
+            assert json.dumps(array.metadata.to_dict()) == json.dumps(expected), (kind, name)
+            assert array.path == name and array.store is store
+            made[kind, name] = array
+    encoders = {key: _zarr_compat.chunk_encoder(array) for key, array in made.items()}
+    pipeline = {key: array._async_array.codec_pipeline for key, array in made.items()}
+    for kind in stores:
+        assert encoders[kind, "plain"] is encoders[kind, "again"]
+        assert pipeline[kind, "plain"] is pipeline[kind, "again"]
+        others = [encoders[kind, name] for name in layouts if name not in ("plain", "again")]
+        assert len({id(encoder) for encoder in [encoders[kind, "plain"], *others]}) == 5
+    assert encoders["memory", "plain"].raw and not encoders["memory", "compressed"].raw
+    # metadata that shares its chunk grid and dtype with another's, not its codecs
+    plain = made["memory", "plain"]
+    swapped = dataclasses.replace(plain.metadata,
+                                  codecs=made["memory", "compressed"].metadata.codecs)
+    other = zarr.Array(AsyncArray(swapped, plain._async_array.store_path, plain.config))
+    assert not _zarr_compat.chunk_encoder(other).raw
+    data = np.arange(60, dtype=np.float32).reshape(4, 3, 5)
+    for name in ("plain", "compressed", "zero fill", "wider"):  # as zarr itself stores it
+        array = made["local", name]
+        shaped = np.resize(data, array.metadata.chunk_grid.chunk_shape)
+        _zarr_compat.grow_rows(array, 4)
+        array[0:4] = shaped
+        stored = (tmp_path / name / "c.0.0.0").read_bytes()
+        encoded = encoders["local", name].encode(shaped).tobytes()
+        assert stored[:-4] == encoded, name
+
+
 @pytest.mark.parametrize("private", [True, False], ids=["fast", "public"])
 def test_a_store_without_local_files(monkeypatch, private):
     """Chunks and commits go through the store's own ``set`` (here a MemoryStore)."""
