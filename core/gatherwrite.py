@@ -362,9 +362,10 @@ class GatheredWrites:
         """Write the group's usual chunks (stored as their own memory) by the chunk-writing
         process, :data:`REQUEST_CHUNKS` a request, until the chunks run out, a request finds
         none it can take, or one fails; the arrays they need made here first, their
-        ``zarr.json`` written by the process too. Each request is made and sent while the
-        process writes the one before (at a close that creates a thousand arrays, making
-        them is Python's work and writing their files the process's: side by side). Returns
+        ``zarr.json`` written by the process too. Where arrays are made, each request is
+        made and sent while the process writes the one before (at a close that creates a
+        thousand arrays, making them is Python's work and writing their files the
+        process's: side by side). Returns
         the chunks taken but not sent, and those after a failed one, for
         :meth:`run_flushes`'s usual way (which then takes whatever is left). Other threads
         may take chunks meanwhile: at the close every writer thread writes a share
@@ -386,7 +387,10 @@ class GatheredWrites:
                     except ChunkWriteFailed as exc:
                         request.failure = exc
                     sent.append(request)
-                    if len(sent) > 1 or request.failure is not None:
+                    # two in flight only where arrays are made: a group's chunks alone are
+                    # the disk's work, which at the close the other threads share
+                    if len(sent) > (1 if flushes.creating else 0) \
+                            or request.failure is not None:
                         ok = self._answered(process, sent.popleft(), flushes, entries, done,
                                             rest)
                 while sent:
