@@ -4,8 +4,12 @@ A model traced at every module closes thousands of small gathered chunks a group
 a writer thread, each file took five system calls and some Python, and every one of them
 handed Python's lock to the model's thread and back: while a group was written the model's
 batches took twice as long (benchmarks/README.md, "Many captured sites"). Here the writer
-thread sends the group's chunks down a pipe, one system call a chunk, and waits for the reply
-without the lock; the process (:mod:`._chunk_child`) checksums and writes the files.
+thread sends the group's chunks down a pipe, one system call a request, and waits for the
+reply without the lock; the process (:mod:`._chunk_child`) checksums and writes the files.
+Where a group's arrays are still to be made (the first group, or every array of a short
+trace at its close), the process also makes their folders and writes their ``zarr.json``,
+and the writer thread makes the next request's arrays in memory while it does; an array is
+published (commits name it) only once the process reported its ``zarr.json`` written.
 
 Faults: a chunk the process could not write comes back as the ``OSError`` it met, with the
 chunks before it written; a process that ends (killed) is a failure of every chunk not
