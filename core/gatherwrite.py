@@ -379,9 +379,11 @@ class GatheredWrites:
                     taken = list(islice(flushes.take(), CREATE_REQUEST_CHUNKS
                                         if flushes.creating else REQUEST_CHUNKS))
                     request = self._request(taken, flushes, rest)
-                    if not request.jobs:  # none left, or compressed: every thread may help
+                    if not request.jobs:
                         self._end_creations(request)
-                        break
+                        if taken and flushes.creating:  # compressed: made, written below
+                            continue
+                        break  # none left, or compressed: every thread may take a share
                     try:
                         process.send(request.jobs)
                     except ChunkWriteFailed as exc:
@@ -407,9 +409,12 @@ class GatheredWrites:
         request = _Request()
         try:
             for var, chunk in taken:
-                if var.chunk_writer is None and self._new_array_jobs(var, chunk, flushes,
-                                                                     request):
-                    continue
+                if var.chunk_writer is None:
+                    if self._new_array_jobs(var, chunk, flushes, request):
+                        continue
+                    if var.array is not None:  # an array of the store appended to
+                        with var.lock:
+                            self.writer.chunk_writer(var)
                 job = self._process_job(var, chunk, flushes.batch)
                 if job is None:
                     rest.append((var, chunk))

@@ -526,6 +526,13 @@ class TraceWriter:
             var.array, var.document = array, document
             return array
 
+    def chunk_writer(self, var: Variable) -> ChunkWriter:
+        """``var``'s chunk writer, made at its first chunk (with ``var.lock`` held)."""
+        if var.chunk_writer is None:
+            var.chunk_writer = ChunkWriter(var.array, self._files)
+            self.commits.synced.add(var.name)
+        return var.chunk_writer
+
     def _save_array_metadata(self) -> None:
         """Write each array's own ``zarr.json`` with the committed rows.
 
@@ -623,10 +630,7 @@ class TraceWriter:
             # a pass shorter than the stored token axes: filled past its own length
             data = padded(data, task.shape, array.fill_value)
         with var.lock:
-            if var.chunk_writer is None:
-                var.chunk_writer = ChunkWriter(array, self._files)
-                self.commits.synced.add(var.name)
-            writer = var.chunk_writer
+            writer = self.chunk_writer(var)
             self._gathering.fill_written(task, writer)
             offset = region.offset if region else None
             if not writer.covers(start, data, offset):

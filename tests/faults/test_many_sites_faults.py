@@ -395,3 +395,69 @@ def test_a_new_arrays_folder_the_process_cannot_make_fails_the_trace(tmp_path, p
     assert any(os.path.dirname(p) == str(blocked) for p, _ in process_jobs)
     assert run.recorder.writer.variables["blocks.3.fc2@output"].document is None
     assert check(path, 2 * GROUP) == 0
+
+
+KILL_IN_CREATION = textwrap.dedent("""
+    import os
+    import signal
+    import sys
+    import torch
+    import layerscope
+    sys.path.insert(0, sys.argv[2])  # the checkout: its tests package
+    from layerscope.core import chunkproc, gatherwrite
+    from tests.faults.test_many_sites_faults import SLICE, inputs, model, options
+
+    gatherwrite.PROCESS_FROM = 1
+    gatherwrite.REQUEST_CHUNKS = gatherwrite.CREATE_REQUEST_CHUNKS = SLICE
+    calls = []
+    send, receive = chunkproc.ChunkProcess.send, chunkproc.ChunkProcess.receive
+
+    def sent(self, jobs):  # the fourth request of new arrays is in the pipe: killed there
+        send(self, jobs)
+        calls.append(jobs)
+        if sys.argv[3] == "sent" and len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def received(self):  # a third request's files are written, its arrays not published
+        crcs = receive(self)
+        if sys.argv[3] == "received" and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return crcs
+
+    chunkproc.ChunkProcess.send, chunkproc.ChunkProcess.receive = sent, received
+    net = model()
+    with torch.no_grad(), layerscope.trace(net, sys.argv[1], options=options("process")):
+        for x in inputs(2 * 2):
+            net(x)
+""")
+
+
+@pytest.mark.parametrize("moment", ["sent", "received"])
+def test_a_kill_while_the_chunk_process_makes_the_arrays_leaves_a_store_to_append_to(
+        tmp_path, moment, process_jobs):
+    """SIGKILL while the chunk process writes the first group's new arrays (their folders,
+    ``zarr.json`` and chunks): with a request in the pipe, or once one was written and before
+    its arrays were published. The store opens at its last commit (none), ``verify`` passes,
+    and an append takes up the arrays left behind and makes the others, every value exact."""
+    from layerscope.core.chunkproc import CHUNK
+
+    script = tmp_path / "child.py"
+    script.write_text(KILL_IN_CREATION)
+    path = tmp_path / "t.zarr"
+    child = subprocess.run([sys.executable, "-P", str(script), str(path), ROOT, moment],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    made = [folder for folder in path.iterdir() if (folder / "zarr.json").exists()
+            and folder.name.startswith("blocks.")]
+    assert made, "no array's file was written before the kill"
+    assert check(path, 0) == 0
+    net = model()
+    with torch.no_grad(), layerscope.trace(net, path, mode="a", options=options("process")):
+        for x in inputs(2 * GROUP):
+            net(x)
+    # the arrays left behind are the append's (their own zarr.json: see reopen.py), their
+    # first chunks written by the process too
+    first = {os.path.dirname(p) for p, kind in process_jobs
+             if kind == CHUNK and os.path.basename(p).startswith("c.0.")}
+    assert first & {str(folder) for folder in made}, "the arrays left behind: not by the process"
+    assert check(path, 2 * GROUP) == 2 * GROUP
