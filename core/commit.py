@@ -43,7 +43,7 @@ class EntryCache:
     def entry(self, name: str, doc: dict[str, Any], rows: int) -> str:
         kept = self._entries.get(name)
         if kept is None or kept[0] is not doc:
-            if not _batch_first(doc):
+            if not batch_first(doc):
                 kept = (doc, json.dumps(doc, allow_nan=False), None)
             else:
                 text = json.dumps({**doc, "shape": [self._ROWS, *doc["shape"][1:]]},
@@ -58,7 +58,7 @@ class EntryCache:
         return text if rest is None else f"{text}{rows}{rest}"
 
 
-def _batch_first(doc: dict[str, Any]) -> bool:
+def batch_first(doc: dict[str, Any]) -> bool:
     return (doc.get("dimension_names") or [None])[0] == "batch"
 
 
@@ -153,14 +153,15 @@ def overwrite_in_place(path: str, data: bytes) -> bool:
         os.close(fd)
 
 
-def save_array_documents(group: Any, documents: dict[str, dict[str, Any]],
+def save_array_documents(group: Any, documents: dict[str, dict[str, Any] | str],
                          durable: bool = False) -> None:
     """Write each array's own ``zarr.json`` (``documents``: name -> its metadata, shape as it
-    is to be read), each in one step: on a local disk a file renamed into place, several at
-    a time; elsewhere one ``store.set`` each, all at once."""
+    is to be read, or that metadata's JSON text), each in one step: on a local disk a file
+    renamed into place, several at a time; elsewhere one ``store.set`` each, all at once."""
     root = getattr(group.store, "root", None)
     prefix = f"{group.path}/" if group.path else ""
-    encoded = {f"{prefix}{name}/zarr.json": json.dumps(doc, allow_nan=False).encode()
+    encoded = {f"{prefix}{name}/zarr.json":
+               (doc if isinstance(doc, str) else json.dumps(doc, allow_nan=False)).encode()
                for name, doc in documents.items()}
     if isinstance(root, (str, os.PathLike)):
         if durable:  # each file, then its folder, flushed in turn: slow, and asked for
