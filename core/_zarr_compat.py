@@ -316,7 +316,7 @@ def _token(value: Any) -> Any:
     (dtypes) are named by a ``repr`` made once per object: making the ``repr`` of every
     creation option took a tenth of an array's creation in a close that makes a thousand."""
     kind = type(value)
-    if kind in (int, str, bool, type(None), np.dtype) or isinstance(value, np.dtype):
+    if kind in (int, str, bool, type(None)) or isinstance(value, np.dtype):
         return value
     if kind in (tuple, list):
         return (kind.__name__, *map(_token, value))

@@ -326,7 +326,7 @@ class GatheredWrites:
         try:
             chunks: Iterable[tuple[Variable, Chunk]] = flushes.take()
             if plain and self.process is not None and not flushes.by_process \
-                    and len(flushes.chunks) >= (1 if flushes.creating else PROCESS_FROM):
+                    and len(flushes.chunks) >= flushes.process_from:
                 flushes.by_process = True  # a thread that joins writes its own share
                 chunks = chain(self._write_in_process(self.process, flushes, entries, done),
                                flushes.take())
@@ -365,19 +365,17 @@ class GatheredWrites:
         ``zarr.json`` written by the process too. Where arrays are made, each request is
         made and sent while the process writes the one before (at a close that creates a
         thousand arrays, making them is Python's work and writing their files the
-        process's: side by side). Returns
-        the chunks taken but not sent, and those after a failed one, for
-        :meth:`run_flushes`'s usual way (which then takes whatever is left). Other threads
-        may take chunks meanwhile: at the close every writer thread writes a share
-        (:meth:`close_chunks`)."""
+        process's: side by side; see :class:`Flushes`). Returns the chunks taken but not
+        sent, and those after a failed one, for :meth:`run_flushes`'s usual way (which then
+        takes whatever is left). Other threads may take chunks meanwhile: at the close every
+        writer thread writes a share of a group whose arrays exist (:meth:`close_chunks`)."""
         rest: list[tuple[Variable, Chunk]] = []
         sent: deque[_Request] = deque()
         with process.lock:
             try:
                 ok = True
                 while ok:
-                    taken = list(islice(flushes.take(), CREATE_REQUEST_CHUNKS
-                                        if flushes.creating else REQUEST_CHUNKS))
+                    taken = list(islice(flushes.take(), flushes.request_chunks))
                     request = self._request(taken, flushes, rest)
                     if not request.jobs:
                         self._end_creations(request)
@@ -389,10 +387,7 @@ class GatheredWrites:
                     except ChunkWriteFailed as exc:
                         request.failure = exc
                     sent.append(request)
-                    # two in flight only where arrays are made: a group's chunks alone are
-                    # the disk's work, which at the close the other threads share
-                    if len(sent) > (1 if flushes.creating else 0) \
-                            or request.failure is not None:
+                    if len(sent) > flushes.ahead or request.failure is not None:
                         ok = self._answered(process, sent.popleft(), flushes, entries, done,
                                             rest)
                 while sent:
@@ -627,6 +622,25 @@ class Flushes:
         self.chunks = deque(chunks)
         self.by_process = False  # a thread sends them to the chunk process
         self.creating = creating  # some of their arrays are still to be created
+
+    # Where arrays are made, the process writes their files while one writer thread makes
+    # the next request's arrays: requests that fit the pipe, one sent ahead, and the group
+    # sent to the process however small. A group's chunks alone are the disk's work, which
+    # at the close the other writer threads share: no request ahead.
+
+    @property
+    def process_from(self) -> int:
+        """The chunks left from which a thread sends them to the chunk process."""
+        return 1 if self.creating else PROCESS_FROM
+
+    @property
+    def request_chunks(self) -> int:
+        return CREATE_REQUEST_CHUNKS if self.creating else REQUEST_CHUNKS
+
+    @property
+    def ahead(self) -> int:
+        """Requests sent before the reply to the oldest is read."""
+        return 1 if self.creating else 0
 
     def take(self) -> Iterator[tuple[Variable, Chunk]]:
         while True:
