@@ -264,8 +264,6 @@ def create_array(group: Any, name: str, write: Callable[[str, bytes], None] | No
     in memory; each array gets a copy with its own attributes and dimension names, its
     ``zarr.json`` written by ``write(key, bytes)`` (default: the store's ``set``). Text
     arrays, and a zarr without these internals, take zarr's own path."""
-    import copy
-
     import zarr
 
     dtype = options.get("dtype")
@@ -289,26 +287,69 @@ def create_array(group: Any, name: str, write: Callable[[str, bytes], None] | No
         # (it holds their codecs, no state); the store itself is not kept
         shared = AsyncArray(made, StorePath(group.store, path), options.get("config"))
         object.__setattr__(shared, "store_path", None)
-        template = _TEMPLATES[layout] = (made, json.loads(json.dumps(made.to_dict())), shared)
-    metadata = copy.copy(template[0])  # a frozen dataclass: its own names and attributes
-    object.__setattr__(metadata, "attributes", dict(attributes))
-    object.__setattr__(metadata, "dimension_names", None if names is None else tuple(names))
-    document = {**template[1], "attributes": attributes,
-                "dimension_names": None if names is None else list(names)}
-    encoded = json.dumps(document, allow_nan=False).encode()
+        template = _TEMPLATES[layout] = _Template(made, json.loads(json.dumps(made.to_dict())),
+                                                  shared)
+    dimension_names = None if names is None else list(names)
+    document = {**template.document, "attributes": attributes,
+                "dimension_names": dimension_names}
+    encoded = template.text(attributes, dimension_names)
     if write is not None:
         write(f"{path}/zarr.json", encoded)
     else:
         set_bytes(group.store, f"{path}/zarr.json", encoded)
-    array = copy.copy(template[2])
-    object.__setattr__(array, "metadata", metadata)
-    object.__setattr__(array, "store_path", StorePath(group.store, path))
+    # frozen dataclasses: each array its own names, attributes and path
+    metadata = _replaced(template.metadata, attributes=dict(attributes),
+                         dimension_names=None if names is None else tuple(names))
+    array = _replaced(template.array, metadata=metadata, store_path=StorePath(group.store, path))
     return zarr.Array(array), document
 
 
-#: layout (the store's kind and the creation options less names and attributes) -> zarr's
-#: metadata for it, that metadata as a JSON document, and an array of it without a store
-_TEMPLATES: dict[tuple[Any, ...], tuple[Any, dict[str, Any], Any]] = {}
+class _Template:
+    """What every array of one layout shares: zarr's metadata for it, that metadata as a JSON
+    document, an array of it without a store, and the document's JSON text around its
+    attributes and dimension names (a thousand arrays' whole documents took tens of ms to
+    encode; their attributes alone, a fraction)."""
+
+    _HOLES = ("\x00attributes", "\x00dimension_names")
+
+    def __init__(self, metadata: Any, document: dict[str, Any], array: Any) -> None:
+        self.metadata, self.document, self.array = metadata, document, array
+        marked = json.dumps({**document, "attributes": self._HOLES[0],
+                             "dimension_names": self._HOLES[1]}, allow_nan=False)
+        holes = sorted((marked.index(json.dumps(hole)), hole) for hole in self._HOLES)
+        (first, one), (second, other) = holes
+        self._order = (one, other)
+        self._parts = (marked[:first], marked[first + len(json.dumps(one)):second],
+                       marked[second + len(json.dumps(other)):])
+
+    def text(self, attributes: dict[str, Any], dimension_names: list[str] | None) -> bytes:
+        """The encoded document of an array with ``attributes`` and ``dimension_names``:
+        what ``json.dumps`` gives for the whole (its separators join any value alike)."""
+        values = {self._HOLES[0]: json.dumps(attributes, allow_nan=False),
+                  self._HOLES[1]: json.dumps(dimension_names)}
+        head, middle, tail = self._parts
+        return (head + values[self._order[0]] + middle + values[self._order[1]]
+                + tail).encode()
+
+
+def _replaced(frozen: Any, **changes: Any) -> Any:
+    """A copy of the frozen dataclass ``frozen`` with ``changes`` (no checks: what
+    ``copy.copy`` then setting each would give, in one step)."""
+    if not hasattr(frozen, "__dict__"):  # slots: the general way
+        import copy
+
+        made = copy.copy(frozen)
+        for key, value in changes.items():
+            object.__setattr__(made, key, value)
+        return made
+    made = object.__new__(type(frozen))
+    made.__dict__.update(frozen.__dict__, **changes)
+    return made
+
+
+#: layout (the store's kind and the creation options less names and attributes) -> what
+#: its arrays share
+_TEMPLATES: dict[tuple[Any, ...], _Template] = {}
 
 
 def _token(value: Any) -> Any:

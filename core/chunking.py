@@ -9,6 +9,7 @@ length (at least 16), so growth adds few chunks and every chunk stays within the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .growth import is_token_axis, token_chunk
@@ -37,7 +38,15 @@ def chunk_shape(
     ``fixed``: {axis past batch: chunk length} set by the caller (an axis written in pieces of
     that length, :mod:`.region`); the other axes are split around it.
     """
-    fixed = fixed or {}
+    return _chunk_shape(tuple(shape), tuple(dims), itemsize, batch_size, policy,
+                        tuple(sorted(fixed.items())) if fixed else ())
+
+
+@functools.lru_cache(maxsize=1024)  # a store of a thousand variables has a few layouts
+def _chunk_shape(shape: tuple[int, ...], dims: tuple[str, ...], itemsize: int, batch_size: int,
+                 policy: ChunkPolicy, fixed_axes: tuple[tuple[int, int], ...]
+                 ) -> tuple[int, ...]:
+    fixed = dict(fixed_axes)
     trailing = [fixed[i] if i in fixed else token_chunk(n) if is_token_axis(dim) else max(1, n)
                 for i, (n, dim) in enumerate(zip(shape[1:], dims[1:], strict=True))]
     if _nbytes(trailing, itemsize) > policy.max_bytes:  # a model of a thousand sites: rarely

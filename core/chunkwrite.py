@@ -55,7 +55,8 @@ class ChunkWriter:
         self.enabled = self.encoder is not None and (files is not None or self.setter is not None)
         self.prefix = f"{array.path}/" if array.path else ""
         #: the array's last codec is crc32c: each chunk file ends in its own checksum
-        self.checksum = _ends_in_crc32c(array)
+        self.checksum = self.encoder.checksum if self.encoder is not None \
+            else _ends_in_crc32c(array)
 
     @property
     def raw(self) -> bool:

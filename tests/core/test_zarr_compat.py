@@ -160,7 +160,19 @@ def test_arrays_of_one_layout_share_zarrs_objects_and_arrays_of_others_do_not(tm
             assert json.loads(json.dumps(array.metadata.to_dict())) == document
             assert json.dumps(array.metadata.to_dict()) == json.dumps(expected), (kind, name)
             assert array.path == name and array.store is store
+            if kind == "local":  # the document's text, made from the layout's, as json.dumps
+                assert (tmp_path / name / "zarr.json").read_bytes() \
+                    == json.dumps(document, allow_nan=False).encode()
             made[kind, name] = array
+        # an array of a known layout with no dimension names and other attributes
+        odd = {"site": "naïve \"quoted\"", "roles": [["a", 1], {"b": None}], "n": 1.5}
+        array, document = _zarr_compat.create_array(group, "unnamed", **layouts["plain"],
+                                                    attributes=odd)
+        expected = reference.create_array("unnamed", **layouts["plain"], attributes=odd)
+        assert json.dumps(array.metadata.to_dict()) == json.dumps(expected.metadata.to_dict())
+        assert document["dimension_names"] is None and document["attributes"] == odd
+        if kind == "local":
+            assert json.loads((tmp_path / "unnamed" / "zarr.json").read_bytes()) == document
     encoders = {key: _zarr_compat.chunk_encoder(array) for key, array in made.items()}
     pipeline = {key: array._async_array.codec_pipeline for key, array in made.items()}
     for kind in stores:
