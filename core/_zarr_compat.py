@@ -279,7 +279,7 @@ def create_array(group: Any, name: str, write: Callable[[str, bytes], None] | No
     attributes = options.pop("attributes", {})
     names = options.pop("dimension_names", None)
     path = f"{group.path}/{name}" if group.path else name
-    layout = (type(group.store), *((key, _token(value)) for key, value in sorted(options.items())))
+    layout = (type(group.store), *[(key, _token(options[key])) for key in sorted(options)])
     template = _TEMPLATES.get(layout)
     if template is None:
         made = zarr.create_array(zarr.storage.MemoryStore(), **options).metadata
@@ -357,10 +357,13 @@ def _token(value: Any) -> Any:
     (dtypes) are named by a ``repr`` made once per object: making the ``repr`` of every
     creation option took a tenth of an array's creation in a close that makes a thousand."""
     kind = type(value)
-    if kind in (int, str, bool, type(None)) or isinstance(value, np.dtype):
+    if kind in _AS_THEY_ARE:
         return value
-    if kind in (tuple, list):
-        return (kind.__name__, *map(_token, value))
+    if kind is tuple or kind is list:  # shapes: their ints as they are, no call each
+        return (kind.__name__, *[item if type(item) in _AS_THEY_ARE else _token(item)
+                                 for item in value])
+    if isinstance(value, np.dtype):
+        return value
     params = getattr(value, "__dataclass_params__", None)
     if params is None or not params.frozen:
         return repr(value)  # a float (NaN is no key), a dict (it may change): each time
@@ -372,6 +375,7 @@ def _token(value: Any) -> Any:
     return kept[1]
 
 
+_AS_THEY_ARE = frozenset({int, str, bool, type(None)})
 _REPRS: dict[int, tuple[Any, str]] = {}
 
 
