@@ -136,12 +136,14 @@ def _one_batch_chunks(ds: Any) -> Any:
     variables are all gathered keeps its chunks."""
     from .gather import GATHERED
 
-    along = [name for name, var in ds.variables.items() if var.dims[:1] == (BATCH,)
-             and var.chunks is not None]
-    gathered = {name: ds.variables[name].attrs.get(GATHERED) for name in along}
+    along = [(name, var) for name, var in ds.variables.items() if var.dims[:1] == (BATCH,)]
+    gathered = {name: var.attrs.get(GATHERED) for name, var in along}
     gathered = {name: n for name, n in gathered.items() if isinstance(n, int) and n > 1}
-    if not gathered or len(gathered) == len(along):
+    # ``chunks`` last: a check of each variable's data (20 us: 40 ms for 2,000 variables)
+    if not gathered or not any(var.chunks is not None for name, var in along
+                               if name not in gathered):
         return ds
+    gathered = {name: n for name, n in gathered.items() if ds.variables[name].chunks is not None}
     updates = {}
     for name, batches in gathered.items():
         var = ds.variables[name]

@@ -380,3 +380,30 @@ def test_the_rows_past_the_last_batch_are_a_hole_in_the_last_chunk(tmp_path, mon
     skipped = ds["skipped@output"].values
     assert skipped[:40].tobytes() == np.concatenate(given).tobytes()
     assert np.isnan(skipped[40:]).all()  # fill values, not the hole's zeros
+
+
+def test_gathered_variables_beside_others_read_in_chunks_of_one_batch(tmp_path):
+    """A store that gathers some variables and not others: open_trace gives the gathered ones
+    dask chunks of one batch, as the others have, so that a variable and its coordinates
+    agree; a store that gathers every variable keeps its chunks of several batches."""
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, gathering=GatherPolicy(min_variables=1, batches=4,
+                                                          below=1 << 10))
+    rng = np.random.default_rng(0)
+    small, large = [], []
+    for _ in range(6):
+        recorder.begin_pass(2)
+        small.append(rng.standard_normal((2, 4, 8), np.float32))  # 256 bytes: gathered
+        large.append(rng.standard_normal((2, 64, 8), np.float32))  # 4 KB: a chunk a batch
+        recorder.put("small", "output", small[-1], ("batch", "token", "hidden"))
+        recorder.put("large", "output", large[-1], ("batch", "token", "hidden"))
+        recorder.end_pass()
+    recorder.close()
+    assert chunk_rows(path, "small@output") == 8 and chunk_rows(path, "large@output") == 2
+    ds = layerscope.open_trace(path)
+    assert ds["small@output"].chunks[0] == (2,) * 6 == ds["large@output"].chunks[0]
+    assert ds["small@output"].values.tobytes() == np.concatenate(small).tobytes()
+    assert ds["large@output"].values.tobytes() == np.concatenate(large).tobytes()
+    assert ds.chunks["batch"] == (2,) * 6  # every variable agrees
+    given, _ = write(tmp_path / "all.zarr", [2] * 6)
+    assert layerscope.open_trace(tmp_path / "all.zarr")["a@output"].chunks[0] == (8, 4)
