@@ -40,6 +40,14 @@ class EntryCache:
     def __init__(self) -> None:
         self._entries: dict[str, tuple[dict[str, Any], str, str | None]] = {}
 
+    def seed(self, name: str, doc: dict[str, Any], text: str) -> None:
+        """Keep ``text``, ``json.dumps`` of ``doc`` (a new array's document, none of its rows
+        yet: its shape comes first and starts at 0, as zarr writes it), as ``name``'s entry:
+        a thousand new arrays' entries are then not encoded again at their first commit."""
+        if batch_first(doc) and doc["shape"][0] == 0 and text.startswith(_NO_ROWS) \
+                and text[len(_NO_ROWS)] in ",]":
+            self._entries[name] = (doc, _NO_ROWS[:-1], text[len(_NO_ROWS):])
+
     def entry(self, name: str, doc: dict[str, Any], rows: int) -> str:
         kept = self._entries.get(name)
         if kept is None or kept[0] is not doc:
@@ -56,6 +64,9 @@ class EntryCache:
             self._entries[name] = kept
         _, text, rest = kept
         return text if rest is None else f"{text}{rows}{rest}"
+
+
+_NO_ROWS = '{"shape": [0'  # how the JSON text of a document of no rows starts
 
 
 def batch_first(doc: dict[str, Any]) -> bool:

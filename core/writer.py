@@ -523,6 +523,8 @@ class TraceWriter:
             if chunk_writer is not None:
                 var.chunk_writer = chunk_writer
                 self.commits.synced.add(var.name)
+            if document is made.document and made.documents:  # its zarr.json: that text
+                self.commits.entries.seed(var.name, document, made.documents[0][1].decode())
             var.array, var.document = array, document
             return array
 

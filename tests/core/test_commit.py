@@ -46,6 +46,26 @@ def test_kept_entries_give_the_bytes_json_gives_at_every_commit():
     assert json.loads(root_document(attrs, {}, 0))["consolidated_metadata"]["metadata"] == {}
 
 
+def test_an_entry_kept_from_a_new_arrays_text_gives_the_bytes_json_gives():
+    """A new array's ``zarr.json`` text seeds its entry; text that is not a document of no
+    rows with its shape first is not kept (the entry is encoded as before)."""
+    arrays = {
+        "new@output": {"shape": [0, 5], "dimension_names": ["batch", "hidden"],
+                       "attributes": {"site": "ünïcode", "n": 10}},
+        "grown@output": {"shape": [3, 5], "dimension_names": ["batch", "hidden"]},
+        "tokens": {"shape": [0, 2], "dimension_names": ["token", "batch"]},
+        "later@output": {"dimension_names": ["batch"], "shape": [0]},
+        "zeros@output": {"shape": [0], "dimension_names": ["batch"], "fill_value": 0},
+    }
+    cache = EntryCache()
+    for name, doc in arrays.items():
+        cache.seed(name, doc, json.dumps(doc, allow_nan=False))
+    for name in ("grown@output", "tokens", "later@output"):
+        assert name not in cache._entries, name
+    for rows in (0, 7, 100):
+        assert root_document({}, arrays, rows, cache) == plainly({}, arrays, rows)
+
+
 def test_a_writers_commits_publish_what_it_wrote(tmp_path):
     path = tmp_path / "t.zarr"
     recorder = make_recorder(path)
