@@ -189,6 +189,14 @@ def delete_key(store: Any, key: str) -> None:
     _run(store.delete(key))
 
 
+def list_dir(store: Any, prefix: str) -> list[str]:
+    """The names right below ``prefix`` in ``store`` (any zarr store): files and folders."""
+    async def listed() -> list[str]:
+        return [key async for key in store.list_dir(prefix)]
+
+    return list(_run(listed()))
+
+
 def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
     sync = _private_sync()
     return sync(coroutine) if sync is not None else _run_on_own_loop(coroutine)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ._zarr_compat import grow_rows, set_shape
+from ._zarr_compat import grow_rows, list_dir, set_shape
 from .chunkfile import ChunkFiles
 from .chunkwrite import ChunkWriter, Entry
 from .commit import array_document, published_shapes
@@ -22,6 +22,10 @@ def load_variables(group: Any, dims: DimRegistry, make: Callable[..., Any],
                    config: dict[str, Any]) -> dict[str, Any]:
     """The variables of the store ``group`` (name -> ``make(name, dims, trailing, attrs,
     array, document)``), their token axes at one length each."""
+    if set(list_dir(group.store, group.path)) <= _NOT_ARRAYS:
+        # a new store: zarr's walk of it would only warn of layerscope's folder, under a
+        # filter that another thread's catch_warnings may take away meanwhile
+        return {}
     with warnings.catch_warnings():  # zarr notes the _layerscope folder: not an array
         warnings.filterwarnings("ignore", message="Object at _layerscope is not recognized")
         members = list(group.arrays())
@@ -47,6 +51,10 @@ def load_variables(group: Any, dims: DimRegistry, make: Callable[..., Any],
         dims.sizes[dim] = longest
         grow_axis(variables.values(), dim, longest)
     return variables
+
+
+#: what a store's group holds besides its arrays: its own document and layerscope's folder
+_NOT_ARRAYS = frozenset({"zarr.json", "_layerscope"})
 
 
 def invalidate_uncommitted(variables: dict[str, Any], files: ChunkFiles | None,

@@ -130,6 +130,26 @@ def test_append_mode_continues_the_batch_axis(tmp_path):
     np.testing.assert_array_equal(ds["batch"].values, np.arange(16))
 
 
+def test_a_new_store_is_not_walked_for_arrays_and_an_append_finds_them(tmp_path, monkeypatch):
+    """zarr warns of layerscope's own folder when it walks a group for its arrays, and the
+    filter that hides that is process-wide (another thread's catch_warnings may drop it
+    meanwhile): a new store, with no arrays to load, is not walked; a store appended to is."""
+    walks = []
+    arrays = zarr.Group.arrays
+    monkeypatch.setattr(zarr.Group, "arrays", lambda group: walks.append(group) or arrays(group))
+    path = tmp_path / "t.zarr"
+    first = make_recorder(path)
+    a = write_batches(first, 2)
+    first.close()
+    assert not walks
+    second = make_recorder(path, mode="a")
+    assert len(walks) == 1 and "block.0@output" in second.writer.variables
+    b = write_batches(second, 1, start=2)
+    second.close()
+    got = layerscope.open_trace(path)["block.0@output"].values
+    np.testing.assert_array_equal(got, np.concatenate([a, b]))
+
+
 def test_modes_protect_existing_paths(tmp_path):
     path = tmp_path / "t.zarr"
     make_recorder(path).close()
