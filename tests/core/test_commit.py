@@ -62,6 +62,8 @@ def test_an_entry_kept_from_a_new_arrays_text_gives_the_bytes_json_gives():
         cache.seed(name, doc, json.dumps(doc, allow_nan=False))
     for name in ("grown@output", "tokens", "later@output"):
         assert name not in cache._entries, name
+    for name in ("new@output", "zeros@output"):  # kept: not encoded again
+        assert cache._entries[name][0] is arrays[name], name
     for rows in (0, 7, 100):
         assert root_document({}, arrays, rows, cache) == plainly({}, arrays, rows)
 
