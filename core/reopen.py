@@ -4,13 +4,12 @@ the rows past that commit made fill values again before anything new is written.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ._zarr_compat import grow_rows, list_dir, set_shape
+from ._zarr_compat import grow_rows, open_arrays, set_shape
 from .chunkfile import ChunkFiles
 from .chunkwrite import ChunkWriter, Entry
 from .commit import array_document, published_shapes
@@ -22,13 +21,9 @@ def load_variables(group: Any, dims: DimRegistry, make: Callable[..., Any],
                    config: dict[str, Any]) -> dict[str, Any]:
     """The variables of the store ``group`` (name -> ``make(name, dims, trailing, attrs,
     array, document)``), their token axes at one length each."""
-    if set(list_dir(group.store, group.path)) <= _NOT_ARRAYS:
-        # a new store: zarr's walk of it would only warn of layerscope's folder, under a
-        # filter that another thread's catch_warnings may take away meanwhile
-        return {}
-    with warnings.catch_warnings():  # zarr notes the _layerscope folder: not an array
-        warnings.filterwarnings("ignore", message="Object at _layerscope is not recognized")
-        members = list(group.arrays())
+    members = open_arrays(group, skip=_NOT_ARRAYS)
+    if not members:
+        return {}  # a new store
     published = published_shapes(group)
     variables: dict[str, Any] = {}
     for name, array in members:

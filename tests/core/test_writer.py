@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from layerscope.core import (
     StoreError,
     StoreOptions,
     WriterError,
+    _zarr_compat,
 )
 from layerscope.core.format import new_group_attrs
 from layerscope.core.recorder import Recorder
@@ -130,22 +132,33 @@ def test_append_mode_continues_the_batch_axis(tmp_path):
     np.testing.assert_array_equal(ds["batch"].values, np.arange(16))
 
 
-def test_a_new_store_is_not_walked_for_arrays_and_an_append_finds_them(tmp_path, monkeypatch):
-    """zarr warns of layerscope's own folder when it walks a group for its arrays, and the
-    filter that hides that is process-wide (another thread's catch_warnings may drop it
-    meanwhile): a new store, with no arrays to load, is not walked; a store appended to is."""
-    walks = []
-    arrays = zarr.Group.arrays
-    monkeypatch.setattr(zarr.Group, "arrays", lambda group: walks.append(group) or arrays(group))
+@pytest.mark.parametrize("private", [True, False])
+def test_an_append_finds_the_arrays_among_other_members_without_a_warning(tmp_path, monkeypatch,
+                                                                          private):
+    """zarr's walk of a group for its arrays warns of layerscope's own folder, and the filter
+    that would hide that is process-wide (another thread leaving its catch_warnings may drop
+    it meanwhile): an append lists the group itself, with or without zarr's internals, and
+    leaves out what is not a variable (a subgroup, a stray folder or file, an array without
+    a batch axis)."""
+    monkeypatch.setattr(_zarr_compat, "PRIVATE_API", private)
+    monkeypatch.setattr(zarr.Group, "arrays", lambda group: pytest.fail("zarr walked the group"))
     path = tmp_path / "t.zarr"
     first = make_recorder(path)
     a = write_batches(first, 2)
     first.close()
-    assert not walks
-    second = make_recorder(path, mode="a")
-    assert len(walks) == 1 and "block.0@output" in second.writer.variables
-    b = write_batches(second, 1, start=2)
-    second.close()
+    names = set(json.loads((path / "zarr.json").read_bytes())["consolidated_metadata"]["metadata"])
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    group.create_group("notes")
+    group.create_array("lookup", shape=(3,), dtype="int32", dimension_names=["row"])
+    (path / "stray").mkdir()
+    (path / "stray" / "readme.txt").write_text("not zarr")
+    (path / "loose.txt").write_text("not zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = make_recorder(path, mode="a")
+        assert set(second.writer.variables) == names and "block.0@output" in names
+        b = write_batches(second, 1, start=2)
+        second.close()
     got = layerscope.open_trace(path)["block.0@output"].values
     np.testing.assert_array_equal(got, np.concatenate([a, b]))
 
