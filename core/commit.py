@@ -130,6 +130,14 @@ def publish(group: Any, attrs: dict[str, Any], arrays: dict[str, dict[str, Any]]
     set_bytes(group.store, key, document)
 
 
+def fsync_parent(group: Any) -> None:
+    """Flush the folder holding a local store's own folder: a new store's folder, and with
+    it every commit flushed inside it, is otherwise not sure to outlive a power loss."""
+    root = getattr(group.store, "root", None)
+    if isinstance(root, (str, os.PathLike)) and not group.path:
+        fsync_dir(os.path.dirname(os.path.abspath(root)))
+
+
 #: threads writing arrays' own documents at a close (the work is mostly system calls)
 DOCUMENT_WRITERS = 4
 #: a document of at most this many bytes is overwritten in place (see overwrite_in_place)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .commit import EntryCache, publish
+from .commit import EntryCache, fsync_parent, publish
 from .format import STATUS_WRITING
 from .growth import cut_document
 from .manifest import MANIFEST_DIR, write_manifest
@@ -48,6 +48,7 @@ class Commits:
         self.lock = threading.Lock()
         self.unpublished: list[Batch] = []  # committed, manifest not yet written
         self.synced: set[str] = set()  # folders with new files, flushed at a durable commit
+        self.parent_synced = False  # the folder naming the store's own, flushed once
         self.entries = EntryCache()  # each array's root-document entry, kept
 
     def task_done(self, batch: Batch, count: int = 1) -> None:
@@ -137,4 +138,7 @@ class Commits:
         synced, self.synced = self.synced, set()
         publish(writer.group, writer.attrs, documents, self.published_samples,
                 writer.options.durable, synced, self.entries)
+        if writer.options.durable and not self.parent_synced:
+            fsync_parent(writer.group)
+            self.parent_synced = True
         self.root_samples = self.published_samples

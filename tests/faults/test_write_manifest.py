@@ -88,9 +88,10 @@ def test_root_document_and_manifest_files_follow_the_umask(tmp_path):
 def test_durable_commits_flush_files_and_folders_before_the_root_document(tmp_path,
                                                                          monkeypatch):
     """Each durable commit (not the store's creation) flushes its root document's new file
-    before renaming it into place and the store's folder after; every chunk file is flushed
-    before the last commit. Steps are told apart by path: writer threads create arrays
-    (their own ``zarr.json``, renamed into place too) and flush chunks while a commit runs."""
+    before renaming it into place and the store's folder after; the folder holding the
+    store's folder is flushed once; every chunk file is flushed before the last commit.
+    Steps are told apart by path: writer threads create arrays (their own ``zarr.json``,
+    renamed into place too) and flush chunks while a commit runs."""
     order = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -118,6 +119,9 @@ def test_durable_commits_flush_files_and_folders_before_the_root_document(tmp_pa
         until = roots[number + 1][0] if number + 1 < len(roots) else len(order)
         assert any(path == new_file for i, path in synced if i < at), (new_file, order)
         assert any(path == str(store) for i, path in synced if at < i < until), order
+    # the store's own folder is named in its parent's: flushed once, before the first commit
+    parents = [i for i, path in synced if path == str(tmp_path)]
+    assert len(parents) == 1 and roots[0][0] < parents[0] < roots[1][0], order
     last = roots[-1][0]
     before_last = {path for i, path in synced if i < last}
     chunks = [str(store / key) for key in chunk_files(store)]
