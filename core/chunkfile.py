@@ -82,10 +82,11 @@ class ChunkFiles:
             self._make_folder(parent)
         return path
 
-    def made_by_process(self, folder: str) -> bool:
-        """Whether the chunk process is to make ``folder``, a new array's, with one
+    def process_or_make(self, folder: str) -> bool:
+        """True where the chunk process is to make ``folder``, a new array's, with one
         ``mkdir`` (it lies right under the root or a folder checked before, as in
-        :meth:`_make_folder`); else it exists already or is made and checked here."""
+        :meth:`_make_folder`); else False, the folder existing already or made and checked
+        here, now."""
         if folder in self._dirs:
             return False
         above = os.path.dirname(folder)

@@ -504,7 +504,7 @@ class GatheredWrites:
             (key, data), = made.documents
             path = os.path.join(files.root, key)
             folder = os.path.dirname(path)
-            new_folder = files.made_by_process(folder)  # else made and checked here
+            new_folder = files.process_or_make(folder)
         except Exception:
             return False
         request.jobs.append((path, memoryview(data), len(data), False,
