@@ -183,6 +183,50 @@ def test_python_estimate_from_one_batch_matches_five(tmp_path, name):
         v.name for v in estimate.variables}
 
 
+@pytest.mark.parametrize(("name", "asked"), [
+    ("llama", {"reduce": ["mean", "topk(4)"]}),
+    ("gpt2", {"positions": "last", "kinds": ("output",)}),
+])
+def test_python_estimate_of_positions_and_reductions_matches_the_trace(tmp_path, name, asked):
+    """The estimate of a trace that stores reductions or chosen tokens is that trace's: every
+    variable with its reduced shape (a reduction or token choice the estimate left out
+    would show as whole tensors here), the sizes within 10%."""
+    import torch
+
+    model = causal_lm(name)
+    generator = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(3, VOCABULARY, (4, 16), generator=generator),
+                "attention_mask": torch.ones(4, 16, dtype=torch.int64)} for _ in range(3)]
+    out = tmp_path / "run.zarr"
+    estimate = layerscope.estimate(model, batches[0], 12, path=out, **asked)
+    whole = layerscope.estimate(model, batches[0], 12, path=out,
+                                kinds=asked.get("kinds"))
+    assert estimate.raw_bytes < whole.raw_bytes / 2
+    layerscope.capture(model, batches, out, **asked)
+    assert_matches(estimate.to_json(), out)
+
+
+def test_cli_estimate_takes_positions_reductions_and_kinds_with_steps_as_trace_does(
+        tmp_path, capsys):
+    """``layerscope estimate`` reads --positions, --reduce and a kind with steps as
+    ``layerscope trace`` does, and refuses one it cannot read before the model loads."""
+    texts = [arg for text in TEXTS[:3] for arg in ("--text", text)]
+    asked = ["--kinds", "output:topk(hidden,8),attention", "--positions", "last"]
+    out = tmp_path / "run.zarr"
+    doc = cli_json(["estimate", "minilm", *texts, *asked, "-o", str(out)], capsys)
+    kinds = {v["name"].split("@", 1)[1] for v in doc["variables"] if not v["coordinate"]}
+    assert {"attention:last(query)", "output:topk(hidden,8)"} <= kinds
+    assert all(":" in kind for kind in kinds)  # no whole tensor
+    assert main(["trace", "minilm", *texts, *asked, "-o", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert_matches(doc, out)
+    for bad, said in ((["--reduce", "bogus"], "unknown reduction 'bogus'"),
+                      (["--positions", "5:2"], "'slice(5:2)': a slice takes")):
+        assert main(["estimate", "minilm", *texts, *bad, "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "loading" not in err
+
+
 def test_flax_nnx_estimate_matches_the_trace(tmp_path):
     import jax.numpy as jnp
     from flax import nnx

@@ -29,11 +29,12 @@ def estimate(model: Any, inputs: Any, n_samples: int | None = None, capture: Any
     """How many bytes ``layerscope.capture(model, inputs, path, capture, ...)`` would write
     for ``n_samples`` samples (default: as many as ``inputs`` holds), and the free disk.
 
-    Takes what :func:`layerscope.capture` takes (``kinds``, ``backend``, ``mode``,
-    ``options`` among ``trace_kwargs``). The model runs once on the first two samples of the
-    first batch (one where batches hold one sample); more samples than ``inputs`` holds are
-    taken to be like those. Token axes have the probe's length: for a list of texts, the
-    longest text's (every text is padded to it); for tensors, the first input's.
+    Takes what :func:`layerscope.capture` takes (``kinds``, ``positions``, ``reduce``,
+    ``backend``, ``mode``, ``options`` among ``trace_kwargs``). The model runs once on the
+    first two samples of the first batch (one where batches hold one sample); more samples
+    than ``inputs`` holds are taken to be like those. Token axes have the probe's length:
+    for a list of texts, the longest text's (every text is padded to it); for tensors, the
+    first input's.
     Nothing is written to disk, and the model is left as it was found (see :mod:`.state`).
     ``inputs`` are read to plan the batches: a one-shot iterator is refused (pass a list).
     """
@@ -48,6 +49,8 @@ def estimate(model: Any, inputs: Any, n_samples: int | None = None, capture: Any
     options: StoreOptions = trace_kwargs.pop("options", None) or StoreOptions()
     mode = trace_kwargs.pop("mode", None) or options.mode
     kinds = trace_kwargs.pop("kinds", None)
+    positions = trace_kwargs.pop("positions", None)
+    reduce = trace_kwargs.pop("reduce", None)
     if trace_kwargs:
         raise TypeError(f"estimate() got unexpected arguments: {', '.join(sorted(trace_kwargs))}")
     if tokenizer is not None:
@@ -64,7 +67,7 @@ def estimate(model: Any, inputs: Any, n_samples: int | None = None, capture: Any
     batches = _batches(n_samples, sizes, batch_size if texts is not None else sizes[0])
     count = min(PROBE_SAMPLES, batches.first)
     probe_call = first_samples(calls[0], sizes[0], count)
-    selection = Selection.of(capture, kinds)
+    selection = Selection.of(capture, kinds, positions=positions, reduce=reduce)
 
     def write(store: Any, probe_options: StoreOptions) -> None:
         with model_state_kept(model), trace(model, store, selection, backend=backend.name,

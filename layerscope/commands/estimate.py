@@ -17,6 +17,7 @@ from layerscope._trace_generate import check_generate_request
 from layerscope._trace_inputs import DEMO_TEXTS, Request, check_request, model_inputs, read_request
 from layerscope.backends import detect
 from layerscope.core import LayerscopeError, Selection
+from layerscope.core.reduce_spec import split_specs
 from layerscope.loading import load, model_folder
 
 from . import HELP
@@ -71,12 +72,11 @@ def run(args: argparse.Namespace) -> int:
     if args.generate:
         check_generate_request(request, args.framework)
     check_request(request, architecture, args.framework, folder)
+    selection = selection_of(args)
     if not args.json:
         print(f"loading {args.model} ...", file=sys.stderr)
     loaded = load(args.model, args.framework, args.attn_implementation, architecture)
     detect(loaded.model)
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    selection = Selection.of(args.capture, kinds, args.exclude)
     mode = "w" if args.overwrite else "a" if args.append else "w-"
     inputs = None if args.generate else model_inputs(request, loaded, args.batch_size,
                                                      Path(args.output), args.append)
@@ -88,6 +88,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(result.describe(variables=args.variables))
     return 0 if result.fits else 1
+
+
+def selection_of(args: argparse.Namespace) -> Selection:
+    """What ``layerscope trace`` and ``layerscope estimate`` with ``args`` capture: sites,
+    kinds (a kind may carry steps: ``output:topk(hidden,8)``), positions and reductions."""
+    selection = Selection.of(args.capture, tuple(split_specs(args.kinds)), args.exclude,
+                             positions=args.positions, reduce=args.reduce)
+    if args.generate and selection.reduces:
+        raise LayerscopeError("--positions / --reduce do not apply to --generate yet")
+    selection.specs()  # a reduction or slice it cannot read is refused before weights load
+    return selection
 
 
 def estimate_for(args: argparse.Namespace, loaded: Any, request: Request, inputs: Any,

@@ -11,14 +11,13 @@ from layerscope._trace_generate import check_generate_request, sampling_settings
 from layerscope._trace_inputs import check_request, model_inputs, read_request
 from layerscope.api import capture
 from layerscope.backends import detect
-from layerscope.core import LayerscopeError, Selection, StoreOptions
+from layerscope.core import LayerscopeError, StoreOptions
 from layerscope.core.info import human_bytes, summarize
-from layerscope.core.reduce_spec import split_specs
 from layerscope.loading import FRAMEWORKS, load, model_folder
 
 from . import HELP
 from ._args import MAX_BATCH_SIZE, MAX_TOKENS, integer
-from .estimate import check_disk, reusable
+from .estimate import check_disk, reusable, selection_of
 
 DESCRIPTION = """MODEL is 'minilm' (the packaged all-MiniLM-L6-v2), a Hugging Face model folder, or
 module:factory (a function returning a model, (model, tokenizer), or a dict with 'model'
@@ -122,13 +121,9 @@ def run(args: argparse.Namespace) -> int:
         check_generate_request(request, args.framework)
     sampling = sampling_settings(args)
     check_request(request, architecture, args.framework, folder)  # before weights are read
+    selection = selection_of(args)
     loaded = load(args.model, args.framework, args.attn_implementation, architecture)
     detect(loaded.model)  # something that is not a model is refused before its inputs
-    kinds = tuple(split_specs(args.kinds))  # a kind may carry steps: output:topk(hidden,8)
-    selection = Selection.of(args.capture, kinds, args.exclude, positions=args.positions,
-                             reduce=args.reduce)
-    if args.generate and selection.reduces:
-        raise LayerscopeError("--positions / --reduce do not apply to --generate yet")
     mode = "w" if args.overwrite else "a" if args.append else "w-"
     inputs = None if args.generate else reusable(
         model_inputs(request, loaded, args.batch_size, output, args.append))
