@@ -60,6 +60,7 @@ class Recorder:
         self.skipped: dict[str, str] = skipped_sites(writer.attrs)
         self._recorded = dict(self.skipped)  # what the store's attributes hold already
         self.passes = 0
+        self.captured = False  # whether any captured tensor (not a label) reached the writer
         #: token axis -> (mask coordinate, mask) of the pass under way, stored as it ends
         self._masks: dict[str, tuple[str, np.ndarray]] = {}
         #: whether the backend reduces tensors itself (calls :meth:`reduce`)
@@ -219,6 +220,7 @@ class Recorder:
             self._calls[(site, kind)] = call_index + 1
         name, labels = self._labels(site, kind, call_index, module_type, attrs)
         self.writer.put(name, tensor, roles, labels, to_numpy, snapshot, region)
+        self.captured = True
         if call_index == 0 and region is None:
             self._first_names[(site, kind)] = name
 
@@ -234,6 +236,7 @@ class Recorder:
             return  # put() records why
         name, labels = self._labels(site, kind, call_index, module_type, attrs)
         self.writer.declare(name, roles, shape, labels)
+        self.captured = True
 
     def limit_pending(self, nbytes: int | None) -> None:
         """Hold at most ``nbytes`` of queued tensors, the writer's budget notwithstanding,

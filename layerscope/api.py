@@ -24,6 +24,7 @@ from layerscope.core.format import new_group_attrs
 from layerscope.core.naming import ROOT_SITE
 from layerscope.core.reduce_spec import spec_kind
 from layerscope.core.store import open_group_for_writing
+from layerscope.core.userwarn import warn_user
 from layerscope.core.writer import TraceWriter
 
 CaptureSpec: TypeAlias = str | Sequence[str] | Selection | None
@@ -99,6 +100,8 @@ class Trace:
             self._attached.__exit__(exc_type, exc, tb)
         finally:
             self.recorder.close(failed=exc_type is not None)
+        if exc_type is None:
+            _say_if_nothing_captured(self.recorder, self.path)
 
     def set_texts(self, texts: Sequence[str]) -> None:
         """Label the next forward pass with the strings it was made from (``input_text``)."""
@@ -112,6 +115,18 @@ class Trace:
         if self.recorder is None:
             raise LayerscopeError("a trace can only be called inside its 'with' block")
         return self.backend.run(self.model, args, kwargs)
+
+
+def _say_if_nothing_captured(recorder: Recorder, path: str | Path) -> None:
+    """Warn where passes ran and every tensor the selection took was skipped (a token choice
+    on a model without token axes, a broadcast tensor): the store holds labels alone."""
+    if not recorder.passes or recorder.captured or not recorder.skipped:
+        return
+    name, why = next(iter(recorder.skipped.items()))
+    warn_user(f"nothing was captured into {path} in {recorder.passes} passes: the tensors "
+              f"the selection took were skipped, e.g. {name}: {why} (the store's 'skipped' "
+              "attribute lists each with its reason); choose other sites, kinds, positions or "
+              "reductions")
 
 
 def trace(model: Any, path: str | Path, capture: CaptureSpec = None, *,

@@ -106,3 +106,18 @@ def test_positions_keyword_through_capture(tmp_path: Path) -> None:
     assert layerscope.captured_names(ds) == [f"{site}@output:first(token)"]
     np.testing.assert_array_equal(ds[f"{site}@output:first(token)"].values,
                                   ref.first(seen[site][0], given["padding_mask"]))
+
+
+def test_a_trace_whose_every_tensor_is_skipped_says_so(tmp_path: Path) -> None:
+    """As in PyTorch (tests/backends/test_reduce_torch.py): the last token of a Keras CNN's
+    outputs, which have no token axis, is nothing to capture, and the trace says so."""
+    keras.utils.set_random_seed(0)
+    cnn = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 1)).astype("float32")
+    path = tmp_path / "cnn.zarr"
+    with pytest.warns(UserWarning, match=r"nothing was captured .* in 1 passes.*no token axis"):
+        with layerscope.trace(cnn, path, positions="last") as active:
+            active(x)
+    ds = layerscope.open_trace(path)
+    assert not ds.data_vars and ds.attrs["skipped"]

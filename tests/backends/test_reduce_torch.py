@@ -204,3 +204,29 @@ def test_a_reduction_that_fails_aborts_the_trace_and_keeps_what_was_committed(
     np.testing.assert_array_equal(ds["transformer.h.1@output:last(token)"].values,
                                   ref.last(own["transformer.h.1"],
                                            inputs["attention_mask"].numpy()))
+
+
+def test_a_trace_whose_every_tensor_is_skipped_says_so(tmp_path: Path) -> None:
+    """A token choice or token reduction on a model without token axes (a CNN) skips every
+    tensor: the trace warns that nothing was captured, naming a reason, instead of leaving
+    a store of labels alone without a word; a reduction that applies warns of nothing."""
+    import warnings
+
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 10)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    for asked in ({"positions": "last"}, {"reduce": "mean"}):
+        path = tmp_path / f"{next(iter(asked.values()))}.zarr"
+        with pytest.warns(UserWarning, match=r"nothing was captured .* in 2 passes.*"
+                                             r"no token axis in dims"):
+            with torch.no_grad(), layerscope.trace(cnn, path, **asked):
+                cnn(x)
+                cnn(x)
+        ds = layerscope.open_trace(path)
+        assert not ds.data_vars and len(ds.attrs["skipped"]) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad(), layerscope.trace(cnn, tmp_path / "norm.zarr", reduce="norm"):
+            cnn(x)
+    assert len(layerscope.open_trace(tmp_path / "norm.zarr").data_vars) == 5
