@@ -12,7 +12,7 @@ from layerscope._trace_inputs import check_request, model_inputs, read_request
 from layerscope.api import capture
 from layerscope.backends import detect
 from layerscope.core import LayerscopeError, StoreOptions
-from layerscope.core.info import human_bytes, summarize
+from layerscope.core.info import human_bytes, stored_size, summarize
 from layerscope.loading import FRAMEWORKS, load, model_folder
 
 from . import HELP
@@ -141,6 +141,6 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(args.output)
     print(f"wrote {args.output}: {len(summary.variables)} variables, "
           f"{summary.attrs.get('committed_samples')} samples, "
-          f"{human_bytes(summary.stored_bytes)} stored ({human_bytes(summary.raw_bytes)} raw)")
+          f"{stored_size(summary)}, {human_bytes(summary.raw_bytes)} raw")
     print(f"next: layerscope info {args.output}")
     return 0

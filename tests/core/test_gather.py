@@ -323,6 +323,36 @@ def test_the_written_rows_past_the_last_batch_hold_fill_values(tmp_path, monkeyp
     assert layerscope.verify(path).ok
 
 
+@pytest.mark.parametrize(("batches", "holes"), [(9, True), (8, False)])
+def test_info_says_what_the_holes_leave_on_the_disk(tmp_path, batches, holes):
+    """``layerscope info`` gives the files' lengths as stored and, where the rows past the
+    last batch leave holes in the last chunks, the disk they take beside it: each
+    variable's blocks, as the file system counts them."""
+    from layerscope.core.info import format_summary, summarize
+
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, gathering=GATHER)
+    rng = np.random.default_rng(0)
+    for _ in range(batches):  # chunks of 4 batches: 9 leave three quarters of the third
+        recorder.begin_pass(4)
+        recorder.put("kept", "output", rng.standard_normal((4, 1024), np.float32),
+                     ("batch", "hidden"), snapshot=snapshot)
+        recorder.end_pass()
+    recorder.close()
+    summary = summarize(path)
+    (var,) = summary.variables
+    files = [f for f in (path / "kept@output").iterdir()]
+    assert var.stored_bytes == sum(f.stat().st_size for f in files)
+    assert var.disk_bytes == sum(f.stat().st_blocks * 512 for f in files)
+    line = format_summary(summary).splitlines()[5]
+    assert line.startswith("size ")
+    if holes:
+        assert var.disk_bytes < 0.9 * var.stored_bytes
+        assert "on disk" in line
+    else:
+        assert "on disk" not in line
+
+
 @pytest.mark.parametrize("by_process", [False, True], ids=["threads", "process"])
 def test_the_rows_past_the_last_batch_are_a_hole_in_the_last_chunk(tmp_path, monkeypatch,
                                                                    by_process):
