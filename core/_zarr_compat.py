@@ -209,8 +209,9 @@ def open_arrays(group: Any, skip: frozenset[str]) -> list[tuple[str, Any]]:
     names = sorted(name for name in list_dir(group.store, group.path) if name not in skip)
     inner = getattr(group, "_async_group", None)
     if PRIVATE_API and inner is not None and hasattr(inner, "getitem"):
-        async def opened() -> list[Any]:  # concurrently, as zarr's own walk does
-            return list(await asyncio.gather(*(_member(inner, name) for name in names)))
+        async def opened() -> list[Any]:  # concurrently, at most as many as zarr's own walk
+            limit = asyncio.Semaphore(int(zarr.config.get("async.concurrency") or 10))
+            return list(await asyncio.gather(*(_member(inner, name, limit) for name in names)))
 
         nodes = [None if node is None else zarr.Array(node) if _is_async_array(node) else node
                  for node in _run(opened())]
@@ -220,11 +221,12 @@ def open_arrays(group: Any, skip: frozenset[str]) -> list[tuple[str, Any]]:
             if isinstance(node, zarr.Array)]
 
 
-async def _member(group: Any, name: str) -> Any:
-    try:
-        return await group.getitem(name)
-    except KeyError:  # an object or a folder that holds no zarr node
-        return None
+async def _member(group: Any, name: str, limit: asyncio.Semaphore) -> Any:
+    async with limit:
+        try:
+            return await group.getitem(name)
+        except KeyError:  # an object or a folder that holds no zarr node
+            return None
 
 
 def _sync_member(group: Any, name: str) -> Any:
