@@ -83,6 +83,7 @@ def _folder_bytes(folder: str) -> tuple[int, int]:
                 else:
                     info = entry.stat(follow_symlinks=False)
                     total += info.st_size
+                    # no blocks (a system that counts none, a file all hole): its length
                     disk += getattr(info, "st_blocks", 0) * 512 or info.st_size
     except OSError:
         pass

@@ -23,7 +23,7 @@ def load_variables(group: Any, dims: DimRegistry, make: Callable[..., Any],
     array, document)``), their token axes at one length each."""
     members = open_arrays(group, skip=_NOT_ARRAYS)
     if not members:
-        return {}  # a new store
+        return {}  # a new store (or one holding no array)
     published = published_shapes(group)
     variables: dict[str, Any] = {}
     for name, array in members:

@@ -73,6 +73,8 @@ class Trace:
         self.tokenizer = tokenizer
         self.recorder: Recorder | None = None
         self._attached: Any = None
+        #: warn at the close where nothing was captured (the estimate's probe says it itself)
+        self._warn_if_empty = True
 
     def __enter__(self) -> Trace:
         attrs = new_group_attrs(
@@ -100,8 +102,10 @@ class Trace:
             self._attached.__exit__(exc_type, exc, tb)
         finally:
             self.recorder.close(failed=exc_type is not None)
-        if exc_type is None:
-            _say_if_nothing_captured(self.recorder, self.path)
+        why = nothing_captured(self.recorder) if exc_type is None and self._warn_if_empty \
+            else None
+        if why is not None:
+            warn_user(f"nothing was captured into {self.path}: {why}")
 
     def set_texts(self, texts: Sequence[str]) -> None:
         """Label the next forward pass with the strings it was made from (``input_text``)."""
@@ -117,16 +121,16 @@ class Trace:
         return self.backend.run(self.model, args, kwargs)
 
 
-def _say_if_nothing_captured(recorder: Recorder, path: str | Path) -> None:
-    """Warn where passes ran and every tensor the selection took was skipped (a token choice
-    on a model without token axes, a broadcast tensor): the store holds labels alone."""
+def nothing_captured(recorder: Recorder) -> str | None:
+    """Why the passes ``recorder`` took stored no captured tensor, where every tensor the
+    selection took was skipped (a token choice on a model without token axes, a broadcast
+    tensor): the store holds labels alone. None where something was captured."""
     if not recorder.passes or recorder.captured or not recorder.skipped:
-        return
+        return None
     name, why = next(iter(recorder.skipped.items()))
-    warn_user(f"nothing was captured into {path} in {recorder.passes} passes: the tensors "
-              f"the selection took were skipped, e.g. {name}: {why} (the store's 'skipped' "
-              "attribute lists each with its reason); choose other sites, kinds, positions or "
-              "reductions")
+    return (f"in {recorder.passes} passes the tensors the selection took were skipped, e.g. "
+            f"{name}: {why} (the store's 'skipped' attribute lists each with its reason); "
+            "choose other sites, kinds, positions or reductions")
 
 
 def trace(model: Any, path: str | Path, capture: CaptureSpec = None, *,

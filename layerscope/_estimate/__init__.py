@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope.core import LayerscopeError, Selection, StoreOptions
+from layerscope.core.userwarn import warn_user
 
 from .layout import Batches
 from .probe import PROBE_SAMPLES, call_batch_size, first_samples, run_probe
@@ -38,7 +39,7 @@ def estimate(model: Any, inputs: Any, n_samples: int | None = None, capture: Any
     Nothing is written to disk, and the model is left as it was found (see :mod:`.state`).
     ``inputs`` are read to plan the batches: a one-shot iterator is refused (pass a list).
     """
-    from layerscope.api import _backend_for, _stored_token_length, trace
+    from layerscope.api import _backend_for, _stored_token_length, nothing_captured, trace
     from layerscope.backends import tokenizer_adapter
     from layerscope.batches import TextPairs, is_texts, plan_calls
 
@@ -69,14 +70,22 @@ def estimate(model: Any, inputs: Any, n_samples: int | None = None, capture: Any
     probe_call = first_samples(calls[0], sizes[0], count)
     selection = Selection.of(capture, kinds, positions=positions, reduce=reduce)
 
+    empty: list[str] = []
+
     def write(store: Any, probe_options: StoreOptions) -> None:
         with model_state_kept(model), trace(model, store, selection, backend=backend.name,
                                             tokenizer=tokenizer, options=probe_options) as active:
+            active._warn_if_empty = False  # its store is in memory: said below, of the path
             if probe_call.texts is not None:
                 active.set_texts(probe_call.texts)
             backend.run(model, probe_call.args, probe_call.kwargs)
+            why = nothing_captured(active.recorder) if active.recorder is not None else None
+            if why is not None:
+                empty.append(why)
 
     probe = run_probe(write, options, count)
+    for why in empty:
+        warn_user(f"a trace into {path} would capture nothing: {why}")
     note = _token_note(texts, max_length, pad_to, _probe_length(probe_call))
     if texts is not None and batches.samples > len(texts):
         note += f" (the other samples are taken to be texts like those {len(texts)})"

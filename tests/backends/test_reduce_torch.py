@@ -209,7 +209,8 @@ def test_a_reduction_that_fails_aborts_the_trace_and_keeps_what_was_committed(
 def test_a_trace_whose_every_tensor_is_skipped_says_so(tmp_path: Path) -> None:
     """A token choice or token reduction on a model without token axes (a CNN) skips every
     tensor: the trace warns that nothing was captured, naming a reason, instead of leaving
-    a store of labels alone without a word; a reduction that applies warns of nothing."""
+    a store of labels alone without a word, and so does an estimate of such a trace, once,
+    of its path; a reduction that applies warns of nothing."""
     import warnings
 
     torch.manual_seed(0)
@@ -225,6 +226,11 @@ def test_a_trace_whose_every_tensor_is_skipped_says_so(tmp_path: Path) -> None:
                 cnn(x)
         ds = layerscope.open_trace(path)
         assert not ds.data_vars and len(ds.attrs["skipped"]) == 5
+    # the estimate's probe traces into memory: it names the path the trace would write
+    with pytest.warns(UserWarning) as said:
+        layerscope.estimate(cnn, x, 8, path=tmp_path / "e.zarr", positions="last")
+    assert [str(w.message).split(":")[0] for w in said] == \
+        [f"a trace into {tmp_path / 'e.zarr'} would capture nothing"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad(), layerscope.trace(cnn, tmp_path / "norm.zarr", reduce="norm"):
