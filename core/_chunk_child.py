@@ -6,9 +6,10 @@ length, checksum, kind)`` and then each file's ``nbytes`` of body in that order.
 (``kind`` :data:`CHUNK`) is written as the file ``path`` (its page-aligned head with
 ``O_DIRECT``, the rest and, with ``checksum``, its crc32c through the page cache), zeros up
 to ``length`` where the body is shorter (a hole: the unused rows of a chunk; the checksum
-covers them). A new array's ``zarr.json`` (:data:`DOCUMENT`, or :data:`DOCUMENT_NEW_FOLDER`
-to make its folder first) is written in one step, a temporary file renamed into place
-(:func:`._rawfile.write_document`). One reply goes back: each file's crc32c (0 for a
+covers them); :data:`CACHED_CHUNK` the same, all of it through the page cache (the chunks a
+writer's close waits for). A new array's ``zarr.json`` (:data:`DOCUMENT`, or
+:data:`DOCUMENT_NEW_FOLDER` to make its folder first) is written in one step, a temporary
+file renamed into place (:func:`._rawfile.write_document`). One reply goes back: each file's crc32c (0 for a
 document), in order, up to the first failure, and that failure as ``(errno, strerror,
 path)`` or None. After a failure the remaining bodies are read and dropped, so that
 the next request starts in step.
@@ -28,7 +29,8 @@ import sys
 
 import crc32c
 
-CHUNK, DOCUMENT, DOCUMENT_NEW_FOLDER = "chunk", "document", "document, new folder"
+CHUNK, CACHED_CHUNK = "chunk", "chunk, cached"
+DOCUMENT, DOCUMENT_NEW_FOLDER = "document", "document, new folder"
 
 
 def main() -> None:
@@ -53,7 +55,7 @@ def main() -> None:
                 return
             if failure is not None:
                 continue
-            if kind != CHUNK:
+            if kind not in (CHUNK, CACHED_CHUNK):
                 try:
                     raw.write_document(path, body, durable, kind == DOCUMENT_NEW_FOLDER)
                 except OSError as exc:
@@ -66,7 +68,9 @@ def main() -> None:
                 crc = crc32c.crc32c(raw.zeros(length - nbytes), crc)
             trailer = crc.to_bytes(4, "little") if checksum else b""
             try:
-                direct = raw.write_file(path, body, trailer, direct, durable, length=length)
+                wrote = raw.write_file(path, body, trailer, direct and kind == CHUNK, durable,
+                                       length=length)
+                direct = wrote if kind == CHUNK else direct
             except OSError as exc:
                 failure = (exc.errno, exc.strerror, path)
                 continue

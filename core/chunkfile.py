@@ -5,7 +5,9 @@ cache, every byte is copied once more and the pages must be found and later evic
 the model pays for when it keeps every core busy. With ``O_DIRECT`` the disk reads the bytes
 from our own (page-aligned) buffer instead. Only the aligned head of a chunk can go that way;
 the few bytes of tail and the checksum follow through the page cache, into the same file.
-Filesystems without ``O_DIRECT`` (tmpfs, some network mounts) get ordinary writes.
+Filesystems without ``O_DIRECT`` (tmpfs, some network mounts) get ordinary writes, and so
+do the chunks a writer's close writes (:attr:`ChunkFiles.cached`): the close waits for them
+while no model runs, and the page cache takes them sooner than the disk does.
 
 Chunks reach disk only for rows not yet committed, so a half-written file is never one a reader
 trusts: no temporary file and rename are needed (zarr's own store does that for every chunk).
@@ -38,6 +40,10 @@ class ChunkFiles:
         self.root = os.fspath(root)
         self.direct = bool(direct and DIRECT)
         self.durable = durable  # fsync each file before it is closed
+        #: write through the page cache from now on: set at the writer's close, which waits
+        #: for every chunk while no model runs; a page-cache write returns before the disk
+        #: has the bytes, and the CPU it costs over O_DIRECT is taken from no model
+        self.cached = False
         self._dirs: set[str] = set()
         self._scratch = threading.local()
 
@@ -45,8 +51,11 @@ class ChunkFiles:
               length: int | None = None) -> None:
         """Write ``body`` (uint8, contiguous) then ``trailer`` as the file ``root/key``; the
         trailer at ``length`` where the body is shorter, zeros between (a hole)."""
-        self.direct = write_file(self.path(key), body, trailer, self.direct, self.durable,
-                                 self._aligned, length)
+        direct = self.direct and not self.cached
+        wrote = write_file(self.path(key), body, trailer, direct, self.durable, self._aligned,
+                           length)
+        if direct:
+            self.direct = wrote
 
     def document(self, key: str, data: bytes) -> None:
         """Write a metadata document ``root/key`` in one step (a new file renamed into place),

@@ -27,10 +27,11 @@ import sys
 import threading
 from typing import Any
 
-from ._chunk_child import CHUNK, DOCUMENT, DOCUMENT_NEW_FOLDER
+from ._chunk_child import CACHED_CHUNK, CHUNK, DOCUMENT, DOCUMENT_NEW_FOLDER
 from ._rawfile import write_all
 
-__all__ = ["CHUNK", "DOCUMENT", "DOCUMENT_NEW_FOLDER", "ChunkProcess", "ChunkWriteFailed"]
+__all__ = ["CACHED_CHUNK", "CHUNK", "DOCUMENT", "DOCUMENT_NEW_FOLDER", "ChunkProcess",
+           "ChunkWriteFailed"]
 
 #: a group of fewer gathered chunks is written by the writer thread itself: the process would
 #: save little, and a store of a few variables never starts it
@@ -79,7 +80,8 @@ class ChunkProcess:
         """Write each ``(path, body, length, checksum, kind)``. A chunk (``kind``
         :data:`CHUNK`): ``body`` (contiguous uint8) as the file ``path``, zeros after it up
         to ``length`` bytes (a hole, see :func:`._rawfile.write_file`), the crc32c of those
-        bytes after them where ``checksum``. A new array's ``zarr.json`` (:data:`DOCUMENT`,
+        bytes after them where ``checksum``; :data:`CACHED_CHUNK`: the same, all of it
+        through the page cache. A new array's ``zarr.json`` (:data:`DOCUMENT`,
         :data:`DOCUMENT_NEW_FOLDER`): ``body`` in one step, see :mod:`._chunk_child`.
         Returns every file's crc32c (0 for a document); raises :class:`ChunkWriteFailed`
         at the first file not written."""

@@ -21,6 +21,7 @@ import numpy as np
 from . import chunkproc
 from ._zarr_compat import grow_rows
 from .chunkproc import (
+    CACHED_CHUNK,
     CHUNK,
     CREATE_REQUEST_CHUNKS,
     DOCUMENT,
@@ -401,7 +402,8 @@ class GatheredWrites:
                  rest: list[tuple[Variable, Chunk]]) -> _Request:
         """A request for the ``taken`` chunks the process can write (the others go to
         ``rest``), with the files of the arrays they need made."""
-        request = _Request()
+        files = self.writer._files
+        request = _Request(CACHED_CHUNK if files is not None and files.cached else CHUNK)
         try:
             for var, chunk in taken:
                 if var.chunk_writer is None:
@@ -662,7 +664,8 @@ class _NewArray(NamedTuple):
 class _Request:
     """One request to the chunk process: its jobs, and what each stands for."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # of its chunks: CHUNK, or CACHED_CHUNK at the close
         self.jobs: list[tuple[str, Any, int, bool, str]] = []
         #: per job: a new array (its zarr.json) or a chunk, ``(var, chunk, key)``
         self.meaning: list[_NewArray | tuple[Variable, Chunk, str]] = []
@@ -673,7 +676,7 @@ class _Request:
     def add_chunk(self, var: Variable, chunk: Chunk,
                   job: tuple[str, str, np.ndarray, int, bool]) -> None:
         key, path, body, length, checksum = job
-        self.jobs.append((path, body, length, checksum, CHUNK))
+        self.jobs.append((path, body, length, checksum, self.kind))
         self.meaning.append((var, chunk, key))
 
 

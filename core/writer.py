@@ -332,6 +332,8 @@ class TraceWriter:
 
     def close(self) -> None:
         """Wait for every queued write, commit, and stop the workers."""
+        if self._files is not None:  # the chunks left are waited for: see ChunkFiles.cached
+            self._files.cached = True
         try:
             batch = self._current
             if batch is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -131,11 +132,92 @@ def test_local_traces_write_chunk_bodies_with_o_direct(tmp_path, monkeypatch, di
     recorder.put("block", "output", np.ones((2, DIRECT_FROM // 8), np.float32),
                  ("batch", "hidden"))
     recorder.end_pass()
+    deadline = time.monotonic() + 30  # written while the trace runs: not by the close
+    while recorder.writer.commits.samples < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert recorder.writer.commits.samples == 2, "the batch was not committed in 30 s"
     recorder.close()
     chunk_opens = [flags for name, flags in flags_seen if "block@output" in name
                    and os.path.basename(name).startswith("c.")]
     assert chunk_opens, "the chunk file was not written through ChunkFiles"
     assert any(flags & os.O_DIRECT for flags in chunk_opens) is direct_io
+
+
+def _takes_o_direct(folder) -> bool:
+    """Whether the file system of ``folder`` takes a write with O_DIRECT (tmpfs does not)."""
+    probe = os.path.join(folder, "o_direct_probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        os.write(fd, mmap.mmap(-1, ALIGN))  # page-aligned memory, as O_DIRECT needs
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _resident_pages(path) -> list[bool]:
+    """Whether each page of the file ``path`` is in the page cache (``mincore(2)``)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:  # a private mapping untouched: the file's own pages
+        mapped = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        start = ctypes.c_char.from_buffer(mapped)
+        pages = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+        code = libc.mincore(ctypes.addressof(start), size, pages)
+        del start  # the mapping closes only once nothing points into it
+        if code != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return [bool(page & 1) for page in pages.raw]
+    finally:
+        mapped.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
+@pytest.mark.parametrize("by_process", [False, True], ids=["threads", "process"])
+def test_the_chunks_a_close_waits_for_go_through_the_page_cache(tmp_path, monkeypatch,
+                                                                 by_process):
+    """While the model runs, chunk files of 64 KiB and more are written with O_DIRECT (the
+    page cache's CPU would be taken from the model); the close, which waits for the chunks
+    left while no model runs, writes them through the page cache, which takes them sooner
+    than the disk. Seen in the page cache: the first group's chunk is not there, the last
+    one's, written at the close, is."""
+    from layerscope.core import gatherwrite
+    from layerscope.core.gather import GatherPolicy
+
+    if not _takes_o_direct(tmp_path):
+        pytest.skip("the test folder's file system refuses O_DIRECT: every write is cached")
+    monkeypatch.setattr(gatherwrite, "PROCESS_FROM", 1 if by_process else 10**9)
+    path = tmp_path / "t.zarr"
+    recorder = make_recorder(path, gathering=GatherPolicy(min_variables=1, batches=4),
+                             chunk_process=by_process, compression=Compression(enabled=False))
+    rng = np.random.default_rng(0)
+    given = []
+    for _ in range(10):  # chunks of 4 batches of 4 rows of 8 KiB; the third, half used (64
+        # KiB, as much as takes O_DIRECT), is written at the close
+        data = rng.standard_normal((4, 2048), np.float32)
+        recorder.begin_pass(4)
+        recorder.put("kept", "output", data, ("batch", "hidden"))
+        recorder.end_pass()
+        given.append(data)
+    recorder.close()
+    first = _resident_pages(path / "kept@output" / "c.0.0")
+    last = _resident_pages(path / "kept@output" / "c.2.0")
+    assert len(first) == len(last) == 33  # 128 KiB, then its crc32c through the page cache
+    assert not any(first[:32]), "the first group's chunk went through the page cache"
+    assert all(last[:16]), "the chunk written at the close went around the page cache"
+    assert not any(last[16:32])  # the rows past the last batch: a hole
+    assert layerscope.verify(path).ok
+    ds = layerscope.open_trace(path)
+    assert ds["kept@output"].values.tobytes() == np.concatenate(given).tobytes()
 
 
 def test_later_batches_reuse_the_first_batches_buffers(tmp_path, monkeypatch):
