@@ -1,9 +1,9 @@
 """A PyTorch model traced at every module (its outputs gathered, taken the direct way into the
 chunk memory and written a group at a time by the chunk-writing process or by one writer
 task; or, gathering off, copied the short way into pool memory and written a task each)
-under faults: a disk that fills up (a real tmpfs), SIGKILL at random moments, the chunk
-process killed, chunk files it wrote damaged, and two traces at once, each with its chunk
-process. What docs/guarantees.md promises holds: the store opens
+under faults: a disk that fills up (a real tmpfs), SIGKILL at random moments and while the
+close writes through the page cache, the chunk process killed, chunk files it wrote damaged,
+and two traces at once, each with its chunk process. What docs/guarantees.md promises holds: the store opens
 at its last commit with every committed row equal to the model's own output, `verify` passes,
 and a kill of the gathering writer loses at most 2G - 1 of the batches that ended."""
 
@@ -462,3 +462,74 @@ def test_a_kill_while_the_chunk_process_makes_the_arrays_leaves_a_store_to_appen
              if kind == CHUNK and os.path.basename(p).startswith("c.0.")}
     assert first & {str(folder) for folder in made}, "the arrays left behind: not by the process"
     assert check(path, 2 * GROUP) == 2 * GROUP
+
+
+KILL_IN_CLOSE = textwrap.dedent("""
+    import os
+    import signal
+    import sys
+    import torch
+    import layerscope
+    sys.path.insert(0, sys.argv[2])  # the checkout: its tests package
+    from layerscope.core import chunkfile, chunkproc, gatherwrite
+    from tests.faults.test_many_sites_faults import SLICE, inputs, model, options
+
+    mode, cached = sys.argv[3], []
+    if mode == "process":  # killed with the close's second request in the pipe
+        gatherwrite.PROCESS_FROM, gatherwrite.REQUEST_CHUNKS = 1, SLICE
+        send = chunkproc.ChunkProcess.send
+
+        def sent(self, jobs):
+            send(self, jobs)
+            if any(job[4] == chunkproc.CACHED_CHUNK for job in jobs):
+                cached.append(jobs)
+                if len(cached) == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        chunkproc.ChunkProcess.send = sent
+    else:  # killed once the close's writer threads wrote ten chunk files
+        write = chunkfile.ChunkFiles.write
+
+        def written(self, *args, **kwargs):
+            write(self, *args, **kwargs)
+            if self.cached:
+                cached.append(args[0])
+                if len(cached) == 10:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        chunkfile.ChunkFiles.write = written
+    net = model()
+    with torch.no_grad(), layerscope.trace(net, sys.argv[1], options=options(mode)):
+        for x in inputs(int(sys.argv[4])):
+            net(x)
+""")
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_a_kill_while_the_close_writes_through_the_page_cache_leaves_a_store_to_append_to(
+        tmp_path, mode):
+    """SIGKILL while the close writes the last group's chunks through the page cache (by the
+    chunk process, a request in its pipe; or by the writer threads, some files written):
+    the store opens at its last commit, which holds every batch but the last group's at
+    most two groups back, every committed row exact; ``verify`` passes; an append continues
+    it, every value exact."""
+    script = tmp_path / "child.py"
+    script.write_text(KILL_IN_CLOSE)
+    path = tmp_path / "t.zarr"
+    given = 4 * GROUP + 1  # the last group, of one batch, is written at the close
+    child = subprocess.Popen([sys.executable, "-P", str(script), str(path), ROOT, mode,
+                              str(given)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, err[-2000:]
+    deadline = time.monotonic() + 10  # its chunk process sees the pipe close, and ends
+    while chunk_processes(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not chunk_processes(child.pid)
+    committed = check(path, given)
+    assert given - (2 * GROUP - 1) <= committed < given, committed
+    more, net = committed + 2 * GROUP, model()
+    with torch.no_grad(), layerscope.trace(net, path, mode="a", options=options(mode)):
+        for x in inputs(more)[committed:]:
+            net(x)
+    assert check(path, more) == more
