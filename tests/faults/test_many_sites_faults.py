@@ -111,6 +111,16 @@ def chunk_processes(parent: int) -> list[int]:
     return found
 
 
+def assert_killed_with_its_chunk_process(child: subprocess.Popen, err: str) -> None:
+    """``child`` (ended) died of SIGKILL, and its chunk process, which sees its pipe close,
+    ended within 10 s."""
+    assert child.returncode == -signal.SIGKILL, err[-2000:]
+    deadline = time.monotonic() + 10
+    while chunk_processes(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not chunk_processes(child.pid)
+
+
 def check(path, batches_given: int, gathered: bool = True) -> int:
     """The store opens; its committed rows equal the model's outputs; verify passes."""
     with warnings.catch_warnings():
@@ -189,11 +199,7 @@ def test_a_kill_at_random_moments_loses_at_most_two_groups(tmp_path, mode):
         time.sleep(rng.uniform(1.0, 3.0))
         child.send_signal(signal.SIGKILL)
         out, err = child.communicate(timeout=60)
-        assert child.returncode == -signal.SIGKILL, err[-2000:]
-        deadline = time.monotonic() + 10  # its chunk process sees the pipe close, and ends
-        while chunk_processes(child.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not chunk_processes(child.pid)
+        assert_killed_with_its_chunk_process(child, err)
         # whole lines only: the kill may cut the last one
         ended = [line.split() for line in out.splitlines()
                  if line.startswith("ended ") and len(line.split()) == 3]
@@ -521,11 +527,7 @@ def test_a_kill_while_the_close_writes_through_the_page_cache_leaves_a_store_to_
                               str(given)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == -signal.SIGKILL, err[-2000:]
-    deadline = time.monotonic() + 10  # its chunk process sees the pipe close, and ends
-    while chunk_processes(child.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not chunk_processes(child.pid)
+    assert_killed_with_its_chunk_process(child, err)
     committed = check(path, given)
     assert given - (2 * GROUP - 1) <= committed < given, committed
     more, net = committed + 2 * GROUP, model()
