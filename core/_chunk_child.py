@@ -4,15 +4,15 @@ it imports no more than the standard library, ``crc32c`` and :mod:`._rawfile`).
 Each request on the request pipe is an 8-byte length, a pickled list of ``(path, nbytes,
 length, checksum, kind)`` and then each file's ``nbytes`` of body in that order. A chunk
 (``kind`` :data:`CHUNK`) is written as the file ``path`` (its page-aligned head with
-``O_DIRECT``, the rest and, with ``checksum``, its crc32c through the page cache), zeros up
-to ``length`` where the body is shorter (a hole: the unused rows of a chunk; the checksum
-covers them); :data:`CACHED_CHUNK` the same, all of it through the page cache (the chunks a
-writer's close waits for). A new array's ``zarr.json`` (:data:`DOCUMENT`, or
-:data:`DOCUMENT_NEW_FOLDER` to make its folder first) is written in one step, a temporary
-file renamed into place (:func:`._rawfile.write_document`). One reply goes back: each file's crc32c (0 for a
-document), in order, up to the first failure, and that failure as ``(errno, strerror,
-path)`` or None. After a failure the remaining bodies are read and dropped, so that
-the next request starts in step.
+``O_DIRECT``, the rest and, with ``checksum``, its crc32c through the page cache), zeros up to
+``length`` where the body is shorter (a hole: the unused rows of a chunk; the checksum covers
+them); :data:`CACHED_CHUNK` the same, all of it through the page cache (the chunks a writer's
+close waits for). A new array's ``zarr.json`` (:data:`DOCUMENT`, or
+:data:`DOCUMENT_NEW_FOLDER` to make its folder first) is written in one step, a temporary file
+renamed into place (:func:`._rawfile.write_document`). One reply goes back: each file's crc32c
+(0 for a document), in order, up to the first failure, and that failure as ``(errno, strerror,
+path)`` or None. After a failure the remaining bodies are read and dropped, so that the next
+request starts in step.
 
 The process ends when its request pipe closes, or once the process that started it is gone
 (checked before each file: an orphan writes at most one more file).
