@@ -7,6 +7,12 @@ stream that first waits for the model's stream to reach that point. The model's 
 waits for the side stream, nor the host for either: the hook returns once the copy is queued.
 A writer thread waits on the copy's event before it reads the buffer (:func:`host_array`).
 
+A bfloat16 tensor is widened to float32 by that device-to-device copy (the format stores
+bfloat16 as float32, exactly): on the device the widening costs microseconds, where on the
+host it took the writer threads longer than the copy itself (measured on an H200,
+benchmarks/README.md "GPU capture"). The copy off the device then moves twice the bytes, well
+within what the link carries.
+
 Pinned buffers come from a :class:`PinnedPool` and are reused batch after batch. A buffer goes
 back to the pool when nothing refers to its copy any more (the writer dropped the task and
 every NumPy view of it), and is handed out again only once its copy's event has completed: the
@@ -156,11 +162,14 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
+def _host_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` is copied off the device as: the one it is stored as."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype  # exact: every bfloat16 is one
+
+
 def host_array(copy: DeviceCopy) -> np.ndarray:
     """The copied values as NumPy, once the copy completed (called on a writer thread)."""
     copy.wait()
-    if copy.dtype == torch.bfloat16:
-        return copy.host.float().numpy()  # exact: every bfloat16 is a float32
     return np.asarray(copy)
 
 
@@ -176,7 +185,10 @@ class DeviceCopies:
     def copy(self, tensor: torch.Tensor) -> DeviceCopy:
         ops = self.ops
         model_stream = ops.current_stream(tensor.device)
-        frozen = tensor.clone(memory_format=torch.contiguous_format)  # on the model's stream
+        # on the model's stream; a new tensor whatever the dtype, so that a later in-place
+        # op of the model cannot reach it
+        frozen = tensor.to(dtype=_host_dtype(tensor.dtype), memory_format=torch.contiguous_format,
+                           copy=True)
         ready = ops.new_event(blocking=False)
         ready.record(model_stream)
         side = self._side_stream(tensor.device)

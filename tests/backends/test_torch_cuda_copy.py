@@ -153,10 +153,10 @@ def test_copy_runs_on_the_side_stream_and_is_read_after_its_event(fake, copies):
     assert waited is held.done and waited.blocking  # the reader sleeps, it does not spin
 
 
-def test_bfloat16_is_read_as_float32_exactly(copies):
+def test_bfloat16_is_widened_on_the_device_and_read_as_float32_exactly(copies):
     tensor = torch.randn(3, 7).to(torch.bfloat16)
     held = copies.copy(tensor)
-    assert held.nbytes == tensor.numel() * 2  # copied as bfloat16: half the bytes
+    assert held.dtype == torch.float32 and held.nbytes == tensor.numel() * 4
     values = host_array(held)
     assert values.dtype == np.float32
     np.testing.assert_array_equal(values, tensor.float().numpy())
