@@ -24,7 +24,7 @@ import layerscope
 from layerscope.backends import _torch_cuda
 from tests import reduce_reference as ref
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 LAYERS, VOCAB, BATCHES = 3, 120, 4
 
@@ -69,6 +69,7 @@ def own_outputs(model: nn.Module, sites: list[str], calls: list[dict[str, Any]]
     return seen
 
 
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_outputs_and_attention_maps_equal_the_models_own(tmp_path: Path,
                                                                   dtype: torch.dtype) -> None:
@@ -94,6 +95,7 @@ def test_block_outputs_and_attention_maps_equal_the_models_own(tmp_path: Path,
                                       err_msg=f"{site} attention")
 
 
+@needs_cuda
 def test_pinned_buffers_are_reused_batch_after_batch(tmp_path: Path) -> None:
     model = llama(torch.float32)
     calls = [{"input_ids": ids} for ids in batches(count=12)]
@@ -123,6 +125,7 @@ class InPlace(nn.Module):
         return self.scale(self.relu(hidden))
 
 
+@needs_cuda
 def test_an_in_place_op_after_the_hook_does_not_reach_the_stored_values(tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = InPlace().cuda().eval()
@@ -139,6 +142,7 @@ def test_an_in_place_op_after_the_hook_does_not_reach_the_stored_values(tmp_path
     np.testing.assert_array_equal(stored, np.concatenate(expected))
 
 
+@needs_cuda
 def test_reductions_run_on_the_device_and_only_their_results_come_off_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = llama(torch.float32)
@@ -180,6 +184,7 @@ def test_reductions_run_on_the_device_and_only_their_results_come_off_it(
     assert (3, 12, hidden) not in copied  # no whole block output left the device
 
 
+@needs_cuda
 def test_a_model_spread_over_the_gpu_cpu_and_disk_is_traced_as_untraced(tmp_path: Path) -> None:
     torch.manual_seed(3)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
