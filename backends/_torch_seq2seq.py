@@ -225,12 +225,15 @@ class Seq2Seq:
 
     # -- hooks -------------------------------------------------------------------------------
 
-    def install(self, model: nn.Module) -> list[Any]:
-        """Hooks that follow the stacks and every attention call; install them after the
-        capture's own, so an attention call's record is still there when its map is put."""
+    def install(self, model: nn.Module, maps_wanted: Callable[[str], bool]) -> list[Any]:
+        """Hooks that follow the stacks and the attention calls; install them after the
+        capture's own, so an attention call's record is still there when its map is put.
+        Outside an encoder-decoder only the calls whose maps are stored (``maps_wanted`` of
+        the module's path) are followed: a call's record labels its map, nothing else."""
         handles = []
         for module in model.modules():
-            if is_attention_module(module):
+            if is_attention_module(module) and (
+                    self.active or maps_wanted(self._sites.get(id(module), ""))):
                 handles.append(module.register_forward_pre_hook(self._attention_entered,
                                                                 with_kwargs=True))
                 handles.append(module.register_forward_hook(self._attention_left))

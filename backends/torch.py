@@ -310,7 +310,9 @@ class _Capture:
                      self.outputs(s, m, a, k, o, att, out)) if attention else
                     self._output_hook(site), with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
-        self.handles.extend(self.seq2seq.install(model))  # after the hooks above: see install
+        self.handles.extend(self.seq2seq.install(  # after the hooks above: see install
+            model, lambda path: selection.matches(_site(path))
+            and selection.wants("attention", _site(path))))
         self.handles.extend(self.routers.install())
 
     def _output_hook(self, site: str) -> Callable[..., None]:

@@ -176,3 +176,25 @@ def test_bert_to_bert_decoder_whose_stack_holds_an_encoder_named_module(tmp_path
             ("batch", "token", "hidden")
     assert ds["root@output.logits"].dims[:2] == ("batch", "decoder_token")
     np.testing.assert_array_equal(ds["decoder_token_id"].values, decoder_ids.numpy())
+
+
+def test_outside_an_encoder_decoder_only_the_attention_calls_whose_maps_are_stored_are_followed(
+        tmp_path):
+    """A decoder-only model traced at its outputs has no hook on its attention modules (a
+    call's record only labels its map); one traced for one layer's map follows that layer's
+    calls alone, and the map is still marked self."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2)).eval()
+    ids = torch.randint(3, 64, (2, 6))
+    attention = {f"h.{i}.attn": model.h[i].attn for i in range(2)}
+    for capture, followed in (("h.?@output", set()), ("h.1.attn@attention", {"h.1.attn"})):
+        path = tmp_path / f"{len(followed)}.zarr"
+        with layerscope.trace(model, path, capture), torch.no_grad():
+            hooked = {site for site, module in attention.items() if module._forward_pre_hooks}
+            model(input_ids=ids)
+        assert hooked == followed, capture
+        maps = [var for name, var in layerscope.open_trace(path).data_vars.items()
+                if str(name).endswith("@attention")]
+        assert [var.attrs["attention"] for var in maps] == ["self"] * len(followed)
