@@ -21,11 +21,16 @@ device-to-host bandwidth (a plain copy of a 1 GiB device buffer into pinned memo
 sequential write bandwidth of the store's disk. Two more columns split a row's time: "in
 batches", its time per batch from the trace's open to the last batch done on the device, as
 a ratio to the plain forward; "open+close", what opening and closing the store add to a
-trace (the close waits for the writer to finish). Target: block outputs -> zarr within 1.10x
+trace (the close waits for the writer to finish); "thread CPU", the model thread's CPU time
+a batch: what it adds to the plain forward's is work on that thread, and the time in batches
+beyond it is waiting (for the device, the writer's budget or Python's lock). ``--profile
+DIR`` then traces each capture row once more under cProfile (the model's thread) and writes
+its 40 costliest functions to DIR. Target: block outputs -> zarr within 1.10x
 of the plain forward. Stores are deleted after each run, untimed (the disk is small).
 
     python benchmarks/gpu_capture.py [--batch 2] [--tokens 1024] [--batches 10]
         [--attention-batches 3] [--trials 5] [--attn sdpa|eager] [--workers 2] [--store DIR]
+        [--profile DIR]
     python benchmarks/gpu_capture.py --cpu-smoke   # a tiny config on CPU: runs the script's
                                                    # code, measures nothing about GPUs
 """
@@ -33,7 +38,10 @@ of the plain forward. Stores are deleted after each run, untimed (the disk is sm
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import shutil
 import statistics
 import sys
@@ -62,6 +70,7 @@ TARGET = 1.10
 class Timing:
     total: float  # seconds, the trace's open and close included
     batches: float  # seconds from the trace's open to the last batch done on the device
+    cpu: float  # CPU seconds of the model's thread in those batches
     stored: int = 0  # bytes on disk
 
 
@@ -99,13 +108,13 @@ def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
 
 def run_plain(setup: Setup, batches: int) -> Timing:
     setup.sync()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     with torch.no_grad():
         for _ in range(batches):
             setup.model(input_ids=setup.ids, use_cache=False)
     setup.sync()
     elapsed = time.perf_counter() - start
-    return Timing(elapsed, elapsed)
+    return Timing(elapsed, elapsed, time.thread_time() - cpu)
 
 
 def run_capture(setup: Setup, batches: int, capture: list[str], kinds: list[str],
@@ -116,25 +125,26 @@ def run_capture(setup: Setup, batches: int, capture: list[str], kinds: list[str]
     start = time.perf_counter()
     if copied_only:  # the writer waits for each copy and converts it, then drops it
         with replaced(TraceWriter, "_write", lambda self, task: task.to_numpy(task.data)):
-            ran = _trace(setup, path, batches, capture, kinds, options, **select)
+            ran, cpu = _trace(setup, path, batches, capture, kinds, options, **select)
     else:
-        ran = _trace(setup, path, batches, capture, kinds, options, **select)
+        ran, cpu = _trace(setup, path, batches, capture, kinds, options, **select)
     elapsed = time.perf_counter() - start  # the trace's close waited for every byte
     stored = folder_bytes(path)
     shutil.rmtree(path)
-    return Timing(elapsed, ran, stored)
+    return Timing(elapsed, ran, cpu, stored)
 
 
 def _trace(setup: Setup, path: Path, batches: int, capture: list[str], kinds: list[str],
-           options: StoreOptions, **select: Any) -> float:
-    """Seconds from the trace's open to the last batch done on the device (its copies too)."""
+           options: StoreOptions, **select: Any) -> tuple[float, float]:
+    """Seconds from the trace's open to the last batch done on the device (its copies too),
+    and the model thread's CPU seconds in them."""
     with layerscope.trace(setup.model, path, capture, kinds=kinds, options=options,
                           **select), torch.no_grad():
-        opened = time.perf_counter()
+        opened, cpu = time.perf_counter(), time.thread_time()
         for _ in range(batches):
             setup.model(input_ids=setup.ids, use_cache=False)
         setup.sync()
-        return time.perf_counter() - opened
+        return time.perf_counter() - opened, time.thread_time() - cpu
 
 
 def device_to_host_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -191,6 +201,23 @@ def captured_bytes(model: torch.nn.Module, ids: torch.Tensor, capture: list[str]
     return total
 
 
+def profile_rows(rows: dict[str, Row], folder: Path) -> None:
+    """Each capture row once more under cProfile (the model's thread, where the hooks run):
+    its 40 costliest functions by their own time, one text file a row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, row in rows.items():
+        if name == "plain forward":
+            continue
+        profile = cProfile.Profile()
+        profile.enable()
+        row.run(row.batches)
+        profile.disable()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(40)
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        (folder / f"{slug}.txt").write_text(f"{name}, {row.batches} batches\n{text.getvalue()}")
+
+
 def human_bytes(nbytes: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
@@ -211,6 +238,8 @@ def main() -> None:
                         help="writer threads")
     parser.add_argument("--store", type=Path, default=None,
                         help="folder for the stores (default: a temporary folder)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="after the trials, profile each capture row once into this folder")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="a tiny config on CPU: exercises this script, measures no GPU")
     args = parser.parse_args()
@@ -262,6 +291,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in rows}
         in_trace: dict[str, list[float]] = {name: [] for name in rows}
         fixed: dict[str, list[float]] = {name: [] for name in rows}  # open + close - batches
+        cpu: dict[str, list[float]] = {name: [] for name in rows}  # the model thread's
         stored: dict[str, int] = {}
         peaks: dict[str, int] = dict.fromkeys(rows, 0)
         for _ in range(args.trials):
@@ -272,9 +302,12 @@ def main() -> None:
                 times[name].append(timing.total / row.batches)
                 in_trace[name].append(timing.batches / row.batches)
                 fixed[name].append(timing.total - timing.batches)
+                cpu[name].append(timing.cpu / row.batches)
                 stored[name] = timing.stored // row.batches
                 if device.type == "cuda":
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
+        if args.profile is not None:
+            profile_rows(rows, args.profile)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         "CPU (--cpu-smoke: a tiny config; no figure here says anything about GPUs)"
@@ -289,7 +322,7 @@ def main() -> None:
     plain = statistics.median(times["plain forward"])
     print(f"{'row':<28} {'ms/batch':>9} {'vs plain':>9} {'off device':>11} {'GB/s':>7} "
           f"{'of copy':>8} {'stored':>9} {'device peak':>12} {'in batches':>11} "
-          f"{'open+close':>11}")
+          f"{'open+close':>11} {'thread CPU':>11}")
     for name, row in rows.items():
         median = statistics.median(times[name])
         rate = row.moved / median
@@ -299,7 +332,8 @@ def main() -> None:
         batches = statistics.median(in_trace[name])
         print(f"{name:<28} {median * 1e3:>9.1f} {median / plain:>8.2f}x {moved} "
               f"{human_bytes(stored.get(name, 0)):>9} {peak:>12} {batches / plain:>10.2f}x "
-              f"{statistics.median(fixed[name]) * 1e3:>8.0f} ms")
+              f"{statistics.median(fixed[name]) * 1e3:>8.0f} ms "
+              f"{statistics.median(cpu[name]) * 1e3:>8.1f} ms")
     blocks_ratio = statistics.median(times["block outputs -> zarr"]) / plain
     verdict = "met" if blocks_ratio <= TARGET else "NOT met"
     print(f"target: block outputs -> zarr within {TARGET:.2f}x of the plain forward: "
