@@ -7,8 +7,8 @@ stream that first waits for the model's stream to reach that point. The model's 
 waits for the side stream, nor the host for either: the hook returns once the copy is queued.
 A writer thread waits on the copy's event before it reads the buffer (:func:`host_array`).
 
-A bfloat16 tensor is widened to float32 by that device-to-device copy (the format stores
-bfloat16 as float32, exactly): on the device the widening costs microseconds and takes no
+A bfloat16 tensor is widened to float32 by that device-to-device copy (as every dtype NumPy
+lacks is stored: :mod:`._torch_dtypes`): on the device the widening costs microseconds and takes no
 host CPU from the writer threads; the copy off the device then moves twice the bytes, well
 within what the link carries (on an H200, 27.4 against 29.4 ms a batch for widening on the
 host: benchmarks/README.md, "GPU capture").
@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from ._torch_dtypes import widened
 
 #: free pinned bytes kept for the next batch while a trace is attached (the writer's budget
 #: bounds what is in use; this bounds what waits to be reused)
@@ -162,11 +164,6 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
-def _host_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a tensor of ``dtype`` is copied off the device as: the one it is stored as."""
-    return torch.float32 if dtype == torch.bfloat16 else dtype  # exact: every bfloat16 is one
-
-
 def host_array(copy: DeviceCopy) -> np.ndarray:
     """The copied values as NumPy, once the copy completed (called on a writer thread)."""
     copy.wait()
@@ -187,7 +184,7 @@ class DeviceCopies:
         model_stream = ops.current_stream(tensor.device)
         # on the model's stream; a new tensor whatever the dtype, so that a later in-place
         # op of the model cannot reach it
-        frozen = tensor.to(dtype=_host_dtype(tensor.dtype), memory_format=torch.contiguous_format,
+        frozen = tensor.to(dtype=widened(tensor.dtype), memory_format=torch.contiguous_format,
                            copy=True)
         ready = ops.new_event(blocking=False)
         ready.record(model_stream)

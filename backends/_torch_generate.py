@@ -144,6 +144,11 @@ class StepCollector:
         self._batch = batch_size
         self._current = step
 
+    def skip(self, site: str, kind: str, reason: str) -> None:
+        if self._current is not None:
+            self.skipped.add((site, kind))
+            self.recorder.skip(site, kind, reason)
+
     def put(self, site: str, kind: str, tensor: Any, roles: tuple[str, ...],
             module_type: str = "", to_numpy: ToNumpy | None = None,
             snapshot: Snapshot | None = None, attrs: Any = None) -> None:

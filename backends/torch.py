@@ -10,7 +10,6 @@ A ``torch.compile``d model is traced through the module it wraps, run eagerly wh
 
 from __future__ import annotations
 
-import functools
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ from ._structure import leaves, part_kind
 from ._torch_accelerate import input_device
 from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
+from ._torch_dtypes import stored_dtype, unstorable, widened
 from ._torch_generate import GenerateWrapper
 from ._torch_moe import Routers
 from ._torch_reduce import OPS
@@ -65,11 +65,11 @@ def snapshot(tensor: torch.Tensor, alloc: Alloc | None = None) -> Any:
         raise CaptureError(f"a tensor of shape {tuple(tensor.shape)} is {META}")
     if tensor.device.type != "cpu":
         return tensor.to("cpu")  # waits for the device: only outside a trace, or not CUDA
-    dtype = _host_dtype(tensor.dtype)
+    dtype = stored_dtype(tensor.dtype)
     if alloc is None or dtype is None:
         return tensor.clone(memory_format=torch.contiguous_format)
     host = alloc(tuple(tensor.shape), dtype)
-    torch.from_numpy(host).copy_(tensor)  # bfloat16 -> float32 is exact
+    torch.from_numpy(host).copy_(tensor)  # widened exactly (bfloat16 -> float32)
     return host
 
 
@@ -78,25 +78,12 @@ def _refuse_meta(site: str, kind: str, tensor: torch.Tensor) -> None:
         raise CaptureError(f"{site}@{kind}: the captured tensor is {META}")
 
 
-@functools.cache
-def _host_dtype(dtype: torch.dtype) -> np.dtype | None:
-    """The numpy dtype a tensor of ``dtype`` is stored as; None: numpy has none."""
-    if dtype == torch.bfloat16:
-        return np.dtype(np.float32)
-    try:
-        return torch.empty((), dtype=dtype).numpy().dtype
-    except (TypeError, RuntimeError):
-        return None
-
-
 def to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if isinstance(value, _torch_cuda.DeviceCopy):
         return _torch_cuda.host_array(value)
-    if value.dtype == torch.bfloat16:
-        value = value.float()  # exact: every bfloat16 is a float32
-    return value.numpy()
+    return value.to(widened(value.dtype)).numpy()  # widened exactly where numpy lacks it
 
 
 def _tensors(value: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -169,7 +156,11 @@ class _Capture:
             source: Any = None) -> None:
         """``source``: the first input of the call whose output ``tensor`` is."""
         _refuse_meta(site, kind, tensor)
-        if tensor.is_sparse or tensor.is_quantized or tensor.dim() == 0:
+        if tensor.dim() == 0:
+            return
+        if tensor.layout is not torch.strided:
+            self.recorder.skip(site, kind, f"a {str(tensor.layout).removeprefix('torch.')} "
+                               "tensor; make it dense (to_dense()) in the model to capture it")
             return
         rows = self.routers.unflatten(module, kind, tensor, source)
         if rows is not None:  # a router's (batch·token, ...) rows, back on (batch, token)
@@ -195,7 +186,7 @@ class _Capture:
             self._remember_direct(site, tensor)
 
     def _remember_direct(self, site: str, tensor: torch.Tensor) -> None:
-        dtype = _host_dtype(tensor.dtype)
+        dtype = stored_dtype(tensor.dtype)
         if dtype is not None and tensor.layout == torch.strided:
             # bfloat16 is stored as float32; complex tensors may be conjugate views
             same_bytes = tensor.element_size() == dtype.itemsize and not tensor.is_complex()
@@ -241,6 +232,9 @@ class _Capture:
         """Put ``tensor``, or the reductions of it the selection asks for, computed here on
         its device (only they are copied off it)."""
         recorder = self.recorder
+        if stored_dtype(tensor.dtype) is None:
+            recorder.skip(site, kind, unstorable(tensor.dtype))
+            return
         if not isinstance(recorder, Recorder):  # generate() collects its steps
             if self.selection.reduces:
                 raise CaptureError("positions= and reduce= do not apply to a traced generate(); "

@@ -199,6 +199,12 @@ class Recorder:
         self._store(site, kind, tensor, roles, module_type, to_numpy, snapshot, attrs, region,
                     call_index)
 
+    def skip(self, site: str, kind: str, reason: str) -> None:
+        """Store nothing of ``(site, kind)`` in this trace, and record ``reason`` (a backend
+        that cannot copy the tensor, e.g. of a dtype NumPy has no type for)."""
+        if self.writer.batch_size is not None:
+            self.skipped.setdefault(variable_name(site, kind), reason)
+
     def direct_site(self, site: str, kind: str) -> SitePut | None:
         """The way for ``(site, kind)`` straight into the writer (its variable's chunk
         memory, or pool memory queued for writing), for a backend to keep

@@ -73,6 +73,51 @@ def test_bfloat16_is_stored_losslessly(tmp_path):
     assert torch.equal(torch.from_numpy(stored).to(torch.bfloat16), out)
 
 
+class NarrowTypes(nn.Module):
+    """A linear layer's output handed on in dtypes NumPy lacks, and in two it cannot hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.linear(x)
+        narrow = {name: h.to(getattr(torch, name)) for name in
+                  ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)}
+        return {**narrow, "half_complex": torch.complex(h, -h).to(torch.complex32),
+                "quantized": torch.quantize_per_tensor(h, 0.1, 0, torch.qint8),
+                "sparse": h.to_sparse(), "plain": h}
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_dtypes_numpy_lacks_are_stored_widened_and_those_it_cannot_hold_are_skipped(tmp_path):
+    """float8 as float32 and complex32 as complex64, exactly; a quantized and a sparse output
+    are skipped with the reason recorded, and the rest of the trace is stored."""
+    torch.manual_seed(0)
+    model = NarrowTypes().eval()
+    path = tmp_path / "t.zarr"
+    with layerscope.trace(model, path), torch.no_grad():
+        out = model(torch.randn(3, 4))
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["status"] == "complete"
+    widened = {"float8_e4m3fn": torch.float32, "float8_e5m2": torch.float32,
+               "half_complex": torch.complex64, "plain": torch.float32}
+    for key, wide in widened.items():
+        if key not in out:
+            continue
+        stored = ds[f"root@output.{key}"]
+        assert stored.dims == ("batch", "hidden"), key
+        np.testing.assert_array_equal(stored.values, out[key].to(wide).numpy(), err_msg=key)
+        assert stored.dtype == torch.empty((), dtype=wide).numpy().dtype, key
+    skipped = ds.attrs["skipped"]
+    assert "root@output.quantized" not in ds and "root@output.sparse" not in ds
+    assert "qint8" in skipped["root@output.quantized"] and \
+        "dequantize" in skipped["root@output.quantized"]
+    assert "sparse_coo" in skipped["root@output.sparse"] and \
+        "to_dense()" in skipped["root@output.sparse"]
+
+
 def test_tensor_without_batch_axis_is_skipped_and_recorded(tmp_path):
     class Broadcast(nn.Module):
         def __init__(self) -> None:
