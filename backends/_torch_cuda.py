@@ -7,11 +7,11 @@ stream that first waits for the model's stream to reach that point. The model's 
 waits for the side stream, nor the host for either: the hook returns once the copy is queued.
 A writer thread waits on the copy's event before it reads the buffer (:func:`host_array`).
 
-A bfloat16 tensor is widened to float32 by that device-to-device copy (as every dtype NumPy
-lacks is stored: :mod:`._torch_dtypes`): on the device the widening costs microseconds and takes no
-host CPU from the writer threads; the copy off the device then moves twice the bytes, well
-within what the link carries (on an H200, 27.4 against 29.4 ms a batch for widening on the
-host: benchmarks/README.md, "GPU capture").
+A bfloat16 tensor is widened to float32 by that device-to-device copy, as every dtype NumPy
+lacks is stored (:mod:`._torch_dtypes`): on the device the widening costs microseconds and
+takes no host CPU from the writer threads; the copy off the device then moves twice the
+bytes, well within what the link carries (on an H200, 27.4 against 29.4 ms a batch for
+widening on the host: benchmarks/README.md, "GPU capture").
 
 Pinned buffers come from a :class:`PinnedPool` and are reused batch after batch. A buffer goes
 back to the pool when nothing refers to its copy any more (the writer dropped the task and

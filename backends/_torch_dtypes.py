@@ -2,13 +2,14 @@
 
 NumPy, and so Zarr, has no bfloat16, no float8 types and no 32-bit complex: those are widened
 to float32 (complex64), exactly, as every value of the narrow type is one of the wide type.
-A dtype with no NumPy type even so (quantized tensors, bit and unsigned-bit types) cannot be
+A dtype with no NumPy type even so (quantized tensors, the bit types, packed float4) cannot be
 stored: the capture skips its variable and records why (:data:`UNSTORABLE`).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -36,7 +37,9 @@ def widened(dtype: torch.dtype) -> torch.dtype:
 def stored_dtype(dtype: torch.dtype) -> np.dtype | None:
     """The NumPy dtype a tensor of ``dtype`` is stored as; None: it cannot be stored."""
     try:
-        return torch.empty((), dtype=widened(dtype)).numpy().dtype
+        with warnings.catch_warnings():  # making a quantized tensor warns that it is deprecated
+            warnings.simplefilter("ignore")
+            return torch.empty((), dtype=widened(dtype)).numpy().dtype
     except (TypeError, RuntimeError):
         return None
 
