@@ -24,7 +24,6 @@ Every CUDA call goes through :class:`CudaOps`, so tests run this logic on CPU wi
 
 from __future__ import annotations
 
-import functools
 import threading
 import weakref
 from collections import defaultdict
@@ -35,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ._torch_dtypes import widened
+from ._torch_dtypes import stored_dtype, widened
 
 #: free pinned bytes kept for the next batch while a trace is attached (the writer's budget
 #: bounds what is in use; this bounds what waits to be reused)
@@ -155,13 +154,10 @@ class DeviceCopy:
     def __array_interface__(self) -> dict[str, Any]:
         # an array made from this object holds it as its base, so the buffer goes back to the
         # pool only after the last view of it is gone
+        dtype = stored_dtype(self.dtype)
+        assert dtype is not None  # only storable tensors are copied (the capture skips others)
         return {"data": (self.host.data_ptr(), False), "shape": self.shape,
-                "typestr": _numpy_dtype(self.dtype).str, "version": 3}
-
-
-@functools.cache
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.empty((), dtype=dtype).numpy().dtype
+                "typestr": dtype.str, "version": 3}
 
 
 def host_array(copy: DeviceCopy) -> np.ndarray:

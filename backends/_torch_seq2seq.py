@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -225,15 +225,14 @@ class Seq2Seq:
 
     # -- hooks -------------------------------------------------------------------------------
 
-    def install(self, model: nn.Module, maps_wanted: Callable[[str], bool]) -> list[Any]:
+    def install(self, model: nn.Module, mapped: Collection[nn.Module]) -> list[Any]:
         """Hooks that follow the stacks and the attention calls; install them after the
         capture's own, so an attention call's record is still there when its map is put.
-        Outside an encoder-decoder only the calls whose maps are stored (``maps_wanted`` of
-        the module's path) are followed: a call's record labels its map, nothing else."""
+        Outside an encoder-decoder only the calls of ``mapped`` (the attention modules whose
+        maps are stored) are followed: a call's record labels its map, nothing else."""
         handles = []
         for module in model.modules():
-            if is_attention_module(module) and (
-                    self.active or maps_wanted(self._sites.get(id(module), ""))):
+            if is_attention_module(module) and (self.active or module in mapped):
                 handles.append(module.register_forward_pre_hook(self._attention_entered,
                                                                 with_kwargs=True))
                 handles.append(module.register_forward_hook(self._attention_left))

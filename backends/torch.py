@@ -83,7 +83,8 @@ def to_numpy(value: Any) -> np.ndarray:
         return value
     if isinstance(value, _torch_cuda.DeviceCopy):
         return _torch_cuda.host_array(value)
-    return value.to(widened(value.dtype)).numpy()  # widened exactly where numpy lacks it
+    wide = widened(value.dtype)
+    return (value if wide is value.dtype else value.to(wide)).numpy()  # widened exactly
 
 
 def _tensors(value: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -187,7 +188,7 @@ class _Capture:
 
     def _remember_direct(self, site: str, tensor: torch.Tensor) -> None:
         dtype = stored_dtype(tensor.dtype)
-        if dtype is not None and tensor.layout == torch.strided:
+        if dtype is not None:  # put() lets strided tensors alone this far
             # bfloat16 is stored as float32; complex tensors may be conjugate views
             same_bytes = tensor.element_size() == dtype.itemsize and not tensor.is_complex()
             self._direct[site] = (tensor.dtype, dtype, same_bytes)
@@ -286,12 +287,14 @@ class _Capture:
         model, selection = self.model, self.selection
         self.handles.append(model.register_forward_pre_hook(self.begin, with_kwargs=True))
         self.handles.extend(TimeMajorIds().install(model))  # (token, batch) ids: refused
+        mapped = set()  # the attention modules whose maps are stored
         for path, module in model.named_modules():
             site = _site(path)
             if not selection.matches(site):
                 continue
             attention = selection.wants("attention", site) and is_attention_module(module)
             if attention:
+                mapped.add(module)
                 self.handles.append(module.register_forward_pre_hook(
                     self.attention.enter, with_kwargs=True))
             if selection.wants("input", site):
@@ -304,9 +307,7 @@ class _Capture:
                      self.outputs(s, m, a, k, o, att, out)) if attention else
                     self._output_hook(site), with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
-        self.handles.extend(self.seq2seq.install(  # after the hooks above: see install
-            model, lambda path: selection.matches(_site(path))
-            and selection.wants("attention", _site(path))))
+        self.handles.extend(self.seq2seq.install(model, mapped))  # after the hooks above
         self.handles.extend(self.routers.install())
 
     def _output_hook(self, site: str) -> Callable[..., None]:

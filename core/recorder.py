@@ -187,9 +187,7 @@ class Recorder:
         shape = tuple(int(n) for n in tensor.shape)
         if not shape or shape[0] != batch:
             # e.g. position or rotary embeddings, computed once and broadcast over the batch
-            self.skipped[variable_name(site, kind)] = (
-                f"shape {shape} has no leading batch axis of {batch}"
-            )
+            self.skip(site, kind, f"shape {shape} has no leading batch axis of {batch}")
             return
         if (self.selection.reduces and not self._backend_reduces and ":" not in kind
                 and region is None):

@@ -3,9 +3,10 @@ chunk memory and written a group at a time by the chunk-writing process or by on
 task; or, gathering off, copied the short way into pool memory and written a task each)
 under faults: a disk that fills up (a real tmpfs), SIGKILL at random moments and while the
 close writes through the page cache, the chunk process killed, chunk files it wrote damaged,
-and two traces at once, each with its chunk process. What docs/guarantees.md promises holds: the store opens
-at its last commit with every committed row equal to the model's own output, `verify` passes,
-and a kill of the gathering writer loses at most 2G - 1 of the batches that ended."""
+and two traces at once, each with its chunk process. What docs/guarantees.md promises holds:
+the store opens at its last commit with every committed row equal to the model's own output,
+`verify` passes, and a kill of the gathering writer loses at most 2G - 1 of the batches that
+ended."""
 
 from __future__ import annotations
 
