@@ -39,12 +39,14 @@ class TorchOps:
         return torch.take_along_dim(x, _along(index, x, axis), dim=axis)
 
     def fill(self, x: Any, axis: int, keep: Any) -> Any:
+        value: float | bool
         if x.is_floating_point() or x.is_complex():
-            value: float = float("nan")
+            value = float("nan")
         else:
-            value = 0 if x.dtype in (torch.bool, torch.uint8) else -1
-        return torch.where(_along(keep != 0, x, axis), x, torch.tensor(value, dtype=x.dtype,
-                                                                         device=x.device))
+            value = False if x.dtype is torch.bool else 0 if x.dtype is torch.uint8 else -1
+        # a Python scalar, not a tensor made of one: that is a copy from the host, which on a
+        # GPU waits for the device (a scalar of the tensor's kind keeps its dtype)
+        return torch.where(_along(keep != 0, x, axis), x, value)
 
     def mean(self, x: Any, axis: int, keep: Any) -> Any:
         x = _wide(x)

@@ -33,7 +33,7 @@ import functools
 import inspect
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -253,7 +253,7 @@ class Seq2Seq:
         bound = bound_arguments(_forward_of(self.model), (self.model, *args), kwargs) or {}
         for name in _TOKEN_GRIDS:
             grid = bound.get(name)
-            if isinstance(grid, torch.Tensor) and _ids(grid) is not None:
+            if _is_ids(grid):  # not copied to the host: on a GPU that waits for the device
                 self._token_grids[id(grid)] = weakref.ref(grid)
         if not self.active:
             return token_ids, None
@@ -379,8 +379,11 @@ def _keeps_positions(module: nn.Module) -> bool:
         module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm))
 
 
+def _is_ids(value: Any) -> TypeGuard[torch.Tensor]:
+    """Whether ``value`` is a 2-d integer tensor, as token ids are."""
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+
+
 def _ids(value: Any) -> Any:
     """A 2-d integer tensor of token ids as NumPy; None for anything else."""
-    if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point():
-        return value.detach().cpu().numpy()
-    return None
+    return value.detach().cpu().numpy() if _is_ids(value) else None
