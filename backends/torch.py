@@ -73,6 +73,11 @@ def snapshot(tensor: torch.Tensor, alloc: Alloc | None = None) -> Any:
     return host
 
 
+def _on_device(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is copied off a CUDA device when captured (:mod:`._torch_cuda`)."""
+    return tensor.is_cuda
+
+
 def _refuse_meta(site: str, kind: str, tensor: torch.Tensor) -> None:
     if tensor.is_meta:
         raise CaptureError(f"{site}@{kind}: the captured tensor is {META}")
@@ -117,10 +122,11 @@ class _Capture:
         # channels-first and vocabulary roles given this pass, by tensor: a container or an
         # activation passing a convolution's map (or a head's logits) on keeps its roles
         self._channels_first: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...]]] = {}
-        #: site -> (dtype, stored dtype, same bytes) of a lone output tensor an earlier pass
-        #: stored with no side effect on later sites (see _put_direct): the next may go
-        #: straight to the writer (Recorder.direct_site), none of the labeling run again
-        self._direct: dict[str, tuple[torch.dtype, np.dtype, bool]] = {}
+        #: site -> (dtype, stored dtype, same bytes, on a CUDA device) of a lone output tensor
+        #: an earlier pass stored with no side effect on later sites (see _put_direct): the
+        #: next may go straight to the writer (Recorder.direct_site), none of the labeling
+        #: run again
+        self._direct: dict[str, tuple[torch.dtype, np.dtype, bool, bool]] = {}
         self._site_puts: dict[str, SitePut] = {}  # the recorder's direct_site, per site
 
     # -- passes ------------------------------------------------------------------------------
@@ -183,7 +189,7 @@ class _Capture:
         self._store(site, kind, moved, roles, module, attrs)
         if kind == "output" and moved is tensor and inherited is None and not vocabulary \
                 and "channel" not in roles and not attrs and not self.seq2seq.active \
-                and tensor.device.type == "cpu":
+                and (tensor.is_cpu or _on_device(tensor)):
             self._remember_direct(site, tensor)
 
     def _remember_direct(self, site: str, tensor: torch.Tensor) -> None:
@@ -191,18 +197,20 @@ class _Capture:
         if dtype is not None:  # put() lets strided tensors alone this far
             # bfloat16 is stored as float32; complex tensors may be conjugate views
             same_bytes = tensor.element_size() == dtype.itemsize and not tensor.is_complex()
-            self._direct[site] = (tensor.dtype, dtype, same_bytes)
+            self._direct[site] = (tensor.dtype, dtype, same_bytes, _on_device(tensor))
 
     def _put_direct(self, site: str, output: Any) -> bool:
         """Store ``output`` the way :meth:`put` stored this site's last time, where that
         changed no state a later site reads (its roles, channels, sides): straight into the
         writer, if it takes it so (a tensor of the variable's stored shape, or shorter along
         token axes: copied into its gathered chunk, or into pool memory and queued; see
-        core/direct.py). Called for every captured module: the cheapest checks (``is_cpu``,
+        core/direct.py; a CUDA tensor's copy off the device queued, see _torch_cuda). On a
+        GPU whose forward is bound by the host's kernel launches, the labeling this skips
+        is a third of a hook's cost. Called for every captured module: the cheapest checks (``is_cpu``,
         not ``device.type``) and no attention lookup where none was stored."""
         known = self._direct.get(site)
         if known is None or type(output) is not torch.Tensor or output.dtype is not known[0] \
-                or not output.is_cpu or output.layout is not torch.strided:
+                or output.layout is not torch.strided or not (known[3] or output.is_cpu):
             return False
         if self._seen_attention:
             seen = self._seen_attention.get(id(output))
@@ -216,6 +224,12 @@ class _Capture:
             if site_put is None:
                 return False
             self._site_puts[site] = site_put
+        if known[3]:  # on a CUDA device: its copy off it is queued, the writer waits for it
+            if not _on_device(output):
+                return False
+            source = output.detach() if output.requires_grad else output
+            return site_put.put_held(tuple(output.shape),
+                                     lambda: _torch_cuda.COPIES.copy(source), to_numpy)
         if site_put.by_address and known[2] and output.is_contiguous() and not output.is_neg():
             address = output.data_ptr()  # the same bytes, in order (0: no memory, empty)
             if address and site_put.put_raw(output.shape, known[1], address):

@@ -33,7 +33,7 @@ _ELSEWHERE, _REFUSED = -1, -2  # DirectSlot.claim_remembered: no rows claimed
 if TYPE_CHECKING:
     from .gather import Chunk
     from .writer import TraceWriter
-    from .writerecords import Variable
+    from .writerecords import Batch, ToNumpy, Variable
 
 
 class DirectSlot:
@@ -151,22 +151,40 @@ class QueuedSlot:
         """``copy`` fills pool memory of ``shape`` and ``dtype`` (the data a snapshot would
         hold: a pass shorter along token axes is filled past its length by the writer's
         thread, as for ``put``); False, with nothing done, where ``put`` must decide."""
+        batch = self._batch_taking(shape)
+        if batch is None:
+            return False
+        self.writer.queue_copy(batch, self.var, shape, dtype, copy)
+        return True
+
+    def put_held(self, shape: tuple[int, ...], hold: Callable[[], Any],
+                 to_numpy: ToNumpy) -> bool:
+        """:meth:`put` of a tensor of ``shape`` that ``hold`` starts copying (off a device),
+        queued as it is: a writer thread waits for it (``to_numpy``)."""
+        batch = self._batch_taking(shape)
+        if batch is None:
+            return False
+        self.writer.queue_held(batch, self.var, hold(), to_numpy)
+        return True
+
+    def _batch_taking(self, shape: tuple[int, ...]) -> Batch | None:
+        """The batch under way, where it takes a tensor of ``shape`` as ``put`` would; None
+        where ``put`` must decide."""
         writer, var = self.writer, self.var
         batch = writer._current
         if batch is None or var.gather is not None or writer._error is not None \
                 or writer._sizing_budget:
-            return False
+            return None
         if var.trailing is not self._trailing or batch.size != self._shape[0]:
             self._trailing = var.trailing
             self._shape = (batch.size, *var.trailing)
         if shape != self._shape and not self._shorter(shape):
-            return False
+            return None
         lengths = writer._lengths
         for dim, axis in self._growing:  # every variable of the pass agrees on its lengths
             if lengths.setdefault(dim, shape[axis]) != shape[axis]:
-                return False
-        writer.queue_copy(batch, var, shape, dtype, copy)
-        return True
+                return None
+        return batch
 
     def _shorter(self, shape: tuple[int, ...]) -> bool:
         """Whether ``shape`` is the stored one but shorter along token axes."""
@@ -216,6 +234,19 @@ class SitePut:
         nothing done, where ``put`` must run (a later call of the site in the pass, a
         variable no longer gathered, a shape or dtype the slot does not take)."""
         if self._key in self._calls or not self._slot.put(shape, dtype, copy):
+            return False
+        self._calls[self._key] = 1
+        return True
+
+    def put_held(self, shape: tuple[int, ...], hold: Callable[[], Any],
+                 to_numpy: ToNumpy) -> bool:
+        """:meth:`put` of a tensor on a device: ``hold`` starts its copy to the host and
+        returns what a writer thread waits on (``to_numpy``). False, with nothing done,
+        where ``put`` must run, as for :meth:`put`, and for a gathered variable (its rows
+        are placed in chunk memory by the writer's ``put``)."""
+        slot = self._slot
+        if self._key in self._calls or type(slot) is not QueuedSlot \
+                or not slot.put_held(shape, hold, to_numpy):
             return False
         self._calls[self._key] = 1
         return True

@@ -219,6 +219,14 @@ class TraceWriter:
         task.shape = var.trailing
         self._queue_task(task)
 
+    def queue_held(self, batch: Batch, var: Variable, held: Any, to_numpy: ToNumpy) -> None:
+        """Queue the write of rows a writer thread waits for (``to_numpy``: a copy off a
+        device): what :meth:`put` queues for a snapshot that took no pool memory, once a
+        :class:`.direct.QueuedSlot` checked them as ``put`` would."""
+        nbytes = _nbytes(held)
+        self._pool.acquire(nbytes)
+        self._queue_task(self._task(batch, var, held, to_numpy, nbytes))
+
     def declare(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
                 attrs: dict[str, Any]) -> None:
         """Register variable ``name`` of ``shape`` (batch first) in the current batch before

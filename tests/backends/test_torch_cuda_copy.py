@@ -262,12 +262,58 @@ def test_trace_through_the_side_stream(tmp_path, monkeypatch, fake, dtype):
 
 
 def fake_cuda_path(monkeypatch: pytest.MonkeyPatch, copies: DeviceCopies) -> None:
-    """Every captured tensor down the fake CUDA path. CPU tensors stand in for a device's:
-    their direct way into the writer (CPU tensors only) is closed, as it is for a device's."""
+    """Every captured tensor down the fake CUDA path. CPU tensors stand in for a device's,
+    on the labeled way (``snapshot``) and on the direct way of later passes alike."""
     monkeypatch.setattr(_torch_cuda, "COPIES", copies)
     monkeypatch.setattr(torch_backend, "snapshot",
                         lambda tensor, alloc=None: copies.copy(tensor.detach()))
-    monkeypatch.setattr(torch_backend._Capture, "_put_direct", lambda self, site, output: False)
+    monkeypatch.setattr(torch_backend, "_on_device", lambda tensor: True)
+
+
+@pytest.mark.parametrize("gathered", [False, True])
+def test_after_its_first_passes_a_device_tensor_skips_the_labeling(tmp_path, monkeypatch, fake,
+                                                                    gathered):
+    """A site whose variable is settled takes its next device tensors the direct way: the
+    copy off the device is queued for the writer, none of the labeling run again (on a GPU
+    whose forward is bound by kernel launches, a third of a hook's cost). A gathered
+    variable (small tensors, placed in chunk memory) still goes the labeled way. Values
+    exact either way, an in-place op after each hook notwithstanding."""
+    copies = DeviceCopies(fake)
+    fake_cuda_path(monkeypatch, copies)
+    labeled: list[int] = []  # the pass of each labeled put
+    passes = [0]
+    put = torch_backend._Capture.put
+
+    def counted(self: Any, site: str, kind: str, *rest: Any, **kw: Any) -> None:
+        labeled.append(passes[0])
+        put(self, site, kind, *rest, **kw)
+
+    monkeypatch.setattr(torch_backend._Capture, "put", counted)
+    torch.manual_seed(0)
+    model = Blocks(torch.float32).eval()
+    inputs = [torch.randn(4, 5, 6) for _ in range(5)]
+    with torch.no_grad():
+        expected = []
+        for x in inputs:
+            expected.append(model.blocks[0](x).clone())
+    path = tmp_path / "t.zarr"
+    options = StoreOptions(gathering=GatherPolicy(enabled=gathered, min_variables=1, batches=2))
+    with layerscope.trace(model, path, "blocks.*", options=options), torch.no_grad():
+        for index, x in enumerate(inputs):
+            passes[0] = index
+            model(x)
+    ds = layerscope.open_trace(path)
+    assert (ds["blocks.0@output"].attrs.get("gathered_batches") is not None) == gathered
+    np.testing.assert_array_equal(ds["blocks.0@output"].values, torch.cat(expected).numpy())
+    assert len(fake.entries("copy")) == 3 * len(inputs)  # every tensor went off the "device"
+    if gathered:
+        assert labeled.count(4) == 3
+    else:
+        assert set(labeled) == {0}, labeled  # from the second pass on, none
+    model_thread = threading.current_thread().name
+    waits = [thread for _, thread, _ in fake.entries("synchronize")].count(model_thread)
+    # gathering is decided at the first batch's end, which places that batch's rows itself
+    assert waits == (3 if gathered else 0)
 
 
 def test_a_device_error_at_the_event_surfaces_in_the_caller(tmp_path, monkeypatch, fake):
