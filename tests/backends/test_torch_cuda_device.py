@@ -11,6 +11,9 @@ spread by accelerate over the GPU, CPU memory and the disk is traced as untraced
 
 from __future__ import annotations
 
+import threading
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import layerscope
 from layerscope.backends import _torch_cuda
+from layerscope.core.direct import SitePut
 from tests import reduce_reference as ref
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -182,6 +186,72 @@ def test_reductions_run_on_the_device_and_only_their_results_come_off_it(
     hidden = model.config.hidden_size
     assert copied and all(np.prod(shape) <= 3 * hidden for shape in copied), copied
     assert (3, 12, hidden) not in copied  # no whole block output left the device
+
+
+@needs_cuda
+@pytest.mark.parametrize("select", [{}, {"positions": "last"},
+                                    {"reduce": ["mean", "norm", "topk(4)"]}],
+                         ids=["whole", "last", "reduced"])
+def test_hooks_never_wait_for_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         select: dict[str, Any]) -> None:
+    """A forward bound by the host's kernel launches keeps its lead over the device only if
+    no hook waits for the device: after the first pass, layerscope's only synchronizing
+    calls are the copies of the pass's token ids and mask to the host, at its start (the
+    store's token coordinates). The model's own (transformers checks the mask) aside.
+    Whole outputs take the direct way (no labeling) and are exact."""
+    model = llama(torch.bfloat16)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :6] = 0  # left padding: positions and means take their masked ways
+    calls = [{"input_ids": ids, "attention_mask": mask.cuda()} for ids in batches(count=5)]
+    watched = calls[2:]  # once the direct way is set up (the first batch decides gathering)
+    sites = [f"model.layers.{i}" for i in range(LAYERS)]
+    own = own_outputs(model, sites, calls)
+    held = []
+    put_held = SitePut.put_held
+
+    def counted(self: SitePut, *args: Any) -> bool:
+        held.append(put_held(self, *args))
+        return held[-1]
+
+    monkeypatch.setattr(SitePut, "put_held", counted)
+    path = tmp_path / "t.zarr"
+    stacks: list[list[str]] = []  # layerscope's functions below each synchronizing call
+    ours = str(Path(layerscope.__file__).parent)
+    model_thread = threading.current_thread()
+
+    def show(message: Any, *rest: Any, **kw: Any) -> None:
+        # the writer threads wait for the copies by design
+        if "synchronizing" in str(message) and threading.current_thread() is model_thread:
+            stacks.append([f"{Path(frame.filename).name}:{frame.lineno}:{frame.name}"
+                           for frame in traceback.extract_stack()
+                           if frame.filename.startswith(ours)])
+
+    with layerscope.trace(model, path, "model.layers.?@output", **select), torch.no_grad():
+        for call in calls[:2]:
+            model(**call)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            monkeypatch.setattr(warnings, "showwarning", show)
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for call in watched:
+                    model(**call)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    ours_waiting = [stack for stack in stacks if stack]  # the model's own calls aside
+    assert all(stack[-1].endswith(":_root_values") and
+               any(frame.endswith(":begin") for frame in stack) for stack in ours_waiting), \
+        ours_waiting
+    assert len(ours_waiting) == 2 * len(watched)  # the ids and the mask, at each start
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["status"] == "complete"
+    if select:
+        assert not any(held)  # reductions are labeled pass after pass
+        return
+    assert held == [True] * LAYERS * (len(calls) - 1)  # every site, from the second pass on
+    for site in sites:
+        np.testing.assert_array_equal(ds[f"{site}@output"].values, np.concatenate(own[site]),
+                                      err_msg=site)
 
 
 @needs_cuda
