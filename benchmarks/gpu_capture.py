@@ -30,7 +30,7 @@ of the plain forward. Stores are deleted after each run, untimed (the disk is sm
 
     python benchmarks/gpu_capture.py [--batch 2] [--tokens 1024] [--batches 10]
         [--attention-batches 3] [--trials 5] [--attn sdpa|eager] [--workers 2] [--store DIR]
-        [--profile DIR]
+        [--no-attention] [--profile DIR]
     python benchmarks/gpu_capture.py --cpu-smoke   # a tiny config on CPU: runs the script's
                                                    # code, measures nothing about GPUs
 """
@@ -238,6 +238,9 @@ def main() -> None:
                         help="writer threads")
     parser.add_argument("--store", type=Path, default=None,
                         help="folder for the stores (default: a temporary folder)")
+    parser.add_argument("--no-attention", action="store_true",
+                        help="leave out the attention rows (their maps grow as batch x "
+                             "tokens squared)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="after the trials, profile each capture row once into this folder")
     parser.add_argument("--cpu-smoke", action="store_true",
@@ -264,7 +267,8 @@ def main() -> None:
         blocks = [f"model.layers.{index}@output" for index in range(layers)]
         maps = ["model.layers.*.self_attn@attention"]
         block_bytes = captured_bytes(model, ids, blocks, ["output"], store)
-        map_bytes = captured_bytes(model, ids, maps, ["attention"], store)
+        map_bytes = 0 if args.no_attention else \
+            captured_bytes(model, ids, maps, ["attention"], store)
         last_bytes = captured_bytes(model, ids, blocks, ["output"], store, positions="last")
         rows = {
             "plain forward": Row(lambda n: run_plain(setup, n), args.batches, 0),
@@ -283,6 +287,8 @@ def main() -> None:
                 lambda n: run_capture(setup, n, maps, ["attention"], True),
                 args.attention_batches, map_bytes),
         }
+        if args.no_attention:
+            del rows["attention maps -> zarr"], rows["attention maps, copied only"]
         copy_rate = device_to_host_bandwidth(device, (64 if args.cpu_smoke else 1024) << 20)
         disk_rate = disk_write_bandwidth(store, (64 if args.cpu_smoke else 1024) << 20)
 
