@@ -246,14 +246,16 @@ def _positions(value: Any, axis: int, step: Step, ops: ArrayOps, spans: tuple[An
     if count is None:
         raise Unreducible(f"{step.text()}: the axis's length is unknown and no mask was given")
     start = step.start or 0
+    if unmasked and isinstance(count, int) and \
+            (step.length + start <= count if start >= 0 else -start <= count):
+        # the same positions in every sample, all there: a plain slice (a view; the capture
+        # copies it), where gathering them takes several device kernels a tensor
+        low = start if start >= 0 else count + start
+        return value[(slice(None),) * axis + (slice(low, low + step.length),)], None
     # beside the mask, not the tensor: a model spread over devices has one mask for all
     offsets = ops.arange(step.length, value if isinstance(count, int) else count)
     relative = offsets + start if start >= 0 else offsets + (count + start)
     taken = ops.take(value, axis, first + relative)
-    everywhere = unmasked and isinstance(count, int) and \
-        (step.length + start <= count if start >= 0 else -start <= count)
-    if everywhere:
-        return taken, None
     keep = (relative >= 0) & (relative < count)  # some sample lacks some of these positions
     return ops.fill(taken, axis, keep), keep
 

@@ -127,3 +127,39 @@ def test_reduce_keyword_under_jit_sends_only_the_reductions(tmp_path: Path) -> N
         own = own_outputs(model, ids, mask)["layers.1"]
         np.testing.assert_allclose(stored[3 * number:3 * number + 3],
                                    ref.mean(own, np.asarray(mask)), rtol=1e-5, atol=1e-5)
+
+
+class Unmasked(nnx.Module):
+    """Blocks called with token ids alone: no mask, every position real."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(50, WIDTH, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(WIDTH, WIDTH, rngs=rngs) for _ in range(LAYERS)])
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = nnx.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("mode", ["eager", "nnx.jit"])
+def test_positions_without_a_mask_are_the_same_positions_of_every_sample(tmp_path: Path,
+                                                                         mode: str) -> None:
+    model = Unmasked(nnx.Rngs(2))
+    ids = jnp.asarray(np.random.default_rng(5).integers(1, 50, (3, 7)))
+    path = tmp_path / "p.zarr"
+    specs = "output,output:last,output:first,output:slice(1:3),output:slice(-2:)"
+    with layerscope.trace(model, path, f"layers.?@{specs}"):
+        if mode == "eager":
+            model(input_ids=ids)
+        else:
+            nnx.jit(lambda m, i: m(input_ids=i))(model, ids)
+    ds = layerscope.open_trace(path)
+    for index in range(LAYERS):
+        site = f"layers.{index}"
+        x = ds[f"{site}@output"].values  # compiled, the blocks may round unlike eager
+        np.testing.assert_array_equal(ds[f"{site}@output:last(token)"].values, x[:, -1])
+        np.testing.assert_array_equal(ds[f"{site}@output:first(token)"].values, x[:, 0])
+        np.testing.assert_array_equal(ds[f"{site}@output:slice(token,1:3)"].values, x[:, 1:3])
+        np.testing.assert_array_equal(ds[f"{site}@output:slice(token,-2:)"].values, x[:, -2:])

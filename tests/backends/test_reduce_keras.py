@@ -121,3 +121,24 @@ def test_a_trace_whose_every_tensor_is_skipped_says_so(tmp_path: Path) -> None:
             active(x)
     ds = layerscope.open_trace(path)
     assert not ds.data_vars and ds.attrs["skipped"]
+
+
+def test_positions_without_a_mask_are_the_same_positions_of_every_sample(tmp_path: Path):
+    """A model given token ids alone: every position is real, each position a plain slice."""
+    keras.utils.set_random_seed(0)
+    ids_in = keras.Input((TOKENS,), dtype="int32", name="token_ids")
+    hidden = keras.layers.Embedding(64, 16, name="embed")(ids_in)
+    hidden = keras.layers.Dense(16, activation="tanh", name="block")(hidden)
+    model = keras.Model(ids_in, hidden)
+    ids = np.random.default_rng(5).integers(1, 64, (3, TOKENS)).astype("int32")
+    path = tmp_path / "p.zarr"
+    specs = "output,output:last,output:first,output:slice(1:3),output:slice(-2:)"
+    with layerscope.trace(model, path, f"block@{specs}") as active:
+        active(ids)
+    ds = layerscope.open_trace(path)
+    x = ds["block@output"].values
+    np.testing.assert_allclose(x, keras.ops.convert_to_numpy(model(ids)), rtol=1e-6)
+    np.testing.assert_array_equal(ds["block@output:last(token)"].values, x[:, -1])
+    np.testing.assert_array_equal(ds["block@output:first(token)"].values, x[:, 0])
+    np.testing.assert_array_equal(ds["block@output:slice(token,1:3)"].values, x[:, 1:3])
+    np.testing.assert_array_equal(ds["block@output:slice(token,-2:)"].values, x[:, -2:])

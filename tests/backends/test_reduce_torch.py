@@ -236,3 +236,46 @@ def test_a_trace_whose_every_tensor_is_skipped_says_so(tmp_path: Path) -> None:
         with torch.no_grad(), layerscope.trace(cnn, tmp_path / "norm.zarr", reduce="norm"):
             cnn(x)
     assert len(layerscope.open_trace(tmp_path / "norm.zarr").data_vars) == 5
+
+
+def test_positions_without_a_mask_are_the_same_positions_of_every_sample(tmp_path: Path):
+    """No mask: every position is real, and positions within the pass are a plain slice of
+    each block's output (no gather on the device), copied at hook time: an in-place op of
+    the model right after the hook does not reach them. A slice longer than the pass is
+    filled past it."""
+    model = llama()
+    ids = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+    sites = [f"model.layers.{i}" for i in range(LAYERS)]
+    modules = dict(model.named_modules())
+    seen: dict[str, np.ndarray] = {}
+
+    def halve(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        out.mul_(0.5)  # in place, after every hook registered before this one
+
+    handles = [modules[site].register_forward_hook(
+        lambda m, a, out, s=site: seen.__setitem__(s, out.detach().numpy().copy()))
+        for site in sites]
+    handles += [modules[site].register_forward_hook(halve) for site in sites]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+
+    path = tmp_path / "p.zarr"
+    specs = "output:last,output:first,output:slice(1:3),output:slice(-2:),output:slice(0:9)"
+    with layerscope.trace(model, path, f"model.layers.?@{specs}"), torch.no_grad():
+        handles = [modules[site].register_forward_hook(halve) for site in sites]
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    ds = layerscope.open_trace(path)
+    for site in sites:
+        x = seen[site]
+        np.testing.assert_array_equal(ds[f"{site}@output:last(token)"].values, x[:, -1])
+        np.testing.assert_array_equal(ds[f"{site}@output:first(token)"].values, x[:, 0])
+        np.testing.assert_array_equal(ds[f"{site}@output:slice(token,1:3)"].values, x[:, 1:3])
+        np.testing.assert_array_equal(ds[f"{site}@output:slice(token,-2:)"].values, x[:, -2:])
+        longer = ds[f"{site}@output:slice(token,0:9)"].values
+        np.testing.assert_array_equal(longer[:, :7], x)
+        assert np.isnan(longer[:, 7:]).all()
+        assert ds[f"{site}@output:last(token)"].attrs["token_mask_used"] is False
