@@ -22,6 +22,7 @@ from jax.extend import core as jex_core
 
 from layerscope.core import Selection
 from layerscope.core.naming import ROOT_SITE, move_batch_first
+from layerscope.core.recorder import SCALAR
 from layerscope.core.reduce import PassMasks
 
 from . import _jax_seq2seq as seq2seq
@@ -206,6 +207,8 @@ class ModuleEngine:
                 if is_array(value) and value.ndim > 0:
                     self._take(current, module, site, part_kind("output", path), value,
                                labels[id(value)])
+                elif is_array(value):
+                    recorder.skip(site, part_kind("output", path), SCALAR)
         if probs is not None:
             current.seen[id(probs)] = probs
             roles = roles_for(module, "attention", tuple(probs.shape), self.hidden_size)

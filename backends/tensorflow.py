@@ -34,6 +34,7 @@ import numpy as np
 
 from layerscope.core import Recorder, Selection, SiteInfo
 from layerscope.core.naming import hidden_size_of
+from layerscope.core.recorder import SCALAR
 from layerscope.core.reduce import PassMasks, Piece
 from layerscope.core.userwarn import warn_user
 
@@ -159,10 +160,14 @@ class _Capture:
             self._warn(site, f"{site}@{kind} runs under jax.jit, where it has no values; call "
                              "the model eagerly (model(x)) to capture it")
             return
-        if not runtime.is_value(tensor) or runtime.rank(tensor) == 0:
+        if not runtime.is_value(tensor):
             return
         eager = runtime.eager()
         if (eager and not self.depth) or (not eager and not self.graphs):
+            return
+        if runtime.rank(tensor) == 0:
+            if self.recorder is not None:
+                self.recorder.skip(site, kind, SCALAR)
             return
         for piece in self.reduce(site, kind, layer, tensor, place):
             merged = {**(attrs or {}), **piece.attrs} or None

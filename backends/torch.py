@@ -24,6 +24,7 @@ from torch import nn
 from layerscope.core import CaptureError, Recorder, Selection, SiteInfo
 from layerscope.core.direct import SitePut
 from layerscope.core.naming import ROOT_SITE, hidden_size_of, move_batch_first
+from layerscope.core.recorder import SCALAR
 from layerscope.core.reduce import PassMasks
 from layerscope.core.writerecords import Alloc
 
@@ -164,6 +165,7 @@ class _Capture:
         """``source``: the first input of the call whose output ``tensor`` is."""
         _refuse_meta(site, kind, tensor)
         if tensor.dim() == 0:
+            self.recorder.skip(site, kind, SCALAR)
             return
         if tensor.layout is not torch.strided:
             self.recorder.skip(site, kind, f"a {str(tensor.layout).removeprefix('torch.')} "

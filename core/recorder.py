@@ -39,6 +39,10 @@ from .writerecords import Snapshot, ToNumpy, as_numpy
 
 TokenDecoder = Callable[[Sequence[int]], list[str]]
 
+#: why a scalar is not stored (``skipped``): every stored variable has a row per sample
+SCALAR = ("a scalar (0-d, e.g. a loss or a counter): no batch axis to store it along; have "
+          "the module return one value per sample, shape (batch,), to capture it")
+
 
 class Recorder:
     """Turns ``(site, kind, tensor, roles)`` from a backend into labeled, appended variables."""
@@ -185,7 +189,10 @@ class Recorder:
         if variable_name(site, kind) in self.skipped:
             return  # skipped once, always: a broadcast (1, ...) tensor must not fill batch 1 only
         shape = tuple(int(n) for n in tensor.shape)
-        if not shape or shape[0] != batch:
+        if not shape:
+            self.skip(site, kind, SCALAR)
+            return
+        if shape[0] != batch:
             # e.g. position or rotary embeddings, computed once and broadcast over the batch
             self.skip(site, kind, f"shape {shape} has no leading batch axis of {batch}")
             return

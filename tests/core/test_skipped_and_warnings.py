@@ -191,3 +191,58 @@ def test_warn_user_called_from_user_code_names_that_line():
 def _next_line() -> int:
     """The number of the line after the caller's (the line a test expects a warning on)."""
     return sys._getframe(1).f_lineno + 1
+
+
+def test_a_scalar_output_is_skipped_with_its_reason_in_every_backend(tmp_path):
+    """A module that returns a scalar (a loss) has nothing to store per sample: each backend
+    records why, beside what it stored, instead of passing over it without a word."""
+    import jax.numpy as jnp
+    import keras
+    import torch
+    from flax import nnx
+
+    from layerscope.core.recorder import SCALAR
+
+    class TorchLoss(torch.nn.Module):
+        def forward(self, x):
+            return x.pow(2).mean()
+
+    class TorchModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.loss = torch.nn.Linear(4, 4), TorchLoss()
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y, self.loss(y)
+
+    class JaxLoss(nnx.Module):
+        def __call__(self, x):
+            return (x ** 2).mean()
+
+    class JaxModel(nnx.Module):
+        def __init__(self, rngs):
+            self.lin, self.loss = nnx.Linear(4, 4, rngs=rngs), JaxLoss()
+
+        def __call__(self, x):
+            y = self.lin(x)
+            return y, self.loss(y)
+
+    class KerasLoss(keras.layers.Layer):
+        def call(self, x):
+            return keras.ops.mean(x ** 2)
+
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(4, name="lin")(inputs)
+    keras_model = keras.Model(inputs, [hidden, KerasLoss(name="loss")(hidden)])
+    torch_model, jax_model = TorchModel(), JaxModel(nnx.Rngs(0))
+    runs = {"torch": (torch_model, lambda: torch_model(torch.randn(2, 4))),
+            "jax": (jax_model, lambda: jax_model(jnp.ones((2, 4)))),
+            "keras": (keras_model, lambda: keras_model(np.ones((2, 4), np.float32)))}
+    for name, (model, call) in runs.items():
+        path = tmp_path / f"{name}.zarr"
+        with layerscope.trace(model, path, ["lin", "loss"]):
+            call()
+        ds = layerscope.open_trace(path)
+        assert "lin@output" in ds, name
+        assert ds.attrs["skipped"] == {"loss@output": SCALAR}, name
