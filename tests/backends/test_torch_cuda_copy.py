@@ -25,6 +25,7 @@ from layerscope.backends import _torch_cuda
 from layerscope.backends import torch as torch_backend
 from layerscope.backends._torch_cuda import DeviceCopies, host_array
 from layerscope.core import StoreOptions
+from layerscope.core.direct import SitePut
 from layerscope.core.gather import GatherPolicy
 
 STALE = 0xFF  # a fresh pinned buffer's bytes: NaN in every float dtype
@@ -315,6 +316,55 @@ def test_after_its_first_passes_a_device_tensor_skips_the_labeling(tmp_path, mon
     # gathering is decided at the first batch's end, which places that batch's rows itself
     assert waits == (3 if gathered else 0)
 
+
+
+class Tokens(nn.Module):
+    """Token ids -> (batch, token, hidden) blocks: passes of several lengths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 6)
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return x
+
+
+def test_shorter_passes_take_the_direct_way_off_the_device_and_are_filled(tmp_path,
+                                                                           monkeypatch, fake):
+    """A pass shorter along the token axis than the store's goes the direct way too (its
+    copy off the device queued as it is), and reads back filled past its length."""
+    copies = DeviceCopies(fake)
+    fake_cuda_path(monkeypatch, copies)
+    held: list[bool] = []
+    put_held = SitePut.put_held
+
+    def counted(self: SitePut, *args: Any) -> bool:
+        held.append(put_held(self, *args))
+        return held[-1]
+
+    monkeypatch.setattr(SitePut, "put_held", counted)
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    lengths = [5, 5, 3, 5, 2, 5]
+    inputs = [torch.randint(0, 20, (4, n)) for n in lengths]
+    with torch.no_grad():
+        expected = [model.blocks[0](model.embed(ids)).numpy() for ids in inputs]
+    path = tmp_path / "v.zarr"
+    with layerscope.trace(model, path, "blocks.*"), torch.no_grad():
+        for ids in inputs:
+            model(input_ids=ids)
+    stored = layerscope.open_trace(path)["blocks.0@output"]
+    assert stored.dims == ("batch", "token", "hidden") and stored.shape == (24, 5, 6)
+    assert held == [True] * 3 * (len(inputs) - 1)
+    values = stored.values
+    for index, (length, own) in enumerate(zip(lengths, expected, strict=True)):
+        rows = values[4 * index:4 * index + 4]
+        np.testing.assert_array_equal(rows[:, :length], own)
+        assert np.isnan(rows[:, length:]).all()
 
 def test_a_device_error_at_the_event_surfaces_in_the_caller(tmp_path, monkeypatch, fake):
     """CUDA reports an asynchronous error (an illegal memory access) where the writer waits
