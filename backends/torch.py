@@ -208,8 +208,8 @@ class _Capture:
         token axes: copied into its gathered chunk, or into pool memory and queued; see
         core/direct.py; a CUDA tensor's copy off the device queued, see _torch_cuda). On a
         GPU whose forward is bound by the host's kernel launches, the labeling this skips
-        is a third of a hook's cost. Called for every captured module: the cheapest checks (``is_cpu``,
-        not ``device.type``) and no attention lookup where none was stored."""
+        is a third of a hook's cost. Called for every captured module: the cheapest checks
+        (``is_cpu``, not ``device.type``) and no attention lookup where none was stored."""
         known = self._direct.get(site)
         if known is None or type(output) is not torch.Tensor or output.dtype is not known[0] \
                 or output.layout is not torch.strided or not (known[3] or output.is_cpu):
