@@ -223,9 +223,9 @@ class TraceWriter:
         """Queue the write of rows a writer thread waits for (``to_numpy``: a copy off a
         device): what :meth:`put` queues for a snapshot that took no pool memory, once a
         :class:`.direct.QueuedSlot` checked them as ``put`` would."""
-        nbytes = _nbytes(held)
-        self._pool.acquire(nbytes)
-        self._queue_task(self._task(batch, var, held, to_numpy, nbytes))
+        task = self._hold(batch, var, held, to_numpy, None)
+        task.shape = var.trailing
+        self._queue_task(task)
 
     def declare(self, name: str, roles: tuple[str, ...], shape: tuple[int, ...],
                 attrs: dict[str, Any]) -> None:
