@@ -69,11 +69,22 @@ class DirectSlot:
         view = self.writer._gathering.view_now(batch, self.var, self._shape, dtype)
         chunk = gather.chunks.get(batch.start // gather.rows * gather.rows) \
             if view is not None else None
-        self._chunk, self._buffer = chunk, None if chunk is None else chunk.buffer
-        if self._buffer is not None:
-            self.address = self._buffer.ctypes.data
-            self.row_bytes = self._buffer[0].nbytes
+        if chunk is not None and chunk.buffer is not None:
+            self.remember(chunk)
+        else:
+            self._chunk, self._buffer = chunk, None
         return view
+
+    def follows(self, chunk: Chunk) -> bool:
+        """Whether the last batch's rows went to ``chunk`` (the slot remembers it)."""
+        return self._chunk is chunk
+
+    def remember(self, chunk: Chunk) -> None:
+        """Send the next batches' rows to ``chunk`` (open, its memory made)."""
+        assert chunk.buffer is not None
+        self._chunk, self._buffer = chunk, chunk.buffer
+        self.address = chunk.buffer.ctypes.data
+        self.row_bytes = chunk.buffer[0].nbytes
 
     def claim_remembered(self, shape: tuple[int, ...], dtype: np.dtype) -> int:
         """Claim this batch's rows in the remembered chunk: their first row in it;

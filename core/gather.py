@@ -162,6 +162,17 @@ class Gatherer:
             row = upto
         return out
 
+    def open_next(self, var: Any, closed: Chunk) -> Chunk:
+        """``var``'s chunk after ``closed`` (just closed), opened now with its memory and
+        no row claimed: a chunk that never gets one is dropped unwritten at its close."""
+        gather: VarGather = var.gather
+        chunk = gather.chunks.get(closed.end)
+        if chunk is None:
+            chunk = gather.chunks[closed.end] = Chunk(closed.end, gather.rows)
+            self.by_end[chunk.end].append((var, chunk))
+        self.memory(var, chunk)
+        return chunk
+
     def claim(self, var: Any, start: int, stop: int, deferred: bool) -> list[tuple[Chunk, int, int]]:
         """Claim rows ``start:stop`` of ``var`` for the batch being put; ``deferred``: a writer
         thread places them later (the chunk is not written before it has)."""

@@ -184,10 +184,49 @@ def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_who
             except RuntimeError:
                 assert number == failing
     # copied by address into the rows the failed pass claimed: rows 12-16 of the first chunk
-    assert any(raw_in_failing_pass) == (gathered and failing == 3), raw_in_failing_pass
+    # (failing 3), or rows 0-4 of the second, opened at the end of the batch before (4)
+    assert any(raw_in_failing_pass) == gathered, raw_in_failing_pass
     ds = layerscope.open_trace(path)
     assert ds.attrs["committed_batches"] == 5
     assert ds["blocks.0.fc1@output"].attrs.get("gathered_batches") == (4 if gathered else None)
+    for name, passes in expected.items():
+        np.testing.assert_array_equal(ds[name].values, np.concatenate(passes), err_msg=name)
+
+
+def test_a_new_groups_first_batch_goes_the_direct_way_and_every_value_is_kept(
+        tmp_path, monkeypatch):
+    """A group's chunks are opened at the end of the batch that closed the ones before
+    them (GatheredWrites._open_next), so that the next group's first batch is copied by
+    address too: after the first pass no put goes the general way, across three group
+    ends; a trace that ends right after such a batch end leaves its opened chunks unwritten
+    (no file, no row past the last batch); every value is the model's own."""
+    general = []
+    put = direct_module.SitePut.put
+
+    def counted(self, *args):
+        if self._key not in self._calls:  # a site's second call in a pass is refused at once
+            general.append(self._key)
+        return put(self, *args)
+
+    monkeypatch.setattr(direct_module.SitePut, "put", counted)
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    inputs = [torch.randn(4, 5, 16) for _ in range(8)]  # 4 groups of 2 batches
+    expected = reference(model, inputs)
+    path = tmp_path / "t.zarr"
+    options = StoreOptions(gathering=GatherPolicy(batches=2))
+    with layerscope.trace(model, path, options=options), torch.no_grad():
+        for number, x in enumerate(inputs):
+            if number == 2:
+                general.clear()  # passes 0 and 1 label every site and fill the first group
+            model(x)
+    assert general == [], f"{len(general)} general puts, e.g. {general[:3]}"
+    ds = layerscope.open_trace(path)
+    assert ds.attrs["committed_batches"] == 8 and ds.sizes["batch"] == 32
+    assert ds["blocks.0.fc1@output"].attrs.get("gathered_batches") == 2
+    # the chunks opened after the last group (rows 32-40) were never written
+    assert sorted(f.name for f in (path / "blocks.0.fc1@output").iterdir()
+                  if f.name.startswith("c.")) == ["c.0.0.0", "c.1.0.0", "c.2.0.0", "c.3.0.0"]
     for name, passes in expected.items():
         np.testing.assert_array_equal(ds[name].values, np.concatenate(passes), err_msg=name)
 
