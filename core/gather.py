@@ -153,10 +153,7 @@ class Gatherer:
         row = start
         while row < stop:
             first = row // gather.rows * gather.rows
-            chunk = gather.chunks.get(first)
-            if chunk is None:
-                chunk = gather.chunks[first] = Chunk(first, gather.rows)
-                self.by_end[chunk.end].append((var, chunk))
+            chunk = gather.chunks.get(first) or self._open(var, first)
             upto = min(stop, chunk.end)
             out.append((chunk, row - first, upto - first))
             row = upto
@@ -165,12 +162,15 @@ class Gatherer:
     def open_next(self, var: Any, closed: Chunk) -> Chunk:
         """``var``'s chunk after ``closed`` (just closed), opened now with its memory and
         no row claimed: a chunk that never gets one is dropped unwritten at its close."""
-        gather: VarGather = var.gather
-        chunk = gather.chunks.get(closed.end)
-        if chunk is None:
-            chunk = gather.chunks[closed.end] = Chunk(closed.end, gather.rows)
-            self.by_end[chunk.end].append((var, chunk))
+        chunk = var.gather.chunks.get(closed.end) or self._open(var, closed.end)
         self.memory(var, chunk)
+        return chunk
+
+    def _open(self, var: Any, start: int) -> Chunk:
+        """A new chunk of ``var`` from row ``start``, where none is open (no memory yet)."""
+        gather: VarGather = var.gather
+        chunk = gather.chunks[start] = Chunk(start, gather.rows)
+        self.by_end[chunk.end].append((var, chunk))
         return chunk
 
     def claim(self, var: Any, start: int, stop: int, deferred: bool) -> list[tuple[Chunk, int, int]]:

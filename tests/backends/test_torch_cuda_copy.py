@@ -317,7 +317,6 @@ def test_after_its_first_passes_a_device_tensor_skips_the_labeling(tmp_path, mon
     assert waits == (3 if gathered else 0)
 
 
-
 class Tokens(nn.Module):
     """Token ids -> (batch, token, hidden) blocks: passes of several lengths."""
 
@@ -365,6 +364,7 @@ def test_shorter_passes_take_the_direct_way_off_the_device_and_are_filled(tmp_pa
         rows = values[4 * index:4 * index + 4]
         np.testing.assert_array_equal(rows[:, :length], own)
         assert np.isnan(rows[:, length:]).all()
+
 
 def test_a_device_error_at_the_event_surfaces_in_the_caller(tmp_path, monkeypatch, fake):
     """CUDA reports an asynchronous error (an illegal memory access) where the writer waits
