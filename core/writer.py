@@ -524,10 +524,12 @@ class TraceWriter:
         token axis's growth or an attribute update changed meanwhile applied to it first."""
         array, document = made.array, made.document
         with self._create_lock:
-            if made.documents and tuple(array.shape[1:]) != var.trailing:  # an axis grew
+            # text arrays too, whose zarr.json zarr wrote itself: readers take the shape
+            # from the published document, which must agree with every other variable's
+            if tuple(array.shape[1:]) != var.trailing:  # an axis grew meanwhile
                 set_shape(array, (0, *var.trailing))
                 document = array_document(array)
-            if made.documents and var.attrs is not made.attributes:  # update_attrs meanwhile
+            if var.attrs is not made.attributes:  # update_attrs meanwhile
                 set_attributes(array, var.attrs)
                 document = array_document(array)
             if chunk_writer is not None:

@@ -370,3 +370,36 @@ def test_two_threads_that_need_one_array_create_it_once(tmp_path):
     on_disk = json.loads((tmp_path / "t.zarr" / "v@output" / "zarr.json").read_text())
     assert on_disk["codecs"] == var.document["codecs"]
     recorder.close()
+
+
+def test_a_text_array_made_while_its_token_axis_grows_is_published_grown(tmp_path, monkeypatch):
+    """A writer thread makes ``token_text``'s array at the first pass's length while the next
+    pass lengthens the token axis (the race behind a flaky DamagedStoreError: 'conflicting
+    sizes for dimension token'). Here the array is made in memory, then the second pass runs
+    and ends, then the array is published, every time: it is published at the grown length,
+    as every other array is."""
+    recorder = make_recorder(tmp_path / "t.zarr")
+    recorder.decode_tokens = lambda ids: [f"t{i}" for i in ids]
+    new_array = TraceWriter.new_array
+    made, second_pass_ended = threading.Event(), threading.Event()
+
+    def made_before_the_growth(self, var, sample, region=None):
+        array = new_array(self, var, sample, region)
+        if var.name == "token_text" and not made.is_set():
+            made.set()
+            assert second_pass_ended.wait(30)
+        return array
+
+    monkeypatch.setattr(TraceWriter, "new_array", made_before_the_growth)
+    for length in (4, 9):
+        recorder.begin_pass(2, np.arange(2 * length).reshape(2, length))
+        recorder.put("x", "output", np.ones((2, length, 3), np.float32),
+                     ("batch", "token", "hidden"))
+        recorder.end_pass()
+        assert made.wait(30)
+    second_pass_ended.set()
+    recorder.close()
+    ds = layerscope.open_trace(tmp_path / "t.zarr")  # raised DamagedStoreError before
+    assert ds.sizes["token"] == 9 and ds["token_text"].shape == (4, 9)
+    assert list(ds["token_text"].values[0, :4]) == ["t0", "t1", "t2", "t3"]
+    assert list(ds["token_text"].values[2]) == [f"t{i}" for i in range(9)]
