@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeAlias
@@ -20,6 +21,7 @@ from layerscope.core import (
     StoreOptions,
     open_trace,
 )
+from layerscope.core.collector import older_objects_frozen
 from layerscope.core.format import new_group_attrs
 from layerscope.core.naming import ROOT_SITE
 from layerscope.core.reduce_spec import spec_kind
@@ -73,26 +75,31 @@ class Trace:
         self.tokenizer = tokenizer
         self.recorder: Recorder | None = None
         self._attached: Any = None
+        #: what the trace undoes at its close (see core/collector.py)
+        self._open = ExitStack()
         #: warn at the close where nothing was captured (the estimate's probe says it itself)
         self._warn_if_empty = True
 
     def __enter__(self) -> Trace:
-        attrs = new_group_attrs(
-            self.backend.name, self.backend.framework_version(),
-            self.backend.describe(self.model), self.selection.to_json(),
-        )
-        group, existing = open_group_for_writing(self.path, self.options.mode, attrs)
-        writer = TraceWriter(group, self.options, int(existing.get("committed_samples", 0)),
-                             int(existing.get("committed_batches", 0)))
-        self.recorder = Recorder(writer, self.selection, self.backend.name,
-                                 token_decoder(self.tokenizer))
-        attached = self.backend.attach(self.model, self.selection, self.recorder)
-        try:
-            attached.__enter__()
-        except BaseException:
-            self.recorder.close(failed=True)
-            raise
-        self._attached = attached
+        with ExitStack() as opening:
+            opening.enter_context(older_objects_frozen())
+            attrs = new_group_attrs(
+                self.backend.name, self.backend.framework_version(),
+                self.backend.describe(self.model), self.selection.to_json(),
+            )
+            group, existing = open_group_for_writing(self.path, self.options.mode, attrs)
+            writer = TraceWriter(group, self.options, int(existing.get("committed_samples", 0)),
+                                 int(existing.get("committed_batches", 0)))
+            self.recorder = Recorder(writer, self.selection, self.backend.name,
+                                     token_decoder(self.tokenizer))
+            attached = self.backend.attach(self.model, self.selection, self.recorder)
+            try:
+                attached.__enter__()
+            except BaseException:
+                self.recorder.close(failed=True)
+                raise
+            self._attached = attached
+            self._open = opening.pop_all()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -101,7 +108,8 @@ class Trace:
         try:
             self._attached.__exit__(exc_type, exc, tb)
         finally:
-            self.recorder.close(failed=exc_type is not None)
+            with self._open:
+                self.recorder.close(failed=exc_type is not None)
         why = nothing_captured(self.recorder) if exc_type is None and self._warn_if_empty \
             else None
         if why is not None:

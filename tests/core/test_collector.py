@@ -1,0 +1,108 @@
+"""While a trace is open, the objects that existed before it are left out of Python's cyclic
+collections (core/collector.py), and everything is as it was once the last trace closes."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import layerscope
+from layerscope.core import StoreError
+
+
+class Node:
+    """One half of a reference cycle: reference counting alone never frees it."""
+
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+def cycle() -> weakref.ref[Node]:
+    """A cycle of two nodes that is garbage at once; a weak reference to one of them."""
+    first, second = Node(), Node()
+    first.other, second.other = second, first
+    return weakref.ref(first)
+
+
+@pytest.fixture
+def model():
+    """A small model to trace; each test starts with nothing frozen and the collector on, and
+    leaves it so."""
+    gc.unfreeze()
+    assert gc.isenabled()
+    yield torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    gc.unfreeze()
+    gc.enable()
+
+
+def test_objects_from_before_a_trace_are_frozen_until_it_closes(model, tmp_path):
+    first, second = Node(), Node()
+    first.other, second.other = second, first
+    older = weakref.ref(first)
+    with torch.no_grad(), layerscope.trace(model, tmp_path / "t.zarr"):
+        assert gc.get_freeze_count() > 0
+        del first, second  # garbage now, but frozen: a collection passes over it
+        gc.collect()
+        assert older() is not None
+        made_inside = cycle()  # made while the trace is open: collected as ever
+        gc.collect()
+        assert made_inside() is None
+        model(torch.ones(2, 4))
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert older() is None
+    assert layerscope.open_trace(tmp_path / "t.zarr").sizes["batch"] == 2
+
+
+def test_a_program_that_froze_objects_itself_keeps_its_freeze(model, tmp_path):
+    frozen_garbage = cycle()
+    gc.freeze()  # the program's own
+    frozen = gc.get_freeze_count()
+    with torch.no_grad(), layerscope.trace(model, tmp_path / "t.zarr"):
+        model(torch.ones(2, 4))
+        assert gc.get_freeze_count() <= frozen  # nothing more (frozen objects freed leave it)
+    gc.collect()
+    assert frozen_garbage() is not None  # still frozen: the trace thawed nothing
+
+
+def test_a_freeze_made_while_a_trace_is_open_stays(model, tmp_path):
+    with torch.no_grad(), layerscope.trace(model, tmp_path / "t.zarr"):
+        garbage = [Node() for _ in range(100)]  # made inside: not frozen by the trace
+        gc.freeze()  # the program's own
+        model(torch.ones(2, 4))
+    assert gc.get_freeze_count() >= len(garbage)
+
+
+def test_a_collector_turned_off_is_left_alone(model, tmp_path):
+    gc.disable()
+    with torch.no_grad(), layerscope.trace(model, tmp_path / "t.zarr"):
+        model(torch.ones(2, 4))
+        assert gc.get_freeze_count() == 0
+    assert not gc.isenabled()
+
+
+def test_the_freeze_lasts_until_the_last_of_two_traces_closes(model, tmp_path):
+    outer = layerscope.trace(model, tmp_path / "outer.zarr")
+    inner = layerscope.trace(torch.nn.Linear(4, 2).eval(), tmp_path / "inner.zarr")
+    with torch.no_grad():
+        outer.__enter__()
+        inner.__enter__()
+        outer.__exit__(None, None, None)
+        assert gc.get_freeze_count() > 0
+        inner.__exit__(None, None, None)
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_trace_that_fails_to_open_or_fails_inside_leaves_nothing_frozen(model, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a store")
+    with pytest.raises(StoreError):
+        layerscope.trace(model, tmp_path / "taken").__enter__()
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(ValueError, match="inside"), torch.no_grad(), \
+            layerscope.trace(model, tmp_path / "t.zarr"):
+        model(torch.ones(2, 4))
+        raise ValueError("inside the block")
+    assert gc.get_freeze_count() == 0
