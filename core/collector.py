@@ -12,8 +12,10 @@ So while a trace is open, the objects that existed when it opened are frozen
 (:func:`gc.freeze`): collections look at what was made since, and nothing else changes (what
 reference counting frees is freed as before; a cycle among the frozen objects that becomes
 garbage is collected once the trace closes). Where the program froze objects itself, or turned
-the collector off, nothing is done; a program that freezes objects while a trace is open
-keeps its freeze (and the trace's) after the trace closes.
+the collector off, nothing is done. What a program freezes while a trace is open is thawed
+with the trace's objects when it closes: telling the two apart would count the frozen objects,
+a walk over all of them at each end of every trace (0.7-9 ms for 209,000 objects); a program
+that freezes objects does it before it opens a trace, as a server does before it forks.
 """
 
 from __future__ import annotations
@@ -25,27 +27,25 @@ from contextlib import contextmanager
 
 _lock = threading.Lock()
 _open = 0  # traces open in this process
-_frozen: int | None = None  # objects frozen by the first of them; None: it froze nothing
+_froze = False  # whether the first of them froze the objects older than it
 
 
 @contextmanager
 def older_objects_frozen() -> Iterator[None]:
     """For the block: the objects that existed when the process's first open trace began are
     left out of collections (see the module's description)."""
-    global _open, _frozen
+    global _open, _froze
     with _lock:
+        # counting frozen objects walks them: 0 is told at once, and so is "some"
         if _open == 0 and gc.isenabled() and gc.get_freeze_count() == 0:
             gc.freeze()
-            _frozen = gc.get_freeze_count()
+            _froze = True
         _open += 1
     try:
         yield
     finally:
         with _lock:
             _open -= 1
-            # frozen objects freed meanwhile leave the count: more than it was means that the
-            # program froze objects itself since, and those stay frozen
-            if _open == 0 and _frozen is not None:
-                if gc.get_freeze_count() <= _frozen:
-                    gc.unfreeze()
-                _frozen = None
+            if _open == 0 and _froze:
+                gc.unfreeze()
+                _froze = False
