@@ -4,6 +4,7 @@ collections (core/collector.py), and everything is as it was once the last trace
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -108,3 +109,35 @@ def test_a_trace_that_fails_to_open_or_fails_inside_leaves_nothing_frozen(model,
         model(torch.ones(2, 4))
         raise ValueError("inside the block")
     assert gc.get_freeze_count() == 0
+
+
+def test_traces_on_two_threads_at_once_thaw_once_both_have_closed(model, tmp_path):
+    """Each thread's trace opens and closes while the other's is open, in both orders."""
+    opened, closing = threading.Barrier(2), threading.Barrier(2)
+    counts, errors = {}, []
+
+    def run(name: str, first_to_close: bool) -> None:
+        try:
+            net = torch.nn.Linear(4, 2).eval()
+            with torch.no_grad(), layerscope.trace(net, tmp_path / f"{name}.zarr"):
+                opened.wait(timeout=60)
+                net(torch.ones(3, 4))
+                if not first_to_close:
+                    closing.wait(timeout=60)  # the other closes first
+            if first_to_close:
+                counts[name] = gc.get_freeze_count()  # the other still open: still frozen
+                closing.wait(timeout=60)
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=("a", True)),
+               threading.Thread(target=run, args=("b", False))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    assert counts["a"] > 0
+    assert gc.get_freeze_count() == 0
+    for name in "ab":
+        assert layerscope.open_trace(tmp_path / f"{name}.zarr").sizes["batch"] == 3
