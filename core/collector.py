@@ -5,8 +5,8 @@ as the trace (its variables, their chunks and slots), most of them in its first 
 many survivors set off full collections, and each full collection walks every object in the
 process: the model's modules, torch's, what the user's program holds. On a 1,601-variable
 model a full collection took 117-154 ms, two of them in a 20-batch trace's first batches
-(benchmarks/README.md, "Many captured sites": a 20-batch trace took 15% less time, a one-batch
-trace 36% less, with the objects that existed before the trace frozen).
+(benchmarks/README.md, "Many captured sites": a 20-batch trace took 7-15% less time, a
+one-batch trace 23-36% less, with the objects that existed before the trace frozen).
 
 So while a trace is open, the objects that existed when it opened are frozen
 (:func:`gc.freeze`): collections look at what was made since, and nothing else changes (what

@@ -76,7 +76,7 @@ class Trace:
         self.recorder: Recorder | None = None
         self._attached: Any = None
         #: what the trace undoes at its close (see core/collector.py)
-        self._open = ExitStack()
+        self._undo_at_close = ExitStack()
         #: warn at the close where nothing was captured (the estimate's probe says it itself)
         self._warn_if_empty = True
 
@@ -99,7 +99,7 @@ class Trace:
                 self.recorder.close(failed=True)
                 raise
             self._attached = attached
-            self._open = opening.pop_all()
+            self._undo_at_close = opening.pop_all()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -108,7 +108,7 @@ class Trace:
         try:
             self._attached.__exit__(exc_type, exc, tb)
         finally:
-            with self._open:
+            with self._undo_at_close:
                 self.recorder.close(failed=exc_type is not None)
         why = nothing_captured(self.recorder) if exc_type is None and self._warn_if_empty \
             else None
