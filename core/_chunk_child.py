@@ -2,7 +2,9 @@
 it imports no more than the standard library, ``crc32c`` and :mod:`._rawfile`).
 
 Each request on the request pipe is an 8-byte length, a pickled list of ``(path, nbytes,
-length, checksum, kind)`` and then each file's ``nbytes`` of body in that order. A chunk
+length, checksum, kind, place)`` and then the ``nbytes`` of body of each file whose ``place``
+is :data:`IN_PIPE`, in that order; the body of any other lies at offset ``place`` of the memory
+file whose descriptor the process was given (:mod:`.chunkmemory`), which it maps to read. A chunk
 (``kind`` :data:`CHUNK`) is written as the file ``path`` (its page-aligned head with
 ``O_DIRECT``, the rest and, with ``checksum``, its crc32c through the page cache), zeros up to
 ``length`` where the body is shorter (a hole: the unused rows of a chunk; the checksum covers
@@ -20,22 +22,27 @@ The process ends when its request pipe closes, or once the process that started 
 
 from __future__ import annotations
 
+import bisect
+import errno
 import importlib.util
 import mmap
 import os
 import pickle
 import struct
 import sys
+from typing import Any
 
 import crc32c
 
 CHUNK, CACHED_CHUNK = "chunk", "chunk, cached"
 DOCUMENT, DOCUMENT_NEW_FOLDER = "document", "document, new folder"
+IN_PIPE = -1  # a body's place: it follows the request down the pipe
 
 
 def main() -> None:
     requests, replies, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     direct, durable = sys.argv[4] == "direct", sys.argv[5] == "durable"
+    shared = SharedMemory(int(sys.argv[6]))
     raw = _rawfile()
     memory = memoryview(b"")
     while True:
@@ -46,13 +53,25 @@ def main() -> None:
         if header is None:
             return
         crcs: list[int] = []
-        failure = None
-        for path, nbytes, length, checksum, kind in pickle.loads(header):
-            if len(memory) < nbytes:  # page-aligned, as O_DIRECT needs
-                memory = memoryview(mmap.mmap(-1, -(-nbytes // raw.ALIGN) * raw.ALIGN))
-            body = memory[:nbytes]
-            if not _read_into(requests, body) or os.getppid() != parent:
-                return
+        failure: tuple[int | None, str | None, Any] | None = None
+        for path, nbytes, length, checksum, kind, place in pickle.loads(header):
+            if place != IN_PIPE:
+                if os.getppid() != parent:
+                    return
+                if failure is not None:
+                    continue
+                try:
+                    body = shared.view(place, nbytes)
+                except (OSError, ValueError) as exc:
+                    code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EFAULT
+                    failure = (code, str(exc), path)
+                    continue
+            else:
+                if len(memory) < nbytes:  # page-aligned, as O_DIRECT needs
+                    memory = memoryview(mmap.mmap(-1, -(-nbytes // raw.ALIGN) * raw.ALIGN))
+                body = memory[:nbytes]
+                if not _read_into(requests, body) or os.getppid() != parent:
+                    return
             if failure is not None:
                 continue
             if kind not in (CHUNK, CACHED_CHUNK):
@@ -77,6 +96,34 @@ def main() -> None:
             crcs.append(crc)
         reply = pickle.dumps((crcs, failure))
         raw.write_all(replies, [struct.pack("<Q", len(reply)), reply])
+
+
+class SharedMemory:
+    """The memory file gathered chunks lie in, mapped (read only) as far as the file has
+    grown: a window for each growth, a place in it never moves."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.end = 0  # the bytes of the file mapped
+        self.starts: list[int] = []  # each window's offset in the file, ascending
+        self.windows: list[memoryview] = []
+
+    def view(self, place: int, nbytes: int) -> memoryview:
+        """The ``nbytes`` at offset ``place`` of the file."""
+        if place + nbytes > self.end:
+            if self.fd < 0:
+                raise ValueError("no memory file was given")
+            size = os.fstat(self.fd).st_size
+            if place + nbytes > size:
+                raise ValueError(f"bytes {place}..{place + nbytes} lie past the memory "
+                                 f"file's end ({size})")
+            window = mmap.mmap(self.fd, size - self.end, prot=mmap.PROT_READ, offset=self.end)
+            self.starts.append(self.end)
+            self.windows.append(memoryview(window))
+            self.end = size
+        index = bisect.bisect_right(self.starts, place) - 1
+        start = place - self.starts[index]
+        return self.windows[index][start:start + nbytes]
 
 
 def _read(fd: int, nbytes: int) -> bytes | None:

@@ -4,8 +4,11 @@ A model traced at every module closes thousands of small gathered chunks a group
 a writer thread, each file took five system calls and some Python, and every one of them
 handed Python's lock to the model's thread and back: while a group was written the model's
 batches took twice as long (benchmarks/README.md, "Many captured sites"). Here the writer
-thread sends the group's chunks down a pipe, one system call a request, and waits for the
+thread sends the group's requests down a pipe, one system call a request, and waits for the
 reply without the lock; the process (:mod:`._chunk_child`) checksums and writes the files.
+The chunks' bytes do not go down the pipe where they lie in the memory file the process
+maps (:mod:`.chunkmemory`, the gathered chunks' memory once the process runs): a request
+names where.
 Where a group's arrays are still to be made (the first group, or every array of a short
 trace at its close), the process also makes their folders and writes their ``zarr.json``,
 and the writer thread makes the next request's arrays in memory while it does; an array is
@@ -27,10 +30,11 @@ import sys
 import threading
 from typing import Any
 
-from ._chunk_child import CACHED_CHUNK, CHUNK, DOCUMENT, DOCUMENT_NEW_FOLDER
+from ._chunk_child import CACHED_CHUNK, CHUNK, DOCUMENT, DOCUMENT_NEW_FOLDER, IN_PIPE
 from ._rawfile import write_all
+from .chunkmemory import ChunkArena
 
-__all__ = ["CACHED_CHUNK", "CHUNK", "DOCUMENT", "DOCUMENT_NEW_FOLDER", "ChunkProcess",
+__all__ = ["CACHED_CHUNK", "CHUNK", "DOCUMENT", "DOCUMENT_NEW_FOLDER", "IN_PIPE", "ChunkProcess",
            "ChunkWriteFailed"]
 
 #: a group of fewer gathered chunks is written by the writer thread itself: the process would
@@ -75,6 +79,10 @@ class ChunkProcess:
         self.lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
         self._requests = self._replies = -1
+        #: the memory file gathered chunks live in, which the process reads them from
+        #: (:mod:`.chunkmemory`); None until it starts, or where the system has none
+        self.arena: ChunkArena | None = None
+        self._arena_tried = False
 
     def write(self, jobs: list[tuple[str, Any, int, bool, str]]) -> list[int]:
         """Write each ``(path, body, length, checksum, kind)``. A chunk (``kind``
@@ -101,16 +109,30 @@ class ChunkProcess:
     def send(self, jobs: list[tuple[str, Any, int, bool, str]]) -> None:
         """Send a request of :meth:`write`'s ``jobs`` (with :attr:`lock` held); raises
         :class:`ChunkWriteFailed` where the process cannot take it (then read no reply)."""
-        header = pickle.dumps([(path, body.nbytes, max(length, body.nbytes), checksum, kind)
-                               for path, body, length, checksum, kind in jobs])
         try:
             self._start()  # a process that cannot start, or ended, fails the first chunk
+            places = self._places(jobs)
+            header = pickle.dumps([(path, body.nbytes, max(length, body.nbytes), checksum,
+                                    kind, place)
+                                   for (path, body, length, checksum, kind), place
+                                   in zip(jobs, places, strict=True)])
             # one call for the lot where the system allows: each hands Python's lock to the
             # model's thread and back
             write_all(self._requests, [struct.pack("<Q", len(header)), header,
-                                       *(job[1] for job in jobs)])
+                                       *(job[1] for job, place in zip(jobs, places, strict=True)
+                                         if place == IN_PIPE)])
         except OSError as exc:  # a broken pipe: it is gone
             raise ChunkWriteFailed([], self._gone(exc)) from exc
+
+    def _places(self, jobs: list[tuple[str, Any, int, bool, str]]) -> list[int]:
+        """Where each job's body lies in the memory file the process maps; :data:`IN_PIPE`
+        where it lies elsewhere (a document, a chunk of private memory): its bytes follow
+        the request down the pipe."""
+        arena = self.arena
+        if arena is None:
+            return [IN_PIPE] * len(jobs)
+        return [arena.locate(body) if kind in (CHUNK, CACHED_CHUNK) else IN_PIPE
+                for _, body, _, _, kind in jobs]
 
     def receive(self) -> list[int]:
         """The reply to the oldest request sent and not yet answered (with :attr:`lock`
@@ -132,21 +154,29 @@ class ChunkProcess:
         """End the process (it writes nothing more: every request was answered)."""
         with self.lock:
             child, self._child = self._child, None
-            if child is None:
-                return
-            for fd in (self._requests, self._replies):
-                os.close(fd)
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            if child is not None:
+                for fd in (self._requests, self._replies):
+                    os.close(fd)
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+            if self.arena is not None:
+                self.arena.close()
 
     def _start(self) -> None:
         if self._child is not None:
             if self._child.poll() is None:
                 return
             raise self._ended(None)
+        if not self._arena_tried:
+            self._arena_tried = True
+            try:
+                self.arena = ChunkArena()
+            except (AttributeError, OSError):
+                pass  # no memory files here: the chunks' bytes go down the pipe
+        shared = self.arena.fd if self.arena is not None else -1
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
         try:
@@ -160,8 +190,9 @@ class ChunkProcess:
             self._child = subprocess.Popen(
                 [sys.executable, "-P", _CHILD, str(requests_read), str(replies_write),
                  str(os.getpid()), "direct" if self.direct else "cached",
-                 "durable" if self.durable else "lazy"],
-                pass_fds=(requests_read, replies_write), stdin=subprocess.DEVNULL)
+                 "durable" if self.durable else "lazy", str(shared)],
+                pass_fds=(requests_read, replies_write, *((shared,) if shared >= 0 else ())),
+                stdin=subprocess.DEVNULL)
         except BaseException:
             for fd in (requests_write, replies_read):
                 os.close(fd)

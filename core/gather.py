@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +142,9 @@ class Gatherer:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self._free: dict[int, list[np.ndarray]] = defaultdict(list)
+        #: fresh chunk memory of a size: private, or the chunk process's memory file
+        #: (:mod:`.chunkmemory`) once that process writes the groups
+        self.allocate: Callable[[int], np.ndarray] = page_aligned
 
     # -- chunks and rows (model thread) ------------------------------------------------------
 
@@ -212,7 +215,7 @@ class Gatherer:
                 spare = self._free.get(nbytes)
                 buffer = spare.pop() if spare else None
             if buffer is None:
-                buffer = page_aligned(nbytes)
+                buffer = self.allocate(nbytes)
             chunk.buffer = buffer.view(gather.dtype).reshape(shape)
         return chunk.buffer
 

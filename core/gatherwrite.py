@@ -228,6 +228,8 @@ class GatheredWrites:
         self.chunks.decided, self.chunks.group_batches = True, batches
         if batches > 1 and len(stash) >= PROCESS_FROM and self.process is not None:
             self.process.start()  # its interpreter starts while the first group fills
+            if self.process.arena is not None:  # it reads the chunks where they lie
+                self.chunks.allocate = self.process.arena.take
         for task in stash:
             task.var.settled = True
             if batches < 2:
