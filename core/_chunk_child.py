@@ -110,6 +110,8 @@ class SharedMemory:
 
     def view(self, place: int, nbytes: int) -> memoryview:
         """The ``nbytes`` at offset ``place`` of the file."""
+        if not nbytes:
+            return memoryview(b"")
         if place + nbytes > self.end:
             if self.fd < 0:
                 raise ValueError("no memory file was given")
