@@ -140,7 +140,9 @@ HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 #: private memory: shared memory (mmap's default) gets no transparent huge pages, and the first
 #: touch of each of its pages costs half as much again (31 ms against 21 ms for the 1,601
-#: copies of 16 KiB a batch of a model traced at every module makes into fresh gathered chunks)
+#: copies of 16 KiB a batch of a model traced at every module makes into fresh gathered chunks;
+#: where the chunk process writes them, they live in its memory file instead, whose pages a
+#: thread allocates ahead: :mod:`.chunkmemory`)
 _PRIVATE = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") \
     else {}
 
