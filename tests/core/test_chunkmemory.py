@@ -125,3 +125,27 @@ def test_gathered_chunks_reach_the_process_without_the_pipe(tmp_path, monkeypatc
     ds = layerscope.open_trace(path)
     for name, values in given.items():
         np.testing.assert_array_equal(ds[f"{name}@output"].values, values)
+
+
+def test_a_place_the_process_cannot_read_fails_that_chunk(tmp_path, monkeypatch):
+    """A chunk whose place lies outside the memory file is a failure of that chunk (the ones
+    before it written), never a file of other bytes."""
+    process = chunkproc.ChunkProcess(direct=False, durable=False)
+    try:
+        process.start()
+        assert process.arena is not None
+        good, bad = process.arena.take(8192), process.arena.take(8192)
+        good[:], bad[:] = 1, 2
+        real = chunkproc.ChunkProcess._places
+        monkeypatch.setattr(chunkproc.ChunkProcess, "_places", lambda self, jobs: [
+            real(self, jobs)[0], self.arena.size + 4096])
+        jobs = [(str(tmp_path / name), body, body.nbytes, False, chunkproc.CHUNK)
+                for name, body in (("good", good), ("bad", bad))]
+        with pytest.raises(chunkproc.ChunkWriteFailed, match="past the memory file's end") \
+                as failed:
+            process.write(jobs)
+        assert len(failed.value.crcs) == 1
+        assert (tmp_path / "good").read_bytes() == bytes([1]) * 8192
+        assert not (tmp_path / "bad").exists()
+    finally:
+        process.close()
