@@ -42,7 +42,7 @@ IN_PIPE = -1  # a body's place: it follows the request down the pipe
 def main() -> None:
     requests, replies, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     direct, durable = sys.argv[4] == "direct", sys.argv[5] == "durable"
-    shared = SharedMemory(int(sys.argv[6]))
+    shared = MemoryFile(int(sys.argv[6]))
     raw = _rawfile()
     memory = memoryview(b"")
     while True:
@@ -98,7 +98,7 @@ def main() -> None:
         raw.write_all(replies, [struct.pack("<Q", len(reply)), reply])
 
 
-class SharedMemory:
+class MemoryFile:
     """The memory file gathered chunks lie in, mapped (read only) as far as the file has
     grown: a window for each growth, a place in it never moves."""
 

@@ -11,7 +11,7 @@ import pytest
 
 import layerscope
 from layerscope.core import chunkmemory, chunkproc, gatherwrite
-from layerscope.core._chunk_child import SharedMemory
+from layerscope.core._chunk_child import MemoryFile
 from layerscope.core.chunkmemory import ChunkArena
 from layerscope.core.gather import GatherPolicy
 
@@ -24,7 +24,7 @@ def test_the_process_reads_each_buffer_where_it_lies():
     try:
         sizes = (100, 5000, 1 << 20, 3 << 20, chunkmemory.SLAB + 1, 7, 160 << 10)
         buffers = [arena.take(size) for size in sizes]
-        process = SharedMemory(arena.fd)
+        process = MemoryFile(arena.fd)
         assert bytes(process.view(0, 0)) == b""  # an empty body, before anything is mapped
         for number, buffer in enumerate(buffers):
             buffer[:] = np.random.default_rng(number).integers(0, 256, buffer.size)
