@@ -8,11 +8,12 @@ request names where a chunk lies in the file, and the process writes it from the
 ``O_DIRECT`` write reads those very pages).
 
 The file grows by slabs, each mapped once here, its pages allocated by a thread of its own
-while the model runs, and carved into page-aligned buffers. A buffer
-is never given back to the file: the gatherer keeps written chunks' buffers for the next
-chunks of their size (:meth:`.gather.Gatherer.recycle`), as it keeps private memory. The
-pages go when the last mapping of them does: the gatherer's buffers and the process, both
-gone at the writer's close.
+while the model runs, and carved into page-aligned buffers. A buffer is never given back to
+the file: the gatherer keeps written chunks' buffers for the next chunks of their size
+(:meth:`.gather.Gatherer.recycle`), as it keeps private memory. The pages go when the last
+mapping of them does: the process ends at the writer's close, and the gatherer's buffers go
+with the writer's objects (at Python's next collection where those are held in a reference
+cycle, as private buffers did).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import threading
 
 import numpy as np
 
+from ._rawfile import ALIGN
 from .hostpool import page_aligned
 
-PAGE = 4096
 #: the file grows by slabs, one mapping each here and in the process, and each slab's pages
 #: are allocated at once (:func:`_allocate`): slabs double from the first up to the last
 #: size, so that a small trace takes little more memory than its chunks use
@@ -52,7 +53,7 @@ class ChunkArena:
     def take(self, nbytes: int) -> np.ndarray:
         """``nbytes`` of fresh page-aligned memory in the file (private memory once the file
         is closed: the process is gone, and a chunk's bytes then go to it no more)."""
-        size = max(PAGE, -(-nbytes // PAGE) * PAGE)
+        size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)  # as O_DIRECT needs
         with self._lock:
             if self.fd < 0:
                 return page_aligned(nbytes)
