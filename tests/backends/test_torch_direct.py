@@ -53,7 +53,8 @@ def reference(model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, list[np
             index = calls.get(name, 0)
             calls[name] = index + 1
             kind = "output" if index == 0 else f"output.call{index}"
-            values.setdefault(f"{name}@{kind}", []).append(output.float().numpy().copy())
+            values.setdefault(f"{name}@{kind}", []).append(
+                output.float().resolve_neg().numpy().copy())
         return keep
 
     handles = [module.register_forward_hook(hook(name))
@@ -277,5 +278,63 @@ def test_only_a_contiguous_tensor_is_copied_by_its_address(tmp_path, monkeypatch
         assert raw["blocks.2.fc1"] >= 2 and raw["blocks.8"] >= 2, raw
     ds = layerscope.open_trace(path)
     assert ds["blocks.3@output"].attrs.get("gathered_batches") == 4
+    for name, passes in expected.items():
+        np.testing.assert_array_equal(ds[name].values, np.concatenate(passes), err_msg=name)
+
+
+class Changing(nn.Module):
+    """Hands on a tensor of the same shape each pass, lying in memory as ``ways`` says: in
+    order (a copy of its own), transposed (square), negated by a flag on a view of its input
+    (``is_neg``: the bytes are its input's), or one token repeated (a stride of 0)."""
+
+    def __init__(self, ways: list[str]) -> None:
+        super().__init__()
+        self.ways, self.calls = ways, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        way = self.ways[self.calls % len(self.ways)]
+        self.calls += 1
+        if way == "transposed":
+            return x.transpose(1, 2)
+        if way == "negated":
+            return torch._neg_view(x)
+        if way == "expanded":
+            return x[:, :1].expand(x.shape)
+        return x * 2
+
+
+def test_a_site_that_went_by_address_is_checked_again_at_each_pass(tmp_path, monkeypatch):
+    """Once a site's output went by address, its hook tries that way first, its checks
+    inline (``_Capture._output_hook``): a later output lying otherwise in memory (a view
+    with other strides, a negated view, a repeated token) must not be copied as it lies,
+    and the way is taken again once outputs lie in order; every value is the model's."""
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    ways = ["in order", "in order", "in order", "transposed", "in order", "negated",
+            "in order", "expanded", "in order", "in order"]
+    model.blocks.insert(4, Changing(ways))
+    inputs = [torch.randn(4, 16, 16) for _ in ways]  # tokens = width: transposes keep shape
+    expected = reference(model, inputs)
+    model.blocks[4].calls = 0
+    taken: list[tuple[int, bool]] = []  # (pass, copied by address) of the changing site
+    put_raw = direct_module.SitePut.put_raw
+
+    def counted(self, *args):
+        took = put_raw(self, *args)
+        if self._key[0] == "blocks.4":
+            taken.append((model.blocks[4].calls - 1, took))
+        return took
+
+    monkeypatch.setattr(direct_module.SitePut, "put_raw", counted)
+    path = tmp_path / "t.zarr"
+    options = StoreOptions(gathering=GatherPolicy(batches=4))
+    with layerscope.trace(model, path, options=options), torch.no_grad():
+        for x in inputs:
+            model(x)
+    by_address = {number for number, took in taken if took}
+    assert not by_address & {3, 5, 7}, taken  # never a view that lies otherwise
+    assert {2, 4, 6, 8, 9} <= by_address, taken  # in order again: by address again
+    ds = layerscope.open_trace(path)
+    assert ds["blocks.4@output"].attrs.get("gathered_batches") == 4
     for name, passes in expected.items():
         np.testing.assert_array_equal(ds[name].values, np.concatenate(passes), err_msg=name)
