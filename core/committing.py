@@ -51,8 +51,9 @@ class Commits:
         self.parent_synced = False  # the folder naming the store's own, flushed once
         self.entries = EntryCache()  # each array's root-document entry, kept
 
-    def task_done(self, batch: Batch, count: int = 1) -> None:
-        """``count`` tasks of ``batch`` are done: commit it if it was the last."""
+    def task_done(self, batch: Batch, count: int = 1) -> bool:
+        """``count`` tasks of ``batch`` are done: commit it if it was the last. True where
+        that committed (and published) as far as the batches allow, as :meth:`ready` does."""
         writer = self.writer
         with writer._state_lock:
             batch.pending -= count
@@ -61,6 +62,7 @@ class Commits:
                 writer._drained.notify_all()
         if ready:
             self.ready()
+        return ready
 
     def ready(self, final: bool = False) -> None:
         """Commit, in order, every finished batch that follows the last committed one, and

@@ -613,8 +613,9 @@ class TraceWriter:
                 with self._drained:
                     batch.writing -= 1
                     self._drained.notify_all()
-            self._gathering.task_done(task, ok)
-            self.commits.task_done(batch)
+            moved = self._gathering.task_done(task, ok)  # the durable rows
+            if not self.commits.task_done(batch) and moved:  # one commit where both may
+                self.commits.ready()
 
     def _write(self, task: Task) -> None:
         var = task.var

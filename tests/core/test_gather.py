@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -440,3 +441,33 @@ def test_gathered_variables_beside_others_read_in_chunks_of_one_batch(tmp_path):
     assert ds.chunks["batch"] == (2,) * 6  # every variable agrees
     given, _ = write(tmp_path / "all.zarr", [2] * 6)
     assert layerscope.open_trace(tmp_path / "all.zarr")["a@output"].chunks[0] == (8, 4)
+
+
+@pytest.mark.parametrize("variables", [3, 80])  # 80: written by the chunk process
+def test_a_group_is_committed_and_published_once(tmp_path, monkeypatch, variables):
+    """A group's batches, its last one included, are committed together once its chunks
+    are written: one root document for the group (each rewrites every array's entry; at
+    1,601 arrays 11 ms of the writer's Python, Python's lock held), none for the batches
+    before its last alone."""
+    from layerscope.core import committing
+
+    published: list[int] = []
+    write_root = committing.Commits.write_root
+
+    def counted(self):
+        published.append(self.published)
+        return write_root(self)
+
+    monkeypatch.setattr(committing.Commits, "write_root", counted)
+    names = [f"v{i}" for i in range(variables)]
+    monkeypatch.setattr(sys.modules[__name__], "NAMES", tuple(names))
+    path = tmp_path / "t.zarr"
+    given, recorder = write(path, [4] * 10, close=False)
+    deadline = time.monotonic() + 10
+    while recorder.writer.committed[0] < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    # none at 3 or 7 (a group written before the one after it is done publishes alone)
+    assert published[-1] == 8 and all(n % 4 == 0 for n in published), published
+    recorder.close()
+    check(path, expected(given), 10)
