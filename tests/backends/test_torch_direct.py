@@ -246,6 +246,25 @@ class Expanded(nn.Module):
         return x[:, :1].expand(x.shape)
 
 
+def trace_seeing_puts_by_address(tmp_path, monkeypatch, model, inputs, seen):
+    """Trace ``model`` over ``inputs`` (chunks of 4 batches), ``seen(site_put, taken)``
+    told of every ``SitePut.put_raw``; the store's path."""
+    put_raw = direct_module.SitePut.put_raw
+
+    def counted(self, *args):
+        taken = put_raw(self, *args)
+        seen(self, taken)
+        return taken
+
+    monkeypatch.setattr(direct_module.SitePut, "put_raw", counted)
+    path = tmp_path / "t.zarr"
+    options = StoreOptions(gathering=GatherPolicy(batches=4))
+    with layerscope.trace(model, path, options=options), torch.no_grad():
+        for x in inputs:
+            model(x)
+    return path
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_only_a_contiguous_tensor_is_copied_by_its_address(tmp_path, monkeypatch, dtype):
     """The short way copies a tensor's memory as it lies (``SitePut.put_raw``) only where it
@@ -258,19 +277,11 @@ def test_only_a_contiguous_tensor_is_copied_by_its_address(tmp_path, monkeypatch
     inputs = [torch.randn(4, 16, 16, dtype=dtype) for _ in range(8)]  # tokens = width
     expected = reference(model, inputs)
     raw: dict[str, int] = {}
-    put_raw = direct_module.SitePut.put_raw
 
-    def counted(self, *args):
-        taken = put_raw(self, *args)
-        raw[self._key[0]] = raw.get(self._key[0], 0) + taken
-        return taken
+    def count(site_put, taken):
+        raw[site_put._key[0]] = raw.get(site_put._key[0], 0) + taken
 
-    monkeypatch.setattr(direct_module.SitePut, "put_raw", counted)
-    path = tmp_path / "t.zarr"
-    options = StoreOptions(gathering=GatherPolicy(batches=4))
-    with layerscope.trace(model, path, options=options), torch.no_grad():
-        for x in inputs:
-            model(x)
+    path = trace_seeing_puts_by_address(tmp_path, monkeypatch, model, inputs, count)
     assert raw.get("blocks.3", 0) == raw.get("blocks.7", 0) == 0, raw
     if dtype == torch.bfloat16:
         assert not any(raw.values()), raw
@@ -317,20 +328,12 @@ def test_a_site_that_went_by_address_is_checked_again_at_each_pass(tmp_path, mon
     expected = reference(model, inputs)
     model.blocks[4].calls = 0
     taken: list[tuple[int, bool]] = []  # (pass, copied by address) of the changing site
-    put_raw = direct_module.SitePut.put_raw
 
-    def counted(self, *args):
-        took = put_raw(self, *args)
-        if self._key[0] == "blocks.4":
+    def note(site_put, took):
+        if site_put._key[0] == "blocks.4":
             taken.append((model.blocks[4].calls - 1, took))
-        return took
 
-    monkeypatch.setattr(direct_module.SitePut, "put_raw", counted)
-    path = tmp_path / "t.zarr"
-    options = StoreOptions(gathering=GatherPolicy(batches=4))
-    with layerscope.trace(model, path, options=options), torch.no_grad():
-        for x in inputs:
-            model(x)
+    path = trace_seeing_puts_by_address(tmp_path, monkeypatch, model, inputs, note)
     by_address = {number for number, took in taken if took}
     assert not by_address & {3, 5, 7}, taken  # never a view that lies otherwise
     assert {2, 4, 6, 8, 9} <= by_address, taken  # in order again: by address again
