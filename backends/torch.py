@@ -203,7 +203,8 @@ class _Capture:
             same_bytes = tensor.element_size() == dtype.itemsize and not tensor.is_complex()
             self._direct[site] = (tensor.dtype, dtype, same_bytes, _on_device(tensor))
 
-    def _put_direct(self, site: str, output: Any, by_address: list[Any] | None = None) -> bool:
+    def _put_direct(self, site: str, output: Any, by_address: list[Any] | None = None,
+                    raw_refused: bool = False) -> bool:
         """Store ``output`` the way :meth:`put` stored this site's last time, where that
         changed no state a later site reads (its roles, channels, sides): straight into the
         writer, if it takes it so (a tensor of the variable's stored shape, or shorter along
@@ -211,10 +212,12 @@ class _Capture:
         core/direct.py; a CUDA tensor's copy off the device queued, see _torch_cuda). On a
         GPU whose forward is bound by the host's kernel launches, the labeling this skips
         is a third of a hook's cost. Called for every captured module: the cheapest checks
-        (``is_cpu``, not ``device.type``) and no attention lookup where none was stored."""
+        (``is_cpu``, not ``device.type``) and no attention lookup where none was stored.
+        ``by_address`` (the hook's) is given the site's way by address once it took one;
+        ``raw_refused``: the hook already offered this tensor that way, in vain."""
         known = self._direct.get(site)
-        if known is None or type(output) is not torch.Tensor or output.dtype is not known[0] \
-                or output.layout is not torch.strided or not (known[3] or output.is_cpu):
+        if known is None or type(output) is not _TENSOR or output.dtype is not known[0] \
+                or output.layout is not _STRIDED or not (known[3] or output.is_cpu):
             return False
         if self._seen_attention:
             seen = self._seen_attention.get(id(output))
@@ -234,7 +237,8 @@ class _Capture:
             source = output.detach() if output.requires_grad else output
             return site_put.put_held(tuple(output.shape),
                                      lambda: _torch_cuda.COPIES.copy(source), to_numpy)
-        if site_put.by_address and known[2] and output.is_contiguous() and not output.is_neg():
+        if not raw_refused and site_put.by_address is not None and known[2] \
+                and output.is_contiguous() and not output.is_neg():
             address = output.data_ptr()  # the same bytes, in order (0: no memory, empty)
             if address and site_put.put_raw(output.shape, known[1], address):
                 if by_address is not None:
@@ -340,7 +344,7 @@ class _Capture:
         by_address: list[Any] = [None]  # (SitePut, dtype, stored dtype)
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            known = by_address[0]
+            known, refused = by_address[0], False
             if known is not None and type(output) is _TENSOR and output.dtype is known[1] \
                     and output.is_cpu and output.layout is _STRIDED \
                     and not self._seen_attention and known[0].recorder is self.recorder \
@@ -348,7 +352,8 @@ class _Capture:
                 address = output.data_ptr()
                 if address and known[0].put_raw(output.shape, known[2], address):
                     return
-            if not self._put_direct(site, output, by_address):
+                refused = bool(address)
+            if not self._put_direct(site, output, by_address, refused):
                 self.outputs(site, module, args, kwargs, output, False, True)
         return hook
 

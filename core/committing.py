@@ -51,18 +51,19 @@ class Commits:
         self.parent_synced = False  # the folder naming the store's own, flushed once
         self.entries = EntryCache()  # each array's root-document entry, kept
 
-    def task_done(self, batch: Batch, count: int = 1) -> bool:
-        """``count`` tasks of ``batch`` are done: commit it if it was the last. True where
-        that committed (and published) as far as the batches allow, as :meth:`ready` does."""
+    def task_done(self, batch: Batch, count: int = 1, durable: bool = False) -> None:
+        """``count`` tasks of ``batch`` are done: commit what may be committed where that was
+        its last, or where those tasks made rows ``durable`` (a gathered group written: the
+        batches before ``batch`` may commit). One commit for both: each publish rewrites the
+        root document, 8-11 ms of Python's lock at 1,601 arrays."""
         writer = self.writer
         with writer._state_lock:
             batch.pending -= count
             ready = batch.ended and batch.pending == 0
             if batch.pending == 0:
                 writer._drained.notify_all()
-        if ready:
+        if ready or durable:
             self.ready()
-        return ready
 
     def ready(self, final: bool = False) -> None:
         """Commit, in order, every finished batch that follows the last committed one, and

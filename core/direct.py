@@ -228,22 +228,21 @@ class SitePut:
     nothing looked up again: a backend calls it for every captured module, thousands of
     times a batch."""
 
-    __slots__ = ("_calls", "_direct_slot", "_key", "_slot", "by_address", "recorder")
+    __slots__ = ("_calls", "_key", "_slot", "by_address", "recorder")
 
     def __init__(self, recorder: Any, calls: dict[tuple[str, str], int], key: tuple[str, str],
                  slot: Slot) -> None:
         self.recorder, self._calls, self._key, self._slot = recorder, calls, key, slot
-        #: whether :meth:`put_raw` may take a tensor (a gathered variable): a backend asks
-        #: before it reads a tensor's layout and address
-        self.by_address = type(slot) is DirectSlot
-        self._direct_slot = slot if type(slot) is DirectSlot else None
+        #: the slot :meth:`put_raw` copies into (a gathered variable's), None where it takes
+        #: nothing: a backend asks before it reads a tensor's layout and address
+        self.by_address = slot if type(slot) is DirectSlot else None
 
     def put_raw(self, shape: tuple[int, ...], dtype: np.dtype, address: int) -> bool:
         """:meth:`put` of a tensor that lies C-contiguous at ``address``, where it goes into
         the chunk its variable's last batch went to (the usual case of a model traced at
         every module): copied with one ``memmove``, no array made for it. False, with
         nothing done, where :meth:`put` must decide."""
-        slot = self._direct_slot
+        slot = self.by_address
         if slot is None or self._key in self._calls:
             return False
         lo = slot.claim_remembered(shape, dtype)

@@ -363,20 +363,18 @@ class GatheredWrites:
                     continue
                 done.append(chunk)
         finally:
-            moved = False  # the durable rows: the batches before ``batch`` may commit now
+            durable = False
             if done:
                 writer._record(batch, entries)
                 for chunk in done:
                     self.chunks.recycle(chunk)
-                moved = self.chunks.finished(group, True, len(done))
+                durable = self.chunks.finished(group, True, len(done))
             if plain:
                 with writer._drained:
                     batch.writing -= 1
                     writer._drained.notify_all()
-            # one commit for the group where ``batch`` (its last) is done too: each publish
-            # rewrites the root document, 11 ms of Python's lock for 1,601 arrays
-            if not (done and writer.commits.task_done(batch, len(done))) and moved:
-                writer.commits.ready()
+            if done:
+                writer.commits.task_done(batch, len(done), durable)
 
     def _write_in_process(self, process: ChunkProcess, flushes: Flushes,
                           entries: list[Entry] | None, done: list[Chunk]
@@ -620,8 +618,7 @@ class GatheredWrites:
 
     def task_done(self, task: Task, ok: bool) -> bool:
         """A placement into a gathered chunk or a chunk's flush is over (done or not). True
-        where that moved the durable rows: the caller commits, once with the task's own
-        batch where that is done too (as :meth:`run_flushes` does)."""
+        where that moved the durable rows (the caller commits: ``Commits.task_done``)."""
         if task.parts is not None:
             for chunk in self.chunks.placed(task.parts):
                 self.queue_flush(task.var, chunk)

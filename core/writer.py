@@ -613,9 +613,7 @@ class TraceWriter:
                 with self._drained:
                     batch.writing -= 1
                     self._drained.notify_all()
-            moved = self._gathering.task_done(task, ok)  # the durable rows
-            if not self.commits.task_done(batch) and moved:  # one commit where both may
-                self.commits.ready()
+            self.commits.task_done(batch, durable=self._gathering.task_done(task, ok))
 
     def _write(self, task: Task) -> None:
         var = task.var

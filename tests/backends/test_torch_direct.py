@@ -318,13 +318,15 @@ def test_a_site_that_went_by_address_is_checked_again_at_each_pass(tmp_path, mon
     """Once a site's output went by address, its hook tries that way first, its checks
     inline (``_Capture._output_hook``): a later output lying otherwise in memory (a view
     with other strides, a negated view, a repeated token) must not be copied as it lies,
-    and the way is taken again once outputs lie in order; every value is the model's."""
+    and the way is taken again once outputs lie in order; a tensor the inline way offered
+    in vain (a last pass of fewer tokens) is not offered again; every value is the model's."""
     torch.manual_seed(0)
     model = Blocks().eval()
     ways = ["in order", "in order", "in order", "transposed", "in order", "negated",
-            "in order", "expanded", "in order", "in order"]
+            "in order", "expanded", "in order", "in order", "in order"]
     model.blocks.insert(4, Changing(ways))
-    inputs = [torch.randn(4, 16, 16) for _ in ways]  # tokens = width: transposes keep shape
+    # tokens = width: transposes keep shape; the last pass has fewer tokens
+    inputs = [torch.randn(4, 16 if number < 10 else 12, 16) for number in range(len(ways))]
     expected = reference(model, inputs)
     model.blocks[4].calls = 0
     taken: list[tuple[int, bool]] = []  # (pass, copied by address) of the changing site
@@ -337,7 +339,11 @@ def test_a_site_that_went_by_address_is_checked_again_at_each_pass(tmp_path, mon
     by_address = {number for number, took in taken if took}
     assert not by_address & {3, 5, 7}, taken  # never a view that lies otherwise
     assert {2, 4, 6, 8, 9} <= by_address, taken  # in order again: by address again
+    assert [took for number, took in taken if number == 10] == [False], taken  # once
     ds = layerscope.open_trace(path)
     assert ds["blocks.4@output"].attrs.get("gathered_batches") == 4
     for name, passes in expected.items():
-        np.testing.assert_array_equal(ds[name].values, np.concatenate(passes), err_msg=name)
+        stored = ds[name].values
+        np.testing.assert_array_equal(stored[:40], np.concatenate(passes[:10]), err_msg=name)
+        np.testing.assert_array_equal(stored[40:, :12], passes[10], err_msg=name)
+        assert np.isnan(stored[40:, 12:]).all(), name  # a shorter pass: filled
