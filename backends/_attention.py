@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from ._patches import wrapped
+
 _SOFTMAX = torch.softmax  # the original, also while the tap wraps it
 _NOT_ATTENTION = ("Output", "Mask", "Bias", "Rotary", "Embedding", "Norm", "Pool")
 
@@ -185,49 +187,37 @@ class AttentionTap:
     @contextmanager
     def patched(self, active: bool) -> Iterator[None]:
         """Wrap ``scaled_dot_product_attention``, softmax and dropout for the block; always
-        restored."""
+        restored, also when traces on other threads end in another order."""
         if not active:
             yield
             return
-        original = functional.scaled_dot_product_attention
-        original_dropout = functional.dropout
-        original_softmax = torch.softmax
-        method_was_own = "softmax" in torch.Tensor.__dict__
-        original_method = torch.Tensor.softmax
 
-        def tapped(query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self._record(query, key, *args, **kwargs)
-            return original(query, key, *args, **kwargs)
+        def tapped(original: Any) -> Any:
+            def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor,
+                                             *args: Any, **kwargs: Any) -> Any:
+                self._record(query, key, *args, **kwargs)
+                return original(query, key, *args, **kwargs)
+            return scaled_dot_product_attention
 
-        def softmax(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            result = original_softmax(tensor, *args, **kwargs)
-            self._softmaxed(result, args[0] if args else kwargs.get("dim"))
-            return result
+        def softmaxed(original: Any) -> Any:
+            def softmax(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                result = original(tensor, *args, **kwargs)
+                self._softmaxed(result, args[0] if args else kwargs.get("dim"))
+                return result
+            return softmax
 
-        def softmax_method(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            result = original_method(tensor, *args, **kwargs)
-            self._softmaxed(result, args[0] if args else kwargs.get("dim"))
-            return result
+        def dropped(original: Any) -> Any:
+            def dropout(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                result = original(tensor, *args, **kwargs)
+                self._dropped(tensor, result)
+                return result
+            return dropout
 
-        def dropout(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            result = original_dropout(tensor, *args, **kwargs)
-            self._dropped(tensor, result)
-            return result
-
-        functional.scaled_dot_product_attention = tapped
-        functional.dropout = dropout  # type: ignore[assignment]
-        torch.softmax = softmax  # type: ignore[assignment]
-        torch.Tensor.softmax = softmax_method  # type: ignore[method-assign,assignment]
-        try:
+        with wrapped(functional, "scaled_dot_product_attention", tapped), \
+                wrapped(functional, "dropout", dropped), \
+                wrapped(torch, "softmax", softmaxed), \
+                wrapped(torch.Tensor, "softmax", softmaxed):
             yield
-        finally:
-            functional.scaled_dot_product_attention = original
-            functional.dropout = original_dropout
-            torch.softmax = original_softmax
-            if method_was_own:
-                torch.Tensor.softmax = original_method  # type: ignore[method-assign]
-            else:
-                del torch.Tensor.softmax
 
 
 def multihead_weights(module: nn.MultiheadAttention, args: tuple[Any, ...],

@@ -13,8 +13,9 @@ probabilities are recomputed next to the call, ``softmax(q k^T * scale + bias, m
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._jax_dims import flax_classes, is_array
+from ._patches import original, wrapped
 
 _NOT_ATTENTION = ("Output", "Mask", "Bias", "Rotary", "Embedding", "Embed", "Norm", "Pool")
 _SOFTMAX_HOMES = ("jax.nn", "flax.nnx", "flax.linen", "flax.nnx.nn.activations",
@@ -30,6 +32,10 @@ _SOFTMAX_HOMES = ("jax.nn", "flax.nnx", "flax.linen", "flax.nnx.nn.activations",
 #: Receives attention probabilities (batch..., head, query, key) and returns what the
 #: traced code should go on with (the same array, possibly marked).
 ProbabilitySink = Callable[[Any], Any]
+
+#: Held while JAX's attention core runs with its softmax observed (a module attribute swapped
+#: for the call, traced on one thread at a time)
+_CORE_SOFTMAX = threading.RLock()
 
 
 def is_attention_name(name: str) -> bool:
@@ -137,20 +143,21 @@ class AttentionTaps:
         the probabilities are the ones the output was made from.
         """
         core = functions._dot_product_attention_core
-        softmax = functions.softmax
 
         def with_probabilities(*args: Any) -> tuple[Any, Any]:
             taken: list[Any] = []
+            with _CORE_SOFTMAX:  # swapped for this thread's call only
+                softmax = functions.softmax
 
-            def observed(x: Any, *a: Any, **k: Any) -> Any:
-                taken.append(softmax(x, *a, **k))
-                return taken[-1]
+                def observed(x: Any, *a: Any, **k: Any) -> Any:
+                    taken.append(softmax(x, *a, **k))
+                    return taken[-1]
 
-            functions.softmax = observed
-            try:
-                encoded = core(*args)
-            finally:
-                functions.softmax = softmax
+                functions.softmax = observed
+                try:
+                    encoded = core(*args)
+                finally:
+                    functions.softmax = softmax
             return encoded, taken[-1]
 
         def xla(query: Any, key: Any, value: Any, bias: Any, mask: Any, is_causal: Any,
@@ -186,28 +193,23 @@ class AttentionTaps:
 
     @contextmanager
     def patched(self) -> Iterator[None]:
-        """Install the wrappers; every patched attribute is put back, whatever happens."""
-        original_softmax = jax.nn.softmax
-        wrapped_softmax = self._softmax(original_softmax)
-        restore: list[tuple[Any, str, Any]] = []
-        try:
+        """Install the wrappers; every patched attribute is put back, whatever happens, also
+        when traces on other threads end in another order."""
+        true_softmax = original(jax.nn, "softmax")
+        with ExitStack() as stack:
             for home in _SOFTMAX_HOMES:
                 module: Any = sys.modules.get(home)
-                if module is not None and getattr(module, "softmax", None) is original_softmax:
-                    restore.append((module, "softmax", original_softmax))
-                    module.softmax = wrapped_softmax
-            fused = jax.nn.dot_product_attention
-            restore.append((jax.nn, "dot_product_attention", fused))
-            jax.nn.dot_product_attention = self._fused(fused, original_softmax)
+                if module is not None and original(module, "softmax") is true_softmax:
+                    stack.enter_context(wrapped(module, "softmax", self._softmax))
+            stack.enter_context(wrapped(
+                jax.nn, "dot_product_attention",
+                lambda fused: self._fused(fused, true_softmax)))
             functions = _xla_attention_module()
             if functions is not None:
-                xla = functions._dot_product_attention_xla
-                restore.append((functions, "_dot_product_attention_xla", xla))
-                functions._dot_product_attention_xla = self._xla(functions, xla)
+                stack.enter_context(wrapped(
+                    functions, "_dot_product_attention_xla",
+                    lambda xla: self._xla(functions, xla)))
             yield
-        finally:
-            for module, name, value in reversed(restore):
-                setattr(module, name, value)
 
 
 def _xla_attention_module() -> Any:

@@ -41,6 +41,7 @@ from ._jax_modules import ModuleEngine
 from ._jax_runtime import Sink, activated, capture_key
 from ._jax_scopes import FunctionCapture
 from ._jax_seq2seq import is_encoder_decoder
+from ._patches import wrapped
 from .base import Backend, class_mro_modules
 
 _OTHER_FRAMEWORKS = {"torch", "tensorflow", "keras", "tf_keras", "keras_hub"}
@@ -131,16 +132,10 @@ class _NnxWrappers:
     @contextmanager
     def installed(self) -> Iterator[None]:
         self.check_root()
-        replaced: list[tuple[type, Any]] = []
-        try:
-            for cls in self.classes:
-                original = cls.__dict__["__call__"]
-                replaced.append((cls, original))
-                type.__setattr__(cls, "__call__", self._wrap(original))
+        with ExitStack() as stack:
+            for cls in self.classes:  # put back in any order traces on other threads end
+                stack.enter_context(wrapped(cls, "__call__", self._wrap))
             yield
-        finally:
-            for cls, original in reversed(replaced):
-                type.__setattr__(cls, "__call__", original)
 
     def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
