@@ -106,6 +106,11 @@ def _call_owner(cls: type) -> type | None:
     return next((k for k in cls.__mro__ if "__call__" in k.__dict__ and k is not object), None)
 
 
+#: The NNX models traced now, by any trace: another instance of a model's class is taken for a
+#: copy ``nnx.jit`` made of it only when it is none of these
+_TRACED_MODELS: list[Any] = []
+
+
 class _NnxWrappers:
     """Temporarily wraps ``__call__`` on the classes the model's modules use."""
 
@@ -135,6 +140,8 @@ class _NnxWrappers:
         with ExitStack() as stack:
             for cls in self.classes:  # put back in any order traces on other threads end
                 stack.enter_context(wrapped(cls, "__call__", self._wrap))
+            _TRACED_MODELS.append(self.model)
+            stack.callback(_TRACED_MODELS.remove, self.model)
             yield
 
     def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -152,7 +159,9 @@ class _NnxWrappers:
             return engine.child(module, bound, args, kwargs)
         if module is self.model:
             return engine.root(module, lambda m: self.sites.get(id(m)), bound, args, kwargs)
-        if type(module) is type(self.model):  # the copy nnx.jit / nnx.merge made of the model
+        if type(module) is type(self.model) and \
+                not any(module is traced for traced in _TRACED_MODELS):
+            # the copy nnx.jit / nnx.merge made of the model (not another traced instance)
             sites = {id(m): s for s, m in nnx_modules(module) if s != ROOT_SITE}
             return engine.root(module, lambda m: sites.get(id(m)), bound, args, kwargs)
         return bound(*args, **kwargs)

@@ -126,19 +126,13 @@ class Attending(nnx.Module):
         return self.attention(x)
 
 
-class AlsoAttending(Attending):
-    """Another model class over the same attention class (an instance of the same class would
-    be taken for a copy ``nnx.jit`` made of the first model)."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.attention(x)
-
-
 def test_jax_traces_ending_in_opening_order_restore_jax(tmp_path):
+    """Two instances of one class, each traced into its own store: each store holds its own
+    model's one batch (another traced instance is not taken for a copy ``nnx.jit`` made)."""
     homes = (jax.nn.softmax, nnx.softmax, jax.nn.dot_product_attention)
     calls = (Attending.__call__, nnx.MultiHeadAttention.__call__)
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
-    first_model, second_model = Attending(), AlsoAttending()
+    first_model, second_model = Attending(), Attending()
     first = layerscope.trace(first_model, tmp_path / "first.zarr", kinds=["attention"])
     second = layerscope.trace(second_model, tmp_path / "second.zarr", kinds=["attention"])
     first.__enter__()
@@ -151,6 +145,6 @@ def test_jax_traces_ending_in_opening_order_restore_jax(tmp_path):
     assert (Attending.__call__, nnx.MultiHeadAttention.__call__) == calls
     maps = [layerscope.open_trace(tmp_path / f"{name}.zarr")["attention@attention"].values
             for name in ("first", "second")]
-    assert maps[0].shape == (2, 2, 5, 5)
+    assert maps[0].shape == maps[1].shape == (2, 2, 5, 5)
     np.testing.assert_array_equal(maps[0], maps[1])
     np.testing.assert_allclose(maps[0].sum(-1), 1.0, rtol=1e-5)
