@@ -83,3 +83,42 @@ def test_not_a_trace(tmp_path):
 def test_variables_are_in_execution_order(trace_path):
     ds = layerscope.open_trace(trace_path)
     assert layerscope.captured_names(ds) == ["block.0@output", "block.0@output.call1"]
+
+
+def test_dask_arrays_are_xarrays_own_in_chunks_values_and_names(trace_path, tmp_path):
+    """open_trace makes its dask graphs itself (core/lazy.py): every variable as
+    ``xarray.open_zarr(chunks={})`` has it, in chunks and values; the same store opened twice
+    gives the same dask names (dask's caches may share results), a store with more batches
+    other names."""
+    traced = layerscope.open_trace(trace_path)
+    plain = xr.open_zarr(trace_path, chunks={}, create_default_indexes=False)
+    compared = [name for name in plain.variables if plain[name].ndim > 0]
+    assert set(compared) <= set(traced.variables) and len(compared) > 3
+    for name in compared:
+        assert traced[name].chunks == plain[name].chunks, name
+        np.testing.assert_array_equal(traced[name].values, plain[name].values)
+    again = layerscope.open_trace(trace_path)
+    assert again["block.0@output"].data.name == traced["block.0@output"].data.name
+    grown = tmp_path / "grown.zarr"
+    recorder = make_recorder(grown)
+    write_batches(recorder, 4)
+    recorder.close()
+    assert layerscope.open_trace(grown)["block.0@output"].data.name != \
+        traced["block.0@output"].data.name
+    first = traced["block.0@output"]
+    np.testing.assert_array_equal(first[2:4, 1].values, plain["block.0@output"][2:4, 1].values)
+
+
+def test_the_collector_is_as_before_once_a_trace_is_open(trace_path):
+    """open_trace leaves the program's objects out of collections while it makes the
+    dataset's (core/collector.py), and not after."""
+    import gc
+
+    gc.unfreeze()
+    layerscope.open_trace(trace_path)
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    gc.freeze()  # the program's own: kept (less what reference counting frees meanwhile)
+    frozen = gc.get_freeze_count()
+    layerscope.open_trace(trace_path)
+    assert 0 < gc.get_freeze_count() <= frozen
+    gc.unfreeze()
