@@ -156,3 +156,6 @@ def _rawfile():
 
 if __name__ == "__main__":
     main()
+    # nothing is left to flush (every file was written by system calls): ending here spares
+    # the interpreter's shutdown, which the writer's close waits for (about 10 ms)
+    os._exit(0)
