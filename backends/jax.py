@@ -141,8 +141,14 @@ class _NnxWrappers:
             for cls in self.classes:  # put back in any order traces on other threads end
                 stack.enter_context(wrapped(cls, "__call__", self._wrap))
             _TRACED_MODELS.append(self.model)
-            stack.callback(_TRACED_MODELS.remove, self.model)
+            stack.callback(self._forget)
             yield
+
+    def _forget(self) -> None:
+        """Take the model off ``_TRACED_MODELS``, found by identity (a model class may define
+        ``==``)."""
+        index = next(i for i, traced in enumerate(_TRACED_MODELS) if traced is self.model)
+        del _TRACED_MODELS[index]
 
     def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
