@@ -31,6 +31,22 @@ def with_dask(ds: Any, token: str) -> Any:
     or more on dask, in the store's chunks, except gathered variables (chunks of several
     batches, :mod:`.gather`) beside others along ``batch``: those get blocks of one batch, as
     the others have, since a DataArray and its coordinates must agree on their chunks."""
+    along = {name: var for name, var in ds.variables.items() if var.dims[:1] == (BATCH,)}
+    gathered = {name: n for name, var in along.items()
+                if isinstance(n := var.attrs.get(GATHERED), int) and n > 1}
+    mixed = bool(gathered) and len(gathered) < len(along)
+    data = {name: dask_array(var, f"open_trace-{name}-{token}",
+                             gathered.get(name, 1) if mixed else 1)
+            for name, var in ds.variables.items() if var.ndim > 0}
+    coords = list(ds.coords)  # none but where a writer named some: no index is made
+    plain = ds.reset_coords(coords) if coords else ds
+    ds = plain.copy(data={name: data.get(name) for name in plain.data_vars})
+    return ds.set_coords(coords) if coords else ds
+
+
+def dask_array(var: Any, key: str, batches_a_block: int = 1) -> Any:
+    """Variable ``var``'s lazily indexed data as a dask array named ``key``, in the store's
+    chunks, the first axis's cut into ``batches_a_block`` blocks each."""
     import numpy as np
     from dask._task_spec import DataNode, Task, TaskRef
     from dask.array import Array
@@ -38,33 +54,19 @@ def with_dask(ds: Any, token: str) -> Any:
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
     from xarray.core.indexing import ImplicitToExplicitIndexingAdapter, OuterIndexer
 
-    along = {name: var for name, var in ds.variables.items() if var.dims[:1] == (BATCH,)}
-    gathered = {name: n for name, var in along.items()
-                if isinstance(n := var.attrs.get(GATHERED), int) and n > 1}
-    mixed = bool(gathered) and len(gathered) < len(along)
-    data = {}
-    for name, var in ds.variables.items():
-        if var.ndim == 0:
-            continue
-        preferred = var.encoding.get("preferred_chunks") or {}
-        steps = [max(1, int(preferred.get(dim, size) or 1)) for dim, size in var.sizes.items()]
-        if mixed and name in gathered:
-            steps[0] = max(1, steps[0] // gathered[name])
-        chunks = tuple(blocks(size, step) for size, step in zip(var.shape, steps, strict=True))
-        key = f"open_trace-{name}-{token}"
-        source = f"original-{key}"
-        edges = [list(accumulate(lengths, initial=0)) for lengths in chunks]
-        tasks: dict[Any, Any] = {}
-        for block in product(*(range(len(lengths)) for lengths in chunks)):
-            where = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, block, strict=True))
-            tasks[(key, *block)] = Task((key, *block), getter, TaskRef(source),
-                                        DataNode(None, where))
-        graph = HighLevelGraph(
-            {source: MaterializedLayer({source: ImplicitToExplicitIndexingAdapter(
-                var._data, OuterIndexer)}), key: MaterializedLayer(tasks)},
-            {source: set(), key: {source}})
-        data[name] = Array(graph, key, chunks, meta=np.empty((0,) * var.ndim, var.dtype))
-    coords = list(ds.coords)  # none but where a writer named some: no index is made
-    plain = ds.reset_coords(coords) if coords else ds
-    ds = plain.copy(data={name: data.get(name) for name in plain.data_vars})
-    return ds.set_coords(coords) if coords else ds
+    preferred = var.encoding.get("preferred_chunks") or {}
+    steps = [max(1, int(preferred.get(dim, size) or 1)) for dim, size in var.sizes.items()]
+    steps[0] = max(1, steps[0] // batches_a_block)
+    chunks = tuple(blocks(size, step) for size, step in zip(var.shape, steps, strict=True))
+    source = f"original-{key}"
+    edges = [list(accumulate(lengths, initial=0)) for lengths in chunks]
+    tasks: dict[Any, Any] = {}
+    for block in product(*(range(len(lengths)) for lengths in chunks)):
+        where = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, block, strict=True))
+        tasks[(key, *block)] = Task((key, *block), getter, TaskRef(source),
+                                    DataNode(None, where))
+    graph = HighLevelGraph(
+        {source: MaterializedLayer({source: ImplicitToExplicitIndexingAdapter(
+            var._data, OuterIndexer)}), key: MaterializedLayer(tasks)},
+        {source: set(), key: {source}})
+    return Array(graph, key, chunks, meta=np.empty((0,) * var.ndim, var.dtype))
