@@ -61,23 +61,21 @@ def wrapped(owner: Any, name: str, wrap: Wrap) -> Iterator[None]:
         patched.wraps.append(wrap)
         try:
             _install(owner, name, patched)
-        except BaseException:
-            _leave(owner, name, key, patched, wrap)
+        except BaseException:  # the attribute is as it was: only the registry is undone
+            patched.wraps.remove(wrap)
+            if not patched.wraps:
+                del _PATCHED[key]
             raise
     try:
         yield
     finally:
         with _LOCK:
-            _leave(owner, name, key, patched, wrap)
-
-
-def _leave(owner: Any, name: str, key: tuple[int, str], patched: _Patched, wrap: Wrap) -> None:
-    patched.wraps.remove(wrap)
-    if patched.wraps:
-        _install(owner, name, patched)
-        return
-    del _PATCHED[key]
-    if patched.own:
-        setattr(owner, name, patched.original)
-    else:
-        delattr(owner, name)  # inherited again, as before the first trace
+            patched.wraps.remove(wrap)
+            if patched.wraps:
+                _install(owner, name, patched)
+            else:
+                del _PATCHED[key]
+                if patched.own:
+                    setattr(owner, name, patched.original)
+                else:
+                    delattr(owner, name)  # inherited again, as before the first trace

@@ -11,13 +11,14 @@ from typing import Any
 
 import jax
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 from torch.nn import functional
 from transformers import BertConfig, BertModel
 
 import layerscope
-from layerscope.backends._patches import original, wrapped
+from layerscope.backends._patches import _PATCHED, original, wrapped
 
 
 class Base:
@@ -54,16 +55,18 @@ def test_overlapping_blocks_that_end_first_in_first_out_restore_the_original():
     assert original(module, "double") is true_double
 
 
-def test_a_wrapper_that_fails_to_install_leaves_nothing_behind():
-    frozen = (1, 2)  # a tuple takes no attribute: the install fails
-    try:
-        with wrapped(frozen, "count", adding(1)):
-            raise AssertionError("installed on a tuple")
-    except AttributeError:
+def test_a_wrapper_that_fails_to_install_leaves_the_attribute_and_the_registry_as_they_were():
+    def failing(function: Callable[..., Any]) -> Callable[..., Any]:
+        raise RuntimeError("no wrapper")
+
+    with pytest.raises(RuntimeError, match="no wrapper"), wrapped(Child, "twice", failing):
         pass
-    with wrapped(Child, "twice", adding(1)):
-        assert Child().twice(1) == 3  # the registry was left clean
-    assert "twice" not in Child.__dict__
+    assert "twice" not in Child.__dict__ and not _PATCHED
+    with wrapped(Child, "twice", adding(10)):
+        with pytest.raises(RuntimeError, match="no wrapper"), wrapped(Child, "twice", failing):
+            pass
+        assert Child().twice(1) == 12  # the first block's wrapper, alone, as before
+    assert "twice" not in Child.__dict__ and not _PATCHED
 
 
 def _bert(implementation: str) -> BertModel:
