@@ -44,9 +44,10 @@ def with_dask(ds: Any, token: str) -> Any:
     return ds.set_coords(coords) if coords else ds
 
 
-def dask_array(var: Any, key: str, batches_a_block: int = 1) -> Any:
-    """Variable ``var``'s lazily indexed data as a dask array named ``key``, in the store's
-    chunks, the first axis's cut into ``batches_a_block`` blocks each."""
+def dask_array(var: Any, key: str, parts: int = 1) -> Any:
+    """Variable ``var``'s lazily indexed data as a dask array named ``key``, one block a
+    chunk of the store, each chunk cut into ``parts`` blocks along the first axis (a gathered
+    chunk of several batches: a block a batch)."""
     import numpy as np
     from dask._task_spec import DataNode, Task, TaskRef
     from dask.array import Array
@@ -56,7 +57,7 @@ def dask_array(var: Any, key: str, batches_a_block: int = 1) -> Any:
 
     preferred = var.encoding.get("preferred_chunks") or {}
     steps = [max(1, int(preferred.get(dim, size) or 1)) for dim, size in var.sizes.items()]
-    steps[0] = max(1, steps[0] // batches_a_block)
+    steps[0] = max(1, steps[0] // parts)
     chunks = tuple(blocks(size, step) for size, step in zip(var.shape, steps, strict=True))
     source = f"original-{key}"
     edges = [list(accumulate(lengths, initial=0)) for lengths in chunks]
