@@ -149,3 +149,43 @@ def test_a_place_the_process_cannot_read_fails_that_chunk(tmp_path, monkeypatch)
         assert not (tmp_path / "bad").exists()
     finally:
         process.close()
+
+
+def test_a_request_is_answered_in_order_up_to_the_first_failure_and_the_next_is_in_step(
+        tmp_path):
+    """The reply holds each chunk's crc32c in the request's order, up to the first that
+    failed, and that failure (the chunks before it on disk, whole, their checksums after
+    them); the next request, a new folder's document and then its chunks, is in step."""
+    import crc32c
+
+    process = chunkproc.ChunkProcess(direct=True, durable=False)
+    try:
+        process.start()
+        assert process.arena is not None
+        bodies = [process.arena.take(160 << 10) for _ in range(40)]
+        for number, body in enumerate(bodies):
+            body[:] = np.random.default_rng(number).integers(0, 256, body.size)
+        paths = [tmp_path / f"c{number}" for number in range(40)]
+        paths[23] = tmp_path / "missing" / "c23"  # its folder is not there
+        jobs = [(str(path), body, body.nbytes, True, chunkproc.CHUNK)
+                for path, body in zip(paths, bodies, strict=True)]
+        with pytest.raises(chunkproc.ChunkWriteFailed) as failed:
+            process.write(jobs)
+        assert failed.value.crcs == [crc32c.crc32c(body) for body in bodies[:23]]
+        assert isinstance(failed.value.error, FileNotFoundError)
+        assert failed.value.error.filename == str(paths[23])
+        for path, body in zip(paths[:23], bodies[:23], strict=True):
+            crc = crc32c.crc32c(body).to_bytes(4, "little")
+            assert path.read_bytes() == body.tobytes() + crc
+
+        document = np.frombuffer(b'{"zarr_format": 3}', dtype=np.uint8)
+        jobs = [(str(tmp_path / "next" / "zarr.json"), document, document.nbytes, False,
+                 chunkproc.DOCUMENT_NEW_FOLDER),
+                *((str(tmp_path / "next" / f"c{number}"), body, body.nbytes, False,
+                   chunkproc.CHUNK) for number, body in enumerate(bodies))]
+        assert process.write(jobs) == [0, *(crc32c.crc32c(body) for body in bodies)]
+        assert (tmp_path / "next" / "zarr.json").read_bytes() == document.tobytes()
+        for number, body in enumerate(bodies):
+            assert (tmp_path / "next" / f"c{number}").read_bytes() == body.tobytes()
+    finally:
+        process.close()
