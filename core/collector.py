@@ -17,6 +17,15 @@ with the trace's objects when it closes: telling the two apart would count the f
 a walk over all of them at each end of every trace (0.7-9 ms for 209,000 objects); a program
 that freezes objects does it before it opens a trace, as a server does before it forks.
 
+The objects a trace makes for as long as it lives (its variables and slots in its first
+batch, its arrays and their chunks once its first groups are committed) are frozen too, as the
+trace goes on: after its passes 1, 2, 4 ... 64 (:func:`freeze_trace_objects`), each time after
+a collection of the young generations (what is garbage by then is not kept). Unfrozen, they
+set off a full collection every thirty batches or so of a 1,601-variable model, 22-28 ms each
+(0.1 s or more over a long trace's first minutes: benchmarks/README.md, "Many captured
+sites"). Cyclic garbage made between those collections and a freeze, at most that of the
+passes before it, is kept until the last trace closes.
+
 ``open_trace`` does the same while it makes a dataset: a store of 2,000 variables is tens of
 thousands of objects that all live on. Unlike pausing the collector, which only moves the
 collections to the program's next allocations, this leaves nothing owed: the collections run,
@@ -54,3 +63,20 @@ def older_objects_frozen() -> Iterator[None]:
             if _open == 0 and _froze:
                 gc.unfreeze()
                 _froze = False
+
+
+#: the passes of a trace after which the objects made so far are frozen: its first batch makes
+#: its variables, its first groups' commits make its arrays (see the module's description)
+FREEZE_AFTER = frozenset(1 << power for power in range(7))
+
+
+def freeze_trace_objects(passes: int) -> None:
+    """After a trace's pass number ``passes`` (counted from 1): where it is one of
+    :data:`FREEZE_AFTER` and the traces froze the older objects, freeze what was made since,
+    once the young generations' garbage is collected."""
+    if passes not in FREEZE_AFTER:
+        return
+    with _lock:
+        if _froze and gc.isenabled():
+            gc.collect(1)
+            gc.freeze()

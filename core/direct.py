@@ -126,9 +126,12 @@ class DirectSlot:
                 or gather.chunks.get(chunk.start) is not chunk:
             return _ELSEWHERE
         lo = start - chunk.start
+        claimed = batch.claimed
+        if claimed[0] != lo:
+            claimed = batch.claimed = (lo, lo + batch.size)
         # no lock: only this thread reads and writes an open chunk's ``written`` (a writer
         # thread reads it once the chunk is closed, on this thread, at a batch end)
-        chunk.written.append((lo, lo + batch.size))
+        chunk.written.append(claimed)
         if chunk.first is None:  # a discarded batch had claimed it first
             chunk.first = start
         return lo

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._reduce_numpy import OPS as NUMPY_OPS
+from .collector import freeze_trace_objects
 from .direct import SitePut
 from .errors import CaptureError
 from .format import (
@@ -113,6 +114,7 @@ class Recorder:
         self._put_masks()
         self.writer.end_batch()
         self.passes += 1
+        freeze_trace_objects(self.passes)
         if self.skipped != self._recorded:
             self._record_skipped()
 

@@ -60,6 +60,10 @@ class Batch:
     lengths: dict[str, int] = field(default_factory=dict)
     #: chunk files written for this batch: key -> (file size, crc32c), for its manifest
     chunks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: the rows of a chunk the last direct claim of this batch took, relative to the chunk's
+    #: start (core/direct.py): one tuple for the thousands of chunks a model traced at every
+    #: module claims rows of, not one each (each that lives on sets off the collector)
+    claimed: tuple[int, int] = (-1, -1)
 
 
 @dataclass

@@ -141,3 +141,32 @@ def test_traces_on_two_threads_at_once_thaw_once_both_have_closed(model, tmp_pat
     assert gc.get_freeze_count() == 0
     for name in "ab":
         assert layerscope.open_trace(tmp_path / f"{name}.zarr").sizes["batch"] == 3
+
+
+def test_what_a_trace_makes_is_frozen_after_its_passes_1_2_4_and_thawed_at_its_close(model,
+                                                                                    tmp_path):
+    """Objects alive at the end of a trace's pass 1, 2, 4 ... are frozen (a cycle among
+    them that becomes garbage later is collected once the trace closes); garbage made before
+    such a pass ends is collected first, and objects made after pass 2 are not frozen at
+    pass 3."""
+    with torch.no_grad(), layerscope.trace(model, tmp_path / "t.zarr"):
+        alive = Node()
+        alive.other = alive
+        lived, garbage = weakref.ref(alive), cycle()
+        model(torch.ones(2, 4))  # pass 1
+        assert garbage() is None  # collected before the freeze, not kept by it
+        del alive
+        gc.collect()
+        assert lived() is not None  # frozen with the trace's objects
+        model(torch.ones(2, 4))  # pass 2
+        later = Node()
+        later.other = later
+        made_later = weakref.ref(later)
+        model(torch.ones(2, 4))  # pass 3: no freeze
+        del later
+        gc.collect()
+        assert made_later() is None
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert lived() is None
+    assert layerscope.open_trace(tmp_path / "t.zarr").sizes["batch"] == 6
