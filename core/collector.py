@@ -74,9 +74,9 @@ def freeze_trace_objects(passes: int) -> None:
     """After a trace's pass number ``passes`` (counted from 1): where it is one of
     :data:`FREEZE_AFTER` and the traces froze the older objects, freeze what was made since,
     once the young generations' garbage is collected."""
-    if passes not in FREEZE_AFTER:
+    if passes not in FREEZE_AFTER or not _froze or not gc.isenabled():
         return
+    gc.collect(1)  # not under the lock: a finalizer it runs may open or close a trace
     with _lock:
-        if _froze and gc.isenabled():
-            gc.collect(1)
+        if _froze and gc.isenabled():  # the last trace may have closed meanwhile
             gc.freeze()

@@ -170,3 +170,35 @@ def test_what_a_trace_makes_is_frozen_after_its_passes_1_2_4_and_thawed_at_its_c
     gc.collect()
     assert lived() is None
     assert layerscope.open_trace(tmp_path / "t.zarr").sizes["batch"] == 6
+
+
+def test_a_finalizer_that_opens_a_trace_during_the_freezes_collection(model, tmp_path):
+    """The collection before a freeze runs finalizers: one that opens a stored trace (which
+    takes the collector's lock) runs to its end, on the trace's thread, without waiting."""
+    with torch.no_grad(), layerscope.trace(model, tmp_path / "first.zarr"):
+        model(torch.ones(2, 4))
+    opened: list[int] = []
+
+    class Opener(Node):
+        def __del__(self) -> None:
+            opened.append(layerscope.open_trace(tmp_path / "first.zarr").sizes["batch"])
+
+    def traced() -> None:
+        with torch.no_grad(), layerscope.trace(model, tmp_path / "second.zarr"):
+            gc.collect()
+            first, second = Opener(), Node()
+            first.other, second.other = second, first
+            del first, second  # garbage in a cycle: its finalizer runs at the next collection
+            model(torch.ones(2, 4))  # pass 1: a collection, then a freeze
+
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1_000_000)  # no collection of the collector's own before the freeze's
+    try:
+        thread = threading.Thread(target=traced, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+    finally:
+        gc.set_threshold(*thresholds)
+    assert not thread.is_alive(), "the finalizer waited for the collector's lock"
+    assert opened == [2]
+    assert layerscope.open_trace(tmp_path / "second.zarr").sizes["batch"] == 2
