@@ -22,9 +22,9 @@ batch, its arrays and their chunks once its first groups are committed) are froz
 trace goes on: after its passes 1, 2, 4 ... 64 (:func:`freeze_trace_objects`), each time after
 a collection of the young generations (what is garbage by then is not kept). Unfrozen, they
 set off a full collection every thirty batches or so of a 1,601-variable model, 22-37 ms each,
-about 1 ms a batch (benchmarks/README.md, "Many captured sites"). Cyclic garbage made between
-those collections and a freeze, at most that of the passes before it, is kept until the last
-trace closes.
+about 1 ms a batch (benchmarks/README.md, "Many captured sites"). Cyclic garbage those
+collections do not reach (in the oldest generation at a freeze) is kept until the last trace
+closes.
 
 ``open_trace`` does the same while it makes a dataset: a store of 2,000 variables is tens of
 thousands of objects that all live on. Unlike pausing the collector, which only moves the
