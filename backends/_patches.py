@@ -62,20 +62,25 @@ def wrapped(owner: Any, name: str, wrap: Wrap) -> Iterator[None]:
         try:
             _install(owner, name, patched)
         except BaseException:  # the attribute is as it was: only the registry is undone
-            patched.wraps.remove(wrap)
-            if not patched.wraps:
-                del _PATCHED[key]
+            _unregister(key, patched, wrap)
             raise
     try:
         yield
     finally:
         with _LOCK:
-            patched.wraps.remove(wrap)
-            if patched.wraps:
+            if _unregister(key, patched, wrap):
                 _install(owner, name, patched)
+            elif patched.own:
+                setattr(owner, name, patched.original)
             else:
-                del _PATCHED[key]
-                if patched.own:
-                    setattr(owner, name, patched.original)
-                else:
-                    delattr(owner, name)  # inherited again, as before the first trace
+                delattr(owner, name)  # inherited again, as before the first trace
+
+
+def _unregister(key: tuple[int, str], patched: _Patched, wrap: Wrap) -> bool:
+    """Take ``wrap`` off the registry (with the lock held); whether other blocks still wrap
+    the attribute (if none, its entry is gone)."""
+    patched.wraps.remove(wrap)
+    if patched.wraps:
+        return True
+    del _PATCHED[key]
+    return False
