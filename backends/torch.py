@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from layerscope.core import CaptureError, Recorder, Selection, SiteInfo
-from layerscope.core.direct import SitePut
+from layerscope.core.direct import OutputHook, SitePut
 from layerscope.core.naming import ROOT_SITE, hidden_size_of, move_batch_first
 from layerscope.core.recorder import SCALAR
 from layerscope.core.reduce import PassMasks
@@ -340,7 +340,9 @@ class _Capture:
         a batch). Once an output went by address (:meth:`_put_direct` leaves its SitePut and
         dtypes in ``by_address``), the next is tried so first, the same checks made inline and
         nothing looked up by site: about 2 us a hook less, inside a forward of 1,601 sites. A
-        hook returns None: anything else would replace the module's output."""
+        hook returns None: anything else would replace the module's output. Where the C part
+        is built, the hook torch calls is :data:`.direct.OutputHook`, which takes that first
+        case itself (the same checks, claim and copy) and calls this one for the rest."""
         by_address: list[Any] = [None]  # (SitePut, dtype, stored dtype)
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -355,6 +357,8 @@ class _Capture:
                 refused = bool(address)
             if not self._put_direct(site, output, by_address, refused):
                 self.outputs(site, module, args, kwargs, output, False, True)
+        if OutputHook is not None:  # the same hook, its common case in C (core/_directc.c)
+            return OutputHook(hook, self, by_address, _TENSOR, _STRIDED)  # type: ignore[no-any-return]
         return hook
 
     def remove(self) -> None:

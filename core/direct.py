@@ -11,11 +11,19 @@ else (a new chunk, another shape, a shorter pass) goes the general way
 :class:`QueuedSlot` (a variable that is not gathered: large tensors, or every variable of a
 store that gathers none) copies a tensor of the stored shape into pool memory and queues its
 write, as the writer's ``put`` does once its checks found nothing new.
+
+Where the package was built with a C compiler, ``_directc`` (core/_directc.c) takes the
+commonest call whole: a torch site's hook whose output goes by address
+(:data:`OutputHook`, the checks of the backend's hook, :meth:`SitePut.put_raw` and
+:meth:`DirectSlot.claim_remembered` made in the same order), and the copy itself, with
+stores that go around the caches. Anything else it leaves to the Python here, which stays
+the reference: it does everything the C part does.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +38,10 @@ def _memmove_keeping_the_lock() -> Callable[[int, int, int], Any]:
     hand-over of the lock to a writer thread and back takes. The C library's own, called
     through ``PyDLL``, costs half as much a call as a prototype made from ``ctypes.memmove``'s
     address (0.34 us against 0.78 us for 64 bytes, 0.69 us against 1.18 us for 16 KiB: a
-    model traced at 1,601 modules calls it 1,601 times a batch)."""
+    model traced at 1,601 modules calls it 1,601 times a batch). Where layerscope's C part
+    is built (``_directc``), its ``copy``: the same, with stores that go around the caches."""
+    if _directc is not None:
+        return _directc.copy
     try:
         function = ctypes.PyDLL(None).memmove  # a library of our own: its settings are ours
     except (AttributeError, OSError, TypeError):  # no C library found by name (Windows)
@@ -41,7 +52,25 @@ def _memmove_keeping_the_lock() -> Callable[[int, int, int], Any]:
     return function
 
 
+def _load_directc() -> Any:
+    """The direct way's hot path in C (core/_directc.c), None where it was not built (no
+    compiler where the package was installed) or ``LAYERSCOPE_PURE_PYTHON`` is set: the
+    Python below does all it does, more slowly."""
+    if os.environ.get("LAYERSCOPE_PURE_PYTHON"):
+        return None
+    try:
+        from . import _directc  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _directc
+
+
+_directc = _load_directc()
 _memmove = _memmove_keeping_the_lock()
+#: ``OutputHook(python_hook, capture, by_address, tensor_type, strided)``: a forward hook that
+#: takes the common case of ``python_hook`` (a torch site's hook, which
+#: ``_Capture._output_hook`` makes) in C and calls it for the rest; None without the C part
+OutputHook = _directc.OutputHook if _directc is not None else None
 
 _ELSEWHERE, _REFUSED = -1, -2  # DirectSlot.claim_remembered: no rows claimed
 

@@ -98,6 +98,9 @@ def test_wheel_holds_every_package(wheel: Path) -> None:
     assert {"layerscope.commands", "layerscope.core", "layerscope.backends",
             "layerscope.renderers"} <= in_wheel
     assert "layerscope/py.typed" in names
+    # the direct way's C part, built for this Python (core/_directc.c; its source stays out)
+    assert [n for n in names if n.startswith("layerscope/core/_directc.")
+            and n.endswith(".so")], names
     assert not [n for n in names if n.split("/")[0] in ("core", "backends", "renderers", "tests")]
 
 
@@ -106,10 +109,12 @@ def test_base_install_has_no_framework_and_a_working_cli(venv: Path, stored_trac
     python, cli = venv / "bin" / "python", venv / "bin" / "layerscope"
     where = _run(python, "-c", "import layerscope, sys; print(layerscope.__file__); "
                  f"print([m for m in {FRAMEWORKS!r} if __import__('importlib.util').util."
-                 "find_spec(m)])", cwd=tmp_path)
-    module_file, frameworks = where.splitlines()
+                 "find_spec(m)]); from layerscope.core import direct; "
+                 "print(direct.OutputHook is not None)", cwd=tmp_path)
+    module_file, frameworks, c_part = where.splitlines()
     assert Path(module_file).is_relative_to(venv)  # the installed copy, not this checkout
     assert frameworks == "[]"
+    assert c_part == "True"  # the C part loads where the wheel is installed
 
     assert "render" in _run(cli, "--help", cwd=tmp_path)
     info = _run(cli, "info", stored_trace, cwd=tmp_path)

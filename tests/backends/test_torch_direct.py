@@ -6,6 +6,9 @@ longer sequence, a module called twice in a pass, an in-place op after the hook,
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +18,21 @@ import layerscope
 from layerscope.core import StoreOptions
 from layerscope.core import direct as direct_module
 from layerscope.core.gather import GatherPolicy
+
+from .address_copies import count_address_copies, python_only
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def hook_way(request, monkeypatch):
+    """Each test both ways: a torch site's hook taking the common case in C
+    (core/_directc.c), and the Python alone, as a build without the C part runs."""
+    if request.param == "python":
+        python_only(monkeypatch.setattr)
+    elif direct_module.OutputHook is None:
+        if os.environ.get("LAYERSCOPE_PURE_PYTHON"):
+            pytest.skip("LAYERSCOPE_PURE_PYTHON is set: the Python alone")
+        pytest.fail("layerscope's C part (core/_directc.c) was not built")
+    return request.param
 
 
 class Block(nn.Module):
@@ -73,7 +91,7 @@ def reference(model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, list[np
 @pytest.mark.parametrize("gathered", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch, dtype,
-                                                           gathered):
+                                                           gathered, hook_way):
     torch.manual_seed(0)
     model = Blocks().to(dtype).eval()
     # batch 4 of 5 positions; then a longer pass, shorter ones, two passes of the longer
@@ -84,7 +102,6 @@ def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch
     expected = reference(model, inputs)
 
     direct = []
-    by_address = []  # what put_raw took
     short_sites = set()  # the sites whose first call of a pass went the short way
 
     def counted(original):
@@ -93,16 +110,11 @@ def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch
             direct.append(taken)
             if taken:
                 short_sites.add(self._key[0])
-                if original is put_raw:
-                    by_address.append(self._key[0])
             return taken
         return put
 
-    put_raw = direct_module.SitePut.put_raw
-
     monkeypatch.setattr(direct_module.SitePut, "put", counted(direct_module.SitePut.put))
-    monkeypatch.setattr(direct_module.SitePut, "put_raw",
-                        counted(direct_module.SitePut.put_raw))
+    address_copies = count_address_copies(monkeypatch.setattr)
     path = tmp_path / "t.zarr"
     # chunks of two batches: the shorter passes after the longer one fill new chunks, and
     # later ones the memory of written ones (reused: what it held must not show)
@@ -111,15 +123,19 @@ def test_values_equal_the_model_on_and_off_the_direct_path(tmp_path, monkeypatch
         for x in inputs:
             model(x)
 
+    by_address = address_copies()
+    short_sites.update(by_address)
     # the direct way: every block's four outputs and the first call of ``shared``, in each
     # pass after the first but the longer one (the store grows) and the smaller last batch;
     # shorter passes go too
-    assert sum(direct) >= (4 * 12 + 1) * 4
+    assert sum(direct) + len(by_address) >= (4 * 12 + 1) * 4
     # by address: the second pass of the longer length, every site (never bfloat16, stored
     # as float32; never a variable that is not gathered)
     blocks = {f"blocks.{i}{part}" for i in range(12) for part in ("", ".fc1", ".act", ".fc2")}
     if gathered and dtype is not torch.bfloat16:
         assert {"root", "shared", *blocks} <= set(by_address), by_address
+        # the C hooks took the common case themselves
+        assert (len(address_copies.in_c()) > 0) == (hook_way == "c"), address_copies.in_c()
     else:
         assert not by_address
     # every site: ``shared`` too, whose second call in the first pass asked for its way in
@@ -159,16 +175,7 @@ def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_who
     """The writer remembers the chunk each variable's last batch went to (core/direct.py); a
     pass that fails after half its sites went there is discarded, and the pass that follows
     takes the same rows again: its values, never the failed pass's, are stored."""
-    raw_in_failing_pass: list[bool] = []
-    put_raw = direct_module.SitePut.put_raw
-
-    def counted(self, *args):
-        taken = put_raw(self, *args)
-        if model.blocks[6].fail:  # the failing pass, before its failure
-            raw_in_failing_pass.append(taken)
-        return taken
-
-    monkeypatch.setattr(direct_module.SitePut, "put_raw", counted)
+    address_copies = count_address_copies(monkeypatch.setattr)
     torch.manual_seed(0)
     model = Blocks().eval()
     model.blocks.insert(6, Failing())
@@ -180,13 +187,15 @@ def test_a_failed_pass_after_direct_puts_leaves_nothing_and_the_next_pass_is_who
     with layerscope.trace(model, path, options=options), torch.no_grad():
         for number, x in enumerate(inputs):
             model.blocks[6].fail = number == failing
+            before = len(address_copies())
             try:
                 model(x)
             except RuntimeError:
                 assert number == failing
+                in_failing_pass = len(address_copies()) - before
     # copied by address into the rows the failed pass claimed: rows 12-16 of the first chunk
     # (failing 3), or rows 0-4 of the second, opened at the end of the batch before (4)
-    assert any(raw_in_failing_pass) == gathered, raw_in_failing_pass
+    assert (in_failing_pass > 0) == gathered, in_failing_pass
     ds = layerscope.open_trace(path)
     assert ds.attrs["committed_batches"] == 5
     assert ds["blocks.0.fc1@output"].attrs.get("gathered_batches") == (4 if gathered else None)
@@ -247,21 +256,19 @@ class Expanded(nn.Module):
 
 
 def trace_seeing_puts_by_address(tmp_path, monkeypatch, model, inputs, seen):
-    """Trace ``model`` over ``inputs`` (chunks of 4 batches), ``seen(site_put, taken)``
-    told of every ``SitePut.put_raw``; the store's path."""
-    put_raw = direct_module.SitePut.put_raw
-
-    def counted(self, *args):
-        taken = put_raw(self, *args)
-        seen(self, taken)
-        return taken
-
-    monkeypatch.setattr(direct_module.SitePut, "put_raw", counted)
+    """Trace ``model`` over ``inputs`` (chunks of 4 batches), ``seen(site, taken)`` told of
+    every ``SitePut.put_raw`` and, at the end of each pass, of each copy the C hooks made
+    in it; the store's path."""
+    copies = count_address_copies(monkeypatch.setattr, seen)
     path = tmp_path / "t.zarr"
     options = StoreOptions(gathering=GatherPolicy(batches=4))
     with layerscope.trace(model, path, options=options), torch.no_grad():
         for x in inputs:
+            before = Counter(copies.in_c())
             model(x)
+            for site, count in (Counter(copies.in_c()) - before).items():
+                for _ in range(count):
+                    seen(site, True)
     return path
 
 
@@ -278,8 +285,8 @@ def test_only_a_contiguous_tensor_is_copied_by_its_address(tmp_path, monkeypatch
     expected = reference(model, inputs)
     raw: dict[str, int] = {}
 
-    def count(site_put, taken):
-        raw[site_put._key[0]] = raw.get(site_put._key[0], 0) + taken
+    def count(site, taken):
+        raw[site] = raw.get(site, 0) + taken
 
     path = trace_seeing_puts_by_address(tmp_path, monkeypatch, model, inputs, count)
     assert raw.get("blocks.3", 0) == raw.get("blocks.7", 0) == 0, raw
@@ -331,8 +338,8 @@ def test_a_site_that_went_by_address_is_checked_again_at_each_pass(tmp_path, mon
     model.blocks[4].calls = 0
     taken: list[tuple[int, bool]] = []  # (pass, copied by address) of the changing site
 
-    def note(site_put, took):
-        if site_put._key[0] == "blocks.4":
+    def note(site, took):
+        if site == "blocks.4":
             taken.append((model.blocks[4].calls - 1, took))
 
     path = trace_seeing_puts_by_address(tmp_path, monkeypatch, model, inputs, note)

@@ -29,6 +29,7 @@ import layerscope
 from layerscope.core import ChunkError, Compression, StoreOptions, WriterError
 from layerscope.core.gather import GatherPolicy
 
+from ..backends.address_copies import count_address_copies
 from ..backends.test_torch_direct import Blocks, reference
 from .damage import flip_byte
 
@@ -44,7 +45,8 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])  # the checkout: its tests package
     from layerscope.core import StoreOptions
     from layerscope.core import gatherwrite
-    from tests.faults.test_many_sites_faults import SLICE, count_address_copies, inputs, model, options
+    from tests.backends.address_copies import count_address_copies
+    from tests.faults.test_many_sites_faults import SLICE, inputs, model, options
 
     net = model()
     if sys.argv[3] == "process":  # every group's chunks written by the chunk process
@@ -55,27 +57,8 @@ CHILD = textwrap.dedent("""
     with torch.no_grad(), layerscope.trace(net, sys.argv[1], options=options(sys.argv[3])):
         for number, x in enumerate(inputs(4000)):
             net(x)
-            print("ended", number, len(copies), flush=True)
+            print("ended", number, len(copies()), flush=True)
 """)
-
-
-def count_address_copies(patch) -> list[str]:
-    """The sites whose outputs were copied into their chunks by address
-    (``SitePut.put_raw``), as ``patch(object, name, value)`` (``setattr`` or a
-    monkeypatch's) installs the count."""
-    from layerscope.core import direct
-
-    copies: list[str] = []
-    put_raw = direct.SitePut.put_raw
-
-    def counted(self, *args):
-        taken = put_raw(self, *args)
-        if taken:
-            copies.append(self._key[0])
-        return taken
-
-    patch(direct.SitePut, "put_raw", counted)
-    return copies
 
 
 def model() -> Blocks:
@@ -170,7 +153,7 @@ def test_a_full_disk_is_a_writer_error_and_committed_groups_survive(small_tmpfs,
     # the process writes every group, the first with its arrays' files
     assert bool(process_writes) == (mode == "process")
     # a gathered site's second batch in a chunk is copied by its address: all 50 sites
-    assert len(set(copies)) == (50 if gathered else 0), copies
+    assert len(set(copies())) == (50 if gathered else 0), copies()
     committed = check(path, given, gathered)
     if gathered:
         # two groups fit in 8 MB, and a third group's chunks are queued only once the
