@@ -138,40 +138,6 @@ static int agrees(PyObject *writer, PyObject *growing, PyObject *shape)
     return same;
 }
 
-/* What a site's hook reads of its SitePut and DirectSlot that never changes once they are
- * made (each is set in its __init__ alone): read again only when the hook's ``by_address``
- * names another SitePut. Strong references, given back by site_clear. */
-typedef struct {
-    PyObject *known; /* the (SitePut, torch dtype, stored dtype) they were read from */
-    PyObject *recorder, *slot, *calls, *key, *growing, *writer, *var;
-} Site;
-
-static void site_clear(Site *site)
-{
-    Py_CLEAR(site->known); Py_CLEAR(site->recorder); Py_CLEAR(site->slot);
-    Py_CLEAR(site->calls); Py_CLEAR(site->key); Py_CLEAR(site->growing);
-    Py_CLEAR(site->writer); Py_CLEAR(site->var);
-}
-
-/* Read ``known``'s SitePut and slot into ``site``: 1, or 0 (nothing kept) where they are not
- * what the C part takes (no slot: a variable not gathered). */
-static int site_read(Site *site, PyObject *known)
-{
-    PyObject *site_put = PyTuple_GET_ITEM(known, 0);
-    site_clear(site);
-    if ((site->recorder = attr(site_put, s_recorder)) && (site->slot = attr(site_put, s_by_address))
-        && site->slot != Py_None && (site->calls = attr(site_put, s_calls))
-        && PyDict_CheckExact(site->calls) && (site->key = attr(site_put, s_key))
-        && (site->growing = attr(site->slot, s_growing)) && PyTuple_CheckExact(site->growing)
-        && (site->writer = attr(site->slot, s_writer)) && (site->var = attr(site->slot, s_var))) {
-        site->known = Py_NewRef(known);
-        return 1;
-    }
-    PyErr_Clear();
-    site_clear(site);
-    return 0;
-}
-
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
@@ -180,31 +146,35 @@ typedef struct {
     PyObject *by_address;  /* [None] or [(SitePut, torch dtype, stored dtype)] */
     PyObject *tensor_type, *strided;
     Py_ssize_t taken; /* the calls it took whole, without the Python hook (tests count them) */
-    Site site;
 } OutputHook;
 
 /* DirectSlot.claim_remembered's claim and SitePut.put_raw's copy where the rows go to the
  * remembered chunk, as the Python does them: 1 done, 0 nothing done (Python decides), -1 an
  * error raised. Every reference taken is given back before the claim, which cannot fail
- * halfway: the list append comes first, then what cannot fail. ``site``'s references are
- * borrowed: nothing here runs code of the hook's own that could read them again. */
-static int put_raw(const Site *site, PyObject *shape, PyObject *stored_dtype, void *source)
+ * halfway: the list append comes first, then what cannot fail. */
+static int put_raw(PyObject *site_put, PyObject *shape, PyObject *stored_dtype, void *source)
 {
     int done = 0;
-    PyObject *slot = site->slot, *calls = site->calls, *key = site->key,
-             *growing = site->growing, *writer = site->writer, *var = site->var;
-    PyObject *batch = NULL, *gather = NULL, *error = NULL, *trailing = NULL,
+    PyObject *slot = NULL, *calls = NULL, *key = NULL, *growing = NULL, *writer = NULL,
+             *var = NULL, *batch = NULL, *gather = NULL, *error = NULL, *trailing = NULL,
              *trailing_seen = NULL, *shape_seen = NULL, *gather_dtype = NULL, *chunk = NULL,
              *closed = NULL, *buffer = NULL, *buffer_seen = NULL, *chunks = NULL,
              *claimed = NULL, *written = NULL, *first = NULL, *fresh = NULL;
     Py_ssize_t size, seen_size, start, chunk_start, chunk_rows, address, row_bytes, lo;
 
+    if (!(slot = attr(site_put, s_by_address)) || slot == Py_None)
+        goto out;
+    if (!(calls = attr(site_put, s_calls)) || !PyDict_CheckExact(calls)
+        || !(key = attr(site_put, s_key)))
+        goto out;
     int called = PyDict_Contains(calls, key);
     if (called != 0) {
         PyErr_Clear();
         goto out;
     }
-    if (!(batch = attr(writer, s_current)) || batch == Py_None
+    if (!(growing = attr(slot, s_growing)) || !PyTuple_CheckExact(growing)
+        || !(writer = attr(slot, s_writer)) || !(var = attr(slot, s_var))
+        || !(batch = attr(writer, s_current)) || batch == Py_None
         || !(gather = attr(var, s_gather)) || gather == Py_None
         || !(error = attr(writer, s_error)) || error != Py_None)
         goto out;
@@ -272,7 +242,8 @@ static int put_raw(const Site *site, PyObject *shape, PyObject *stored_dtype, vo
 fail:
     done = -1;
 out:
-    Py_XDECREF(batch), Py_XDECREF(gather);
+    Py_XDECREF(slot), Py_XDECREF(calls), Py_XDECREF(key), Py_XDECREF(growing);
+    Py_XDECREF(writer), Py_XDECREF(var), Py_XDECREF(batch), Py_XDECREF(gather);
     Py_XDECREF(error), Py_XDECREF(trailing), Py_XDECREF(trailing_seen), Py_XDECREF(shape_seen);
     Py_XDECREF(gather_dtype), Py_XDECREF(chunk), Py_XDECREF(closed), Py_XDECREF(buffer);
     Py_XDECREF(buffer_seen), Py_XDECREF(chunks), Py_XDECREF(claimed), Py_XDECREF(written);
@@ -285,7 +256,8 @@ out:
 static int take(OutputHook *self, PyObject *output)
 {
     int done = 0;
-    PyObject *known = NULL, *value = NULL, *ours = NULL, *address = NULL, *shape = NULL;
+    PyObject *known = NULL, *value = NULL, *site_put = NULL, *recorder = NULL, *ours = NULL,
+             *address = NULL, *shape = NULL;
     void *source;
 
     if (!PyList_CheckExact(self->by_address) || PyList_GET_SIZE(self->by_address) != 1)
@@ -305,10 +277,10 @@ static int take(OutputHook *self, PyObject *output)
     Py_SETREF(value, attr(self->capture, s_seen_attention));
     if (value == NULL || PyObject_IsTrue(value) != 0)
         goto out;
-    if (known != self->site.known && !site_read(&self->site, known))
-        goto out;
-    if (!(ours = attr(self->capture, s_recorder)) || self->site.recorder != ours
-        || !answers(output, s_is_contiguous, Py_True) || !answers(output, s_is_neg, Py_False))
+    site_put = PyTuple_GET_ITEM(known, 0); /* borrowed from known */
+    if (!(recorder = attr(site_put, s_recorder)) || !(ours = attr(self->capture, s_recorder))
+        || recorder != ours || !answers(output, s_is_contiguous, Py_True)
+        || !answers(output, s_is_neg, Py_False))
         goto out;
     if (!(address = PyObject_CallMethodNoArgs(output, s_data_ptr))) {
         PyErr_Clear();
@@ -321,9 +293,9 @@ static int take(OutputHook *self, PyObject *output)
     }
     if (!(shape = attr(output, s_shape)))
         goto out;
-    done = put_raw(&self->site, shape, PyTuple_GET_ITEM(known, 2), source);
+    done = put_raw(site_put, shape, PyTuple_GET_ITEM(known, 2), source);
 out:
-    Py_XDECREF(known), Py_XDECREF(value), Py_XDECREF(ours);
+    Py_XDECREF(known), Py_XDECREF(value), Py_XDECREF(recorder), Py_XDECREF(ours);
     Py_XDECREF(address), Py_XDECREF(shape);
     return done;
 }
@@ -374,9 +346,6 @@ static int hook_traverse(OutputHook *self, visitproc visit, void *arg)
     Py_VISIT(self->by_address);
     Py_VISIT(self->tensor_type);
     Py_VISIT(self->strided);
-    Py_VISIT(self->site.known); Py_VISIT(self->site.recorder); Py_VISIT(self->site.slot);
-    Py_VISIT(self->site.calls); Py_VISIT(self->site.key); Py_VISIT(self->site.growing);
-    Py_VISIT(self->site.writer); Py_VISIT(self->site.var);
     return 0;
 }
 
@@ -387,7 +356,6 @@ static int hook_clear(OutputHook *self)
     Py_CLEAR(self->by_address);
     Py_CLEAR(self->tensor_type);
     Py_CLEAR(self->strided);
-    site_clear(&self->site);
     return 0;
 }
 
