@@ -1,4 +1,6 @@
-"""PyTorch backend: forward hooks on ``torch.nn.Module`` trees.
+"""PyTorch backend: forward hooks on ``torch.nn.Module`` trees (a site whose outputs alone
+are taken: its hook run inside the module's ``forward`` where nothing else hooks it, see
+``_torch_forward``).
 
 Outputs (a tensor, a tuple, a dict or a Hugging Face ``ModelOutput``) become one variable per
 tensor; inputs on request; attention probabilities from attention modules, taken from their
@@ -39,6 +41,7 @@ from ._torch_accelerate import input_device
 from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
 from ._torch_dtypes import stored_dtype, unstorable, widened
+from ._torch_forward import ForwardHook, wrappable
 from ._torch_generate import GenerateWrapper
 from ._torch_moe import Routers
 from ._torch_reduce import OPS
@@ -325,11 +328,14 @@ class _Capture:
                 self.handles.append(module.register_forward_pre_hook(
                     lambda m, a, k, s=site: self.inputs(s, m, a, k), with_kwargs=True))
             keep_outputs = selection.wants("output", site)  # decided once, not per call
-            if attention or keep_outputs:
+            if attention:
                 self.handles.append(module.register_forward_hook(
-                    (lambda m, a, k, o, s=site, att=attention, out=keep_outputs:
-                     self.outputs(s, m, a, k, o, att, out)) if attention else
-                    self._output_hook(site), with_kwargs=True))
+                    lambda m, a, k, o, s=site, att=attention, out=keep_outputs:
+                    self.outputs(s, m, a, k, o, att, out), with_kwargs=True))
+            elif keep_outputs:
+                hook = self._output_hook(site)
+                self.handles.append(ForwardHook(module, hook) if wrappable(module, model)
+                                    else module.register_forward_hook(hook, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
         self.handles.extend(self.seq2seq.install(model, mapped))  # after the hooks above
         self.handles.extend(self.routers.install())
@@ -342,7 +348,9 @@ class _Capture:
         nothing looked up by site: about 2 us a hook less, inside a forward of 1,601 sites. A
         hook returns None: anything else would replace the module's output. Where the C part
         is built, the hook torch calls is :data:`.direct.OutputHook`, which takes that first
-        case itself (the same checks, claim and copy) and calls this one for the rest."""
+        case itself (the same checks, claim and copy) and calls this one for the rest. Torch
+        calls it as a forward hook, or the module's wrapped ``forward`` does
+        (``_torch_forward.ForwardHook``)."""
         by_address: list[Any] = [None]  # (SitePut, dtype, stored dtype)
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:

@@ -400,6 +400,155 @@ static PyTypeObject OutputHookType = {
     .tp_members = hook_members,
 };
 
+/* Forward(forward, module, hook): a module's ``forward`` that calls ``forward`` and then
+ * ``hook(module, args, kwargs, output)`` as a forward hook is called
+ * (backends/_torch_forward.py says why); an OutputHook's common case is taken without
+ * building those arguments. ``hook`` set to None: calls only pass through. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *forward, *module, *hook;
+} Forward;
+
+/* The arguments of a forward hook, from a vectorcall's: (args, kwargs) or NULL. */
+static PyObject *hook_arguments(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                                PyObject **kwargs)
+{
+    PyObject *positional = PyTuple_New(nargs);
+    if (positional == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        PyTuple_SET_ITEM(positional, i, Py_NewRef(args[i]));
+    if ((*kwargs = PyDict_New()) == NULL) {
+        Py_DECREF(positional);
+        return NULL;
+    }
+    Py_ssize_t named = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < named; i++)
+        if (PyDict_SetItem(*kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0) {
+            Py_DECREF(positional);
+            Py_CLEAR(*kwargs);
+            return NULL;
+        }
+    return positional;
+}
+
+static PyObject *forward_call(PyObject *self_, PyObject *const *args, size_t nargsf,
+                              PyObject *kwnames)
+{
+    Forward *self = (Forward *)self_;
+    PyObject *output = PyObject_Vectorcall(self->forward, args, nargsf, kwnames);
+    if (output == NULL || self->hook == Py_None)
+        return output;
+    PyObject *hook = Py_NewRef(self->hook), *python = hook;
+    if (Py_TYPE(hook) == &OutputHookType) {
+        int done = take((OutputHook *)hook, output);
+        if (done != 0) {
+            Py_DECREF(hook);
+            if (done < 0)
+                Py_CLEAR(output);
+            else
+                ((OutputHook *)hook)->taken++;
+            return output;
+        }
+        PyErr_Clear(); /* as hook_call: the Python hook meets it again and says so */
+        python = ((OutputHook *)hook)->python_hook;
+    }
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *kwargs = NULL, *positional = hook_arguments(args, nargs, kwnames, &kwargs);
+    PyObject *result = positional == NULL ? NULL : PyObject_CallFunctionObjArgs(
+        python, self->module, positional, kwargs, output, NULL);
+    Py_XDECREF(positional), Py_XDECREF(kwargs), Py_DECREF(hook);
+    if (result == NULL)
+        Py_CLEAR(output);
+    Py_XDECREF(result); /* a forward hook's None; anything else is not a replacement here */
+    return output;
+}
+
+static PyObject *forward_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"forward", "module", "hook", NULL};
+    PyObject *forward, *module, *hook;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:Forward", names, &forward, &module,
+                                     &hook))
+        return NULL;
+    Forward *self = (Forward *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = forward_call;
+    self->forward = Py_NewRef(forward);
+    self->module = Py_NewRef(module);
+    self->hook = Py_NewRef(hook);
+    return (PyObject *)self;
+}
+
+static int forward_traverse(Forward *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->forward);
+    Py_VISIT(self->module);
+    Py_VISIT(self->hook);
+    return 0;
+}
+
+static int forward_clear(Forward *self)
+{
+    Py_CLEAR(self->forward);
+    Py_CLEAR(self->module);
+    Py_CLEAR(self->hook);
+    return 0;
+}
+
+static void forward_dealloc(Forward *self)
+{
+    PyObject_GC_UnTrack(self);
+    forward_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *forward_wrapped(Forward *self, void *closure)
+{
+    return Py_NewRef(self->forward);
+}
+
+static PyObject *forward_hook(Forward *self, void *closure)
+{
+    return Py_NewRef(self->hook);
+}
+
+static int forward_set_hook(Forward *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "set hook to None to turn it off");
+        return -1;
+    }
+    Py_SETREF(self->hook, Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef forward_getset[] = {
+    {"__wrapped__", (getter)forward_wrapped, NULL,
+     "the forward this one calls (inspect.signature follows it)", NULL},
+    {"hook", (getter)forward_hook, (setter)forward_set_hook,
+     "the hook called after each forward; None: calls only pass through", NULL},
+    {NULL},
+};
+
+static PyTypeObject ForwardType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "layerscope.core._directc.Forward",
+    .tp_doc = "Forward(forward, module, hook): a module's forward that calls forward and "
+              "then hook(module, args, kwargs, output), an OutputHook's common case in C.",
+    .tp_basicsize = sizeof(Forward),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = forward_new,
+    .tp_traverse = (traverseproc)forward_traverse,
+    .tp_clear = (inquiry)forward_clear,
+    .tp_dealloc = (destructor)forward_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Forward, vectorcall),
+    .tp_getset = forward_getset,
+};
+
 static PyMethodDef methods[] = {
     {"copy", (PyCFunction)(void (*)(void))copy, METH_FASTCALL,
      "copy(dest, source, count): copy count bytes between two addresses that do not "
@@ -431,12 +580,14 @@ PyMODINIT_FUNC PyInit__directc(void)
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!(*names[i].name = PyUnicode_InternFromString(names[i].text)))
             return NULL;
-    if (!(one = PyLong_FromLong(1)) || PyType_Ready(&OutputHookType) < 0)
+    if (!(one = PyLong_FromLong(1)) || PyType_Ready(&OutputHookType) < 0
+        || PyType_Ready(&ForwardType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "OutputHook", (PyObject *)&OutputHookType) < 0) {
+    if (PyModule_AddObjectRef(m, "OutputHook", (PyObject *)&OutputHookType) < 0
+        || PyModule_AddObjectRef(m, "Forward", (PyObject *)&ForwardType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

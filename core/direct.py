@@ -16,8 +16,9 @@ Where the package was built with a C compiler, ``_directc`` (core/_directc.c) ta
 commonest call whole: a torch site's hook whose output goes by address
 (:data:`OutputHook`, the checks of the backend's hook, :meth:`SitePut.put_raw` and
 :meth:`DirectSlot.claim_remembered` made in the same order), and the copy itself, with
-stores that go around the caches. Anything else it leaves to the Python here, which stays
-the reference: it does everything the C part does.
+stores that go around the caches; and the wrapper a module's ``forward`` becomes where that
+hook runs inside it (:data:`Forward`, see backends/_torch_forward.py). Anything else it
+leaves to the Python here, which stays the reference: it does everything the C part does.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ _memmove = _memmove_keeping_the_lock()
 #: takes the common case of ``python_hook`` (a torch site's hook, which
 #: ``_Capture._output_hook`` makes) in C and calls it for the rest; None without the C part
 OutputHook = _directc.OutputHook if _directc is not None else None
+#: ``Forward(forward, module, hook)``: a module's ``forward`` calling ``hook`` as a forward
+#: hook after it, an ``OutputHook``'s common case in C (backends/_torch_forward.py); None
+#: without the C part
+Forward = _directc.Forward if _directc is not None else None
 
 _ELSEWHERE, _REFUSED = -1, -2  # DirectSlot.claim_remembered: no rows claimed
 

@@ -110,7 +110,7 @@ def test_base_install_has_no_framework_and_a_working_cli(venv: Path, stored_trac
     where = _run(python, "-c", "import layerscope, sys; print(layerscope.__file__); "
                  f"print([m for m in {FRAMEWORKS!r} if __import__('importlib.util').util."
                  "find_spec(m)]); from layerscope.core import direct; "
-                 "print(direct.OutputHook is not None)", cwd=tmp_path)
+                 "print(None not in (direct.OutputHook, direct.Forward))", cwd=tmp_path)
     module_file, frameworks, c_part = where.splitlines()
     assert Path(module_file).is_relative_to(venv)  # the installed copy, not this checkout
     assert frameworks == "[]"

@@ -116,7 +116,8 @@ class TorchKit(Kit):
 
         return (
             [(name, len(m._forward_hooks), len(m._forward_pre_hooks),
-              len(m._forward_hooks_with_kwargs), len(m._forward_pre_hooks_with_kwargs))
+              len(m._forward_hooks_with_kwargs), len(m._forward_pre_hooks_with_kwargs),
+              vars(m).get("forward"))  # an output hook may run inside a module's forward
              for name, m in case.model.named_modules()],
             functional.scaled_dot_product_attention.__name__,
         )

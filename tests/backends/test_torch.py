@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -32,9 +34,10 @@ class Pair(nn.Module):
         return x + 1, x * 2
 
 
-def hook_counts(model: nn.Module) -> list[tuple[str, int]]:
-    return [(name, len(m._forward_hooks) + len(m._forward_pre_hooks)) for name, m in
-            model.named_modules()]
+def hook_counts(model: nn.Module) -> list[tuple[str, int, Any]]:
+    """Each module's hooks, and its own ``forward`` (an output hook may run inside it)."""
+    return [(name, len(m._forward_hooks) + len(m._forward_pre_hooks), vars(m).get("forward"))
+            for name, m in model.named_modules()]
 
 
 def test_tuples_dicts_repeated_calls_and_inputs(tmp_path):

@@ -16,6 +16,7 @@ def test_the_c_part_is_built_and_used() -> None:
     assert direct._directc is not None, "core/_directc.c was not built: make test installs it"
     assert direct._memmove is direct._directc.copy
     assert direct.OutputHook is direct._directc.OutputHook
+    assert direct.Forward is direct._directc.Forward
 
 
 @pytest.mark.parametrize("count", [0, 1, 15, 64, 255, 256, 4095, 4096, 4097, 16384, 16391,
@@ -44,3 +45,39 @@ def test_copy_refuses_what_is_not_three_ints() -> None:
         direct._directc.copy(1, 2)
     with pytest.raises(TypeError):
         direct._directc.copy(1, 2, "3")
+
+
+def test_forward_calls_the_forward_then_the_hook_as_torch_does() -> None:
+    """``Forward(forward, module, hook)``: the forward's result returned as it is; the hook
+    given (module, positional args, keyword args, output), as a forward hook with kwargs is;
+    its result ignored; an error of either raised; nothing called once the hook is None."""
+    if direct._directc is None:
+        pytest.skip("the C part is not used")
+    calls: list[tuple] = []
+    module = object()
+
+    def forward(*args, **kwargs):
+        if args and args[0] == "fail":
+            raise RuntimeError("forward failed")
+        return ("out", args, kwargs)
+
+    def hook(*args):
+        calls.append(args)
+        if args[1] and args[1][0] == "hook fails":
+            raise ValueError("hook failed")
+        return "ignored"
+
+    wrapper = direct.Forward(forward, module, hook)
+    assert wrapper.__wrapped__ is forward and wrapper.hook is hook
+    assert wrapper(1, 2, scale=3) == ("out", (1, 2), {"scale": 3})
+    assert calls == [(module, (1, 2), {"scale": 3}, ("out", (1, 2), {"scale": 3}))]
+    assert wrapper() == ("out", (), {}) and calls[-1] == (module, (), {}, ("out", (), {}))
+    with pytest.raises(RuntimeError, match="forward failed"):
+        wrapper("fail")
+    with pytest.raises(ValueError, match="hook failed"):
+        wrapper("hook fails")
+    assert len(calls) == 3  # the failed forward called no hook
+    wrapper.hook = None
+    assert wrapper(4) == ("out", (4,), {}) and len(calls) == 3
+    with pytest.raises(AttributeError):
+        del wrapper.hook
