@@ -4,9 +4,13 @@ common case without calling the Python."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from layerscope.backends import _torch_forward
 from layerscope.backends import torch as torch_backend
 from layerscope.core import direct
 
@@ -57,3 +61,15 @@ def count_address_copies(patch: Callable[[Any, str, Any], None],
 def python_only(patch: Callable[[Any, str, Any], None]) -> None:
     """Trace torch models with the Python hooks alone, as a build without the C part does."""
     patch(torch_backend, "OutputHook", None)
+    patch(_torch_forward, "Forward", None)
+
+
+def take_hook_way(way: str, patch: Callable[[Any, str, Any], None]) -> None:
+    """Trace torch models with the C part (``"c"``; a failure where it was not built) or
+    with the Python alone (``"python"``)."""
+    if way == "python":
+        python_only(patch)
+    elif direct.OutputHook is None or direct.Forward is None:
+        if os.environ.get("LAYERSCOPE_PURE_PYTHON"):
+            pytest.skip("LAYERSCOPE_PURE_PYTHON is set: the Python alone")
+        pytest.fail("layerscope's C part (core/_directc.c) was not built")

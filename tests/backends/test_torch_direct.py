@@ -6,7 +6,6 @@ longer sequence, a module called twice in a pass, an in-place op after the hook,
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import numpy as np
@@ -19,19 +18,14 @@ from layerscope.core import StoreOptions
 from layerscope.core import direct as direct_module
 from layerscope.core.gather import GatherPolicy
 
-from .address_copies import count_address_copies, python_only
+from .address_copies import count_address_copies, take_hook_way
 
 
 @pytest.fixture(autouse=True, params=["c", "python"])
 def hook_way(request, monkeypatch):
     """Each test both ways: a torch site's hook taking the common case in C
     (core/_directc.c), and the Python alone, as a build without the C part runs."""
-    if request.param == "python":
-        python_only(monkeypatch.setattr)
-    elif direct_module.OutputHook is None:
-        if os.environ.get("LAYERSCOPE_PURE_PYTHON"):
-            pytest.skip("LAYERSCOPE_PURE_PYTHON is set: the Python alone")
-        pytest.fail("layerscope's C part (core/_directc.c) was not built")
+    take_hook_way(request.param, monkeypatch.setattr)
     return request.param
 
 

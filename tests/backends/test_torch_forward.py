@@ -6,7 +6,6 @@ where it was the module's own, or something wrapped it again), and its signature
 from __future__ import annotations
 
 import inspect
-import os
 
 import numpy as np
 import pytest
@@ -14,24 +13,16 @@ import torch
 from torch import nn
 
 import layerscope
-from layerscope.backends import _torch_forward
 from layerscope.core import StoreOptions
-from layerscope.core import direct as direct_module
 from layerscope.core.gather import GatherPolicy
 
-from .address_copies import count_address_copies, python_only
+from .address_copies import count_address_copies, take_hook_way
 
 
 @pytest.fixture(autouse=True, params=["c", "python"])
 def hook_way(request, monkeypatch):
     """Each test with the C part's wrapper (core/_directc.c) and with the Python alone."""
-    if request.param == "python":
-        python_only(monkeypatch.setattr)
-        monkeypatch.setattr(_torch_forward, "Forward", None)
-    elif direct_module.Forward is None:
-        if os.environ.get("LAYERSCOPE_PURE_PYTHON"):
-            pytest.skip("LAYERSCOPE_PURE_PYTHON is set: the Python alone")
-        pytest.fail("layerscope's C part (core/_directc.c) was not built")
+    take_hook_way(request.param, monkeypatch.setattr)
     return request.param
 
 
