@@ -7,8 +7,10 @@ none of its own and no global forward hook is given its output hook this way ins
 ``module.forward`` becomes a wrapper that calls the forward it found (the class's, or an
 instance's own, such as accelerate's) and then the hook with the same ``(module, args,
 kwargs, output)`` a forward hook gets. The hook still sees what a forward hook registered
-now would see: the module's pre-hooks have run, and every forward hook added later (by the
-user inside the trace) runs after it, as it would after a hook registered first.
+now would see: the module's pre-hooks have run, and a forward hook the user adds to the
+module inside the trace runs after it, as it would after a hook registered first. One
+difference is left: a global forward hook added inside the trace runs after it too, where
+torch runs global hooks before a module's own.
 
 Where the C part is built (core/_directc.c), the wrapper is its ``Forward``, which takes the
 direct way's common case (:data:`.direct.OutputHook`) without a Python call.
@@ -26,6 +28,13 @@ from torch.nn.modules import module as torch_module
 from layerscope.core.direct import Forward
 
 _NONE = object()  # the module had no ``forward`` of its own
+
+
+def wraps_forwards(model: nn.Module) -> bool:
+    """Whether the hooks of ``model``'s modules may run inside their ``forward``: not under
+    an ``nn.DataParallel``, whose replicas copy each module's attributes, a wrapper with
+    them, which would run the original module's ``forward`` on another device's inputs."""
+    return not any(isinstance(module, nn.DataParallel) for module in model.modules())
 
 
 def wrappable(module: nn.Module, root: nn.Module) -> bool:

@@ -41,7 +41,7 @@ from ._torch_accelerate import input_device
 from ._torch_compile import eager_while_attached, uncompiled
 from ._torch_dims import is_elementwise, roles_for
 from ._torch_dtypes import stored_dtype, unstorable, widened
-from ._torch_forward import ForwardHook, wrappable
+from ._torch_forward import ForwardHook, wrappable, wraps_forwards
 from ._torch_generate import GenerateWrapper
 from ._torch_moe import Routers
 from ._torch_reduce import OPS
@@ -315,6 +315,7 @@ class _Capture:
         self.handles.append(model.register_forward_pre_hook(self.begin, with_kwargs=True))
         self.handles.extend(TimeMajorIds().install(model))  # (token, batch) ids: refused
         mapped = set()  # the attention modules whose maps are stored
+        wrapping = wraps_forwards(model)
         for path, module in model.named_modules():
             site = _site(path)
             if not selection.matches(site):
@@ -334,8 +335,9 @@ class _Capture:
                     self.outputs(s, m, a, k, o, att, out), with_kwargs=True))
             elif keep_outputs:
                 hook = self._output_hook(site)
-                self.handles.append(ForwardHook(module, hook) if wrappable(module, model)
-                                    else module.register_forward_hook(hook, with_kwargs=True))
+                self.handles.append(
+                    ForwardHook(module, hook) if wrapping and wrappable(module, model)
+                    else module.register_forward_hook(hook, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end, with_kwargs=True))
         self.handles.extend(self.seq2seq.install(model, mapped))  # after the hooks above
         self.handles.extend(self.routers.install())

@@ -191,3 +191,21 @@ def test_a_failing_forward_and_a_failing_hook(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="hook failed"):
         traced(model, tmp_path / "b.zarr", [torch.randn(3, 8)])
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_under_data_parallel_every_hook_stays_a_forward_hook(tmp_path):
+    """``nn.DataParallel``'s replicas copy each module's attributes: a wrapped ``forward``
+    would run the original module's on another device's inputs. On the CPU it runs the
+    module itself; the hooks must be forward hooks all the same."""
+    torch.manual_seed(0)
+    model = nn.DataParallel(Net())
+    x = torch.randn(3, 8)
+    with torch.no_grad(), layerscope.trace(model, tmp_path / "t.zarr"):
+        assert not any("forward" in vars(m) for m in model.modules())
+        assert model.module.fc1._forward_hooks
+        model(x)
+    with torch.no_grad():
+        expected = model.module.fc1(x).numpy()
+    stored = layerscope.open_trace(tmp_path / "t.zarr")
+    name = next(n for n in stored.data_vars if n.endswith("fc1@output"))
+    np.testing.assert_array_equal(stored[name].values, expected)
