@@ -45,7 +45,7 @@ def wrappable(module: nn.Module, root: nn.Module) -> bool:
     TorchScript's."""
     return module is not root and not module._forward_hooks \
         and not torch_module._global_forward_hooks \
-        and not isinstance(module, torch.jit.ScriptModule) and callable(module.forward)
+        and not isinstance(module, torch.jit.ScriptModule)
 
 
 def _python_forward(forward: Callable[..., Any], module: nn.Module,
